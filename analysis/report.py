@@ -1,0 +1,159 @@
+"""The report: one dict (CONTRACT.md's JSON) built from a Store, shared by `rlhf-tui report`, the TUI's
+snapshot key and the TUI panes. Pure numpy + stdlib.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from rlhf_tui.analysis.store import RunHistory, Store
+
+# Display order: the canonical names of CONTRACT.md first, then everything else alphabetically.
+CANONICAL_ORDER = ("reward", "reward_std", "kl", "entropy", "loss", "policy_loss", "value_loss", "clip_ratio",
+                   "grad_norm", "learning_rate", "completion_length")
+SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+
+
+def ordered_metrics(names) -> list[str]:
+    names = list(names)
+    head = [n for n in CANONICAL_ORDER if n in names]
+    rest = sorted(n for n in names if n not in CANONICAL_ORDER)
+    return head + rest
+
+
+def severity_at_least(severity: str, level: str) -> bool:
+    return SEVERITY_RANK.get(severity, -1) >= SEVERITY_RANK.get(level, 99)
+
+
+def finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def run_anomalies(run: RunHistory, thresholds=None) -> list[dict]:
+    """The monitor's own anomaly episodes for a run (same detectors as the training side)."""
+    from rlhf_tui.analysis.detectors import detect
+    from rlhf_tui.analysis.thresholds import Thresholds
+
+    if run.rows == 0:
+        return []
+    return detect(run, thresholds or Thresholds())
+
+
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: np.ndarray, width: int = 24) -> str:
+    """A unicode sparkline of the finite values, bucketed (mean per bucket) to `width` characters."""
+    data = values[np.isfinite(values)]
+    if data.size == 0:
+        return ""
+    if data.size > width:
+        edges = np.linspace(0, data.size, width + 1).astype(int)
+        data = np.add.reduceat(data, edges[:-1]) / np.diff(edges)
+    lo, hi = float(data.min()), float(data.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        return SPARK_CHARS[3] * data.size
+    idx = np.clip(((data - lo) / (hi - lo) * (len(SPARK_CHARS) - 1)).round().astype(int), 0, len(SPARK_CHARS) - 1)
+    return "".join(SPARK_CHARS[i] for i in idx)
+
+
+def metric_table(run: RunHistory) -> dict[str, dict]:
+    from rlhf_tui.analysis.trends import summarise
+
+    out = {}
+    for name in ordered_metrics(run.metric_names()):
+        values = run.values(name)
+        if not np.isfinite(values).any():
+            if run.logged(name).any():
+                out[name] = {"last": None, "mean": None, "std": None, "min": None, "max": None,
+                             "trend": "stable", "count": 0, "spark": ""}
+            continue
+        summary = summarise(values)
+        row = {k: (v if k == "trend" else finite(v)) for k, v in summary.items()}
+        row["count"] = int(np.isfinite(values).sum())
+        row["spark"] = sparkline(values)
+        out[name] = row
+    return out
+
+
+def _checkpoints(run: RunHistory) -> list[dict]:
+    out = []
+    for c in run.checkpoints:
+        drift = c.get("drift")
+        out.append({"step": c.get("step"), "path": c.get("path"), "health_score": finite(c.get("health_score")),
+                    "issues": list(c.get("issues") or []), "recommendations": list(c.get("recommendations") or []),
+                    "drift": finite(drift.get("overall")) if isinstance(drift, dict) else finite(drift),
+                    "file_size_mb": finite(c.get("file_size_mb")), "status": c.get("status")})
+    return out
+
+
+def _rewards(run: RunHistory) -> dict:
+    report = run.reward_report or {}
+    rel = report.get("reliability_metrics") if isinstance(report, dict) else None
+    out: dict[str, Any] = {"reliability_metrics": {k: finite((rel or {}).get(k)) for k in
+                                                   ("stability", "consistency", "variance", "mean_reward")},
+                           "batches": len(run.rewards)}
+    for key in ("drift", "saturation", "zero_spread_group_share", "histogram", "anomalies", "recommendations",
+                "num_invalid"):
+        if isinstance(report, dict) and key in report:
+            out[key] = report[key]
+    if run.rewards:
+        out["samples"] = list(run.rewards[-1].get("samples") or [])
+        out["last_step"] = run.rewards[-1].get("step")
+    return out
+
+
+def _system(run: RunHistory) -> dict:
+    ranks = []
+    for rank in sorted(run.system):
+        s = run.system[rank]
+        ranks.append({"rank": rank, "rss_mb": finite(s.get("rss_mb")), "gpus": s.get("gpus") or [],
+                      "gpu_available": bool(s.get("gpu_available"))})
+    return {"ranks": ranks, "gpu_available": any(r["gpu_available"] for r in ranks)}
+
+
+def build_report(store: Store, thresholds=None, run_id: str | None = None, anomalies: list | None = None) -> dict:
+    """The whole report for one run (default: the current one) as plain JSON-able data."""
+    run = store.runs.get(run_id) if run_id else store.current_run
+    transport = dict(store.transport)
+    if run is None:
+        return {"run": {"run_id": None, "trainer": None}, "steps": 0, "last_step": None, "metrics": {},
+                "anomalies": [], "checkpoints": [], "rewards": {"reliability_metrics": {}},
+                "transport": transport, "source": store.source, "connection": store.connection}
+    if anomalies is None:
+        anomalies = run_anomalies(run, thresholds)
+    meta = run.meta
+    return {
+        "run": {"run_id": run.run_id, "trainer": run.trainer, "model": meta.get("model"),
+                "started": meta.get("started"), "args": meta.get("args") or {}, "ended": run.ended is not None,
+                "versions": meta.get("versions") or {}},
+        "steps": int(run.rows),
+        "last_step": run.last_step,
+        "metrics": metric_table(run),
+        "anomalies": anomalies,
+        "checkpoints": _checkpoints(run),
+        "rewards": _rewards(run),
+        "system": _system(run),
+        "transport": transport,
+        "source": store.source,
+        "connection": store.connection,
+        "runs": list(store.runs),
+        "generated": time.time(),
+        "history_thinned_rows": run.thinned,
+    }
+
+
+def worst_severity(anomalies: list[dict]) -> str | None:
+    worst = None
+    for a in anomalies:
+        sev = a.get("severity")
+        if sev in SEVERITY_RANK and (worst is None or SEVERITY_RANK[sev] > SEVERITY_RANK[worst]):
+            worst = sev
+    return worst

@@ -1,0 +1,39 @@
+"""The run's JSONL event log (the seed's format): one JSON object per line, flushed per event.
+
+Written only from the publisher thread. Non-finite floats are written as the strings "NaN"/"Infinity" so
+every line is strict JSON and `json.loads` reads it; a line is written whole with one write() call so a
+killed process leaves at most one truncated last line.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rlhf_tui.bridge.protocol import to_json_safe
+
+
+class JsonlLog:
+    def __init__(self, log_dir: str | os.PathLike, run_id: str):
+        self.path = Path(log_dir) / f"run-{run_id}.jsonl"
+        self._fh = None
+        self.errors = 0
+
+    def write(self, event: dict) -> None:
+        try:
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)
+            line = json.dumps(to_json_safe(event), separators=(",", ":"), allow_nan=False) + "\n"
+            self._fh.write(line)
+            self._fh.flush()
+        except (OSError, ValueError, TypeError):
+            self.errors += 1  # a full disk must not stop training; counted and shown in heartbeats
+
+    def close(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None

@@ -1,0 +1,177 @@
+"""Where a monitor's data comes from: a live address, a JSONL log, a trainer_state.json or an output_dir.
+
+File sources are read whole into a `Store`; a live source is handled by `subscriber.Subscriber`. Errors a user
+can cause raise `SourceError` with one clear line (the CLI prints it and exits 2).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from rlhf_tui.analysis.store import RunHistory, Store
+from rlhf_tui.bridge.metrics import is_summary, normalise, to_float
+
+LIVE_PREFIXES = ("tcp://", "ipc://")
+MAX_FILE_BYTES = 4 << 30  # refuse absurd files rather than exhausting memory
+
+
+class SourceError(Exception):
+    """A source that cannot be read; the message is one line meant for the user."""
+
+
+def is_live(source: str) -> bool:
+    return source.startswith(LIVE_PREFIXES)
+
+
+def resolve_file_source(source: str) -> Path:
+    """The file to read for a path source: the file itself, or inside an output_dir the newest
+    checkpoint's trainer_state.json, a trainer_state.json, or the newest JSONL log."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(f"no such file or directory: {source}")
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise SourceError(f"not a file or directory: {source}")
+    candidates: list[Path] = []
+    # An rlhf-tui log dir (or an output_dir holding one) wins: it has checkpoints, rewards and system data.
+    jsonl = sorted(path.glob("*.jsonl")) + sorted(path.glob("*/*.jsonl")) + sorted(path.glob("logs/rlhf-tui/*.jsonl"))
+    jsonl = [p for p in jsonl if p.name.startswith("run-")]
+    if jsonl:
+        candidates.append(max(jsonl, key=lambda p: p.stat().st_mtime))
+    if (path / "trainer_state.json").is_file():
+        candidates.append(path / "trainer_state.json")
+    ckpts = [p for p in path.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    if ckpts:
+        newest = max(ckpts, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+        candidates.append(newest / "trainer_state.json")
+    if not candidates:
+        raise SourceError(f"{source}: no trainer_state.json, checkpoint-*/ or rlhf-tui JSONL log inside")
+    return candidates[0]
+
+
+def load_file_source(source: str, store: Store | None = None) -> Store:
+    """Read a JSONL log, trainer_state.json or output_dir into a Store."""
+    store = store or Store()
+    path = resolve_file_source(source)
+    store.source = str(path)
+    store.connection = "offline"
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise SourceError(f"{path}: file too large ({size >> 20} MB)")
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip()
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not head:
+        raise SourceError(f"{path}: file is empty")
+    if path.suffix == ".jsonl" or _looks_like_jsonl(path):
+        load_jsonl(path, store)
+    else:
+        load_trainer_state(path, store)
+    return store
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline()
+        obj = json.loads(first)
+        return isinstance(obj, dict) and "event" in obj
+    except (ValueError, OSError, UnicodeDecodeError):
+        return False
+
+
+def load_trainer_state(path: Path | str, store: Store | None = None) -> Store:
+    """Read `log_history` of a transformers trainer_state.json (NaN/Infinity tokens accepted)."""
+    store = store or Store()
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            state = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+        raise SourceError(f"{path}: not a trainer_state.json (no 'log_history' list)")
+    run_id = f"file:{path.parent.name or path.stem}"
+    with store.lock:
+        run = store.run(run_id)
+        run.meta.update({"run_id": run_id, "source": str(path), "trainer": _guess_trainer(state["log_history"]),
+                         "max_steps": state.get("max_steps"), "logging_steps": state.get("logging_steps")})
+        _ingest_log_history(run, state["log_history"])
+        if isinstance(state.get("global_step"), int):
+            run.meta["global_step"] = state["global_step"]
+        store.transport["received"] += run.rows
+        store.touch()
+    return store
+
+
+def _ingest_log_history(run: RunHistory, entries: list[Any]) -> None:
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        step = entry.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            continue
+        if is_summary(entry):
+            run.ended = {k: v for k, v in entry.items() if isinstance(v, (int, float, str))}
+            continue
+        run.add_step(step, normalise(entry))
+
+
+def _guess_trainer(entries: list[Any]) -> str:
+    keys: set[str] = set()
+    for entry in entries[:5]:
+        if isinstance(entry, dict):
+            keys.update(entry)
+    if "rewards/margins" in keys and "logps/chosen" in keys:
+        return "DPOTrainer"
+    if "objective/rlhf_reward" in keys or "ppo/mean_scores" in keys:
+        return "PPOTrainer"
+    if "mean_reward" in keys and "accuracy" in keys:
+        return "RewardTrainer"
+    if "frac_reward_zero_std" in keys or "completions/mean_length" in keys:
+        return "GRPOTrainer/RLOOTrainer"
+    return "unknown"
+
+
+def load_jsonl(path: Path | str, store: Store | None = None) -> Store:
+    """Read an rlhf-tui JSONL log. A truncated last line (training killed mid-write) is skipped;
+    other unparseable lines are counted as rejected."""
+    from rlhf_tui.bridge.ingest import apply_jsonl_event  # local: keeps this module's import light
+
+    store = store or Store()
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    parsed = 0
+    with fh, store.lock:
+        for raw in fh:
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                store.reject("unparseable JSONL line")
+                continue
+            if not isinstance(event, dict):
+                store.reject("JSONL line is not an object")
+                continue
+            if apply_jsonl_event(store, event, default_run=f"file:{path.stem}"):
+                parsed += 1
+        store.touch()
+    if parsed == 0:
+        raise SourceError(f"{path}: no rlhf-tui events found (is this a JSONL log written by the callback?)")
+    return store
+
+
+__all__ = ["SourceError", "is_live", "load_file_source", "load_trainer_state", "load_jsonl",
+           "resolve_file_source"]

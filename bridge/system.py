@@ -1,0 +1,129 @@
+"""System samples: process RSS, and per CUDA device memory and utilisation when there is a GPU.
+
+Sources are injected so the GPU paths can be unit-tested with fakes: NVML (the `pynvml` module of
+nvidia-ml-py) for used/total/utilisation, and torch.cuda (only if torch is already imported and CUDA already
+initialised by training: we never create a CUDA context or synchronise) for allocated/reserved/peak.
+On a machine without a GPU the sample says so plainly: `gpus == []`, `gpu_available == False`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+MB = 1024 * 1024
+
+
+def _load_nvml():
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # no library, no driver, no device: all mean "no NVML"
+        return None
+
+
+class SystemSampler:
+    """Collects one sample dict per call; every failure degrades to 'not available', never raises."""
+
+    def __init__(self, nvml: Any = "auto", torch_module: Any = "auto", process: Any = "auto"):
+        self._nvml = _load_nvml() if nvml == "auto" else nvml
+        self._torch = torch_module
+        if process == "auto":
+            try:
+                import psutil
+                process = psutil.Process(os.getpid())
+            except Exception:
+                process = None
+        self._process = process
+        self._handles: list | None = None
+        self._peak_used: dict[int, float] = {}
+
+    def _torch_cuda(self):
+        torch = sys.modules.get("torch") if self._torch == "auto" else self._torch
+        if torch is None:
+            return None
+        try:
+            cuda = torch.cuda
+            if self._torch == "auto" and not cuda.is_initialized():
+                return None  # never initialise CUDA from the monitoring thread
+            return cuda if cuda.is_available() else None
+        except Exception:
+            return None
+
+    def _nvml_handles(self) -> list:
+        if self._nvml is None:
+            return []
+        if self._handles is None:
+            try:
+                count = self._nvml.nvmlDeviceGetCount()
+                self._handles = [self._nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            except Exception:
+                self._handles = []
+        return self._handles
+
+    def sample(self) -> dict:
+        out: dict[str, Any] = {"rss_mb": None, "gpus": [], "gpu_available": False}
+        if self._process is not None:
+            try:
+                out["rss_mb"] = round(self._process.memory_info().rss / MB, 2)
+            except Exception:
+                pass
+        devices: dict[int, dict] = {}
+        for index, handle in enumerate(self._nvml_handles()):
+            dev: dict[str, Any] = {"index": index}
+            try:
+                mem = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                dev["used_mb"] = round(mem.used / MB, 1)
+                dev["total_mb"] = round(mem.total / MB, 1)
+            except Exception:
+                pass
+            try:
+                dev["util"] = float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            except Exception:
+                pass
+            try:
+                name = self._nvml.nvmlDeviceGetName(handle)
+                dev["name"] = name.decode() if isinstance(name, bytes) else str(name)
+            except Exception:
+                pass
+            devices[index] = dev
+        cuda = self._torch_cuda()
+        if cuda is not None:
+            try:
+                for index in range(cuda.device_count()):
+                    dev = devices.setdefault(index, {"index": index})
+                    dev["allocated_mb"] = round(cuda.memory_allocated(index) / MB, 1)
+                    dev["reserved_mb"] = round(cuda.memory_reserved(index) / MB, 1)
+                    dev["peak_mb"] = round(cuda.max_memory_allocated(index) / MB, 1)
+                    if "total_mb" not in dev:
+                        dev["total_mb"] = round(cuda.get_device_properties(index).total_memory / MB, 1)
+                        dev.setdefault("name", cuda.get_device_name(index))
+            except Exception:
+                pass
+        for index, dev in devices.items():
+            used = dev.get("used_mb", dev.get("reserved_mb"))
+            if used is not None:
+                self._peak_used[index] = max(self._peak_used.get(index, 0.0), used)
+                dev["peak_used_mb"] = self._peak_used[index]
+            if used is not None and dev.get("total_mb"):
+                dev["used_frac"] = round(used / dev["total_mb"], 4)
+        out["gpus"] = [devices[i] for i in sorted(devices)]
+        out["gpu_available"] = bool(out["gpus"])
+        return out
+
+
+def memory_metrics(sample: dict) -> dict[str, float]:
+    """The memory columns a step row carries (see analysis detectors): RSS, GPU MB, worst device fraction."""
+    metrics: dict[str, float] = {}
+    if sample.get("rss_mb") is not None:
+        metrics["memory/rss_mb"] = float(sample["rss_mb"])
+    gpus = sample.get("gpus") or []
+    used = [g.get("allocated_mb", g.get("used_mb")) for g in gpus]
+    used = [u for u in used if u is not None]
+    if used:
+        metrics["memory/gpu_mb"] = float(sum(used))
+    fracs = [g["used_frac"] for g in gpus if g.get("used_frac") is not None]
+    if fracs:
+        metrics["memory/gpu_frac"] = float(max(fracs))
+    return metrics

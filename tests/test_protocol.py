@@ -1,0 +1,53 @@
+"""Envelope encoding and validation (the wire protocol of docs/protocol.md)."""
+import json
+import math
+
+import pytest
+
+from rlhf_tui.bridge import protocol
+from rlhf_tui.bridge.protocol import ProtocolError, decode_frame, encode, encode_batch
+
+
+def test_round_trip_keeps_non_finite_values_as_strict_json():
+    frame = encode("step", "run1", 7, 1.5, {"step": 3, "metrics": {"loss": float("nan"), "kl": float("inf"),
+                                                                     "reward": None, "x": 1.0}})
+    json.loads(frame, parse_constant=lambda c: pytest.fail("bare constant"))
+    (env,) = decode_frame(frame)
+    assert env["seq"] == 7 and env["data"]["metrics"]["loss"] == "NaN"
+    assert env["data"]["metrics"]["kl"] == "Infinity" and env["data"]["metrics"]["reward"] is None
+
+
+def test_batch_frame_decodes_every_envelope():
+    frames = [encode("step", "r", i, 0.0, {"step": i, "metrics": {}}) for i in range(5)]
+    envs = decode_frame(encode_batch(frames))
+    assert [e["seq"] for e in envs] == list(range(5))
+
+
+@pytest.mark.parametrize("frame, reason", [
+    (b"\xff\xfe", "not JSON"),
+    (b"[1,2", "not JSON"),
+    (b'{"v":2,"kind":"step","run":"r","seq":0,"ts":0,"data":{}}', "unsupported protocol version"),
+    (b'{"v":1,"kind":"evil","run":"r","seq":0,"ts":0,"data":{}}', "unknown kind"),
+    (b'{"v":1,"kind":"step","run":"r","seq":0,"ts":0,"data":{"step":-1,"metrics":{}}}', "valid step"),
+    (b'{"v":1,"kind":"step","run":"r","seq":0,"ts":0,"data":{"step":1,"metrics":{"a":"x"}}}', "not a number"),
+    (b'{"v":1,"kind":"step","run":"r","seq":0,"ts":NaN,"data":{}}', "bare NaN"),
+    (b'{"v":1,"kind":"step","run":"","seq":0,"ts":0,"data":{}}', "bad run id"),
+    (b'{"v":1,"kind":"step","run":"r","seq":true,"ts":0,"data":{}}', "bad seq"),
+    (b'{"v":1,"kind":"system","run":"r","seq":0,"ts":0,"data":' + b'{"a":' * 20 + b'1' + b'}' * 20 + b'}',
+     "nested too deeply"),
+])
+def test_invalid_frames_are_rejected_with_a_reason(frame, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        decode_frame(frame)
+
+
+def test_oversized_frame_rejected_before_parsing():
+    with pytest.raises(ProtocolError, match="too large"):
+        decode_frame(b" " * (protocol.MAX_MESSAGE_BYTES + 1))
+
+
+def test_to_json_safe_handles_numpy_and_objects():
+    import numpy as np
+
+    out = protocol.to_json_safe({"a": np.float32(1.5), "b": np.int64(3), "c": object(), "d": (1, math.nan)})
+    assert out["a"] == 1.5 and out["b"] == 3.0 and isinstance(out["c"], str) and out["d"] == [1, "NaN"]

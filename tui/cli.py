@@ -1,0 +1,262 @@
+"""`rlhf-tui` command line: the live monitor, `demo`, `report`, `analyze-checkpoint`.
+
+Errors a user can cause print one line on stderr and exit 2; never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from rlhf_tui.analysis.report import build_report, severity_at_least, worst_severity
+
+EXIT_OK, EXIT_ANOMALY, EXIT_USAGE = 0, 1, 2
+SEVERITIES = ("low", "medium", "high", "critical")
+DEFAULT_SOURCE = "tcp://127.0.0.1:5555"
+
+MAIN_HELP = """\
+Terminal live monitor for RLHF training (TRL GRPO, RLOO, DPO, PPO).
+
+usage:
+  rlhf-tui [SOURCE ...] [options]    live monitor (default SOURCE tcp://127.0.0.1:5555)
+  rlhf-tui demo [--steps N] [--headless]
+  rlhf-tui report SOURCE [--format text|markdown|json] [-o FILE] [--wait-steps N] [--timeout S] [--fail-on LEVEL]
+  rlhf-tui analyze-checkpoint PATH [--reference PATH] [--format text|json]
+
+SOURCE: tcp://HOST:PORT or ipc://PATH (a live run), a JSONL log written by the callback,
+a trainer_state.json, or a training output_dir. Run `rlhf-tui COMMAND --help` for a command's options.
+"""
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
+        raise CliError(f"{self.prog}: {message}")
+
+
+def _monitor_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rlhf-tui", description=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                usage=argparse.SUPPRESS)
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help="what to monitor (default %(default)s)",
+                   default=[DEFAULT_SOURCE])
+    p.add_argument("--thresholds", metavar="FILE", help="load detector thresholds from a TOML file")
+    p.add_argument("--snapshot-dir", metavar="DIR", default=None,
+                   help="where the snapshot keys write reports (default: the working directory)")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rlhf-tui report", description="Headless report of a source (same view as the snapshot key).")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--format", choices=("text", "markdown", "json"), default="text")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.add_argument("--wait-steps", type=int, metavar="N", default=None,
+                   help="live source: wait until N steps have arrived (default: until the history is in)")
+    p.add_argument("--timeout", type=float, metavar="S", default=10.0,
+                   help="live source: give up waiting after S seconds (default %(default)s)")
+    p.add_argument("--fail-on", choices=SEVERITIES, metavar="LEVEL", default=None,
+                   help="exit 1 if an anomaly of LEVEL (low|medium|high|critical) or worse was found")
+    p.add_argument("--thresholds", metavar="FILE", help="detector thresholds (TOML)")
+    p.add_argument("--width", type=int, default=110, help="text width of the text/markdown report")
+    return p
+
+
+def _demo_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rlhf-tui demo", description="Run a real tiny TRL GRPO training and monitor it live.")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
+    p.add_argument("--headless", action="store_true", help="no TUI: print the text report when training ends")
+    p.add_argument("--step-delay", type=float, default=None,
+                   help="seconds to sleep per step so the run is watchable (default 0.1 live, 0 headless)")
+    p.add_argument("--save-steps", type=int, default=50, help="save (and analyse) a checkpoint every N steps")
+    p.add_argument("--format", choices=("text", "markdown", "json"), default="text", help="headless report format")
+    return p
+
+
+def _ckpt_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rlhf-tui analyze-checkpoint", description="Health, weight statistics and drift of a checkpoint.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--reference", metavar="PATH", help="reference checkpoint for drift")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    return p
+
+
+def _load_thresholds(path: str | None):
+    from rlhf_tui.analysis.thresholds import Thresholds, load_thresholds
+
+    if not path:
+        return Thresholds()
+    if not os.path.isfile(path):
+        raise CliError(f"thresholds file not found: {path}")
+    try:
+        return load_thresholds(path)
+    except (ValueError, OSError) as exc:
+        raise CliError(f"bad thresholds file {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _check_live_address(source: str) -> None:
+    if source.startswith("tcp://"):
+        rest = source[len("tcp://"):]
+        host, _, port = rest.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise CliError(f"bad address {source!r}: expected tcp://HOST:PORT")
+    elif source.startswith("ipc://") and len(source) <= len("ipc://"):
+        raise CliError(f"bad address {source!r}: expected ipc://PATH")
+
+
+def load_store(source: str, *, wait_steps: int | None = None, timeout: float = 10.0):
+    """A Store filled from SOURCE; live sources are read for up to `timeout` seconds."""
+    from rlhf_tui.bridge.sources import SourceError, is_live, load_file_source
+
+    if is_live(source):
+        _check_live_address(source)
+        return _collect_live(source, wait_steps, timeout)
+    try:
+        return load_file_source(source)
+    except SourceError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _collect_live(source: str, wait_steps: int | None, timeout: float):
+    from rlhf_tui.bridge.subscriber import Subscriber
+
+    sub = Subscriber(source).start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            store = sub.store
+            with store.lock:
+                run = store.current_run
+                rows = run.rows if run else 0
+                caught_up = run is not None and run.server_status and \
+                    run.last_seq >= int(run.server_status.get("last_seq", 1 << 62))
+            if wait_steps is not None and rows >= wait_steps:
+                break
+            if wait_steps is None and caught_up:
+                break
+            time.sleep(0.02)
+    finally:
+        sub.stop()
+    store = sub.store
+    if store.current_run is None:
+        raise CliError(f"no data from {source} within {timeout:g} s (is the training running with "
+                       "RLHFMonitorCallback on that address?)")
+    return store
+
+
+def cmd_report(argv: list[str]) -> int:
+    ns = _report_parser().parse_args(argv)
+    thresholds = _load_thresholds(ns.thresholds)
+    store = load_store(ns.source, wait_steps=ns.wait_steps, timeout=ns.timeout)
+    with store.lock:
+        report = build_report(store, thresholds)
+    if ns.format == "json":
+        from rlhf_tui.bridge.protocol import to_json_safe
+        out = json.dumps(to_json_safe(report), indent=2, allow_nan=False) + "\n"
+    else:
+        from rlhf_tui.tui.render import render_markdown, render_text
+        out = render_markdown(report) if ns.format == "markdown" else render_text(report, width=ns.width)
+    _write(out, ns.output)
+    if ns.fail_on:
+        worst = worst_severity(report["anomalies"])
+        if worst is not None and severity_at_least(worst, ns.fail_on):
+            return EXIT_ANOMALY
+    return EXIT_OK
+
+
+def _write(text: str, path: str | None) -> None:
+    if path:
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def cmd_analyze_checkpoint(argv: list[str]) -> int:
+    ns = _ckpt_parser().parse_args(argv)
+    from rlhf_tui.analysis.checkpoint import CheckpointAnalyzer, CheckpointError, format_checkpoint_text
+
+    try:
+        result = CheckpointAnalyzer().analyze_checkpoint(ns.path, ns.step, reference_checkpoint=ns.reference,
+                                                         strict=True)
+    except CheckpointError as exc:
+        raise CliError(str(exc).splitlines()[0] if str(exc) else "unreadable checkpoint") from None
+    if ns.format == "json":
+        from rlhf_tui.bridge.protocol import to_json_safe
+        _write(json.dumps(to_json_safe(result), indent=2, allow_nan=False) + "\n", None)
+    else:
+        _write(format_checkpoint_text(result), None)
+    return EXIT_OK
+
+
+def cmd_demo(argv: list[str]) -> int:
+    ns = _demo_parser().parse_args(argv)
+    from rlhf_tui.tui.demo import run_demo
+
+    return run_demo(steps=ns.steps, headless=ns.headless, step_delay=ns.step_delay, save_steps=ns.save_steps,
+                    fmt=ns.format)
+
+
+def cmd_monitor(argv: list[str]) -> int:
+    parser = _monitor_parser()
+    ns = parser.parse_args(argv)
+    if ns.version:
+        from importlib.metadata import version
+        print(f"rlhf-tui {version('rlhf-tui')}")
+        return EXIT_OK
+    thresholds = _load_thresholds(ns.thresholds)
+    from rlhf_tui.bridge.sources import SourceError, is_live, resolve_file_source
+
+    for source in ns.sources:
+        if is_live(source):
+            _check_live_address(source)
+        else:
+            try:
+                resolve_file_source(source)
+            except SourceError as exc:
+                raise CliError(str(exc)) from None
+    if not sys.stdout.isatty() or not sys.stdin.isatty():
+        raise CliError("the live monitor needs a terminal; use `rlhf-tui report SOURCE` for a headless report")
+    from rlhf_tui.tui.app import MonitorApp
+
+    app = MonitorApp(ns.sources, thresholds=thresholds, snapshot_dir=ns.snapshot_dir)
+    app.run()
+    return app.return_code or EXIT_OK
+
+
+COMMANDS = {"report": cmd_report, "demo": cmd_demo, "analyze-checkpoint": cmd_analyze_checkpoint}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        return cmd_monitor(argv)
+    except CliError as exc:
+        print(f"rlhf-tui: error: {exc}" if not str(exc).startswith("rlhf-tui") else f"{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # a bug of ours: still one line (RLHF_TUI_DEBUG=1 shows the traceback)
+        if os.environ.get("RLHF_TUI_DEBUG"):
+            raise
+        print(f"rlhf-tui: internal error: {type(exc).__name__}: {exc} (set RLHF_TUI_DEBUG=1 for details)",
+              file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
