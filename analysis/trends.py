@@ -1,0 +1,121 @@
+"""Unit-free trend, per-metric summaries, per-epoch statistics and the seed's derived ratios.
+
+Pure numpy. A trend is judged by the fitted change over the window relative to the metric's own spread, so
+KL summed per sequence and KL averaged per token get the same verdict.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+TREND_CHANGE = 0.5     # fitted change over the window, in standard deviations of the values
+TREND_T = 3.0          # and the slope must be this many standard errors from zero
+
+
+def _finite(values: Iterable[float] | np.ndarray | None) -> np.ndarray:
+    if values is None:
+        return np.zeros(0)
+    arr = np.asarray(
+        [np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray) else values,
+        dtype=np.float64)
+    return arr[np.isfinite(arr)]
+
+
+def trend(values: Iterable[float] | np.ndarray | None) -> str:
+    """'increasing', 'decreasing' or 'stable' for a series (None/NaN/Inf ignored).
+
+    Least-squares slope over the finite values in order; a trend needs the fitted change across the window to
+    reach TREND_CHANGE standard deviations of the values and the slope to be TREND_T standard errors from 0.
+    """
+    v = _finite(values)
+    n = v.shape[0]
+    if n < 3:
+        return "stable"
+    sd = float(v.std())
+    if not sd > 1e-12 * max(1.0, float(np.abs(v).max())):
+        return "stable"
+    i = np.arange(n, dtype=np.float64)
+    i -= i.mean()
+    sxx = float(i @ i)
+    slope = float(i @ (v - v.mean())) / sxx
+    resid = v - v.mean() - slope * i
+    dof = max(n - 2, 1)
+    se = math.sqrt(float(resid @ resid) / dof / sxx)
+    change = slope * (n - 1) / sd
+    t = slope / se if se > 0 else math.inf * (1 if slope > 0 else -1)
+    if change >= TREND_CHANGE and t >= TREND_T:
+        return "increasing"
+    if change <= -TREND_CHANGE and t <= -TREND_T:
+        return "decreasing"
+    return "stable"
+
+
+def summarise(values: Iterable[float] | np.ndarray | None) -> dict[str, Any]:
+    """{last, mean, std, min, max, trend} over the finite values (None for each when there are none)."""
+    v = _finite(values)
+    if v.size == 0:
+        return {"last": None, "mean": None, "std": None, "min": None, "max": None, "trend": "stable"}
+    return {"last": float(v[-1]), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+            "max": float(v.max()), "trend": trend(v)}
+
+
+def epoch_statistics(steps: Any, metrics: Mapping[str, Any], epoch_values: Any = None) -> list[dict]:
+    """Per-epoch summaries: [{"epoch": k, "first_step", "last_step", "steps", "metrics": {name: summary}}].
+
+    Epochs come from `epoch_values` (the trainer's fractional epoch per row; a row logged at epoch 1.0 ends
+    epoch 0), else from a metric named "epoch", else the whole history is one epoch.
+    """
+    steps = np.asarray(steps)
+    n = steps.shape[0]
+    if n == 0:
+        return []
+    if epoch_values is None and "epoch" in metrics:
+        epoch_values = metrics["epoch"]
+    if epoch_values is None:
+        ep = np.zeros(n, dtype=np.int64)
+    else:
+        e = np.asarray(epoch_values, dtype=np.float64)
+        e = np.where(np.isfinite(e), e, np.nan)
+        # forward-fill rows without an epoch value so they join the epoch they were logged in
+        idx = np.where(np.isfinite(e), np.arange(n), 0)
+        np.maximum.accumulate(idx, out=idx)
+        e = e[idx]
+        e = np.where(np.isfinite(e), e, 0.0)
+        ep = np.maximum(np.ceil(e - 1e-9) - 1, 0).astype(np.int64)
+    out = []
+    for k in np.unique(ep).tolist():
+        rows = np.flatnonzero(ep == k)
+        out.append({"epoch": int(k), "first_step": int(steps[rows[0]]), "last_step": int(steps[rows[-1]]),
+                    "steps": int(rows.size),
+                    "metrics": {name: summarise(np.asarray(vals, dtype=np.float64)[rows])
+                                for name, vals in metrics.items() if name != "epoch"
+                                and np.shape(vals) == (n,)}})
+    return out
+
+
+def _ratio(num: Any, den: Any) -> Any:
+    num_a = np.asarray(num, dtype=np.float64)
+    den_a = np.abs(np.asarray(den, dtype=np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(np.isfinite(num_a) & np.isfinite(den_a) & (den_a > 1e-12), num_a / den_a, np.nan)
+    if r.ndim == 0:
+        f = float(r)
+        return f if math.isfinite(f) else None
+    return r
+
+
+def derived_ratios(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The seed's ratios where their inputs exist: kl_policy_ratio = kl / |policy_loss| and
+    value_policy_ratio = value_loss / |policy_loss|. Scalars give float or None (zero/NaN guarded);
+    arrays give arrays with NaN where undefined."""
+    out: dict[str, Any] = {}
+    pl = metrics.get("policy_loss")
+    if pl is None:
+        return out
+    if metrics.get("kl") is not None:
+        out["kl_policy_ratio"] = _ratio(metrics["kl"], pl)
+    if metrics.get("value_loss") is not None:
+        out["value_policy_ratio"] = _ratio(metrics["value_loss"], pl)
+    return out

@@ -1,0 +1,124 @@
+"""How long a threshold change takes: `detect` over a whole synthetic history (10^5 steps x 30 metrics by
+default), plus the per-step cost of `StreamingDetector.update`. Prints a table (median of 5 runs).
+
+    .venv/bin/python benchmarks/reevaluate.py [--steps N] [--repeat R]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+try:
+    from rlhf_tui.analysis.detectors import StreamingDetector, detect
+    from rlhf_tui.analysis.thresholds import Thresholds
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from rlhf_tui.analysis.detectors import StreamingDetector, detect  # type: ignore
+    from rlhf_tui.analysis.thresholds import Thresholds  # type: ignore
+
+
+def synthetic_run(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A healthy GRPO-like history with 30 metric columns: noise, slow trends, heavy-tailed KL and
+    grad_norm with isolated spikes, discrete fractions, constant clip ratios and system series."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n, dtype=float)
+    slow = t / max(n, 1)
+    spikes = np.where(rng.random(n) < 0.01, rng.uniform(10, 300, n), 1.0)
+    a = 0.6 + 0.4 * slow + 0.3 * rng.standard_normal(n)
+    b = 0.14 + 0.03 * rng.standard_normal(n)
+    length = np.clip(7 + 1.5 * rng.standard_normal(n), 1, 32)
+    m: dict[str, np.ndarray] = {
+        "kl": 0.02 * np.exp(0.5 * rng.standard_normal(n)) * spikes * (1 + slow),
+        "entropy": 1.0 - 0.3 * slow + 0.15 * rng.standard_normal(n),
+        "rewards/sentiment/mean": a,
+        "rewards/format/mean": b,
+        "reward": a + b,
+        "reward_std": 0.8 + 0.1 * rng.standard_normal(n),
+        "rewards/sentiment/std": 0.75 + 0.1 * rng.standard_normal(n),
+        "rewards/format/std": 0.05 + 0.01 * rng.standard_normal(n),
+        "frac_reward_zero_std": rng.choice([0.0, 0.25, 0.5], n, p=[0.7, 0.25, 0.05]),
+        "loss": 0.05 * rng.standard_normal(n),
+        "grad_norm": np.exp(0.4 * rng.standard_normal(n)) * np.where(rng.random(n) < 0.01, 8.0, 1.0),
+        "learning_rate": 5e-5 * 0.5 * (1 + np.cos(np.pi * slow)),
+        "completion_length": length,
+        "completions/mean_length": length,
+        "completions/min_length": np.maximum(1, length - 4),
+        "completions/max_length": np.minimum(32, length + 6),
+        "completions/mean_terminated_length": length,
+        "completions/clipped_ratio": np.where(rng.random(n) < 0.05, 0.0625, 0.0),
+        "clip_ratio": np.zeros(n),
+        "clip_ratio/region_mean": np.zeros(n),
+        "clip_ratio/low_mean": np.zeros(n),
+        "clip_ratio/high_mean": np.zeros(n),
+        "num_tokens": np.cumsum(rng.integers(100, 200, n)).astype(float),
+        "epoch": slow * 3,
+        "step_time": 0.1 * np.exp(0.1 * rng.standard_normal(n)),
+        "entropy_aux": 0.5 + 0.05 * rng.standard_normal(n),
+        "memory/rss_mb": 2000 + 5 * rng.standard_normal(n),
+        "memory/gpu_mb": 10000 + 20 * rng.standard_normal(n),
+        "memory/gpu_frac": 0.5 + 0.01 * rng.standard_normal(n),
+        "time/step_s": 0.1 * np.exp(0.1 * rng.standard_normal(n)),
+    }
+    return m
+
+
+def _times(fn, repeat: int) -> tuple[float, float]:
+    """(median, best) wall time of `repeat` runs; the best is the least disturbed by other processes."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--stream-steps", type=int, default=20_000)
+    args = ap.parse_args(argv)
+
+    metrics = synthetic_run(args.steps)
+    steps = np.arange(1, args.steps + 1)
+    meta = {"trainer": "GRPOTrainer"}
+    th = Thresholds()
+    detect((steps, metrics, None, meta), th)  # warm-up (imports, caches)
+    rows = []
+    t_full = _times(lambda: detect((steps, metrics, None, meta), th), args.repeat)
+    episodes = detect((steps, metrics, None, meta), th)
+    rows.append(("detect, default thresholds", f"{args.steps} x {len(metrics)}", t_full, len(episodes)))
+    th2 = th.replace(anomaly_threshold=4.0, kl_runaway_factor=20.0)
+    t_changed = _times(lambda: detect((steps, metrics, None, meta), th2), args.repeat)
+    rows.append(("detect, after a threshold change", f"{args.steps} x {len(metrics)}", t_changed,
+                 len(detect((steps, metrics, None, meta), th2))))
+
+    ns = min(args.stream_steps, args.steps)
+    records = [{k: float(v[i]) for k, v in metrics.items()} for i in range(ns)]
+
+    def stream() -> None:
+        sd = StreamingDetector(th, meta)
+        for i, rec in enumerate(records):
+            sd.update(i + 1, rec)
+
+    t_stream = _times(stream, max(1, args.repeat // 2))
+    rows.append(("StreamingDetector.update, per step", f"{ns} x {len(metrics)}",
+                 (t_stream[0] / ns, t_stream[1] / ns), None))
+
+    print(f"{'what':38s} {'steps x metrics':>16s} {'median ms':>10s} {'best ms':>9s} {'episodes':>9s}")
+    for what, size, (med, best), eps in rows:
+        print(f"{what:38s} {size:>16s} {med * 1e3:10.3f} {best * 1e3:9.3f} {'' if eps is None else eps:>9}")
+    print(f"\nstreaming: {t_stream[0] / ns * 1e6:.1f} us/step median, {t_stream[1] / ns * 1e6:.1f} best "
+          f"({ns / t_stream[1]:,.0f} steps/s); {args.repeat} runs; numpy {np.__version__}; "
+          f"{os.cpu_count()} CPUs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
