@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models on 2 shared cores: one torch thread per process avoids oversubscription when a test runs a
+# training subprocess beside the monitor (inherited by every subprocess the tests start).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 TRACES = Path(os.environ.get("RLHF_TUI_TRACES", REPO.parent / "shared" / "traces"))
