@@ -47,6 +47,12 @@ def _monitor_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", metavar="FILE", help="load detector thresholds from a TOML file")
     p.add_argument("--snapshot-dir", metavar="DIR", default=None,
                    help="where the snapshot keys write reports (default: the working directory)")
+    p.add_argument("--ssh", metavar="USER@HOST", default=None,
+                   help="open the SSH port-forward(s) for tcp:// sources with the system ssh (closed on exit)")
+    p.add_argument("--ssh-timeout", metavar="S", type=float, default=20.0,
+                   help="seconds to wait for each SSH port-forward (default %(default)s)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="config file (default $XDG_CONFIG_HOME/rlhf-tui/config.toml): thresholds and [keys]")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -87,11 +93,11 @@ def _ckpt_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_thresholds(path: str | None):
+def _load_thresholds(path: str | None, default=True):
     from rlhf_tui.analysis.thresholds import Thresholds, load_thresholds
 
     if not path:
-        return Thresholds()
+        return Thresholds() if default else None
     if not os.path.isfile(path):
         raise CliError(f"thresholds file not found: {path}")
     try:
@@ -154,8 +160,15 @@ def cmd_report(argv: list[str]) -> int:
     ns = _report_parser().parse_args(argv)
     thresholds = _load_thresholds(ns.thresholds)
     store = load_store(ns.source, wait_steps=ns.wait_steps, timeout=ns.timeout)
-    with store.lock:
-        report = build_report(store, thresholds)
+    if ns.format == "json":
+        with store.lock:
+            report = build_report(store, thresholds)
+    else:  # the same view as the monitor's snapshot key (sparklines at the text width, threshold bands)
+        from rlhf_tui.tui.render import spark_width_for
+        from rlhf_tui.tui.widgets.model import view_report
+
+        with store.lock:
+            report = view_report(store, thresholds, spark_width=spark_width_for(ns.width))
     if ns.format == "json":
         from rlhf_tui.bridge.protocol import to_json_safe
         out = json.dumps(to_json_safe(report), indent=2, allow_nan=False) + "\n"
@@ -195,7 +208,8 @@ def cmd_analyze_checkpoint(argv: list[str]) -> int:
         from rlhf_tui.bridge.protocol import to_json_safe
         _write(json.dumps(to_json_safe(result), indent=2, allow_nan=False) + "\n", None)
     else:
-        _write(format_checkpoint_text(result), None)
+        text = format_checkpoint_text(result)
+        _write(text if text.endswith("\n") else text + "\n", None)
     return EXIT_OK
 
 
@@ -214,7 +228,13 @@ def cmd_monitor(argv: list[str]) -> int:
         from importlib.metadata import version
         print(f"rlhf-tui {version('rlhf-tui')}")
         return EXIT_OK
-    thresholds = _load_thresholds(ns.thresholds)
+    thresholds = _load_thresholds(ns.thresholds, default=False)
+    from rlhf_tui.tui.config import ConfigError, load_config
+
+    try:
+        config = load_config(ns.config)
+    except ConfigError as exc:
+        raise CliError(f"{exc} (fix it or delete it)") from None
     from rlhf_tui.bridge.sources import SourceError, is_live, resolve_file_source
 
     for source in ns.sources:
@@ -225,13 +245,43 @@ def cmd_monitor(argv: list[str]) -> int:
                 resolve_file_source(source)
             except SourceError as exc:
                 raise CliError(str(exc)) from None
+    if ns.ssh and not any(s.startswith("tcp://") for s in ns.sources):
+        raise CliError("--ssh needs at least one tcp://HOST:PORT source")
     if not sys.stdout.isatty() or not sys.stdin.isatty():
         raise CliError("the live monitor needs a terminal; use `rlhf-tui report SOURCE` for a headless report")
-    from rlhf_tui.tui.app import MonitorApp
+    sources, labels, tunnels = list(ns.sources), None, []
+    if ns.ssh:
+        sources, labels, tunnels = _open_ssh(ns.ssh, ns.sources, ns.ssh_timeout)
+    try:
+        from rlhf_tui.tui.app import MonitorApp
 
-    app = MonitorApp(ns.sources, thresholds=thresholds, snapshot_dir=ns.snapshot_dir)
-    app.run()
-    return app.return_code or EXIT_OK
+        app = MonitorApp(sources, thresholds=thresholds, snapshot_dir=ns.snapshot_dir, labels=labels, config=config)
+        app.run()
+        app.cancel_hangup_timer()
+        return app.return_code or EXIT_OK
+    finally:
+        for tunnel in tunnels:
+            tunnel.close()
+
+
+def _open_ssh(destination: str, sources: list[str], timeout: float):
+    """Forward each tcp source through `ssh -N -L`; returns (local sources, tab labels, tunnels)."""
+    from rlhf_tui.tui.ssh import TunnelError, open_tunnels
+    from rlhf_tui.tui.app import source_label
+
+    tcp = [s for s in sources if s.startswith("tcp://")]
+    print(f"rlhf-tui: opening SSH port-forward{'s' if len(tcp) > 1 else ''} via {destination} …", file=sys.stderr)
+    try:
+        tunnels = open_tunnels(destination, tcp, timeout=timeout)
+    except TunnelError as exc:
+        raise CliError(str(exc)) from None
+    by_address = {t.address: t for t in tunnels}
+    local, labels = [], []
+    for source in sources:
+        tunnel = by_address.get(source)
+        local.append(tunnel.local_address if tunnel else source)
+        labels.append(f"{source_label(source)} via {destination}" if tunnel else source_label(source))
+    return local, labels, tunnels
 
 
 COMMANDS = {"report": cmd_report, "demo": cmd_demo, "analyze-checkpoint": cmd_analyze_checkpoint}

@@ -1,8 +1,9 @@
 """The one renderer of a report: Rich renderables, exported as plain text or Markdown.
 
-Used by `rlhf-tui report --format text|markdown` and by the monitor's snapshot key, so both show the same
-things: header, metrics with sparklines and trends, anomalies, GPU/system, checkpoints, rewards, transport.
-Every string that came from the wire is escaped (no Rich markup, no control sequences).
+Used by `rlhf-tui report --format text|markdown`, by the monitor's snapshot key and (piece by piece) by the
+monitor's panes, so all of them show the same things: header, metrics with sparklines, trends and threshold
+bands, anomalies, GPU/system, checkpoints, rewards, transport. Every string that came from the wire is passed
+through `clean()` and shown as `Text` (never parsed as markup), so it cannot inject markup or control sequences.
 """
 from __future__ import annotations
 
@@ -20,12 +21,27 @@ from rich.text import Text
 
 TREND_ARROWS = {"increasing": "↑", "decreasing": "↓", "stable": "→"}
 SEVERITY_STYLE = {"low": "cyan", "medium": "yellow", "high": "bold red", "critical": "bold white on red"}
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]|\x1b\[[0-9;?]*[A-Za-z]")
+SEVERITY_SHORT = {"low": "low", "medium": "med", "high": "HIGH", "critical": "CRIT"}
+CONNECTION = {  # state → (glyph, words, style)
+    "live": ("●", "live", "green"),
+    "connecting": ("◌", "connecting…", "yellow"),
+    "stalled": ("◐", "alive but stalled", "yellow"),
+    "stale": ("✖", "stale", "bold red"),
+    "unreachable": ("✖", "unreachable", "bold red"),
+    "ended": ("■", "run ended", "cyan"),
+    "offline": ("▣", "recorded", "cyan"),
+}
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+# C0/C1 controls and ANSI escape sequences (CSI first, so a whole sequence goes, not just its ESC),
+# plus bidirectional overrides that could disguise text.
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+                      r"|[\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def clean(value: Any, limit: int = 200) -> str:
     """Untrusted text made safe to show: control/escape sequences removed, one line, clipped."""
-    text = _CONTROL.sub("", str(value if value is not None else "")).replace("\n", " ").replace("\r", " ")
+    text = str(value if value is not None else "").replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    text = _CONTROL.sub("", text).replace("\t", " ")
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
@@ -44,50 +60,178 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def header_text(report: dict) -> Text:
+def short(value: Any) -> str:
+    """A number in at most ~8 characters (for narrow columns)."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Inf" if value > 0 else "-Inf"
+    magnitude = abs(value)
+    if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
+        return f"{value:.2e}".replace("e-0", "e-").replace("e+0", "e")
+    return f"{value:.4g}"
+
+
+def compact(value: Any) -> str:
+    """A number in 3 significant digits (for ranges and bands)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return short(value)
+    value = float(value)
+    if not math.isfinite(value):
+        return short(value)
+    magnitude = abs(value)
+    if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
+        return f"{value:.1e}".replace("e-0", "e-").replace("e+0", "e").replace("e+", "e")
+    return f"{value:.3g}"
+
+
+def band_text(band: Any) -> str:
+    if not band or len(band) != 2:
+        return "—"
+    return f"{compact(band[0])}…{compact(band[1])}"
+
+
+def range_text(row: dict) -> str:
+    if row.get("min") is None and row.get("max") is None:
+        return "—"
+    return f"{compact(row.get('min'))}…{compact(row.get('max'))}"
+
+
+def when(wall: float | None) -> str:
+    return datetime.fromtimestamp(wall).strftime("%H:%M:%S") if wall else "?"
+
+
+def connection_text(report: dict) -> Text:
+    state = report.get("connection") or "offline"
+    glyph, words, style = CONNECTION.get(state, ("?", state, ""))
+    text = Text(f"{glyph} {words}", style=style)
+    if state in ("stale", "unreachable") and report.get("stale_since"):
+        text.append(f" since {when(report['stale_since'])}", style=style)
+    elif state == "stalled":
+        text.append(": heartbeats, no new step", style=style)
+        if report.get("last_step_wall"):
+            text.append(f" since {when(report['last_step_wall'])}", style=style)
+    return text
+
+
+def header_text(report: dict, width: int = 200) -> Text:
+    """Run, trainer, step and connection first; the model and the logged-row count only when there is room."""
     run = report.get("run") or {}
-    parts = [("rlhf-tui", "bold"), "  run ", (clean(run.get("run_id")), "bold cyan"),
-             f"  {clean(run.get('trainer'))}"]
+    text = Text.assemble(("rlhf-tui", "bold"), "  run ", (clean(run.get("run_id"), 40), "bold cyan"),
+                         f"  {clean(run.get('trainer'), 24)}")
+    steps = f"  step {fmt(report.get('last_step'))}"
+    if run.get("max_steps"):
+        steps += f"/{fmt(run.get('max_steps'))}"
+    text.append(steps + "  ")
+    text.append_text(connection_text(report))
+    extra = f"  ({report.get('steps', 0)} logged)"
     if run.get("model"):
-        parts.append(f"  model {clean(run.get('model'), 60)}")
-    parts.append(f"  step {fmt(report.get('last_step'))}  ({report.get('steps', 0)} logged)")
-    conn = report.get("connection") or ""
-    parts.append(f"  [{conn}]")
-    return Text.assemble(*parts)
+        extra += f"  model {clean(run.get('model'), 40)}"
+    if len(text) + len(extra) <= width - 30:
+        text.append(extra, style="dim")
+    return text
+
+
+def fit_left(text: str, width: int) -> str:
+    """Clip to `width` keeping the end (paths: the checkpoint folder is the informative part)."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1:]
+
+
+def fit(text: str, width: int) -> str:
+    """Clip to `width` keeping the start and the end (metric names differ at both)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
 def metrics_table(report: dict, names: list[str] | None = None) -> Table:
+    """One row per metric: last value (or the value at the picked step), min…max, trend, the z-score band
+    (when known) and a unicode sparkline of the whole history."""
     table = Table(title="Metrics", box=box.SIMPLE_HEAD, title_justify="left", expand=False, pad_edge=False)
-    for col, justify in (("metric", "left"), ("last", "right"), ("min", "right"), ("max", "right"),
-                         ("trend", "center"), ("history", "left")):
-        table.add_column(col, justify=justify, no_wrap=True)
-    anomalous = {a.get("metric") for a in report.get("anomalies", []) if a.get("ongoing")}
     metrics = report.get("metrics") or {}
+    has_band = any("band" in row for row in metrics.values())
+    at_step = report.get("at_step")
+    table.add_column("metric", no_wrap=True, max_width=30)
+    table.add_column("last" if at_step is None else f"@{at_step}", justify="right", no_wrap=True)
+    table.add_column("min…max", no_wrap=True)
+    table.add_column("↕", justify="center", no_wrap=True)
+    if has_band:
+        z = (report.get("thresholds") or {}).get("anomaly_threshold")
+        table.add_column(f"band z±{short(z)}" if z is not None else "band", no_wrap=True)
+    table.add_column("history", no_wrap=True)
+    anomalous = {a.get("metric") for a in report.get("anomalies", []) if a.get("ongoing")}
     for name in names if names is not None else metrics:
         row = metrics.get(name)
         if row is None:
             continue
-        style = "bold red" if name in anomalous else None
-        table.add_row(clean(name, 40), fmt(row.get("last")), fmt(row.get("min")), fmt(row.get("max")),
-                      TREND_ARROWS.get(row.get("trend"), "?"), row.get("spark") or "", style=style)
+        active = row.get("active", name in anomalous)
+        value = row.get("at") if at_step is not None else row.get("last")
+        label = ("● " if active else "") + fit(clean(name, 80), 28 if active else 30)
+        cells = [label, short(value), range_text(row), TREND_ARROWS.get(row.get("trend"), "?")]
+        if has_band:
+            cells.append(band_text(row.get("band")))
+        cells.append(row.get("spark") or "")
+        table.add_row(*cells, style="bold red" if active else None)
+    if not metrics:
+        table.add_row("—", "", "", "", *([""] if has_band else []), "no steps yet")
     return table
 
 
-def severity_counts(anomalies: list[dict]) -> str:
-    counts: dict[str, int] = {}
+def _counts(anomalies: list[dict], counts: dict | None = None) -> dict[str, int]:
+    if counts is not None:
+        return counts
+    out: dict[str, int] = {}
     for a in anomalies:
-        counts[a.get("severity", "?")] = counts.get(a.get("severity", "?"), 0) + 1
+        out[a.get("severity", "?")] = out.get(a.get("severity", "?"), 0) + 1
+    return out
+
+
+def severity_counts(anomalies: list[dict], counts: dict | None = None) -> str:
+    counts = _counts(anomalies, counts)
     order = ["critical", "high", "medium", "low"]
     return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
 
 
+def severity_title(anomalies: list[dict], counts: dict | None = None) -> Text:
+    """"Anomalies  1 critical · 2 high …" with each count in its severity's colour (`counts`: totals when
+    the list was trimmed)."""
+    text = Text("Anomalies", style="bold")
+    counts = _counts(anomalies, counts)
+    parts = [(s, counts[s]) for s in ("critical", "high", "medium", "low") if counts.get(s)]
+    if not parts:
+        text.append("  none", style="dim")
+    for i, (sev, count) in enumerate(parts):
+        text.append("  " if i == 0 else " · ")
+        text.append(f"{count} {sev}", style=SEVERITY_STYLE[sev])
+    return text
+
+
+def _newest_first(anomalies: list[dict]) -> list[dict]:
+    def key(a: dict) -> tuple:
+        first = a.get("step") if isinstance(a.get("step"), int) else -1
+        last = a.get("last_step") if isinstance(a.get("last_step"), int) else first
+        return (first, last)
+    return sorted(anomalies, key=key, reverse=True)
+
+
 def anomalies_table(report: dict, limit: int = 50) -> Table:
-    anomalies = list(reversed(report.get("anomalies") or []))  # newest first
-    counts = severity_counts(anomalies)
-    table = Table(title=f"Anomalies ({len(anomalies)}{': ' + counts if counts else ''})", box=box.SIMPLE_HEAD,
+    anomalies = _newest_first(report.get("anomalies") or [])
+    totals = report.get("anomaly_counts")
+    total = sum(totals.values()) if totals else len(anomalies)
+    counts = severity_counts(anomalies, totals)
+    table = Table(title=f"Anomalies ({total}{': ' + counts if counts else ''})", box=box.SIMPLE_HEAD,
                   title_justify="left", pad_edge=False)
-    for col in ("step", "severity", "detector", "metric", "message / recommendation"):
-        table.add_column(col, overflow="fold")
+    table.add_column("step", no_wrap=True)
+    table.add_column("severity", no_wrap=True)
+    table.add_column("detector", overflow="fold", max_width=20)
+    table.add_column("metric", overflow="fold", max_width=26)
+    table.add_column("message / recommendation", overflow="fold", ratio=1)
     if not anomalies:
         table.add_row("—", "", "", "", "no anomalies")
     for a in anomalies[:limit]:
@@ -95,30 +239,110 @@ def anomalies_table(report: dict, limit: int = 50) -> Table:
         msg = Text(clean(a.get("message"), 160))
         if a.get("recommendation"):
             msg.append("\n→ " + clean(a.get("recommendation"), 160), style="dim")
-        table.add_row(fmt(a.get("step")), Text(sev, style=SEVERITY_STYLE.get(sev, "")), clean(a.get("detector"), 30),
+        step = fmt(a.get("step"))
+        if isinstance(a.get("last_step"), int) and a.get("last_step") != a.get("step"):
+            step += f"–{a['last_step']}"
+        table.add_row(step, Text(sev, style=SEVERITY_STYLE.get(sev, "")), clean(a.get("detector"), 30),
                       clean(a.get("metric"), 40), msg)
+    if total > limit:
+        table.add_row("…", "", "", "", f"{total - limit} older anomalies not shown")
     return table
+
+
+def gauge(fraction: float | None, width: int = 16) -> Text:
+    """A memory gauge: filled blocks coloured by how close to full."""
+    if fraction is None or not math.isfinite(fraction):
+        return Text("░" * width, style="dim")
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = int(round(fraction * width))
+    style = "green" if fraction < 0.75 else "yellow" if fraction < 0.9 else "bold red"
+    return Text.assemble(("█" * filled, style), ("░" * (width - filled), "dim"))
+
+
+def _gb(mb: Any) -> str:
+    return "—" if mb is None else f"{float(mb) / 1024:.1f}"
+
+
+def _gpu_used(g: dict) -> Any:
+    return g.get("used_mb", g.get("reserved_mb"))
+
+
+def _gpu_fraction(g: dict) -> float | None:
+    frac = g.get("used_frac")
+    if isinstance(frac, (int, float)):
+        return float(frac)
+    used, total = _gpu_used(g), g.get("total_mb")
+    if isinstance(used, (int, float)) and isinstance(total, (int, float)) and total > 0:
+        return float(used) / float(total)
+    return None
+
+
+def system_lines(report: dict, gauge_width: int = 16) -> Text:
+    """The GPU / system pane: one gauge per device (grouped per rank when several report), RSS, "no GPU"."""
+    system = report.get("system") or {}
+    ranks = system.get("ranks") or []
+    out = Text()
+    if not ranks:
+        out.append("no system samples yet", style="dim")
+        return out
+    several = len(ranks) > 1
+    for i, r in enumerate(ranks):
+        if i:
+            out.append("\n")
+        gpus = r.get("gpus") or []
+        prefix = f"rank {r.get('rank')}  " if several else ""
+        if not gpus:
+            out.append(prefix)
+            out.append("no GPU", style="bold")
+            out.append(f" (CPU-only run) · process RSS {fmt(r.get('rss_mb'))} MB")
+            continue
+        out.append(f"{prefix}process RSS {fmt(r.get('rss_mb'))} MB", style="dim")
+        for g in gpus:
+            out.append("\n")
+            out.append(f"GPU{clean(g.get('index'), 4)} ")
+            out.append_text(gauge(_gpu_fraction(g), gauge_width))
+            out.append(f" {_gb(_gpu_used(g))}/{_gb(g.get('total_mb'))} GB")
+            peak = g.get("peak_used_mb", g.get("peak_mb"))
+            if peak is not None:
+                out.append(f" peak {_gb(peak)}")
+            if g.get("util") is not None:
+                out.append(f" util {fmt(g.get('util'))}%")
+            if g.get("name"):
+                out.append(f"  {clean(g.get('name'), 24)}", style="dim")
+    return out
 
 
 def system_table(report: dict) -> Table:
     table = Table(title="GPU / system", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for col in ("rank", "device", "used / total", "peak", "util", "RSS"):
-        table.add_column(col)
+    for col in ("rank", "device", "memory", "used / total", "peak", "util", "RSS"):
+        table.add_column(col, no_wrap=True)
     system = report.get("system") or {}
     ranks = system.get("ranks") or []
     if not ranks:
-        table.add_row("—", "no system samples yet", "", "", "", "")
+        table.add_row("—", "no system samples yet", "", "", "", "", "")
     for r in ranks:
         rss = f"{fmt(r.get('rss_mb'))} MB"
         gpus = r.get("gpus") or []
         if not gpus:
-            table.add_row(str(r.get("rank")), "no GPU (CPU-only run)", "", "", "", rss)
+            table.add_row(str(r.get("rank")), "no GPU (CPU-only run)", "", "", "", "", rss)
         for g in gpus:
-            used = g.get("used_mb", g.get("reserved_mb"))
-            table.add_row(str(r.get("rank")), f"{g.get('index')}: {clean(g.get('name', 'GPU'), 30)}",
-                          f"{fmt(used)} / {fmt(g.get('total_mb'))} MB", f"{fmt(g.get('peak_used_mb', g.get('peak_mb')))} MB",
-                          f"{fmt(g.get('util'))} %", rss)
+            peak = g.get("peak_used_mb", g.get("peak_mb"))
+            table.add_row(str(r.get("rank")), f"{clean(g.get('index'), 4)}: {clean(g.get('name', 'GPU'), 30)}",
+                          gauge(_gpu_fraction(g), 12), f"{_gb(_gpu_used(g))} / {_gb(g.get('total_mb'))} GB",
+                          f"{_gb(peak)} GB", f"{fmt(g.get('util'))} %", rss)
     return table
+
+
+def health_style(health: float | None) -> str:
+    if health is None:
+        return "dim"
+    return "green" if health >= 0.8 else "yellow" if health >= 0.5 else "bold red"
+
+
+def health_text(c: dict) -> Text:
+    health = c.get("health_score")
+    label = fmt(round(health, 2)) if isinstance(health, float) else (clean(c.get("status"), 12) or "pending")
+    return Text(label, style=health_style(health))
 
 
 def checkpoints_table(report: dict) -> Table:
@@ -129,29 +353,88 @@ def checkpoints_table(report: dict) -> Table:
     if not ckpts:
         table.add_row("—", "", "", "", "", "no checkpoints yet")
     for c in ckpts:
-        health = c.get("health_score")
-        style = "" if health is None else ("green" if health >= 0.8 else "yellow" if health >= 0.5 else "bold red")
-        health_text = fmt(health) if health is not None else (c.get("status") or "pending")
-        table.add_row(fmt(c.get("step")), Text(health_text, style=style), str(len(c.get("issues") or [])),
+        table.add_row(fmt(c.get("step")), health_text(c), str(len(c.get("issues") or [])),
                       fmt(c.get("drift")), f"{fmt(c.get('file_size_mb'))} MB", clean(c.get("path"), 80))
         for issue in (c.get("issues") or [])[:3]:
             table.add_row("", "", "", "", "", Text("• " + clean(issue, 100), style="dim"))
     return table
 
 
+def histogram_spark(histogram: Any) -> str:
+    counts = histogram.get("counts") if isinstance(histogram, dict) else None
+    if not counts:
+        return ""
+    top = max(counts) or 1
+    return "".join(SPARK_CHARS[min(len(SPARK_CHARS) - 1, int(round(c / top * (len(SPARK_CHARS) - 1))))]
+                   if c else " " for c in counts)
+
+
+def drift_text(drift: Any) -> str:
+    if isinstance(drift, dict):
+        level = drift.get("level") or "—"
+        psi = drift.get("psi")
+        return f"{level}" + (f" (PSI {compact(psi)})" if psi is not None else "")
+    return fmt(drift)
+
+
+def rewards_lines(report: dict, width: int = 100, samples: int = 3) -> Text:
+    """The Rewards pane: reliability numbers, a score distribution, drift and the latest sample completions."""
+    rewards = report.get("rewards") or {}
+    rel = rewards.get("reliability_metrics") or {}
+    out = Text()
+    for i, (label, key) in enumerate((("stability", "stability"), ("consistency", "consistency"),
+                                      ("variance", "variance"), ("mean", "mean_reward"))):
+        out.append(("\n" if i == 2 and width < 70 else "  " if i else "") + label + " ", style="dim")
+        out.append(compact(rel.get(key)))
+    hist = rewards.get("histogram")
+    spark = histogram_spark(hist)
+    out.append("\ndist ", style="dim")
+    if spark:
+        edges = hist.get("edges") or []
+        out.append(spark, style="magenta")
+        if len(edges) >= 2:
+            out.append(f" [{short(edges[0])}…{short(edges[-1])}]", style="dim")
+    else:
+        out.append("—")
+    out.append("\ndrift " if width < 70 else "  drift ", style="dim")
+    out.append(drift_text(rewards.get("drift")))
+    out.append(f"  batches {rewards.get('batches', 0)}", style="dim")
+    shown = (rewards.get("samples") or [])[:samples]
+    if shown and rewards.get("last_step") is not None:
+        out.append(f"\nsamples @ step {rewards.get('last_step')}:", style="dim")
+    for sample in shown:
+        out.append("\n")
+        out.append(f"{clean(sample.get('label'), 8):<6}", style="dim")
+        out.append(f"{short(sample.get('score')):>8} ", style="bold")
+        out.append(clean(sample.get("completion"), max(20, width - 16)))
+    return out
+
+
 def rewards_table(report: dict) -> Table:
     rewards = report.get("rewards") or {}
     rel = rewards.get("reliability_metrics") or {}
     table = Table(title="Rewards", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for col in ("stability", "consistency", "variance", "mean", "drift", "batches"):
-        table.add_column(col)
-    drift = rewards.get("drift")
-    drift_text = fmt(drift.get("psi")) if isinstance(drift, dict) else fmt(drift)
+    for col in ("stability", "consistency", "variance", "mean", "drift", "distribution", "batches"):
+        table.add_column(col, no_wrap=True)
     table.add_row(fmt(rel.get("stability")), fmt(rel.get("consistency")), fmt(rel.get("variance")),
-                  fmt(rel.get("mean_reward")), drift_text, str(rewards.get("batches", 0)))
-    for sample in (rewards.get("samples") or [])[:3]:
-        table.add_row(Text(clean(sample.get("label"), 10), style="dim"), fmt(sample.get("score")),
-                      Text(clean(sample.get("completion"), 120)), "", "", "")
+                  fmt(rel.get("mean_reward")), drift_text(rewards.get("drift")),
+                  histogram_spark(rewards.get("histogram")) or "—", str(rewards.get("batches", 0)))
+    return table
+
+
+def reward_samples_table(report: dict) -> Table | None:
+    rewards = report.get("rewards") or {}
+    samples = rewards.get("samples") or []
+    if not samples:
+        return None
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left",
+                  title=f"Reward samples @ step {fmt(rewards.get('last_step'))}")
+    table.add_column("sample", style="dim", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("completion", overflow="fold")
+    for sample in samples[:3]:
+        table.add_row(clean(sample.get("label"), 10), fmt(sample.get("score")),
+                      Text(clean(sample.get("completion"), 160)))
     return table
 
 
@@ -164,14 +447,22 @@ def transport_text(report: dict) -> Text:
 
 def report_renderable(report: dict) -> Group:
     return Group(header_text(report), metrics_table(report), anomalies_table(report), system_table(report),
-                 checkpoints_table(report), rewards_table(report), transport_text(report))
+                 checkpoints_table(report), rewards_table(report),
+                 *[t for t in [reward_samples_table(report)] if t is not None], transport_text(report))
 
 
-def render_text(report: dict, width: int = 110) -> str:
+def spark_width_for(text_width: int) -> int:
+    """Sparkline width of the text report at a given width (the snapshot key and `rlhf-tui report` agree)."""
+    return max(12, min(60, text_width - 88))
+
+
+def render_text(report: dict, width: int = 110, stamp: bool = True) -> str:
     console = Console(record=True, width=width, file=io.StringIO(), color_system=None, force_terminal=False)
     console.print(report_renderable(report))
-    stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    return console.export_text(styles=False).rstrip() + f"\n(snapshot {stamp})\n"
+    text = console.export_text(styles=False).rstrip() + "\n"
+    if stamp:
+        text += f"(snapshot {datetime.now().strftime('%Y-%m-%d %H:%M:%S')})\n"
+    return text
 
 
 def render_markdown(report: dict) -> str:

@@ -1,0 +1,39 @@
+"""SVG snapshots (pytest-textual-snapshot) of the main screen at fixed sizes with deterministic data: a fixed
+run id, no clocks, no live source. Update them with `pytest tests/test_tui_snapshots.py --snapshot-update`
+after checking the new look in the report pytest writes on failure."""
+from rlhf_tui.tui.app import MonitorApp
+from test_tui_data import isolated_config, make_store, settle  # noqa: F401
+
+
+def _app() -> MonitorApp:
+    return MonitorApp([], stores=[make_store()], labels=["grpo-demo.jsonl"])
+
+
+def _settled(app):
+    async def run_before(pilot) -> None:
+        await settle(pilot, app)
+    return run_before
+
+
+def test_main_screen_80x24(snap_compare):
+    app = _app()
+    assert snap_compare(app, terminal_size=(80, 24), run_before=_settled(app))
+
+
+def test_main_screen_160x48(snap_compare):
+    app = _app()
+    assert snap_compare(app, terminal_size=(160, 48), run_before=_settled(app))
+
+
+def test_anomaly_picked_moves_the_metrics_view(snap_compare):
+    app = _app()
+
+    async def run_before(pilot) -> None:
+        await settle(pilot, app)
+        feed = app.view.pane("anomalies")
+        feed.table.focus()
+        feed.table.move_cursor(row=next(i for i, a in enumerate(feed.anomalies) if a["step"] == 120))
+        await pilot.press("enter")
+        await settle(pilot, app)
+
+    assert snap_compare(app, terminal_size=(120, 36), run_before=run_before)

@@ -1,0 +1,237 @@
+"""The plain data the panes receive: a report dict built from a Store (the same dict `rlhf-tui report` renders)
+plus what only a screen needs (sparklines at the pane's width, each metric's threshold band, the step picked in
+the anomaly feed). Pure numpy + stdlib: no Textual here, so the headless report can use it too.
+
+Callers hold `store.lock` while building (it reads the store's arrays); everything returned is a copy.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from rlhf_tui.analysis.report import build_report
+from rlhf_tui.analysis.store import RunHistory, Store
+
+SEVERITY_ORDER = ("critical", "high", "medium", "low")
+
+
+def zscore_band(values: np.ndarray, thresholds) -> tuple[float, float] | None:
+    """The band outside which the generic z-score detector flags the next value of a metric:
+    baseline centre ± anomaly_threshold × robust scale, from the blocks before the current one
+    (the detector's own statistics). None while the metric is warming up."""
+    block = max(2, int(getattr(thresholds, "block_steps", 10)))
+    blocks = max(1, int(getattr(thresholds, "baseline_blocks", 5)))
+    z = float(getattr(thresholds, "anomaly_threshold", 3.0))
+    n = int(values.size)
+    current = (n - 1) // block if n else 0
+    start = max(0, current - blocks)
+    if current == 0:
+        return None
+    x = np.array(values[start * block: current * block], dtype=np.float64).reshape(current - start, block)
+    x[~np.isfinite(x)] = np.nan
+    try:
+        from rlhf_tui.analysis.detectors import _baseline, _block_stats  # the detector's exact statistics
+
+        med, spread, mean, cnt = _block_stats(x)
+        center, scale, _, ok = _baseline(med[None, :], spread[None, :], mean[None, :], cnt[None, :],
+                                         int(getattr(thresholds, "min_history", 20)))
+        if not bool(ok[0]):
+            return None
+        c, s = float(center[0]), float(scale[0])
+    except ImportError:  # pragma: no cover - fallback if the detector internals move
+        finite = x[np.isfinite(x)]
+        if finite.size < int(getattr(thresholds, "min_history", 20)):
+            return None
+        c = float(np.median(finite))
+        s = max(1.4826 * float(np.median(np.abs(finite - c))), 1e-12)
+    if not (math.isfinite(c) and math.isfinite(s)):
+        return None
+    return c - z * s, c + z * s
+
+
+def _generic_metrics(names: list[str]) -> set[str]:
+    """Metrics the generic z-score watches (counters and schedules such as learning_rate are not)."""
+    try:
+        from rlhf_tui.analysis.detectors import _aliases, _generic
+
+        aliases = _aliases(names)
+        return {n for n in names if _generic(n, aliases)}
+    except ImportError:  # pragma: no cover
+        return set(names)
+
+
+def spark_marker(values: np.ndarray, width: int, row: int | None) -> int | None:
+    """Which character of `sparkline(values, width)` holds row `row` (None if not shown)."""
+    if row is None:
+        return None
+    finite = np.flatnonzero(np.isfinite(values))
+    if finite.size == 0:
+        return None
+    pos = int(np.searchsorted(finite, row, side="right")) - 1
+    if pos < 0:
+        return None
+    if finite.size <= width:
+        return pos
+    edges = np.linspace(0, finite.size, width + 1).astype(int)
+    return int(np.searchsorted(edges, pos, side="right")) - 1
+
+
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+EIGHTHS = " ▁▂▃▄▅▆▇█"
+
+
+def bucket_means(values: np.ndarray, width: int) -> np.ndarray:
+    """The finite values averaged into at most `width` buckets (the same buckets as `report.sparkline`)."""
+    data = values[np.isfinite(values)]
+    if data.size > width:
+        edges = np.linspace(0, data.size, width + 1).astype(int)
+        data = np.add.reduceat(data, edges[:-1]) / np.diff(edges)
+    return data
+
+
+def spark_lines(buckets: np.ndarray, rows: int = 1) -> list[str]:
+    """A sparkline `rows` characters tall (top line first). One row is exactly `report.sparkline`."""
+    if buckets.size == 0:
+        return [""] * rows
+    lo, hi = float(buckets.min()), float(buckets.max())
+    if rows == 1:
+        if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+            return [SPARK_CHARS[3] * buckets.size]
+        idx = np.clip(((buckets - lo) / (hi - lo) * 7).round().astype(int), 0, 7)
+        return ["".join(SPARK_CHARS[i] for i in idx)]
+    levels = rows * 8
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        height = np.full(buckets.size, levels // 2)
+    else:
+        height = 1 + ((buckets - lo) / (hi - lo) * (levels - 1)).round().astype(int)
+    lines = []
+    for r in range(rows - 1, -1, -1):  # top row first
+        part = np.clip(height - 8 * r, 0, 8)
+        lines.append("".join(EIGHTHS[p] for p in part))
+    return lines
+
+
+def _row_of_step(run: RunHistory, step: int | None) -> int | None:
+    if step is None or not run.rows:
+        return None
+    idx = int(np.searchsorted(run.steps, step, side="right")) - 1
+    return idx if idx >= 0 else None
+
+
+def active_metrics(anomalies: list[dict], at_step: int | None = None) -> set[str]:
+    """Metrics with an anomaly in progress (at `at_step` when given, else ongoing now)."""
+    out = set()
+    for a in anomalies:
+        if at_step is None:
+            if a.get("ongoing"):
+                out.add(a.get("metric"))
+        else:
+            first = a.get("first_step", a.get("step"))
+            last = a.get("last_step", first)
+            if isinstance(first, int) and isinstance(last, int) and first <= at_step <= last:
+                out.add(a.get("metric"))
+    return out
+
+
+KEEP_LOW = 1000      # the monitor keeps the newest low-severity episodes ...
+KEEP_OTHER = 2000    # ... and the newest medium+ ones (ongoing ones always); the counts stay exact
+
+
+def trim_episodes(episodes: list[dict], keep_low: int = KEEP_LOW, keep_other: int = KEEP_OTHER
+                  ) -> tuple[list[dict], dict[str, int]]:
+    """Bound what a very long run's anomaly list costs in memory: (kept episodes, counts of all of them)."""
+    counts: dict[str, int] = {}
+    for e in episodes:
+        counts[e.get("severity", "?")] = counts.get(e.get("severity", "?"), 0) + 1
+    if len(episodes) <= keep_low:
+        return episodes, counts
+    low = [e for e in episodes if e.get("severity") == "low"]
+    other = [e for e in episodes if e.get("severity") != "low"]
+    if len(low) <= keep_low and len(other) <= keep_other:
+        return episodes, counts
+    newest = newest_first(low)[:keep_low] + newest_first(other)[:keep_other]
+    chosen = {id(e) for e in newest}
+    kept = [e for e in episodes if id(e) in chosen or e.get("ongoing")]
+    return kept, counts
+
+
+def view_report(store: Store, thresholds=None, *, run_id: str | None = None, anomalies: list | None = None,
+                spark_width: int = 24, at_step: int | None = None, anomaly_counts: dict | None = None) -> dict:
+    """`build_report` plus per-metric `band`, a sparkline `spark_width` wide, `at` (value at `at_step`) and
+    `marker` (which sparkline character is `at_step`), and `active` (an anomaly in progress)."""
+    report = build_report(store, thresholds, run_id=run_id, anomalies=anomalies)
+    run = store.runs.get(run_id) if run_id else store.current_run
+    report["at_step"] = at_step
+    if anomaly_counts is not None:
+        report["anomaly_counts"] = dict(anomaly_counts)
+    report["stale_since"] = store.stale_since
+    if run is not None:
+        report["run"]["max_steps"] = run.meta.get("max_steps")
+        if run.last_step_time is not None:  # monotonic → wall clock, for "no new step since …"
+            report["last_step_wall"] = time.time() - (time.monotonic() - run.last_step_time)
+    report["thresholds"] = {"anomaly_threshold": getattr(thresholds, "anomaly_threshold", 3.0),
+                            "muted": list(getattr(thresholds, "muted", []) or [])}
+    if run is None:
+        return report
+    row = _row_of_step(run, at_step)
+    active = active_metrics(report["anomalies"], at_step)
+    generic = _generic_metrics(list(report["metrics"]))
+    for name, entry in report["metrics"].items():
+        values = run.values(name)
+        buckets = bucket_means(values, spark_width)
+        entry["buckets"] = buckets.tolist()
+        entry["spark"] = spark_lines(buckets)[0]
+        entry["band"] = zscore_band(values, thresholds) if name in generic and thresholds is not None else None
+        entry["active"] = name in active
+        if row is not None:
+            v = float(values[row]) if row < values.size else math.nan
+            entry["at"] = v if math.isfinite(v) else None
+            entry["marker"] = spark_marker(values, spark_width, row)
+        last = entry.get("at") if row is not None else entry.get("last")
+        band = entry["band"]
+        entry["out_of_band"] = bool(band and last is not None and not band[0] <= last <= band[1])
+    return report
+
+
+def filter_metrics(names: list[str], pattern: str) -> tuple[list[str], str | None]:
+    """Names matching a case-insensitive regular expression; (all names, error) when it does not compile."""
+    if not pattern:
+        return names, None
+    try:
+        rx = re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        return names, str(exc)
+    return [n for n in names if rx.search(n)], None
+
+
+def severity_counts(anomalies: list[dict]) -> dict[str, int]:
+    counts = {s: 0 for s in SEVERITY_ORDER}
+    for a in anomalies:
+        sev = a.get("severity")
+        if sev in counts:
+            counts[sev] += 1
+    return counts
+
+
+def newest_first(anomalies: list[dict]) -> list[dict]:
+    """The feed's order: newest first (by the step an anomaly began, then its latest step)."""
+    def key(a: dict) -> tuple:
+        first = a.get("step") if isinstance(a.get("step"), int) else -1
+        last = a.get("last_step") if isinstance(a.get("last_step"), int) else first
+        return (first, last)
+    return sorted(anomalies, key=key, reverse=True)
+
+
+def series(run: RunHistory, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) copies of one metric's finite points, for charts."""
+    values = run.values(name)
+    mask = np.isfinite(values)
+    return run.steps[mask].copy(), values[mask].copy()
+
+
+def anomaly_key(a: dict[str, Any]) -> str:
+    return f"{a.get('detector')}|{a.get('metric')}|{a.get('step')}"
