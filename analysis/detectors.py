@@ -272,9 +272,9 @@ _ZSCORE_ADVICE = "usually noise; look at the metric's chart if it repeats"
 
 
 def _zscore_message(metric: str, value: float | None, score: float) -> str:
-    if score >= 0:
-        return f"{metric} = {value:.4g} is {score:.1f} spreads above its recent level"
-    return f"{metric} = {value:.4g} is {-score:.1f} spreads below its recent level"
+    # Past ~1000 spreads the number says nothing more (the recent spread was ~0); keep the line readable.
+    size = f"{abs(score):.1f}" if abs(score) < 1000 else "over 1000"
+    return f"{metric} = {value:.4g} is {size} spreads {'above' if score >= 0 else 'below'} its recent level"
 
 
 def _describe(detector: str, metric: str, level: int, value: float | None, score: float) -> tuple[str, str]:

@@ -156,25 +156,27 @@ def _collect_live(source: str, wait_steps: int | None, timeout: float):
     return store
 
 
+def format_report(store, thresholds, fmt: str, width: int = 110) -> tuple[str, dict]:
+    """The report of a store as text, markdown (the snapshot key's view) or JSON (the contract's dict)."""
+    if fmt == "json":
+        from rlhf_tui.bridge.protocol import to_json_safe
+
+        with store.lock:
+            report = build_report(store, thresholds)
+        return json.dumps(to_json_safe(report), indent=2, allow_nan=False) + "\n", report
+    from rlhf_tui.tui.render import render_markdown, render_text, spark_width_for
+    from rlhf_tui.tui.widgets.model import view_report
+
+    with store.lock:  # the same view as the monitor's snapshot key (sparklines at the text width, bands)
+        report = view_report(store, thresholds, spark_width=spark_width_for(width))
+    return (render_markdown(report) if fmt == "markdown" else render_text(report, width=width)), report
+
+
 def cmd_report(argv: list[str]) -> int:
     ns = _report_parser().parse_args(argv)
     thresholds = _load_thresholds(ns.thresholds)
     store = load_store(ns.source, wait_steps=ns.wait_steps, timeout=ns.timeout)
-    if ns.format == "json":
-        with store.lock:
-            report = build_report(store, thresholds)
-    else:  # the same view as the monitor's snapshot key (sparklines at the text width, threshold bands)
-        from rlhf_tui.tui.render import spark_width_for
-        from rlhf_tui.tui.widgets.model import view_report
-
-        with store.lock:
-            report = view_report(store, thresholds, spark_width=spark_width_for(ns.width))
-    if ns.format == "json":
-        from rlhf_tui.bridge.protocol import to_json_safe
-        out = json.dumps(to_json_safe(report), indent=2, allow_nan=False) + "\n"
-    else:
-        from rlhf_tui.tui.render import render_markdown, render_text
-        out = render_markdown(report) if ns.format == "markdown" else render_text(report, width=ns.width)
+    out, report = format_report(store, thresholds, ns.format, ns.width)
     _write(out, ns.output)
     if ns.fail_on:
         worst = worst_severity(report["anomalies"])

@@ -25,6 +25,8 @@ def start_training(address: str, steps: int, output_dir: str, *, step_delay: flo
     cmd = [sys.executable, "-m", "rlhf_tui.bridge.demo_train", "--address", address, "--steps", str(steps),
            "--output-dir", output_dir, "--step-delay", str(step_delay), "--save-steps", str(save_steps)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    # A tiny model gains nothing from several threads and loses a lot when they fight the monitor for cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
@@ -56,9 +58,6 @@ def run_demo(steps: int = 300, headless: bool = False, step_delay: float | None 
 
 
 def _headless(address: str, proc: subprocess.Popen, log_path: Path, fmt: str) -> int:
-    import json
-
-    from rlhf_tui.analysis.report import build_report
     from rlhf_tui.bridge.subscriber import Subscriber
 
     sub = Subscriber(address).start()
@@ -78,14 +77,10 @@ def _headless(address: str, proc: subprocess.Popen, log_path: Path, fmt: str) ->
         print(f"rlhf-tui demo: the training produced no data (exit code {proc.poll()}). Log tail:\n{tail}",
               file=sys.stderr)
         return 2
-    with sub.store.lock:
-        report = build_report(sub.store)
-    if fmt == "json":
-        from rlhf_tui.bridge.protocol import to_json_safe
-        sys.stdout.write(json.dumps(to_json_safe(report), indent=2) + "\n")
-    else:
-        from rlhf_tui.tui.render import render_markdown, render_text
-        sys.stdout.write(render_markdown(report) if fmt == "markdown" else render_text(report))
+    from rlhf_tui.analysis.thresholds import Thresholds
+    from rlhf_tui.tui.cli import format_report
+
+    sys.stdout.write(format_report(sub.store, Thresholds(), fmt)[0])
     return 0
 
 
