@@ -58,6 +58,7 @@ MEAN_SHIFT_RATIO = 5.0         # |mean| > 5·std in a weight matrix
 DRIFT_OVERALL_HIGH = 0.5
 DRIFT_OVERALL_LOW = 0.1
 DRIFT_TENSOR_HIGH = 1.0
+DRIFT_RMS_FLOOR = 0.01  # per-tensor drift is judged against max(reference RMS, this)
 LR_HIGH = 1e-2
 
 _NORM_RE = re.compile(r"norm|(?:^|[._])ln(?:\d|_|\.|$)")
@@ -404,6 +405,7 @@ class CheckpointAnalyzer:
         current = ckpt.by_name
         ref = reference.by_name
         per_tensor: dict[str, float | None] = {}
+        judged: dict[str, float] = {}  # relative drift with the reference RMS floored (see DRIFT_RMS_FLOOR)
         from_zero: list[str] = []
         nonfinite: list[str] = []
         diff_total = 0.0
@@ -425,6 +427,9 @@ class CheckpointAnalyzer:
                 continue
             diff_total += diff_sq
             ref_total += ref_sq
+            # Near-zero references (biases and LayerNorm shifts a few steps after a zero init) make any move look
+            # huge relatively; judge them against a small RMS floor instead of their own size.
+            judged[name] = math.sqrt(diff_sq / max(ref_sq, cur.numel * DRIFT_RMS_FLOOR ** 2, 1e-30))
             if ref_sq > 0:
                 per_tensor[name] = math.sqrt(diff_sq / ref_sq)
             elif diff_sq == 0:
@@ -441,7 +446,7 @@ class CheckpointAnalyzer:
         elif overall is not None and overall > DRIFT_OVERALL_LOW:
             findings.add("drift", "low", f"overall drift from the reference is {overall:.3g} (relative L2)",
                          value=overall)
-        big = [(n, v) for n, v in ranked if v > DRIFT_TENSOR_HIGH]
+        big = sorted(((n, v) for n, v in judged.items() if v > DRIFT_TENSOR_HIGH), key=lambda kv: -kv[1])
         if big:
             findings.add("drift", "high", "tensors that moved more than their own size from the reference: "
                          + _list_names([f"{n} ({v:.3g})" for n, v in big], 4), tensor=big[0][0], value=big[0][1])

@@ -353,3 +353,23 @@ def test_format_text(analyzer, saved, weights, tmp_path):
     assert "Drift vs" in text
     error_text = format_checkpoint_text(analyzer.analyze_checkpoint(str(tmp_path / "missing")))
     assert "unreadable" in error_text and "missing" in error_text
+
+
+def test_fresh_biases_moving_a_little_are_not_drift(tmp_path):
+    """Biases a few steps after a zero init move by more than their own (tiny) size: not an issue."""
+    import numpy as np
+
+    from rlhf_tui.analysis.checkpoint import CheckpointAnalyzer
+
+    def write(path, bias):
+        from safetensors.numpy import save_file
+        rng = np.random.default_rng(0)
+        save_file({"h.0.mlp.c_fc.weight": rng.normal(0, 0.02, (64, 64)).astype(np.float32),
+                   "h.0.mlp.c_fc.bias": bias.astype(np.float32)}, str(path))
+
+    write(tmp_path / "ref.safetensors", np.full(64, 1e-4))
+    write(tmp_path / "cur.safetensors", np.full(64, 3e-4))
+    result = CheckpointAnalyzer().analyze_checkpoint(str(tmp_path / "cur.safetensors"),
+                                                     reference_checkpoint=str(tmp_path / "ref.safetensors"))
+    assert result["drift"]["per_tensor"]["h.0.mlp.c_fc.bias"] > 1.0   # reported as is ...
+    assert result["health_score"] == 1.0 and not result["issues"]      # ... but not an issue
