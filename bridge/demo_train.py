@@ -12,7 +12,7 @@ import time
 
 
 def make_grpo_trainer(model_path: str, output_dir: str, callback, *, steps: int = 200, save_steps: int = 0,
-                      learning_rate: float = 5e-5, beta: float = 0.04, step_delay: float = 0.0,
+                      learning_rate: float = 1e-3, beta: float = 0.04, step_delay: float = 0.0,
                       num_generations: int = 4, seed: int = 0):
     """A GRPOTrainer on the tiny model with our callback and the demo reward wrapped by monitor_rewards."""
     from transformers import AutoTokenizer, TrainerCallback

@@ -1,6 +1,6 @@
 """A tiny GPT-2 and tokenizer built locally (no download), for the demo, the examples and the tests.
 
-`build_tiny_model(path)` trains a small BPE tokenizer with `tokenizers`, builds a GPT2Config model and saves
+`build_tiny_model(path)` builds a small word-level tokenizer with `tokenizers`, builds a GPT2Config model and saves
 both with `save_pretrained`, so TRL can rebuild the reference model from the path. Cached: a folder that
 already holds a complete model is reused.
 """
@@ -38,24 +38,26 @@ def default_cache_dir() -> Path:
         return Path.home() / ".cache" / "rlhf-tui"
 
 
-def build_tiny_model(path: str | os.PathLike | None = None, *, vocab_size: int = 256, n_layer: int = 2,
+def build_tiny_model(path: str | os.PathLike | None = None, *, n_layer: int = 2,
                      n_embd: int = 64, seed: int = 0) -> str:
     """Build (once) and save a tiny GPT-2 + tokenizer; returns the folder path."""
-    path = Path(path) if path is not None else default_cache_dir() / "tiny-gpt2"
+    path = Path(path) if path is not None else default_cache_dir() / "tiny-gpt2-words"
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file() and \
             (path / "tokenizer.json").is_file():
         return str(path)
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<unk>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS + [p.lower() for p in PROMPTS] + PROMPTS, trainer)
+    # A word-level vocabulary: generations are (random, then learned) words rather than byte soup, so the
+    # demo's sample completions read like text and the word-based demo reward has something to learn.
+    words = sorted({w for line in CORPUS + PROMPTS for w in line.lower().split()})
+    vocab = {tok: i for i, tok in enumerate(["<eos>", "<unk>", "<pad>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>",
                                    pad_token="<pad>", bos_token="<eos>")
     fast.padding_side = "left"
@@ -81,7 +83,7 @@ def prompt_dataset(n: int = 64):
 
 
 def length_reward(completions, **kwargs):
-    """Demo reward: prefers completions of about 12 characters with positive words (cheap, deterministic)."""
+    """Demo reward: one point per positive word, minus the distance from 12 characters (cheap, deterministic)."""
     good = ("good", "great", "happy", "joy", "love", "wonderful", "excellent")
     out = []
     for c in completions:
