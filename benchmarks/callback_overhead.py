@@ -1,15 +1,14 @@
 """Cost of the callback on the training thread, and the step-time ratio on a real tiny GRPO run.
 
-Run: .venv/bin/python benchmarks/callback_overhead.py [--steps N]
-Prints (1) on_log p50/p99 in µs with no monitor, a live monitor and a stalled monitor, and (2) the tiny GRPO
-run's median step time with our callback versus without (same process, runs interleaved).
+Run: .venv/bin/python benchmarks/callback_overhead.py [--calls N] [--skip-training]
+Prints (1) on_log p50/p99 in µs with no monitor, a live monitor and a stalled monitor, in two regimes (back to
+back; one call per 1 ms step) next to the machine's floor, and (2) the step-time table of bench_steptime.py.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,15 @@ def free_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def time_on_log(cb, n: int) -> np.ndarray:
+STEP_S = 0.001  # a "training step" between on_log calls: 1 ms (1000 steps/s, far faster than any RLHF step)
+SLOW_STEP_S = 0.15  # steps longer than the publisher's batch interval (its thread is idle when on_log comes)
+BURST = 200     # back-to-back calls, then 40 ms for the publisher thread to catch up (5 000 calls/s)
+
+
+def time_on_log(cb, n: int, regime: str = "warm") -> np.ndarray:
+    """on_log as the Trainer calls it. `warm`: bursts of back-to-back calls (the call's own cost, caches warm).
+    `cold`: one call per 1 ms "step" (a sleep: it releases the GIL as torch ops and CUDA syncs do, and lets
+    the caches go cold, as a real step does)."""
     state = SimpleNamespace(global_step=0)
     samples = np.empty(n)
     clock = time.perf_counter_ns
@@ -45,19 +52,47 @@ def time_on_log(cb, n: int) -> np.ndarray:
         t0 = clock()
         cb.on_log(None, state, None, logs=GRPO_LOGS)
         samples[i] = clock() - t0
-        if i % 200 == 199:
-            time.sleep(0.01)  # steps are not back to back; let the publisher thread drain
+        if regime == "cold":
+            time.sleep(STEP_S)
+        elif regime == "slow":
+            time.sleep(SLOW_STEP_S)
+        elif i % BURST == BURST - 1:
+            time.sleep(0.04)
     return samples / 1000.0
 
 
-def on_log_table(n: int) -> list[tuple]:
+def floor(n: int, regime: str) -> np.ndarray:
+    """The same copy + enqueue in a bare loop (no callback, no thread): what the machine itself costs."""
+    from collections import deque
+
+    queue: deque = deque()
+    samples = np.empty(n)
+    clock = time.perf_counter_ns
+    for i in range(n):
+        t0 = clock()
+        queue.append(("log", i, time.time(), dict(GRPO_LOGS)))
+        samples[i] = clock() - t0
+        if i % 20 == 19:
+            queue.clear()
+        if regime == "cold":
+            time.sleep(STEP_S)
+        elif regime == "slow":
+            time.sleep(SLOW_STEP_S)
+        elif i % BURST == BURST - 1:
+            time.sleep(0.04)
+    return samples / 1000.0
+
+
+def on_log_table(n: int, regime: str = "warm") -> list[tuple]:
     import zmq
 
     from rlhf_tui.bridge.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.protocol import hello
     from rlhf_tui.bridge.subscriber import Subscriber
 
-    rows = []
-    for mode in ("no monitor", "live monitor", "stalled monitor"):
+    us = floor(n, regime)
+    rows = [("floor: bare copy+append", float(np.percentile(us, 50)), float(np.percentile(us, 99)), 0)]
+    for mode in ("no monitor", "live monitor", "stalled monitor")[: 1 if regime == "slow" else 3]:
         address = free_address()
         cb = RLHFMonitorCallback(address=address, log_dir=tempfile.mkdtemp(), analyze_checkpoints=False)
         cb.log_step(0, {"loss": 1.0})
@@ -70,10 +105,9 @@ def on_log_table(n: int) -> list[tuple]:
             stalled.setsockopt(zmq.RCVBUF, 4096)
             stalled.setsockopt(zmq.RCVHWM, 1)
             stalled.connect(address)
-            from rlhf_tui.bridge.protocol import hello
             stalled.send(hello(None, 0, resync=True))
         time.sleep(0.3)
-        us = time_on_log(cb, n)
+        us = time_on_log(cb, n, regime)
         rows.append((mode, float(np.percentile(us, 50)), float(np.percentile(us, 99)), cb.publisher.stats["dropped"]))
         if sub:
             sub.stop()
@@ -84,83 +118,37 @@ def on_log_table(n: int) -> list[tuple]:
     return rows
 
 
-def step_time_table(steps: int, repeats: int) -> list[tuple]:
-    from transformers import TrainerCallback
-
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
-    from rlhf_tui.bridge.demo_train import make_grpo_trainer
-    from rlhf_tui.bridge.tiny import build_tiny_model
-
-    model = build_tiny_model(os.path.join(tempfile.gettempdir(), "rlhf-tui-bench-model"))
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self._t = [], None
-
-        def on_step_begin(self, *a, **k):
-            self._t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self._t)
-
-    class Null(TrainerCallback):
-        pass
-
-    results: dict[str, list[float]] = {"without callback": [], "with RLHFMonitorCallback": []}
-    for _ in range(repeats):
-        for label in results:
-            cb = RLHFMonitorCallback(address=free_address(), log_dir=tempfile.mkdtemp(), analyze_checkpoints=False) \
-                if label.startswith("with") else Null()
-            trainer = make_grpo_trainer(model, tempfile.mkdtemp(), cb, steps=steps) if label.startswith("with") \
-                else _plain_trainer(model, steps)
-            timer = StepTimer()
-            trainer.add_callback(timer)
-            trainer.train()
-            results[label].append(statistics.median(timer.times[5:]))
-            if hasattr(cb, "close"):
-                cb.close()
-    base = statistics.median(results["without callback"])
-    return [(label, statistics.median(v) * 1000, statistics.median(v) / base) for label, v in results.items()]
-
-
-def _plain_trainer(model, steps):
-    """The same GRPO run without our callback (the reward function is not wrapped either)."""
-    from transformers import AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rlhf_tui.bridge.tiny import length_reward, prompt_dataset
-
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.padding_side = "left"
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=16, max_steps=steps, logging_steps=1, use_cpu=True, bf16=False,
-                      gradient_checkpointing=False, report_to="none", learning_rate=5e-5, beta=0.04,
-                      save_strategy="no", disable_dropout=True, disable_tqdm=True, seed=0, temperature=1.0)
-    return GRPOTrainer(model=model, reward_funcs=[length_reward], args=args,
-                       train_dataset=prompt_dataset(max(64, steps * 4)), processing_class=tok)
+def print_on_log_tables(n: int, slow_calls: int = 200) -> None:
+    for regime, title, calls in (
+            ("warm", f"back to back, bursts of {BURST} (the call's own cost)", n),
+            ("cold", f"one call per {STEP_S * 1000:g} ms step (caches cold, as in training)", n),
+            ("slow", f"one call per {SLOW_STEP_S * 1000:g} ms step (the CPU idles between calls: all cold)",
+             slow_calls)):
+        print(f"  {title}, {calls} calls")
+        print(f"  {'mode':<26}{'p50 µs':>9}{'p99 µs':>9}{'goal p99':>10}{'dropped':>9}")
+        for mode, p50, p99, dropped in on_log_table(calls, regime):
+            goal = "<= 5" if regime == "warm" and not mode.startswith("floor") else ""
+            print(f"  {mode:<26}{p50:>9.2f}{p99:>9.2f}{goal:>10}{dropped:>9}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--calls", type=int, default=20000)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=10000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-training", action="store_true")
     ns = parser.parse_args()
     import warnings
     warnings.filterwarnings("ignore")
     print(f"on_log cost on the training thread ({ns.calls} calls, {len(GRPO_LOGS)} keys)")
-    print(f"{'mode':<18}{'p50 µs':>10}{'p99 µs':>10}{'dropped':>10}")
-    for mode, p50, p99, dropped in on_log_table(ns.calls):
-        print(f"{mode:<18}{p50:>10.2f}{p99:>10.2f}{dropped:>10}")
+    print_on_log_tables(ns.calls)
     if ns.skip_training:
         return 0
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    print(f"\ntiny GRPO step time, median over steps 5..{ns.steps}, median of {ns.repeats} interleaved runs")
-    print(f"{'run':<28}{'ms/step':>10}{'ratio':>8}")
-    for label, ms, ratio in step_time_table(ns.steps, ns.repeats):
-        print(f"{label:<28}{ms:>10.2f}{ratio:>8.3f}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_steptime
+
+    print()
+    bench_steptime.print_table(bench_steptime.step_time_table(ns.steps, ns.repeats), ns.steps, ns.repeats)
     return 0
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from rlhf_tui.bridge import protocol
 from rlhf_tui.bridge.jsonl_log import JsonlLog
 from rlhf_tui.bridge.metrics import is_summary, normalise
-from rlhf_tui.bridge.publisher import Publisher
+from rlhf_tui.bridge.publisher import Forwarder, Publisher
 from rlhf_tui.bridge.system import SystemSampler, memory_metrics
 
 try:  # the callback works without transformers for custom loops (log_step)
@@ -30,6 +30,7 @@ except Exception:  # pragma: no cover - exercised only without transformers
 log = logging.getLogger("rlhf_tui.bridge")
 
 SYSTEM_PERIOD_S = 0.5  # at most 2 Hz
+REWARD_ANALYSIS_S = 1.0  # reward reliability analysis: at most once a second per reward function
 KEY_ARGS = ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
             "gradient_accumulation_steps", "num_generations", "beta", "num_iterations", "epsilon",
             "temperature", "max_completion_length", "max_prompt_length", "max_length", "lr_scheduler_type",
@@ -56,9 +57,10 @@ def _versions() -> dict:
 class _Recorder:
     """Runs on the publisher thread: turns queued items into published messages and JSONL events."""
 
-    def __init__(self, cb: "RLHFMonitorCallback"):
+    def __init__(self, cb: "RLHFMonitorCallback", forwarding: bool = False):
         self.cb = cb
-        self.jsonl = JsonlLog(cb.log_dir, cb.run_id) if cb.log_dir else None
+        self.forwarding = forwarding   # a non-main rank: only its system samples leave the process
+        self.jsonl = JsonlLog(cb.log_dir, cb.run_id) if cb.log_dir and not forwarding else None
         self.sampler: SystemSampler | None = None
         self.last_sample_t = 0.0
         self.memory: dict[str, float] = {}
@@ -69,11 +71,15 @@ class _Recorder:
         self.summary: dict = {}
         self.ended = False
         self.reward_monitor = None
+        self.reward_pending: dict[str, list] = {}
+        self.reward_analysed: dict[str, float] = {}
         self._detector_failed = False
 
     # Items are tuples: (kind, ...). Return [(kind, data, rank), ...] to publish.
     def __call__(self, item: tuple) -> list[tuple]:
         kind = item[0]
+        if self.forwarding:
+            return self.sample_system(force=kind in ("run_start", "run_end"))
         if kind == "log":
             return self._on_log(*item[1:])
         if kind == "run_start":
@@ -88,16 +94,16 @@ class _Recorder:
             return self._on_run_end(item[1])
         return []
 
-    def _event(self, event: dict) -> None:
+    def _event(self, event: dict, clean: bool = False) -> None:
         if self.jsonl is not None:
-            self.jsonl.write(event)
+            self.jsonl.write(event, clean)
 
     def _on_run_start(self, meta: dict) -> list[tuple]:
         self._event({"event": "run_start", "timestamp": _iso(time.time()), **meta})
         return [(protocol.RUN_START, meta, self.cb.rank)] + self.sample_system(force=True)
 
     def _detect(self, step: int, metrics: dict) -> list[dict]:
-        if self._detector_failed:
+        if self._detector_failed or not self.cb.detect_anomalies:
             return []
         try:
             if self.detector is None:
@@ -120,9 +126,16 @@ class _Recorder:
         out = self.sample_system()
         metrics.update(self.memory)
         anomalies = self._detect(step, metrics)
-        self._event({"event": "step_end", "step": step, "timestamp": _iso(wall), "ppo_metrics": metrics,
-                     "anomalies": anomalies, "memory_usage": self._seed_memory()})
-        out.append((protocol.STEP, {"step": step, "metrics": metrics, "wall": wall}, self.cb.rank))
+        # Cleaned (non-finite floats as strings) and encoded once, for both the JSONL log and the wire:
+        # turning floats into text is most of what a step costs this thread.
+        clean = protocol.Clean(protocol.clean_metrics(metrics))
+        clean.encoded = protocol.dumps(clean)
+        if self.jsonl is not None:
+            head = protocol.dumps({"event": "step_end", "step": step, "timestamp": _iso(wall)})
+            tail = protocol.dumps({"anomalies": protocol.to_json_safe(anomalies) if anomalies else [],
+                                   "memory_usage": protocol.to_json_safe(self._seed_memory())})
+            self.jsonl.write_raw(head[:-1] + b',"ppo_metrics":' + clean.encoded + b"," + tail[1:])
+        out.append((protocol.STEP, {"step": step, "metrics": clean, "wall": wall}, self.cb.rank))
         return out
 
     def _seed_memory(self) -> dict:
@@ -137,6 +150,7 @@ class _Recorder:
             self.sampler = SystemSampler()
         sample = self.sampler.sample()
         sample["step"] = self.last_log_step
+        sample.update(self.cb.rank_info)
         self.memory = memory_metrics(sample)
         self._event({"event": "system", "timestamp": _iso(time.time()), **sample})
         return [(protocol.SYSTEM, sample, self.cb.rank)]
@@ -158,15 +172,25 @@ class _Recorder:
         data["scores"] = [None if s is None else float(s) for s in scores[:4096]]
         data["num_scores"] = len(scores)
         data["num_invalid"] = len(scores) - len(finite)
-        try:
-            if self.reward_monitor is None:
-                from rlhf_tui.analysis.rewards import RewardModelIntegrator
-                self.reward_monitor = RewardModelIntegrator(anomaly_threshold=self.cb.thresholds_z())
-            context = {"num_generations": self.cb.meta.get("args", {}).get("num_generations"), "reward_func": name}
-            data["analysis"] = self.reward_monitor.monitor_reward_model(scores, step, context=context)
-        except Exception as exc:
-            log.debug("reward analysis unavailable: %s", exc)
-        self._event({"event": "reward_batch", "timestamp": _iso(time.time()), **data})
+        # The reliability analysis costs ~0.5 ms: it runs on the batches gathered since the last one, at most
+        # every REWARD_ANALYSIS_S per reward function (so a fast run pays it a few times a second, not per step).
+        pending = self.reward_pending.setdefault(name, [])
+        pending.extend(scores[:4096])
+        now = time.monotonic()
+        if now - self.reward_analysed.get(name, -1e9) >= REWARD_ANALYSIS_S or self.ended:
+            self.reward_analysed[name] = now
+            batch, self.reward_pending[name] = pending, []
+            try:
+                if self.reward_monitor is None:
+                    from rlhf_tui.analysis.rewards import RewardModelIntegrator
+                    self.reward_monitor = RewardModelIntegrator(anomaly_threshold=self.cb.thresholds_z())
+                context = {"num_generations": self.cb.meta.get("args", {}).get("num_generations"),
+                           "reward_func": name}
+                data["analysis"] = self.reward_monitor.monitor_reward_model(batch, step, context=context)
+            except Exception as exc:
+                log.debug("reward analysis unavailable: %s", exc)
+        data = protocol.Clean(protocol.to_json_safe(data))   # cleaned once for the log and the wire
+        self._event({"event": "reward_batch", "timestamp": _iso(time.time()), **data}, clean=True)
         return [(protocol.REWARD, data, self.cb.rank)]
 
     def _on_run_end(self, data: dict) -> list[tuple]:
@@ -194,6 +218,15 @@ class RLHFMonitorCallback(_Base):
         insecure: allow a non-loopback address without CURVE keys.
         analyze_checkpoints: analyse each saved checkpoint on a worker thread (health, drift).
         publish_all_ranks: also publish from non-main processes (each binds its own address).
+        forward_ranks: non-main processes (torchrun/accelerate ranks) send their system samples (GPU memory
+            per device) to the main process, which publishes them on the run's one address (default True).
+        forward_address: where non-main ranks send (default: `address`; a wildcard host means loopback on
+            the main node and MASTER_ADDR on other nodes).
+        curve: a `security.ServerCurve` (CURVE encryption + authorised monitor keys; allows non-loopback).
+        keys_dir: the same from a keys folder (`rlhf-tui keygen DIR`): DIR/server.key_secret and the monitor
+            public keys in DIR/authorized/. A key problem disables monitoring (fail closed), never training.
+        detect_anomalies: run the streaming anomaly detectors on the training side too (the JSONL log's
+            per-step `anomalies`); the monitor runs them anyway. False saves ~75 µs of background CPU per step.
         run_id: fixed run id (default: time + random).
     """
 
@@ -201,7 +234,8 @@ class RLHFMonitorCallback(_Base):
                  anomaly_threshold: float = 3.0, enable_detailed_logging: bool = True, *,
                  insecure: bool = False, analyze_checkpoints: bool = True, publish_all_ranks: bool = False,
                  run_id: str | None = None, thresholds: Any = None, queue_size: int = 10_000,
-                 curve: Any = None, trainer: Any = None):
+                 curve: Any = None, keys_dir: str | None = None, trainer: Any = None,
+                 forward_ranks: bool = True, forward_address: str | None = None, detect_anomalies: bool = True):
         self.address = address
         self.log_dir = log_dir
         self.anomaly_threshold = anomaly_threshold
@@ -213,8 +247,14 @@ class RLHFMonitorCallback(_Base):
         self.thresholds = thresholds
         self.queue_size = queue_size
         self.curve = curve
+        self.keys_dir = keys_dir
+        self.forward_ranks = forward_ranks
+        self.forward_address = forward_address
+        self.detect_anomalies = detect_anomalies
         self.trainer = trainer
         self.rank = 0
+        self.is_main = True
+        self.rank_info: dict[str, Any] = {"rank": 0}
         self.meta: dict[str, Any] = {}
         self._active = True
         self._publisher: Publisher | None = None
@@ -249,18 +289,41 @@ class RLHFMonitorCallback(_Base):
         if self._publisher is not None or not self._active:
             return self._publisher
         with self._start_lock:
-            if self._publisher is None:
+            if self._publisher is None and self._active:
                 try:
-                    self._recorder = _Recorder(self)
                     address = False if self.address is False else self.address
-                    pub = Publisher(address, self.run_id, self._recorder, queue_size=self.queue_size,
-                                    insecure=self.insecure, curve=self.curve)
+                    try:
+                        curve = self._server_curve()
+                    except Exception as exc:  # fail closed: no socket at all, the JSONL log goes on
+                        import warnings
+                        warnings.warn(f"rlhf-tui: CURVE keys unusable ({exc}); publishing disabled (fail "
+                                      "closed). Training continues unmonitored.", RuntimeWarning, stacklevel=3)
+                        curve, address = None, False
+                    forwarding = not self.is_main and not self.publish_all_ranks
+                    self._recorder = _Recorder(self, forwarding=forwarding)
+                    if forwarding:
+                        pub = Forwarder(False if address is False else (self.forward_address or address),
+                                        self.run_id, self._recorder, rank=self.rank, curve=curve,
+                                        insecure=self.insecure)
+                    else:
+                        pub = Publisher(address, self.run_id, self._recorder, queue_size=self.queue_size,
+                                        insecure=self.insecure, curve=curve)
                     pub.start()
                     self._publisher = pub
                 except Exception as exc:
                     self._active = False
                     log.warning("rlhf-tui: monitoring disabled: %s", exc)
+                    import warnings
+                    warnings.warn(f"rlhf-tui: monitoring disabled: {exc}. Training continues unmonitored.",
+                                  RuntimeWarning, stacklevel=3)
         return self._publisher
+
+    def _server_curve(self):
+        if self.curve is None and not self.keys_dir:
+            return None
+        from rlhf_tui.bridge.security import server_from_options
+
+        return server_from_options(self.curve, self.keys_dir)   # SecurityError: fail closed, caller warns
 
     def _put(self, item: tuple) -> None:
         pub = self._publisher
@@ -270,20 +333,30 @@ class RLHFMonitorCallback(_Base):
     # -- TrainerCallback hooks -----------------------------------------------------------------
     def on_train_begin(self, args=None, state=None, control=None, **kwargs):
         try:
-            is_main = bool(getattr(state, "is_world_process_zero", True))
+            self.is_main = bool(getattr(state, "is_world_process_zero", True))
             self.rank = int(getattr(args, "process_index", 0) or 0)
-            self._active = is_main or self.publish_all_ranks
+            if self.rank > 0:
+                self.is_main = False
+            self.rank_info = {"rank": self.rank,
+                              "local_rank": int(getattr(args, "local_process_index", 0) or 0),
+                              "hostname": os.uname().nodename if hasattr(os, "uname") else ""}
+            self._active = self.is_main or self.publish_all_ranks or self.forward_ranks
             if not self._active:
                 return
-            self.meta = self._run_meta(args, state, kwargs)
+            if self.is_main or self.publish_all_ranks:
+                self.meta = self._run_meta(args, state, kwargs)
             if self._ensure_started():
                 self._put(("run_start", self.meta))
         except Exception as exc:
             log.warning("rlhf-tui: on_train_begin failed: %s", exc)
 
     def on_log(self, args=None, state=None, control=None, logs=None, **kwargs):
-        if logs is not None and self._publisher is not None:
-            self._publisher.put(("log", state.global_step, time.time(), dict(logs)))
+        pub = self._publisher
+        if logs is not None and pub is not None:
+            if self.is_main:
+                pub.put(("log", state.global_step, time.time(), dict(logs)))
+            else:
+                pub.put(("log",))  # a non-main rank: a cue to sample (and forward) its system state
 
     def on_step_begin(self, args=None, state=None, control=None, **kwargs):
         return None  # nothing to do per step; kept so the seed's manual `on_step_begin(step, {})` works

@@ -19,16 +19,29 @@ class JsonlLog:
         self._fh = None
         self.errors = 0
 
-    def write(self, event: dict) -> None:
+    def write(self, event: dict, clean: bool = False) -> None:
+        """Append one event and flush it. `clean`: the event is JSON-safe already (no cleaning pass)."""
         try:
             if self._fh is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)
-            line = json.dumps(to_json_safe(event), separators=(",", ":"), allow_nan=False) + "\n"
+            line = json.dumps(event if clean else to_json_safe(event), separators=(",", ":"),
+                              allow_nan=False) + "\n"
             self._fh.write(line)
             self._fh.flush()
         except (OSError, ValueError, TypeError):
             self.errors += 1  # a full disk must not stop training; counted and shown in heartbeats
+
+    def write_raw(self, line: bytes) -> None:
+        """Append one event already encoded as one line of strict JSON (no newline) and flush it."""
+        try:
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)
+            self._fh.write(line.decode() + "\n")
+            self._fh.flush()
+        except (OSError, ValueError, UnicodeDecodeError):
+            self.errors += 1
 
     def close(self) -> None:
         if self._fh is not None:

@@ -159,14 +159,19 @@ def load_jsonl(path: Path | str, store: Store | None = None) -> Store:
                 continue
             try:
                 event = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                if not raw.endswith(b"\n") and not fh.read(1):
+                    continue  # the last line, cut off by a killed training: expected, not an error
                 store.reject("unparseable JSONL line")
                 continue
             if not isinstance(event, dict):
                 store.reject("JSONL line is not an object")
                 continue
-            if apply_jsonl_event(store, event, default_run=f"file:{path.stem}"):
-                parsed += 1
+            try:
+                if apply_jsonl_event(store, event, default_run=f"file:{path.stem}"):
+                    parsed += 1
+            except Exception as exc:  # one odd line must not make the whole log unreadable
+                store.reject(f"bad JSONL event: {type(exc).__name__}")
         store.touch()
     if parsed == 0:
         raise SourceError(f"{path}: no rlhf-tui events found (is this a JSONL log written by the callback?)")

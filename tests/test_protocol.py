@@ -51,3 +51,43 @@ def test_to_json_safe_handles_numpy_and_objects():
 
     out = protocol.to_json_safe({"a": np.float32(1.5), "b": np.int64(3), "c": object(), "d": (1, math.nan)})
     assert out["a"] == 1.5 and out["b"] == 3.0 and isinstance(out["c"], str) and out["d"] == [1, "NaN"]
+
+
+def test_a_step_encoded_once_is_byte_identical_to_the_plain_encoding():
+    metrics = protocol.Clean(protocol.clean_metrics({"kl": 0.1, "loss": float("nan"), "reward": None}))
+    metrics.encoded = protocol.dumps(metrics)
+    fast = protocol.encode_step("run-x", 5, 1764139000.123456, 7, metrics, 1764139000.5, 2)
+    plain = encode("step", "run-x", 5, 1764139000.123456, {"step": 7, "metrics": dict(metrics),
+                                                            "wall": 1764139000.5}, 2)
+    assert fast == plain and decode_frame(fast)[0]["data"]["metrics"]["loss"] == "NaN"
+
+
+def test_block_round_trip_dense_and_sparse_columns_and_other_messages():
+    steps = [(0, 1, 10.0, {"kl": 0.1, "loss": "NaN"}), (2, 2, 11.0, {"kl": None}), (3, 3, 12.0, {"kl": 0.3})]
+    other = [encode("system", "r", 1, 10.5, {"rss_mb": 1.0})]
+    (env,) = decode_frame(protocol.encode_block("r", 0, 0, 4, 13.0, steps, other))   # seq 4: thinned away
+    data = env["data"]
+    assert env["kind"] == "block" and data["last"] == 4 and list(data["seq"]) == [0, 2, 3]
+    index, values = data["cols"]["kl"]
+    assert index is None and values[0] == 0.1 and values[1] != values[1] and values[2] == 0.3
+    index, values = data["cols"]["loss"]
+    assert list(index) == [0] and values[0] != values[0]
+    assert [e["kind"] for e in data["other"]] == ["system"]
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"last": 5000}, "bad block range"),
+    ({"seq": [1, 1]}, "bad block seq/step"),
+    ({"step": [1, -2]}, "bad block seq/step"),
+    ({"cols": {"kl": [1.0]}}, "bad block column"),
+    ({"cols": {"kl": {"i": [0, 7], "x": [1.0, 2.0]}}}, "bad block column"),
+    ({"cols": {"kl": [True, 1.0]}}, "not a number"),
+    ({"other": [{"v": 1, "kind": "step", "run": "other-run", "seq": 1, "ts": 0, "data": {"step": 1, "metrics": {}}}]},
+     "inside a block"),
+])
+def test_bad_blocks_are_rejected(change, reason):
+    data = {"last": 3, "seq": [0, 1], "step": [1, 2], "ts": [0.0, 0.0], "cols": {"kl": [0.1, 0.2]}, "other": []}
+    data.update(change)
+    frame = json.dumps({"v": 1, "kind": "block", "run": "r", "seq": 0, "ts": 0.0, "data": data}).encode()
+    with pytest.raises(ProtocolError, match=reason):
+        decode_frame(frame)

@@ -166,3 +166,112 @@ def test_full_queue_drops_and_counts_without_blocking(tmp_path):
     pub._stop.clear()
     accepted = sum(pub.put(("log", i, 0.0, {})) for i in range(100))
     assert accepted <= 10 and pub.stats["dropped"] >= 90
+
+
+# -- history blocks, thinning, bounds on what peers may do ------------------------------------------------
+def _publisher(address, **kw):
+    from rlhf_tui.bridge.publisher import Publisher
+
+    pub = Publisher(address, "block-run", handler=lambda item: [item], **kw)
+    pub.start()
+    return pub
+
+
+def test_late_joiner_through_blocks_sees_exactly_what_a_live_monitor_saw(address):
+    pub = _publisher(address)
+    live = Subscriber(address).start()
+    try:
+        wait_for(lambda: live.store.connection == "live" or live.store.current_run is not None)
+        rng = np.random.default_rng(0)
+        for step in range(1, 1301):
+            metrics = {"loss": float(rng.standard_normal()), "kl": None if step % 7 == 0 else 0.01}
+            if step % 3 == 0:
+                metrics["eval/reward"] = float("nan") if step % 9 == 0 else 1.5   # sparse column
+            if step % 11 == 0:
+                metrics["grad_norm"] = float("inf")
+            pub.put(("step", {"step": step, "metrics": metrics, "wall": 0.0}, 0))
+            if step % 100 == 0:
+                pub.put(("system", {"rss_mb": float(step), "gpus": []}, 0))
+        pub.flush()
+        assert len(pub._blocks) >= 2  # most of the history is sealed into column blocks
+        late = Subscriber(address).start()
+        try:
+            for sub in (live, late):
+                wait_for(lambda: sub.store.current_run is not None and sub.store.current_run.rows == 1300,
+                         message="all rows")
+            a, b = live.store.current_run, late.store.current_run
+            np.testing.assert_array_equal(a.steps, b.steps)
+            assert set(a.columns) == set(b.columns) == {"loss", "kl", "eval/reward", "grad_norm"}
+            for name in a.columns:
+                np.testing.assert_array_equal(a.values(name), b.values(name))    # NaN == NaN here
+                np.testing.assert_array_equal(a.logged(name), b.logged(name))
+            assert b.logged("eval/reward").sum() == 1300 // 3 and np.isnan(b.values("kl")[6])
+            assert b.system[0]["rss_mb"] == 1300.0
+            for sub in (live, late):
+                t = sub.store.transport
+                assert t["gaps"] == 0 and t["rejected"] == 0 and t["received"] == 1313
+        finally:
+            late.stop()
+    finally:
+        live.stop()
+        pub.stop()
+
+
+def test_history_is_bounded_by_thinning_blocks_and_late_joiners_see_the_whole_run(address):
+    pub = _publisher(address, history_bytes=150_000)
+    for step in range(1, 6001):
+        pub.put(("step", {"step": step, "metrics": {"loss": 1.0 / step, "kl": 0.01 * step}, "wall": 0.0}, 0))
+    pub.put(("run_end", {"global_step": 6000}, 0))
+    pub.flush()
+    wait_for(lambda: pub._history_bytes <= 150_000, message="thinning caught up")
+    sub = Subscriber(address).start()
+    try:
+        wait_for(lambda: sub.store.current_run is not None and sub.store.current_run.ended is not None)
+        run = sub.store.current_run
+        assert 500 < run.rows < 6000 and run.steps[0] == 1 and run.steps[-1] == 6000  # whole run, lower resolution
+        assert (np.diff(run.steps) > 0).all()
+        np.testing.assert_allclose(run.values("loss"), 1.0 / run.steps)
+        assert sub.store.transport["gaps"] == 0 and sub.store.transport["rejected"] == 0
+    finally:
+        sub.stop()
+        pub.stop()
+
+
+def test_forwarded_samples_are_rate_limited_and_never_for_rank_0(address):
+    import zmq
+
+    from rlhf_tui.bridge import protocol
+
+    pub = _publisher(address)
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.linger = 0
+    peer.connect(address)
+    try:
+        for i in range(50):
+            peer.send(protocol.forward("other", 3, "system", {"rss_mb": float(i)}, 0.0))
+        peer.send(protocol.forward("other", 0, "system", {"rss_mb": 1.0}, 0.0))     # cannot speak for rank 0
+        peer.send(protocol.forward("other", 2, "step", {"step": 1, "metrics": {}}, 0.0))  # metrics: main only
+        wait_for(lambda: pub.stats["forwarded"] + pub.stats["rejected"] >= 52, message="all handled")
+        assert 1 <= pub.stats["forwarded"] <= 5 and pub.stats["rejected"] >= 47
+    finally:
+        peer.close(0)
+        ctx.term()
+        pub.stop()
+
+
+def test_monitors_beyond_the_cap_are_refused_and_served_ones_unaffected(address, monkeypatch):
+    from rlhf_tui.bridge import publisher as publisher_module
+
+    monkeypatch.setattr(publisher_module, "MAX_CLIENTS", 2)
+    pub = _publisher(address)
+    pub.put(("step", {"step": 1, "metrics": {"loss": 1.0}}, 0))
+    subs = [Subscriber(address).start() for _ in range(4)]
+    try:
+        wait_for(lambda: sum(s.store.current_run is not None for s in subs) == 2, message="two served")
+        wait_for(lambda: pub.stats["refused_clients"] >= 2, message="the others refused")
+        assert pub.stats["clients"] == 2
+    finally:
+        for s in subs:
+            s.stop()
+        pub.stop()
