@@ -25,9 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# Peers for the step-time table (TensorBoard, W&B offline) go to .bench-site, appended after the venv's own
+# packages, so the test environment stays as `make test` built it.
 bench: $(STAMP)
-	$(PY) -m pip install -q tensorboard
-	$(PY) benchmarks/run_all.py
+	test -d .bench-site || $(PY) -m pip install -q --target .bench-site tensorboard wandb
+	BENCH_EXTRA_SITE=$(CURDIR)/.bench-site $(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -390,6 +390,8 @@ class Subscriber:
         run = store.current_run
         if self._last_message is None:
             state = "unreachable" if now - self._started > UNREACHABLE_S else "connecting"
+        elif run is not None and run.ended is not None:
+            state = "ended"  # a finished run whose process has gone is not "stale"
         elif now - self._last_message > STALE_S:
             state = "stale"
         else:
@@ -399,8 +401,6 @@ class Subscriber:
                 interval = _typical_interval(run)
                 if now - last > max(STALLED_MIN_S, 10 * interval):
                     state = "stalled"
-            if run is not None and run.ended is not None:
-                state = "ended"
         if state in ("stale", "unreachable") and previous not in ("stale", "unreachable"):
             self.stale_since = time.time()
         elif state not in ("stale", "unreachable"):

@@ -118,5 +118,27 @@ def test_monitor_without_a_terminal_says_so():
 def test_help_lists_every_command():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("demo", "report", "analyze-checkpoint", "--thresholds", "--snapshot-dir"):
+    for command in ("demo", "report", "analyze-checkpoint", "keygen", "--thresholds", "--snapshot-dir", "--keys-dir"):
         assert command in result.stdout
+
+
+def test_keygen_then_report_over_curve(tmp_path, capsys):
+    """`rlhf-tui keygen DIR`, training with keys_dir, `report --keys-dir`: authorised monitors get the run,
+    a monitor without keys gets nothing (one line, exit 2)."""
+    keys = tmp_path / "keys"
+    assert main(["keygen", str(keys)]) == 0
+    assert (keys / "server.key").is_file() and (keys / "client.key_secret").is_file()
+    capsys.readouterr()
+    address = free_address()
+    cb = RLHFMonitorCallback(address=address, log_dir=None, analyze_checkpoints=False, keys_dir=str(keys))
+    for step in range(1, 11):
+        cb.log_step(step, {"kl": 0.02, "reward": 1.0})
+    try:
+        assert main(["report", address, "--format", "json", "--wait-steps", "10", "--keys-dir", str(keys)]) == 0
+        assert json.loads(capsys.readouterr().out)["steps"] == 10
+        assert main(["report", address, "--timeout", "1.5"]) == 2
+        assert "no data from" in capsys.readouterr().err
+    finally:
+        cb.close()
+    assert main(["report", address, "--keys-dir", str(keys), "--server-key", "x"]) == 2
+    assert "either --keys-dir" in capsys.readouterr().err

@@ -275,3 +275,23 @@ def test_monitors_beyond_the_cap_are_refused_and_served_ones_unaffected(address,
         for s in subs:
             s.stop()
         pub.stop()
+
+
+def test_a_finished_run_stays_ended_after_its_process_goes(address, tmp_path, monkeypatch):
+    import time as _time
+
+    from rlhf_tui.bridge import subscriber as subscriber_module
+
+    monkeypatch.setattr(subscriber_module, "STALE_S", 0.3)
+    cb = _cb(address, tmp_path)
+    cb.log_step(1, {"loss": 1.0})
+    sub = Subscriber(address).start()
+    try:
+        wait_for(lambda: sub.store.current_run and sub.store.current_run.rows == 1)
+        cb.close()  # run_end, then the socket closes: no more heartbeats
+        wait_for(lambda: sub.store.connection == "ended", message="ended")
+        gone = _time.monotonic()
+        wait_for(lambda: _time.monotonic() - gone > 1.0, message="well past the stale limit")
+        assert sub.store.connection == "ended" and sub.stale_since is None
+    finally:
+        sub.stop()

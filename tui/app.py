@@ -62,8 +62,9 @@ class MonitorApp(App):
     def __init__(self, sources: list[str], *, thresholds=None, snapshot_dir: str | None = None,
                  training_process=None, training_log: str | None = None, stores: list[Store] | None = None,
                  labels: list[str] | None = None, config: Config | None = None,
-                 config_path: str | os.PathLike | None = None):
+                 config_path: str | os.PathLike | None = None, curve=None):
         super().__init__()
+        self.curve = curve  # CURVE client keys for live sources (None: plain, loopback or SSH forward)
         self.sources = list(sources)
         self.snapshot_dir = snapshot_dir
         self.training_process = training_process
@@ -103,7 +104,7 @@ class MonitorApp(App):
         from rlhf_tui.bridge.subscriber import Subscriber
 
         if is_live(source):
-            sub = Subscriber(source).start()
+            sub = Subscriber(source, curve=self.curve).start()
             self.subscribers.append(sub)
             return sub.store
         try:

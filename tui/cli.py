@@ -24,6 +24,7 @@ usage:
   rlhf-tui demo [--steps N] [--headless]
   rlhf-tui report SOURCE [--format text|markdown|json] [-o FILE] [--wait-steps N] [--timeout S] [--fail-on LEVEL]
   rlhf-tui analyze-checkpoint PATH [--reference PATH] [--format text|json]
+  rlhf-tui keygen DIR                CURVE keys for remote attach (docs/security.md)
 
 SOURCE: tcp://HOST:PORT or ipc://PATH (a live run), a JSONL log written by the callback,
 a trainer_state.json, or a training output_dir. Run `rlhf-tui COMMAND --help` for a command's options.
@@ -37,6 +38,30 @@ class CliError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
         raise CliError(f"{self.prog}: {message}")
+
+
+def _add_key_options(p: argparse.ArgumentParser) -> None:
+    """CURVE options of a monitor (live monitor and report): see docs/security.md."""
+    p.add_argument("--server-key", metavar="FILE", help="the run's public CURVE key (server.key)")
+    p.add_argument("--client-key", metavar="FILE", help="this monitor's CURVE key pair (client.key_secret)")
+    p.add_argument("--keys-dir", metavar="DIR", help="DIR/server.key + DIR/client.key_secret")
+
+
+def _curve(ns):
+    if not (ns.server_key or ns.client_key or ns.keys_dir):
+        return None
+    from rlhf_tui.bridge.security import SecurityError, client_from_options
+
+    try:
+        return client_from_options(ns.server_key, ns.client_key, ns.keys_dir)
+    except SecurityError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _keygen_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rlhf-tui keygen", description="Create CURVE keys for remote attach (docs/security.md).")
+    p.add_argument("dir", metavar="DIR")
+    return p
 
 
 def _monitor_parser() -> argparse.ArgumentParser:
@@ -53,6 +78,7 @@ def _monitor_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for each SSH port-forward (default %(default)s)")
     p.add_argument("--config", metavar="FILE", default=None,
                    help="config file (default $XDG_CONFIG_HOME/rlhf-tui/config.toml): thresholds and [keys]")
+    _add_key_options(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -70,6 +96,7 @@ def _report_parser() -> argparse.ArgumentParser:
                    help="exit 1 if an anomaly of LEVEL (low|medium|high|critical) or worse was found")
     p.add_argument("--thresholds", metavar="FILE", help="detector thresholds (TOML)")
     p.add_argument("--width", type=int, default=110, help="text width of the text/markdown report")
+    _add_key_options(p)
     return p
 
 
@@ -116,23 +143,23 @@ def _check_live_address(source: str) -> None:
         raise CliError(f"bad address {source!r}: expected ipc://PATH")
 
 
-def load_store(source: str, *, wait_steps: int | None = None, timeout: float = 10.0):
+def load_store(source: str, *, wait_steps: int | None = None, timeout: float = 10.0, curve=None):
     """A Store filled from SOURCE; live sources are read for up to `timeout` seconds."""
     from rlhf_tui.bridge.sources import SourceError, is_live, load_file_source
 
     if is_live(source):
         _check_live_address(source)
-        return _collect_live(source, wait_steps, timeout)
+        return _collect_live(source, wait_steps, timeout, curve)
     try:
         return load_file_source(source)
     except SourceError as exc:
         raise CliError(str(exc)) from None
 
 
-def _collect_live(source: str, wait_steps: int | None, timeout: float):
+def _collect_live(source: str, wait_steps: int | None, timeout: float, curve=None):
     from rlhf_tui.bridge.subscriber import Subscriber
 
-    sub = Subscriber(source).start()
+    sub = Subscriber(source, curve=curve).start()
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -151,8 +178,9 @@ def _collect_live(source: str, wait_steps: int | None, timeout: float):
         sub.stop()
     store = sub.store
     if store.current_run is None:
-        raise CliError(f"no data from {source} within {timeout:g} s (is the training running with "
-                       "RLHFMonitorCallback on that address?)")
+        why = f": {sub.error}" if sub.error else (" (is the training running with RLHFMonitorCallback on that "
+                                                  "address?)")
+        raise CliError(f"no data from {source} within {timeout:g} s{why}")
     return store
 
 
@@ -175,7 +203,7 @@ def format_report(store, thresholds, fmt: str, width: int = 110) -> tuple[str, d
 def cmd_report(argv: list[str]) -> int:
     ns = _report_parser().parse_args(argv)
     thresholds = _load_thresholds(ns.thresholds)
-    store = load_store(ns.source, wait_steps=ns.wait_steps, timeout=ns.timeout)
+    store = load_store(ns.source, wait_steps=ns.wait_steps, timeout=ns.timeout, curve=_curve(ns))
     out, report = format_report(store, thresholds, ns.format, ns.width)
     _write(out, ns.output)
     if ns.fail_on:
@@ -231,6 +259,7 @@ def cmd_monitor(argv: list[str]) -> int:
         print(f"rlhf-tui {version('rlhf-tui')}")
         return EXIT_OK
     thresholds = _load_thresholds(ns.thresholds, default=False)
+    curve = _curve(ns)
     from rlhf_tui.tui.config import ConfigError, load_config
 
     try:
@@ -257,7 +286,8 @@ def cmd_monitor(argv: list[str]) -> int:
     try:
         from rlhf_tui.tui.app import MonitorApp
 
-        app = MonitorApp(sources, thresholds=thresholds, snapshot_dir=ns.snapshot_dir, labels=labels, config=config)
+        app = MonitorApp(sources, thresholds=thresholds, snapshot_dir=ns.snapshot_dir, labels=labels, config=config,
+                         curve=curve)
         app.run()
         app.cancel_hangup_timer()
         return app.return_code or EXIT_OK
@@ -286,7 +316,18 @@ def _open_ssh(destination: str, sources: list[str], timeout: float):
     return local, labels, tunnels
 
 
-COMMANDS = {"report": cmd_report, "demo": cmd_demo, "analyze-checkpoint": cmd_analyze_checkpoint}
+def cmd_keygen(argv: list[str]) -> int:
+    ns = _keygen_parser().parse_args(argv)
+    from rlhf_tui.bridge.security import SecurityError, cli_keygen
+
+    try:
+        return cli_keygen(ns.dir)
+    except (SecurityError, OSError) as exc:
+        raise CliError(str(exc).splitlines()[0] if str(exc) else "cannot create keys") from None
+
+
+COMMANDS = {"report": cmd_report, "demo": cmd_demo, "analyze-checkpoint": cmd_analyze_checkpoint,
+            "keygen": cmd_keygen}
 
 
 def main(argv: list[str] | None = None) -> int:
