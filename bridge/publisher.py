@@ -191,6 +191,18 @@ class Publisher:
     _busy = False
 
     # -- background thread ----------------------------------------------------------------------
+    def _refusal(self, verb: str, activity: str) -> str | None:
+        """Why this socket must not be opened (one line), or None: a non-loopback address needs CURVE keys (or
+        insecure=True); keys without CURVE in libzmq fail closed."""
+        import zmq
+
+        if not is_loopback_address(self.address) and not self._insecure and self._curve is None:
+            return (f"refusing to {verb} non-loopback address {self.address} without CURVE keys; "
+                    "pass keys_dir=/curve= (or insecure=True to allow it)")
+        if self._curve is not None and not zmq.has("curve"):
+            return f"CURVE keys were given but this libzmq has no CURVE support; {activity} disabled (fail closed)"
+        return None
+
     def _refuse(self, message: str) -> tuple[None, None]:
         warnings.warn(f"rlhf-tui: {message}. Training continues unmonitored.", RuntimeWarning, stacklevel=3)
         return None, None
@@ -198,16 +210,13 @@ class Publisher:
     def _bind(self):
         if not self.address:
             return None, None
-        if not is_loopback_address(self.address) and not self._insecure and self._curve is None:
-            return self._refuse(f"refusing to publish on non-loopback address {self.address} without CURVE "
-                                "keys; pass keys_dir=/curve= (or insecure=True to allow it)")
         try:
             import zmq
         except ImportError:
             return self._refuse("pyzmq is not installed; publishing disabled")
-        if self._curve is not None and not zmq.has("curve"):
-            return self._refuse("CURVE keys were given but this libzmq has no CURVE support; publishing "
-                                "disabled (fail closed)")
+        refusal = self._refusal("publish on", "publishing")
+        if refusal:
+            return self._refuse(refusal)
         ctx = zmq.Context()
         ctx.linger = 0
         sock = ctx.socket(zmq.ROUTER)
@@ -622,14 +631,11 @@ class Forwarder(Publisher):
     def _bind(self):
         if not self.address:
             return None, None
-        if not is_loopback_address(self.address) and not self._insecure and self._curve is None:
-            return self._refuse(f"refusing to forward to non-loopback address {self.address} without CURVE "
-                                "keys; pass keys_dir=/curve= (or insecure=True to allow it)")
+        refusal = self._refusal("forward to", "forwarding")
+        if refusal:
+            return self._refuse(refusal)
         import zmq
 
-        if self._curve is not None and not zmq.has("curve"):
-            return self._refuse("CURVE keys were given but this libzmq has no CURVE support; forwarding "
-                                "disabled (fail closed)")
         ctx = zmq.Context()
         ctx.linger = 0
         sock = ctx.socket(zmq.DEALER)
