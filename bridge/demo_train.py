@@ -54,14 +54,9 @@ def main(argv=None) -> int:
     parser.add_argument("--run-id", default=None)
     ns = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
-    import warnings
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
+    from rlhf_tui.bridge.tiny import quiet_libraries
 
+    quiet_libraries()
     from rlhf_tui.bridge.callback import RLHFMonitorCallback
     from rlhf_tui.bridge.tiny import build_tiny_model
 

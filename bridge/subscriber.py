@@ -73,7 +73,9 @@ class Subscriber:
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.RECONNECT_IVL, 200)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)   # exponential backoff up to 5 s
+        # Exponential backoff up to 1 s: a monitor started before its training (imports take seconds) must
+        # not sleep through a short run.
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.setsockopt(zmq.IMMEDIATE, 1)               # hellos wait for a live connection
         if self.address.startswith("tcp://"):
             sock.setsockopt(zmq.TCP_KEEPALIVE, 1)

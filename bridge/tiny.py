@@ -91,3 +91,21 @@ def length_reward(completions, **kwargs):
         score = -abs(len(text) - 12) / 12.0 + sum(w in text for w in good)
         out.append(float(score))
     return out
+
+
+def quiet_libraries() -> None:
+    """Keep a demo or example's terminal readable: no progress bars, FutureWarnings or info logs from
+    transformers/datasets (their errors still show)."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass

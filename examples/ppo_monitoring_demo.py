@@ -30,14 +30,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
 
 class AdaptiveKLController:
     """The legacy PPO controller (Ziegler et al. 2019) that `adap_kl_ctrl`, `target` and `horizon` configure."""
@@ -179,6 +171,8 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     if ns.model is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rlhf_tui.bridge.tiny import quiet_libraries
+
     quiet_libraries()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

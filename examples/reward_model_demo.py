@@ -29,14 +29,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
 
 def load_models(policy_name: str, reward_name: str | None):
     import torch
@@ -79,6 +71,8 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     if ns.model is None and ns.reward_model is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rlhf_tui.bridge.tiny import quiet_libraries
+
     quiet_libraries()
     import random
 

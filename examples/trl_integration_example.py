@@ -33,17 +33,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-
 
 def write_prompts(path: str) -> str:
     from rlhf_tui.bridge.tiny import PROMPTS
@@ -58,6 +47,8 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     if ns.model is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never ask the hub
+    from rlhf_tui.bridge.tiny import quiet_libraries
+
     quiet_libraries()
     from transformers import PrinterCallback, ProgressCallback
 
