@@ -23,7 +23,6 @@ import statistics
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 

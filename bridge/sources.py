@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_tui.analysis.store import RunHistory, Store
-from rlhf_tui.bridge.metrics import is_summary, normalise, to_float
+from rlhf_tui.bridge.metrics import is_summary, normalise
 
 LIVE_PREFIXES = ("tcp://", "ipc://")
 MAX_FILE_BYTES = 4 << 30  # refuse absurd files rather than exhausting memory

@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 
 
 def parse_args(argv=None):

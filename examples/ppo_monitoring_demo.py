@@ -16,7 +16,6 @@ import os
 import random
 import sys
 import tempfile
-import warnings
 
 
 def parse_args(argv=None):

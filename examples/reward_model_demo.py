@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 import tempfile
-import warnings
 
 
 def parse_args(argv=None):

@@ -49,6 +49,12 @@ async def pilot_wait_for(pilot, predicate, timeout: float = 10.0, message: str =
         await pilot.pause(0.02)
 
 
+@pytest.fixture(autouse=True)
+def isolated_config(tmp_path, monkeypatch):
+    """Every test gets its own XDG config dir: the monitor saves thresholds and keys there."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+
+
 @pytest.fixture
 def address() -> str:
     return free_address()

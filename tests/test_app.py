@@ -2,7 +2,6 @@
 from conftest import pilot_wait_for
 from rlhf_tui.bridge.callback import RLHFMonitorCallback
 from rlhf_tui.tui.app import MonitorApp
-from test_tui_data import isolated_config  # noqa: F401  (autouse: config under a temporary XDG dir)
 
 
 def _value(app, metric):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-import struct
 import subprocess
 import sys
 import textwrap

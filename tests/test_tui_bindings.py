@@ -11,7 +11,7 @@ from rlhf_tui.tui.config import config_path
 from rlhf_tui.tui.widgets.chart import ChartScreen
 from rlhf_tui.tui.widgets.help import HelpScreen
 from rlhf_tui.tui.widgets.thresholds import ThresholdEditor
-from test_tui_data import RUN_ID, cell, isolated_config, make_store, settle, title  # noqa: F401
+from test_tui_data import RUN_ID, cell, make_store, settle, title
 
 TESTED = set()  # binding ids exercised below; the last test checks none is left out
 

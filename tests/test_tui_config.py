@@ -12,7 +12,6 @@ from rlhf_tui.tui import keys
 from rlhf_tui.tui.app import MonitorApp
 from rlhf_tui.tui.config import (Config, ConfigError, DETECTOR_SETTING, config_path, load_config, save_config,
                                  setting_for, step_setting, toggle_mute)
-from test_tui_data import isolated_config  # noqa: F401
 
 
 def test_config_path_follows_xdg_config_home(tmp_path):

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 from conftest import pilot_wait_for
 from rlhf_tui.analysis.store import Store
 
 RUN_ID = "grpo-demo-0001"
 INJECTION = "The answer is [red]forty-two[/red]\x1b[31m!\x1b]0;pwned\x07 done"
-
-
-@pytest.fixture(autouse=True)
-def isolated_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
 
 
 def make_store(steps: int = 200, *, run_id: str = RUN_ID, gpu: bool = True, ranks: int = 1,

@@ -1,6 +1,6 @@
 """Each pane under Pilot with deterministic data: what it shows, what selecting a row does, the layout."""
 from rlhf_tui.tui.app import MonitorApp
-from test_tui_data import cell, isolated_config, make_store, settle, title  # noqa: F401
+from test_tui_data import cell, make_store, settle, title
 
 from conftest import pilot_wait_for
 

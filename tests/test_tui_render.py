@@ -7,7 +7,7 @@ from rlhf_tui.tui.app import MonitorApp
 from rlhf_tui.tui.cli import main
 from rlhf_tui.tui.render import clean, render_markdown, render_text
 from rlhf_tui.tui.widgets.model import view_report
-from test_tui_data import INJECTION, RUN_ID, isolated_config, make_store, settle  # noqa: F401
+from test_tui_data import INJECTION, RUN_ID, make_store, settle
 
 
 @pytest.mark.parametrize("raw, shown", [

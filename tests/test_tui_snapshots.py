@@ -2,7 +2,7 @@
 run id, no clocks, no live source. Update them with `pytest tests/test_tui_snapshots.py --snapshot-update`
 after checking the new look in the report pytest writes on failure."""
 from rlhf_tui.tui.app import MonitorApp
-from test_tui_data import isolated_config, make_store, settle  # noqa: F401
+from test_tui_data import make_store, settle
 
 
 def _app() -> MonitorApp:
