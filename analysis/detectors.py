@@ -549,6 +549,37 @@ def _generic(name: str, aliases: set[str]) -> bool:
     return not (name in _BOOKKEEPING or name.startswith(_SYSTEM_PREFIXES) or name in aliases)
 
 
+def generic_metrics(names: Iterable[str]) -> set[str]:
+    """The metrics the generic z-score watches (not counters, schedules, system series or canonical copies)."""
+    names = list(names)
+    aliases = _aliases(names)
+    return {n for n in names if _generic(n, aliases)}
+
+
+def zscore_band(values: np.ndarray, thresholds: Thresholds | None = None) -> tuple[float, float] | None:
+    """The band outside which the generic z-score flags the next value of a metric: baseline centre ±
+    anomaly_threshold × robust scale, from the blocks before the current one, with the detector's own
+    statistics (for the monitor's band column). None while the metric is warming up."""
+    th = thresholds or Thresholds()
+    block = max(2, int(th.block_steps))
+    blocks = max(1, int(th.baseline_blocks))
+    n = int(values.size)
+    current = (n - 1) // block if n else 0
+    if current == 0:
+        return None
+    start = max(0, current - blocks)
+    x = np.array(values[start * block: current * block], dtype=np.float64).reshape(current - start, block)
+    x[~np.isfinite(x)] = np.nan
+    med, spread, mean, cnt = _block_stats(x)
+    center, scale, _, ok = _baseline(med[None, :], spread[None, :], mean[None, :], cnt[None, :],
+                                     int(th.min_history))
+    c, s = float(center[0]), float(scale[0])
+    if not bool(ok[0]) or not (math.isfinite(c) and math.isfinite(s)):
+        return None
+    z = float(th.anomaly_threshold)
+    return c - z * s, c + z * s
+
+
 class _Plan:
     """Which specific detector watches which metric, decided from the metric names and run meta."""
 

@@ -28,7 +28,7 @@ from rlhf_tui.tui.widgets.chart import ChartScreen
 from rlhf_tui.tui.widgets.help import HelpScreen
 from rlhf_tui.tui.widgets.metrics import MetricsPane
 from rlhf_tui.tui.widgets.model import series as metric_series
-from rlhf_tui.tui.widgets.model import zscore_band
+from rlhf_tui.analysis.detectors import zscore_band
 from rlhf_tui.tui.widgets.runview import PANES, RunView
 from rlhf_tui.tui.widgets.thresholds import ThresholdEditor
 

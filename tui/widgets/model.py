@@ -13,55 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_tui.analysis.detectors import generic_metrics, zscore_band
 from rlhf_tui.analysis.report import build_report
 from rlhf_tui.analysis.store import RunHistory, Store
 
 SEVERITY_ORDER = ("critical", "high", "medium", "low")
-
-
-def zscore_band(values: np.ndarray, thresholds) -> tuple[float, float] | None:
-    """The band outside which the generic z-score detector flags the next value of a metric:
-    baseline centre ± anomaly_threshold × robust scale, from the blocks before the current one
-    (the detector's own statistics). None while the metric is warming up."""
-    block = max(2, int(getattr(thresholds, "block_steps", 10)))
-    blocks = max(1, int(getattr(thresholds, "baseline_blocks", 5)))
-    z = float(getattr(thresholds, "anomaly_threshold", 3.0))
-    n = int(values.size)
-    current = (n - 1) // block if n else 0
-    start = max(0, current - blocks)
-    if current == 0:
-        return None
-    x = np.array(values[start * block: current * block], dtype=np.float64).reshape(current - start, block)
-    x[~np.isfinite(x)] = np.nan
-    try:
-        from rlhf_tui.analysis.detectors import _baseline, _block_stats  # the detector's exact statistics
-
-        med, spread, mean, cnt = _block_stats(x)
-        center, scale, _, ok = _baseline(med[None, :], spread[None, :], mean[None, :], cnt[None, :],
-                                         int(getattr(thresholds, "min_history", 20)))
-        if not bool(ok[0]):
-            return None
-        c, s = float(center[0]), float(scale[0])
-    except ImportError:  # pragma: no cover - fallback if the detector internals move
-        finite = x[np.isfinite(x)]
-        if finite.size < int(getattr(thresholds, "min_history", 20)):
-            return None
-        c = float(np.median(finite))
-        s = max(1.4826 * float(np.median(np.abs(finite - c))), 1e-12)
-    if not (math.isfinite(c) and math.isfinite(s)):
-        return None
-    return c - z * s, c + z * s
-
-
-def _generic_metrics(names: list[str]) -> set[str]:
-    """Metrics the generic z-score watches (counters and schedules such as learning_rate are not)."""
-    try:
-        from rlhf_tui.analysis.detectors import _aliases, _generic
-
-        aliases = _aliases(names)
-        return {n for n in names if _generic(n, aliases)}
-    except ImportError:  # pragma: no cover
-        return set(names)
 
 
 def spark_marker(values: np.ndarray, width: int, row: int | None) -> int | None:
@@ -179,7 +135,7 @@ def view_report(store: Store, thresholds=None, *, run_id: str | None = None, ano
         return report
     row = _row_of_step(run, at_step)
     active = active_metrics(report["anomalies"], at_step)
-    generic = _generic_metrics(list(report["metrics"]))
+    generic = generic_metrics(list(report["metrics"]))
     for name, entry in report["metrics"].items():
         values = run.values(name)
         buckets = bucket_means(values, spark_width)
