@@ -556,10 +556,12 @@ def generic_metrics(names: Iterable[str]) -> set[str]:
     return {n for n in names if _generic(n, aliases)}
 
 
-def zscore_band(values: np.ndarray, thresholds: Thresholds | None = None) -> tuple[float, float] | None:
+def zscore_band(values: np.ndarray, thresholds: Thresholds | None = None,
+                metric: str | None = None) -> tuple[float, float] | None:
     """The band outside which the generic z-score flags the next value of a metric: baseline centre ±
     anomaly_threshold × robust scale, from the blocks before the current one, with the detector's own
-    statistics (for the monitor's band column). None while the metric is warming up."""
+    statistics and, given the metric's name, its scale floor (for the monitor's band column). None while the
+    metric is warming up."""
     th = thresholds or Thresholds()
     block = max(2, int(th.block_steps))
     blocks = max(1, int(th.baseline_blocks))
@@ -576,6 +578,8 @@ def zscore_band(values: np.ndarray, thresholds: Thresholds | None = None) -> tup
     c, s = float(center[0]), float(scale[0])
     if not bool(ok[0]) or not (math.isfinite(c) and math.isfinite(s)):
         return None
+    if metric is not None:
+        s = max(s, float(_z_floor([metric], th)[0]))
     z = float(th.anomaly_threshold)
     return c - z * s, c + z * s
 

@@ -506,3 +506,18 @@ def test_real_traces_no_false_alarm_and_detected_within_25_steps(name, label):
         if isinstance(entry.get("step"), int) and not is_summary(entry):
             sd.update(entry["step"], normalise(entry))
     assert sd.episodes == eps
+
+
+def test_zscore_band_is_the_detectors_own_limit_including_the_fraction_floor():
+    """The monitor's band column must show where the generic z-score really fires: for a 0..1 fraction that
+    sat still, the floor (not the ~0 spread) sets the width."""
+    from rlhf_tui.analysis.detectors import generic_metrics, zscore_band
+
+    th = Thresholds()
+    still = np.full(80, 0.1)
+    lo, hi = zscore_band(still, th, "completions/clipped_ratio")
+    assert hi - lo == pytest.approx(2 * th.anomaly_threshold * th.fraction_floor)
+    narrow = zscore_band(still, th)  # without a name no floor applies
+    assert narrow[1] - narrow[0] < 1e-6
+    assert zscore_band(np.arange(5.0), th) is None  # warming up
+    assert "learning_rate" not in generic_metrics(["learning_rate", "reward"])

@@ -318,7 +318,7 @@ class MonitorApp(App):
                 if run is None:
                     return {"series": [], "metrics": [], "version": store.version}
                 steps, values = metric_series(run, metric)
-                band = zscore_band(run.values(metric), self.thresholds)
+                band = zscore_band(run.values(metric), self.thresholds, metric)
                 names = list((view.report.get("metrics") or {}).keys()) or run.metric_names()
                 version = (store.version, id(self.thresholds))
             return {"series": [{"label": f"{view.label} · {run.run_id}", "steps": steps, "values": values}],

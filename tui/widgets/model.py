@@ -141,7 +141,7 @@ def view_report(store: Store, thresholds=None, *, run_id: str | None = None, ano
         buckets = bucket_means(values, spark_width)
         entry["buckets"] = buckets.tolist()
         entry["spark"] = spark_lines(buckets)[0]
-        entry["band"] = zscore_band(values, thresholds) if name in generic and thresholds is not None else None
+        entry["band"] = zscore_band(values, thresholds, name) if name in generic and thresholds is not None else None
         entry["active"] = name in active
         if row is not None:
             v = float(values[row]) if row < values.size else math.nan
