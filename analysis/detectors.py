@@ -9,6 +9,7 @@ the last n steps) or a rule that is exact (non-finite values, reward identity, m
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import re
@@ -228,7 +229,7 @@ def _cusum(z: np.ndarray, kref: float, clip: float, sign: float) -> np.ndarray:
     if sign < 0:
         np.negative(inc, out=inc)
     inc -= kref
-    np.nan_to_num(inc, copy=False, nan=0.0)
+    np.copyto(inc, 0.0, where=np.isnan(inc))
     c = np.cumsum(inc)
     low = np.minimum.accumulate(c)
     np.minimum(low, 0.0, out=low)
@@ -396,7 +397,7 @@ class _Episodes:
     Flags of one detector+metric at most `cooldown` steps apart belong to one episode; its severity is the
     highest level seen, `severity_steps` the first step at which it was at each level or above, the message
     is written when it reaches its final severity, the peak is the first step of largest |score|.
-    `_batch_episodes` computes exactly the same from whole arrays.
+    `_Spans` + `_episode_dicts` compute exactly the same from whole arrays.
     """
 
     def __init__(self, cooldown: int):
@@ -441,49 +442,66 @@ class _Episodes:
         return out
 
 
-def _batch_episodes(detector: str, metric: str, st: np.ndarray, lev: np.ndarray, score: np.ndarray,
-                    value: np.ndarray, cooldown: int, latest: int) -> list[dict]:
-    """Episodes of one detector+metric from its flagged rows (steps `st` increasing, levels 1..4)."""
-    n = st.shape[0]
-    if n == 0:
+class _Spans:
+    """Episodes of one detector+metric as arrays (indices into its flagged rows), before any dict is built."""
+
+    __slots__ = ("starts", "last", "sev", "peak", "first_at")
+
+    def __init__(self, st: np.ndarray, lev: np.ndarray, score: np.ndarray, cooldown: int):
+        n = st.shape[0]
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(st) > cooldown) + 1])
+        ends = np.concatenate([starts[1:], [n]])
+        lev = lev.astype(np.int64)
+        ar = np.arange(n)
+        big = n + 1
+        mag = np.abs(score)
+        mx = np.maximum.reduceat(mag, starts)
+        self.starts = starts
+        self.last = ends - 1
+        self.sev = np.maximum.reduceat(lev, starts)
+        self.peak = np.minimum.reduceat(np.where(mag == np.repeat(mx, ends - starts), ar, big), starts)
+        # first row at each level or above (only needed when a level above "low" occurs)
+        self.first_at = None if self.sev.max() == 1 else [
+            np.minimum.reduceat(np.where(lev >= L, ar, big), starts) for L in (1, 2, 3, 4)]
+
+
+def _episode_dicts(detector: str, metric: str, sp: _Spans, st: np.ndarray, score: np.ndarray, value: np.ndarray,
+                   cooldown: int, latest: int, which: np.ndarray | None = None) -> list[dict]:
+    """The episode dicts of `sp` (all, or the episode indices `which`); same result as `_Episodes`."""
+    idx = np.arange(sp.starts.shape[0]) if which is None else which
+    if idx.size == 0:
         return []
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(st) > cooldown) + 1])
-    ends = np.concatenate([starts[1:], [n]])
-    lev = lev.astype(np.int64)
-    sev = np.maximum.reduceat(lev, starts)
-    ar = np.arange(n)
-    big = n + 1
-    score = np.nan_to_num(score, nan=0.0)
-    mag = np.abs(score)
-    mx = np.maximum.reduceat(mag, starts)
-    peak = np.minimum.reduceat(np.where(mag == np.repeat(mx, ends - starts), ar, big), starts)
-    value = np.where(np.isfinite(value), value, np.nan)
-    stl = st.tolist()
-    vals = [None if v != v else v for v in value.tolist()]
-    scl = score.tolist()
-    last = (ends - 1).tolist()
-    counts = (ends - starts).tolist()
-    peaks = peak.tolist()
-    s0s = starts.tolist()
+    s0s, s1s, pks = sp.starts[idx], sp.last[idx], sp.peak[idx]
+    counts = (s1s - s0s + 1).tolist()
+    first, last, peak = st[s0s].tolist(), st[s1s].tolist(), st[pks].tolist()
+
+    def vals(rows: np.ndarray) -> list:
+        v = value[rows]
+        return [None if x != x else x for x in np.where(np.isfinite(v), v, np.nan).tolist()]
+
+    v0, vpk, sc0 = vals(s0s), vals(pks), score[s0s].tolist()
     out: list[dict] = []
-    if detector == "zscore":   # many low episodes: keep this loop lean
-        for s0, s1, pk, cnt in zip(s0s, last, peaks, counts):
-            step, v = stl[s0], vals[s0]
+    if sp.first_at is None and detector == "zscore":   # many low episodes: keep this loop lean
+        for step, v, sc, pstep, pv, lstep, cnt in zip(first, v0, sc0, peak, vpk, last, counts):
             out.append({"step": step, "metric": metric, "detector": detector, "severity": "low", "value": v,
-                        "message": _zscore_message(metric, v, scl[s0]), "recommendation": _ZSCORE_ADVICE,
-                        "first_step": step, "peak_step": stl[pk], "peak_value": vals[pk], "last_step": stl[s1],
-                        "count": cnt, "ongoing": latest - stl[s1] <= cooldown, "severity_steps": {"low": step}})
+                        "message": _zscore_message(metric, v, sc), "recommendation": _ZSCORE_ADVICE,
+                        "first_step": step, "peak_step": pstep, "peak_value": pv, "last_step": lstep,
+                        "count": cnt, "ongoing": latest - lstep <= cooldown, "severity_steps": {"low": step}})
         return out
-    fa = [np.minimum.reduceat(np.where(lev >= L, ar, big), starts).tolist() for L in (1, 2, 3, 4)]
-    for e, (s0, s1, sv, pk, cnt) in enumerate(zip(s0s, last, sev.tolist(), peaks, counts)):
-        at = fa[sv - 1][e]
-        ep = _new_episode(detector, metric, stl[s0], sv, vals[s0], scl[s0],
-                          {SEVERITIES[L]: stl[fa[L][e]] for L in range(sv)}, sv, vals[at], scl[at])
-        ep["peak_step"] = stl[pk]
-        ep["peak_value"] = vals[pk]
-        ep["last_step"] = stl[s1]
+    sevs = sp.sev[idx].tolist()
+    # (levels an episode never reached hold a sentinel past the end: clipped here, never read below)
+    fa = ([st[np.minimum(f[idx], st.shape[0] - 1)].tolist() for f in sp.first_at]
+          if sp.first_at is not None else None)
+    at_rows = (np.choose(sp.sev[idx] - 1, [f[idx] for f in sp.first_at]) if sp.first_at is not None else s0s)
+    v_at, sc_at = vals(at_rows), score[at_rows].tolist()
+    for e, (step, sv, pstep, pv, lstep, cnt) in enumerate(zip(first, sevs, peak, vpk, last, counts)):
+        sev_steps = {SEVERITIES[L]: fa[L][e] for L in range(sv)} if fa is not None else {"low": step}
+        ep = _new_episode(detector, metric, step, sv, v0[e], sc0[e], sev_steps, sv, v_at[e], sc_at[e])
+        ep["peak_step"] = pstep
+        ep["peak_value"] = pv
+        ep["last_step"] = lstep
         ep["count"] = cnt
-        ep["ongoing"] = latest - stl[s1] <= cooldown
+        ep["ongoing"] = latest - lstep <= cooldown
         out.append(ep)
     return out
 
@@ -692,113 +710,271 @@ def _unpack(run_or_arrays: Any, context: Mapping[str, Any] | None):
     return steps, metrics, logged, meta
 
 
+_CHUNK_VALUES = 1 << 19     # values per chunk of metrics: bounds the temporaries of one pass (4 MB per array)
+_BLOCK_MEDIANS = frozenset({"memory/rss_mb", "memory/gpu_mb"})   # series whose block medians a detector reads
+
+
+class _Cached:
+    """One metric's block-level baselines, valid while its first `rows` values are unchanged."""
+
+    __slots__ = ("rows", "checksum", "center", "scale", "ok", "level", "med")
+
+    def __init__(self, rows: int, checksum: int, center: np.ndarray, scale: np.ndarray, ok: np.ndarray,
+                 level: np.ndarray | None, med: np.ndarray | None):
+        self.rows, self.checksum = rows, checksum
+        self.center, self.scale, self.ok, self.level, self.med = center, scale, ok, level, med
+
+
+class DetectionCache:
+    """Threshold-independent statistics of one growing history, kept between `detect` calls.
+
+    Baselines do not depend on the alarm thresholds, and the baseline of a block depends only on the blocks
+    before it, so re-evaluating after a threshold change (or after a few new steps) only recomputes the blocks
+    at the end. Meant for one append-only history (the monitor keeps one per run); every call still checks the
+    steps and a checksum of each metric's earlier rows, and recomputes whatever changed (another run, a thinned
+    history, other block settings), so a wrong reuse costs time, never correctness.
+    """
+
+    def __init__(self) -> None:
+        self.config: tuple | None = None
+        self.steps = np.empty(0, dtype=np.int64)
+        self.metrics: dict[str, _Cached] = {}
+        self.specific: tuple | None = None   # (signature, flags) of the domain detectors' last pass
+        self.reused_blocks = 0      # blocks of baselines reused by the last call (for tests and benchmarks)
+
+    def _start(self, steps: np.ndarray, config: tuple) -> bool:
+        """Whether anything cached can hold for `steps` under `config`; forgets everything otherwise."""
+        k = self.steps.shape[0]
+        if config == self.config and k <= steps.shape[0] and np.array_equal(self.steps, steps[:k]):
+            return True
+        self.config, self.metrics = config, {}
+        return False
+
+
+def _checksum(rows: np.ndarray) -> np.ndarray:
+    """Per row of a (k, r) float array: wrapping sum of the bit patterns (exact, NaN-safe, one pass)."""
+    return rows.view(np.int64).sum(axis=1)
+
+
 def detect(run_or_arrays: Any, thresholds: Thresholds | None = None,
-           context: Mapping[str, Any] | None = None) -> list[dict]:
+           context: Mapping[str, Any] | None = None, *, cache: DetectionCache | None = None) -> list[dict]:
     """All anomaly episodes of a whole history, vectorised.
 
     `run_or_arrays`: a RunHistory, or (steps, {metric: values}, {metric: logged mask} | None, meta | None).
     `context`: optional {"trainer": ..., "args": {...}} merged into the run's meta.
+    `cache`: a DetectionCache kept for this history makes the next call recompute only what changed.
     Returns episodes sorted by first step (see module docs for the fields).
+    """
+    return evaluate(run_or_arrays, thresholds, context, cache=cache)[0]
+
+
+def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: Mapping[str, Any] | None = None,
+             *, cache: DetectionCache | None = None, keep_low: int | None = None,
+             keep_other: int | None = None) -> tuple[list[dict], dict[str, int]]:
+    """`detect` for a monitor: (episodes, count of episodes per severity).
+
+    With `keep_low`/`keep_other`, only the newest that many low / medium-and-above episodes (and every ongoing
+    one) are built as dicts — a long noisy history has tens of thousands of low z-score blips — while the
+    counts still cover all of them.
     """
     th = thresholds or Thresholds()
     steps, metrics, logged, meta = _unpack(run_or_arrays, context)
     n = int(steps.shape[0])
-    if n == 0:
-        return []
-    names = [k for k, v in metrics.items() if np.shape(v) == (n,)]
+    names = [k for k, v in metrics.items() if np.shape(v) == (n,)] if n else []
+    if not names:
+        return [], {}
     muted = set(th.muted)
-    flagged: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]] = []
-
-    # Baselines for every metric at once: (M, nb, B) blocks.
     B = max(2, int(th.block_steps))
     m = max(1, int(th.baseline_blocks))
     nb = -(-n // B)
     M = len(names)
-    series: dict[str, _Series] = {}
-    if not M:
-        return []
-    X = np.full((M, nb * B), np.nan)
-    for i, name in enumerate(names):
-        X[i, :n] = _as_floats(metrics[name])
-    finite = np.isfinite(X[:, :n])
-    bad_rows = ~finite.all(axis=1)
+    cache = cache if cache is not None else DetectionCache()
+    reusing = cache._start(steps, (B, m, int(th.min_history)))
+    frozen = (n - 1) // B                   # blocks wholly before the newest row (which may still be merged into)
+    flagged: list[tuple] = []               # (detector, metric, rows, level per row, score, value) -- sparse rows
+    dense: list[tuple] = []                 # (detector, metric, level for every row, score, value)
+    base: dict[str, tuple] = {}             # name -> (center, scale, ok, level, med, xpad) at block level
+    fresh: dict[str, _Cached] = {}
+    data_sig: list[int] = []                # per metric, a checksum of all its rows
+    reused = 0
+    aliases = _aliases(names)
+    floors = _z_floor(names, th)
+    need_x = _series_wanted(names)
 
-    # Non-finite values where the trainer logged the key (or +-Inf when no logged mask is known).
-    for i in np.flatnonzero(bad_rows).tolist():
-        name = names[i]
-        x = X[i, :n]
-        bad = ~finite[i]
-        if logged is not None and name in logged:
-            bad &= np.asarray(logged[name], dtype=bool)
-        else:
-            bad &= np.isinf(x)
-        if bad.any() and "nonfinite" not in muted:
-            flagged.append(("nonfinite", name, np.where(bad, 4, 0).astype(np.int8), np.zeros(n), x.copy()))
-        X[i, :n][~finite[i]] = np.nan
-    med, spread, _, cnt = _block_stats(X.reshape(M * nb, B), with_mean=False)
-    med, spread, cnt = med.reshape(M, nb), spread.reshape(M, nb), cnt.reshape(M, nb)
+    chunk = max(1, _CHUNK_VALUES // (nb * B))
+    for c0 in range(0, M, chunk):
+        idx = list(range(c0, min(M, c0 + chunk)))
+        k = len(idx)
+        X = np.full((k, nb * B), np.nan)
+        for j, i in enumerate(idx):
+            X[j, :n] = _as_floats(metrics[names[i]])
+        finite = np.isfinite(X[:, :n])
+        for j in np.flatnonzero(~finite.all(axis=1)).tolist():
+            # Non-finite values where the trainer logged the key (or +-Inf when no logged mask is known).
+            name, x, bad = names[idx[j]], X[j, :n], ~finite[j]
+            if logged is not None and name in logged:
+                bad &= np.asarray(logged[name], dtype=bool)
+            else:
+                bad &= np.isinf(x)
+            if bad.any() and "nonfinite" not in muted:
+                dense.append(("nonfinite", name, np.where(bad, 4, 0).astype(np.int8), np.zeros(n), x.copy()))
+            x[~finite[j]] = np.nan
+        del finite
 
-    def windows(a: np.ndarray, fill: float) -> np.ndarray:
-        pad = np.concatenate([np.full((a.shape[0], m), fill, dtype=a.dtype), a], axis=1)
-        return sliding_window_view(pad, m, axis=1)[:, :nb]
+        # Which blocks still hold from the cache, per metric (a checksum of the rows they were built from).
+        sums = _checksum(X[:, : frozen * B]) if reusing and frozen else None
+        old: list[_Cached | None] = []
+        for j, i in enumerate(idx):
+            c = cache.metrics.get(names[i]) if reusing else None
+            ok_c = (c is not None and c.rows <= frozen * B
+                    and int(_checksum(X[j:j + 1, : c.rows])[0] if sums is None or c.rows != frozen * B
+                            else sums[j]) == c.checksum)
+            old.append(c if ok_c else None)
+        start = min((c.center.shape[0] if c is not None else 0) for c in old)
+        reused += start * k
+        s0 = max(0, start - m)                      # the baselines from `start` on need the m blocks before it
+        blocks = X[:, s0 * B:].reshape(k * (nb - s0), B)
+        frac = [j for j, i in enumerate(idx) if names[i] in _FRACTION_METRICS]
+        med, spread, _, cnt = _block_stats(blocks, with_mean=False)
+        med, spread, cnt = med.reshape(k, nb - s0), spread.reshape(k, nb - s0), cnt.reshape(k, nb - s0)
+        del blocks
 
-    center, scale, _, ok = _baseline(windows(med, np.nan), windows(spread, np.nan), None, windows(cnt, 0),
-                                     th.min_history)
-    lv_idx = [i for i, name in enumerate(names) if name in _FRACTION_METRICS]
-    level = np.full((M, nb), np.nan)
-    if lv_idx:   # block means only where a mean level is used (fractions), same kernel as streaming
-        mean = _block_stats(X[lv_idx].reshape(len(lv_idx) * nb, B))[2].reshape(len(lv_idx), nb)
-        level[lv_idx] = _median_last(windows(mean, np.nan))
-    Xr = X[:, :n]
-    for i, name in enumerate(names):
-        series[name] = _Series(X[i], center[i], scale[i], level[i], ok[i], B, n, med[i])
+        def windows(a: np.ndarray, fill: float) -> np.ndarray:
+            pad = np.concatenate([np.full((a.shape[0], m - (start - s0)), fill, dtype=a.dtype), a], axis=1)
+            return sliding_window_view(pad, m, axis=1)[:, : nb - start]
 
-    # Generic robust z-score (low): |x - center| > threshold * scale, z computed for the hits only.
-    if "zscore" not in muted:
-        aliases = _aliases(names)
-        gidx = [i for i, name in enumerate(names) if _generic(name, aliases)]
-        if gidx:
-            zscale = np.maximum(scale, _z_floor(names, th)[:, None])
+        center, scale, _, ok = _baseline(windows(med, np.nan), windows(spread, np.nan), None, windows(cnt, 0),
+                                         th.min_history)
+        level = None
+        if frac:   # block means only where a mean level is used (fractions), same kernel as streaming
+            mean = _block_stats(X[frac, s0 * B:].reshape(len(frac) * (nb - s0), B))[2].reshape(len(frac), -1)
+            level = _median_last(windows(mean, np.nan))
+        if start:
+            center = np.concatenate([np.stack([c.center[:start] for c in old]), center], axis=1)
+            scale = np.concatenate([np.stack([c.scale[:start] for c in old]), scale], axis=1)
+            ok = np.concatenate([np.stack([c.ok[:start] for c in old]), ok], axis=1)
+            if level is not None:
+                level = np.concatenate([np.stack([old[j].level[:start] for j in frac]), level], axis=1)
+
+        # Generic robust z-score (low): |x - center| > threshold * scale, z computed for the hits only.
+        gen = [j for j, i in enumerate(idx) if _generic(names[i], aliases)] if "zscore" not in muted else []
+        if gen:
+            zscale = np.maximum(scale[gen], floors[[idx[j] for j in gen]][:, None])
             limit = th.anomaly_threshold * zscale
-            limit[~ok] = np.inf
+            limit[~ok[gen]] = np.inf
             with np.errstate(invalid="ignore"):
-                dev = np.subtract(X.reshape(M, nb, B), center[:, :, None])
+                dev = np.subtract(X[gen].reshape(len(gen), nb, B), center[gen][:, :, None])
                 np.abs(dev, out=dev)
                 hit = dev > limit[:, :, None]
-            gi_arr, r_arr = np.nonzero(hit.reshape(M, nb * B))   # padding rows are NaN: never hit
-            bounds = np.searchsorted(gi_arr, np.arange(M + 1))
-            for i in gidx:
-                rows = r_arr[bounds[i]:bounds[i + 1]]
+            del dev
+            g_arr, r_arr = np.nonzero(hit.reshape(len(gen), nb * B))   # padding rows are NaN: never hit
+            del hit
+            bounds = np.searchsorted(g_arr, np.arange(len(gen) + 1))
+            for q, j in enumerate(gen):
+                rows = r_arr[bounds[q]:bounds[q + 1]]
                 if rows.size:
                     blk = rows // B
-                    z = (Xr[i, rows] - center[i][blk]) / zscale[i][blk]
-                    flagged.append(("zscore", names[i], rows, z, Xr[i, rows]))
+                    x = X[j, rows]
+                    flagged.append(("zscore", names[idx[j]], rows, None, (x - center[gen[q]][blk]) / zscale[q][blk], x))
 
-    plan = _Plan(names, meta, th)
-    for det, metric, lev, score in _specific(series, plan, th, n):
-        if det not in muted:
-            flagged.append((det, metric, lev, score, series[metric].x if metric in series else np.full(n, np.nan)))
+        fsum = _checksum(X[:, : frozen * B]) if sums is None else sums
+        data_sig.extend((fsum + _checksum(X[:, frozen * B: n])).tolist())   # every row (wrapping int64 sum)
+        for j, i in enumerate(idx):
+            name = names[i]
+            lv = level[frac.index(j)] if j in frac else None
+            md = None
+            if name in _BLOCK_MEDIANS:
+                md = med[j] if not s0 else np.concatenate([old[j].med[:s0], med[j]])
+            fresh[name] = _Cached(frozen * B, int(fsum[j]), center[j], scale[j], ok[j], lv, md)
+            if name in need_x:
+                base[name] = (center[j], scale[j], ok[j], lv if lv is not None else np.full(nb, np.nan), md,
+                              X[j].copy())
+        del X
 
+    cache.metrics, cache.steps, cache.reused_blocks = fresh, np.array(steps), reused // max(M, 1)
     # Grace period: no alarms in the first grace_steps steps except non-finite values.
     in_grace = steps < int(steps[0]) + int(th.grace_steps)
-    latest = int(steps[-1])
-    out: list[dict] = []
-    for det, metric, a, b, c in flagged:
+    plan = _Plan(names, meta, th)
+    # The domain detectors read every setting but the z-score's threshold: when only that changed (the +/- keys)
+    # and no value did, their flags are the cached ones.
+    signature = (dataclasses.replace(th, anomaly_threshold=0.0, muted=[]), tuple(names), plan.dpo, plan.off_policy,
+                 plan.max_len, tuple(data_sig), int(steps[0]))
+    if cache.specific is not None and cache.specific[0] == signature:
+        specific = cache.specific[1]
+    else:
+        series = {name: _Series(xpad, c, s, lv, ok, B, n, md) for name, (c, s, ok, lv, md, xpad) in base.items()}
+        specific = []
+        for det, metric, lev, score in _specific(series, plan, th, n):
+            if lev.any():
+                value = series[metric].x if metric in series else np.full(n, np.nan)
+                specific.append(_sparse(det, metric, lev, score, value, in_grace))
+        cache.specific = (signature, specific)
+        del series
+    del base
+    for det, metric, lev, score, value in dense:   # non-finite values
+        flagged.append(_sparse(det, metric, lev, score, value, in_grace))
+    flagged.extend(f for f in specific if f[0] not in muted and f[2].size)
+    return _episodes(flagged, steps, in_grace, th, keep_low, keep_other)
+
+
+def _sparse(det: str, metric: str, lev: np.ndarray, score: np.ndarray, value: np.ndarray,
+            in_grace: np.ndarray) -> tuple:
+    """(detector, metric, rows, level, score, value) of the flagged rows (none in the grace period, except
+    non-finite values)."""
+    if det != "nonfinite":
+        lev = np.where(in_grace, 0, lev)
+    rows = np.flatnonzero(lev)
+    return det, metric, rows, lev[rows], score[rows], value[rows]
+
+
+def _series_wanted(names: list[str]) -> set[str]:
+    """Metrics a domain detector reads (their row-level series are built; the others stay block-level)."""
+    fixed = {"kl", "entropy", "completion_length", "reward", "reward_std", "frac_reward_zero_std",
+             "completions/clipped_ratio", "grad_norm", "loss", "policy_loss", "value_loss", "clip_ratio",
+             "learning_rate", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+             "memory/gpu_frac", "step_time", "time/step_s", *_BLOCK_MEDIANS}
+    return {n for n in names if n in fixed or _REWARD_PART.match(n)}
+
+
+def _episodes(flagged: list[tuple], steps: np.ndarray, in_grace: np.ndarray, th: Thresholds,
+              keep_low: int | None, keep_other: int | None) -> tuple[list[dict], dict[str, int]]:
+    """Flagged rows -> episodes (only the newest kept ones built) and counts per severity."""
+    latest, cooldown = int(steps[-1]), int(th.cooldown_steps)
+    spans: list[tuple] = []
+    for det, metric, rows, lev, score, value in flagged:
         if det == "zscore":
-            rows, score, value = a, b, c
             keep = ~in_grace[rows]
             rows, score, value = rows[keep], score[keep], value[keep]
             lev = np.ones(rows.shape[0], dtype=np.int64)
-        else:
-            lev_full, score_full, value_full = a, b, c
-            if det != "nonfinite":
-                lev_full = np.where(in_grace, 0, lev_full)
-            rows = np.flatnonzero(lev_full)
-            lev, score, value = lev_full[rows], score_full[rows], value_full[rows]
         if rows.size:
-            out.extend(_batch_episodes(det, metric, steps[rows], lev, score, value, th.cooldown_steps, latest))
+            st = steps[rows]
+            score = np.nan_to_num(score, nan=0.0)
+            spans.append((det, metric, _Spans(st, lev, score, cooldown), st, score, value))
+    counts: dict[str, int] = {}
+    for *_, sp, _st, _sc, _v in spans:
+        for L, c in zip(*np.unique(sp.sev, return_counts=True)):
+            counts[SEVERITIES[L - 1]] = counts.get(SEVERITIES[L - 1], 0) + int(c)
+    which: list[np.ndarray | None] = [None] * len(spans)
+    if keep_low is not None or keep_other is not None:
+        first = [st[sp.starts] for _d, _m, sp, st, _s, _v in spans]
+        last = [st[sp.last] for _d, _m, sp, st, _s, _v in spans]
+        owner = np.concatenate([np.full(f.shape[0], q) for q, f in enumerate(first)]) if spans else np.zeros(0, int)
+        local = np.concatenate([np.arange(f.shape[0]) for f in first]) if spans else np.zeros(0, int)
+        first_all = np.concatenate(first) if spans else np.zeros(0, int)
+        last_all = np.concatenate(last) if spans else np.zeros(0, int)
+        low_all = np.concatenate([sp.sev == 1 for _d, _m, sp, *_ in spans]) if spans else np.zeros(0, bool)
+        keep = latest - last_all <= cooldown                        # ongoing episodes always stay
+        order = np.lexsort((last_all, first_all))[::-1]             # newest first
+        for is_low, limit in ((True, keep_low), (False, keep_other)):
+            chosen = order[low_all[order] == is_low]
+            keep[chosen if limit is None else chosen[: max(0, int(limit))]] = True
+        for q in range(len(spans)):
+            which[q] = local[keep & (owner == q)]
+    out: list[dict] = []
+    for (det, metric, sp, st, score, value), w in zip(spans, which):
+        out.extend(_episode_dicts(det, metric, sp, st, score, value, cooldown, latest, w))
     out.sort(key=_EPISODE_ORDER)
-    return out
+    return out, counts
 
 
 _EPISODE_ORDER = operator.itemgetter("step", "detector", "metric")
