@@ -51,7 +51,8 @@ SPARK_CHARS = "▁▂▃▄▅▆▇█"
 
 def sparkline(values: np.ndarray, width: int = 24) -> str:
     """A unicode sparkline of the finite values, bucketed (mean per bucket) to `width` characters."""
-    data = values[np.isfinite(values)]
+    ok = np.isfinite(values)
+    data = values if ok.all() else values[ok]
     if data.size == 0:
         return ""
     if data.size > width:
@@ -70,15 +71,17 @@ def metric_table(run: RunHistory) -> dict[str, dict]:
     out = {}
     for name in ordered_metrics(run.metric_names()):
         values = run.values(name)
-        if not np.isfinite(values).any():
+        ok = np.isfinite(values)
+        data = values if ok.all() else values[ok]    # one pass over a long column, one copy at most
+        if data.size == 0:
             if run.logged(name).any():
                 out[name] = {"last": None, "mean": None, "std": None, "min": None, "max": None,
                              "trend": "stable", "count": 0, "spark": ""}
             continue
-        summary = summarise(values)
+        summary = summarise(data)
         row = {k: (v if k == "trend" else finite(v)) for k, v in summary.items()}
-        row["count"] = int(np.isfinite(values).sum())
-        row["spark"] = sparkline(values)
+        row["count"] = int(data.size)
+        row["spark"] = sparkline(data)
         out[name] = row
     return out
 

@@ -20,29 +20,22 @@ def _finite(values: Iterable[float] | np.ndarray | None) -> np.ndarray:
     arr = np.asarray(
         [np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray) else values,
         dtype=np.float64)
-    return arr[np.isfinite(arr)]
+    ok = np.isfinite(arr)
+    return arr if ok.all() else arr[ok]
 
 
-def trend(values: Iterable[float] | np.ndarray | None) -> str:
-    """'increasing', 'decreasing' or 'stable' for a series (None/NaN/Inf ignored).
-
-    Least-squares slope over the finite values in order; a trend needs the fitted change across the window to
-    reach TREND_CHANGE standard deviations of the values and the slope to be TREND_T standard errors from 0.
-    """
-    v = _finite(values)
+def _verdict(v: np.ndarray, mean: float, dev: np.ndarray, ss: float) -> str:
+    """The trend of finite values `v` given their mean, deviations from it and sum of squared deviations."""
     n = v.shape[0]
-    if n < 3:
-        return "stable"
-    sd = float(v.std())
-    if not sd > 1e-12 * max(1.0, float(np.abs(v).max())):
+    sd = math.sqrt(ss / n)
+    if n < 3 or not sd > 1e-12 * max(1.0, float(np.abs(v).max())):
         return "stable"
     i = np.arange(n, dtype=np.float64)
-    i -= i.mean()
-    sxx = float(i @ i)
-    slope = float(i @ (v - v.mean())) / sxx
-    resid = v - v.mean() - slope * i
-    dof = max(n - 2, 1)
-    se = math.sqrt(float(resid @ resid) / dof / sxx)
+    i -= (n - 1) / 2.0
+    sxx = n * (n * n - 1) / 12.0                 # sum of the centred indices' squares, in closed form
+    slope = float(i @ dev) / sxx
+    resid_ss = max(ss - slope * slope * sxx, 0.0)   # least-squares residuals: Syy - slope * Sxy
+    se = math.sqrt(resid_ss / max(n - 2, 1) / sxx)
     change = slope * (n - 1) / sd
     t = slope / se if se > 0 else math.inf * (1 if slope > 0 else -1)
     if change >= TREND_CHANGE and t >= TREND_T:
@@ -52,13 +45,30 @@ def trend(values: Iterable[float] | np.ndarray | None) -> str:
     return "stable"
 
 
+def trend(values: Iterable[float] | np.ndarray | None) -> str:
+    """'increasing', 'decreasing' or 'stable' for a series (None/NaN/Inf ignored).
+
+    Least-squares slope over the finite values in order; a trend needs the fitted change across the window to
+    reach TREND_CHANGE standard deviations of the values and the slope to be TREND_T standard errors from 0.
+    """
+    v = _finite(values)
+    if v.shape[0] < 3:
+        return "stable"
+    mean = float(v.mean())
+    dev = v - mean
+    return _verdict(v, mean, dev, float(dev @ dev))
+
+
 def summarise(values: Iterable[float] | np.ndarray | None) -> dict[str, Any]:
     """{last, mean, std, min, max, trend} over the finite values (None for each when there are none)."""
     v = _finite(values)
     if v.size == 0:
         return {"last": None, "mean": None, "std": None, "min": None, "max": None, "trend": "stable"}
-    return {"last": float(v[-1]), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
-            "max": float(v.max()), "trend": trend(v)}
+    mean = float(v.mean())
+    dev = v - mean
+    ss = float(dev @ dev)
+    return {"last": float(v[-1]), "mean": mean, "std": math.sqrt(ss / v.shape[0]), "min": float(v.min()),
+            "max": float(v.max()), "trend": _verdict(v, mean, dev, ss) if v.shape[0] >= 3 else "stable"}
 
 
 def epoch_statistics(steps: Any, metrics: Mapping[str, Any], epoch_values: Any = None) -> list[dict]:

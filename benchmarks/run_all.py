@@ -4,6 +4,9 @@
 2. Step-time overhead on the tiny GRPO run: our callback and TRL's TensorBoard / W&B offline peers.
 3. Monitor ingest throughput (decode + validate + store + analyse), late join of 10^5 steps, end-to-end
    latency on loopback.
+4. The other scripts, each in its own process: detection quality on the shared traces, re-evaluation after a
+   threshold change, checkpoint read throughput, the monitor app's ingest, memory and idle CPU.
+   (`gpu_check.py` needs an NVIDIA GPU and is run by hand there.)
 
 Run: .venv/bin/python benchmarks/run_all.py [--quick]
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -53,6 +57,14 @@ def main() -> int:
     print(f"{'runs':<8}{'median s':>10}{'max s':>8}{'goal s':>8}")
     print(f"{len(times):<8}{float(np.median(times)):>10.3f}{max(times):>8.3f}{'< 1':>8}")
     bench_wire.print_latency(latency_n, "3c. ")
+    here = os.path.dirname(os.path.abspath(__file__))
+    for script in ("detection.py", "reevaluate.py", "checkpoint_throughput.py", "tui_ingest.py", "tui_memory.py",
+                   "tui_idle_cpu.py"):
+        if ns.quick and script in ("detection.py", "checkpoint_throughput.py"):
+            continue
+        print(f"\n4. {script}", flush=True)
+        done = subprocess.run([sys.executable, os.path.join(here, script)], text=True, capture_output=True)
+        print(done.stdout.rstrip() or done.stderr.rstrip()[-2000:], flush=True)
     print(f"\n(all benchmarks: {time.time() - t0:.0f} s)")
     return 0
 

@@ -29,7 +29,7 @@ from rlhf_tui.tui.widgets.help import HelpScreen
 from rlhf_tui.tui.widgets.metrics import MetricsPane
 from rlhf_tui.tui.widgets.model import series as metric_series
 from rlhf_tui.analysis.detectors import zscore_band
-from rlhf_tui.tui.widgets.runview import PANES, RunView
+from rlhf_tui.tui.widgets.runview import PANES, RunView, keep_large_arrays_off_the_heap
 from rlhf_tui.tui.widgets.thresholds import ThresholdEditor
 
 REFRESH_HZ = 10
@@ -152,6 +152,7 @@ class MonitorApp(App):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
+        keep_large_arrays_off_the_heap()
         if self.config.keymap:
             unknown = keys.unknown_ids(self.config.keymap)
             self.set_keymap({k: v for k, v in self.config.keymap.items() if k not in unknown})
@@ -220,9 +221,12 @@ class MonitorApp(App):
                 where = f" · saved to {save_config(self.config)}"
             except OSError as exc:
                 where = f" · NOT saved: {exc.strerror or exc}"
+        now = time.monotonic()
         for view in self.views:
+            # Start re-evaluating at once (not at the next tick); the view is redrawn when the new feed is in,
+            # so the band column and the feed change together and the two passes do not compete for the CPU.
             view.request_detect(message)
-            view.dirty = True
+            view._maybe_detect(now)
             view._header_key = None
         self.notify(message + where, timeout=4)
 

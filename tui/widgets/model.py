@@ -42,7 +42,8 @@ EIGHTHS = " ▁▂▃▄▅▆▇█"
 
 def bucket_means(values: np.ndarray, width: int) -> np.ndarray:
     """The finite values averaged into at most `width` buckets (the same buckets as `report.sparkline`)."""
-    data = values[np.isfinite(values)]
+    ok = np.isfinite(values)
+    data = values if ok.all() else values[ok]
     if data.size > width:
         edges = np.linspace(0, data.size, width + 1).astype(int)
         data = np.add.reduceat(data, edges[:-1]) / np.diff(edges)
@@ -95,24 +96,6 @@ def active_metrics(anomalies: list[dict], at_step: int | None = None) -> set[str
 
 KEEP_LOW = 1000      # the monitor keeps the newest low-severity episodes ...
 KEEP_OTHER = 2000    # ... and the newest medium+ ones (ongoing ones always); the counts stay exact
-
-
-def trim_episodes(episodes: list[dict], keep_low: int = KEEP_LOW, keep_other: int = KEEP_OTHER
-                  ) -> tuple[list[dict], dict[str, int]]:
-    """Bound what a very long run's anomaly list costs in memory: (kept episodes, counts of all of them)."""
-    counts: dict[str, int] = {}
-    for e in episodes:
-        counts[e.get("severity", "?")] = counts.get(e.get("severity", "?"), 0) + 1
-    if len(episodes) <= keep_low:
-        return episodes, counts
-    low = [e for e in episodes if e.get("severity") == "low"]
-    other = [e for e in episodes if e.get("severity") != "low"]
-    if len(low) <= keep_low and len(other) <= keep_other:
-        return episodes, counts
-    newest = newest_first(low)[:keep_low] + newest_first(other)[:keep_other]
-    chosen = {id(e) for e in newest}
-    kept = [e for e in episodes if id(e) in chosen or e.get("ongoing")]
-    return kept, counts
 
 
 def view_report(store: Store, thresholds=None, *, run_id: str | None = None, anomalies: list | None = None,

@@ -21,7 +21,7 @@ from rlhf_tui.tui.render import CONNECTION, clean, connection_text, header_text,
 from rlhf_tui.tui.widgets.anomalies import AnomaliesPane
 from rlhf_tui.tui.widgets.checkpoints import CheckpointsPane
 from rlhf_tui.tui.widgets.metrics import MetricsPane
-from rlhf_tui.tui.widgets.model import trim_episodes, view_report
+from rlhf_tui.tui.widgets.model import KEEP_LOW, KEEP_OTHER, view_report
 from rlhf_tui.tui.widgets.rewards import RewardsPane
 from rlhf_tui.tui.widgets.system import SystemPane
 
@@ -30,18 +30,33 @@ DETECT_MIN_INTERVAL = 1.0   # seconds between live re-evaluations
 LOCK_WAIT = 0.02            # longest the screen waits for the store lock before trying next tick
 
 
+def _libc():
+    try:
+        import ctypes
+        import ctypes.util
+
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def keep_large_arrays_off_the_heap() -> None:
+    """Have glibc map every allocation of 1 MiB or more on its own (mallopt M_MMAP_THRESHOLD), so the
+    detectors' and report builder's large temporaries go back to the OS when freed. By default glibc raises
+    that threshold after each large free (up to 32 MiB) and keeps such arrays on per-thread heaps, and the
+    monitor's RSS creeps up with every detection pass. No-op where mallopt does not exist."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD (fixing it also stops the dynamic raise)
+
+
 def release_memory() -> None:
-    """Give the detectors' large temporary arrays back to the OS (glibc keeps freed heap memory otherwise:
-    ~50 MB on a 10^5-row history). No-op where malloc_trim does not exist."""
+    """Give freed heap memory back to the OS (glibc keeps it otherwise). No-op where malloc_trim does not
+    exist."""
     global _TRIM
     if _TRIM is None:
-        try:
-            import ctypes
-            import ctypes.util
-
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
+        libc = _libc()
+        _TRIM = getattr(libc, "malloc_trim", False) if libc is not None else False
     if _TRIM:
         _TRIM(0)
 
@@ -96,7 +111,9 @@ class RunView(Vertical):
         self._detect_done_at = 0.0
         self._detect_interval = DETECT_MIN_INTERVAL
         self._detect_thresholds = None
+        self._detect_cache = None
         self.detect_count = 0
+        self.build_count = 0        # reports shown (tests and benchmarks wait on it)
         self.pending_note: str | None = None
         self._building = False
 
@@ -152,8 +169,10 @@ class RunView(Vertical):
                         exit_on_error=False, name="detect")
 
     def _detect_thread(self, thresholds, version: int) -> None:
-        from rlhf_tui.analysis.detectors import detect
+        from rlhf_tui.analysis.detectors import DetectionCache, evaluate
 
+        if self._detect_cache is None:
+            self._detect_cache = DetectionCache()   # baselines kept between passes: a key press recomputes little
         started = time.perf_counter()
         store = self.store
         run_id, episodes, counts = None, [], {}
@@ -166,12 +185,12 @@ class RunView(Vertical):
                     run_id, thinned = run.run_id, run.thinned
                     # Views, not copies: rows below `rows` only change when the run is thinned (checked after).
                     arrays = (run.steps, run.metrics(), run.logged_masks(), dict(run.meta))
-                episodes = detect(arrays, thresholds)
+                episodes, counts = evaluate(arrays, thresholds, cache=self._detect_cache, keep_low=KEEP_LOW,
+                                            keep_other=KEEP_OTHER)
                 del arrays
                 with store.lock:
                     if run.thinned == thinned:
                         break
-            episodes, counts = trim_episodes(episodes)
             error = None
             release_memory()
         except Exception as exc:  # a detector bug must not take the monitor down
@@ -192,6 +211,7 @@ class RunView(Vertical):
             self.app.notify(error, severity="error", timeout=8)
         if thresholds is not self.app.thresholds:
             self._detect_force = True   # settings changed while this ran: its result is stale
+            self._maybe_detect(time.monotonic())
             return
         self._detected_version = version
         self.anomalies, self.anomalies_run, self.anomaly_counts = episodes, run_id, counts
@@ -203,6 +223,7 @@ class RunView(Vertical):
                             timeout=4)
             self.pending_note = None
         self.dirty = True
+        self.app.tick()   # redraw now, not at the next tick: a threshold key's effect shows at once
 
     @property
     def detecting(self) -> bool:
@@ -285,6 +306,7 @@ class RunView(Vertical):
             if pane.display:
                 pane.show(report)
         self._draw_header(report, paused=False)
+        self.build_count += 1
         cost += time.perf_counter() - started
         # Never spend more than ~a quarter of the time drawing, however fast data arrives.
         self._next_build = time.monotonic() + 3 * cost
