@@ -821,15 +821,17 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
             x[~finite[j]] = np.nan
         del finite
 
-        # Which blocks still hold from the cache, per metric (a checksum of the rows they were built from).
+        # Which cached baselines still hold, per metric: the rows they were built from are unchanged.
         sums = _checksum(X[:, : frozen * B]) if reusing and frozen else None
-        old: list[_Cached | None] = []
-        for j, i in enumerate(idx):
-            c = cache.metrics.get(names[i]) if reusing else None
-            ok_c = (c is not None and c.rows <= frozen * B
-                    and int(_checksum(X[j:j + 1, : c.rows])[0] if sums is None or c.rows != frozen * B
-                            else sums[j]) == c.checksum)
-            old.append(c if ok_c else None)
+
+        def still_valid(c: _Cached | None, j: int) -> bool:
+            if c is None or c.rows > frozen * B:
+                return False
+            same_rows = sums is not None and c.rows == frozen * B
+            return int(sums[j] if same_rows else _checksum(X[j:j + 1, : c.rows])[0]) == c.checksum
+
+        old = [c if still_valid(c, j) else None
+               for j, c in enumerate(cache.metrics.get(names[i]) if reusing else None for i in idx)]
         start = min((c.center.shape[0] if c is not None else 0) for c in old)
         reused += start * k
         s0 = max(0, start - m)                      # the baselines from `start` on need the m blocks before it
@@ -875,7 +877,8 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
                 if rows.size:
                     blk = rows // B
                     x = X[j, rows]
-                    flagged.append(("zscore", names[idx[j]], rows, None, (x - center[gen[q]][blk]) / zscale[q][blk], x))
+                    z = (x - center[gen[q]][blk]) / zscale[q][blk]
+                    flagged.append(("zscore", names[idx[j]], rows, None, z, x))
 
         fsum = _checksum(X[:, : frozen * B]) if sums is None else sums
         data_sig.extend((fsum + _checksum(X[:, frozen * B: n])).tolist())   # every row (wrapping int64 sum)
@@ -897,8 +900,8 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
     plan = _Plan(names, meta, th)
     # The domain detectors read every setting but the z-score's threshold: when only that changed (the +/- keys)
     # and no value did, their flags are the cached ones.
-    signature = (dataclasses.replace(th, anomaly_threshold=0.0, muted=[]), tuple(names), plan.dpo, plan.off_policy,
-                 plan.max_len, tuple(data_sig), int(steps[0]))
+    signature = (dataclasses.replace(th, anomaly_threshold=0.0, muted=[]), tuple(names), plan.dpo,
+                 plan.off_policy, plan.max_len, tuple(data_sig), int(steps[0]))
     if cache.specific is not None and cache.specific[0] == signature:
         specific = cache.specific[1]
     else:
