@@ -823,15 +823,16 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
 
         # Which cached baselines still hold, per metric: the rows they were built from are unchanged.
         sums = _checksum(X[:, : frozen * B]) if reusing and frozen else None
-
-        def still_valid(c: _Cached | None, j: int) -> bool:
-            if c is None or c.rows > frozen * B:
-                return False
-            same_rows = sums is not None and c.rows == frozen * B
-            return int(sums[j] if same_rows else _checksum(X[j:j + 1, : c.rows])[0]) == c.checksum
-
-        old = [c if still_valid(c, j) else None
-               for j, c in enumerate(cache.metrics.get(names[i]) if reusing else None for i in idx)]
+        old: list[_Cached | None] = []
+        for j, i in enumerate(idx):
+            c = cache.metrics.get(names[i]) if reusing else None
+            if c is not None and c.rows <= frozen * B:
+                same_rows = sums is not None and c.rows == frozen * B
+                if int(sums[j] if same_rows else _checksum(X[j:j + 1, : c.rows])[0]) != c.checksum:
+                    c = None
+            else:
+                c = None
+            old.append(c)
         start = min((c.center.shape[0] if c is not None else 0) for c in old)
         reused += start * k
         s0 = max(0, start - m)                      # the baselines from `start` on need the m blocks before it

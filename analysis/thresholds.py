@@ -227,23 +227,30 @@ assert [s["name"] for s in THRESHOLD_FIELDS] == [f.name for f in dataclasses.fie
     "THRESHOLD_FIELDS must list every Thresholds field in order"
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; an unreadable file or invalid TOML raises ValueError with one line naming
+    `what` ("thresholds file", "config file") and the path."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{what} {path}: not valid TOML ({str(exc).splitlines()[0]})") from None
+
+
 def load_thresholds(path: str | Path) -> Thresholds:
     """Read a TOML file of settings (top level, or under a [thresholds] table). Missing keys keep defaults;
     unknown keys, wrong types, unreadable or invalid TOML raise ValueError with one clear line."""
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ValueError(f"cannot read thresholds file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML ({str(exc).splitlines()[0]})") from None
+    data = read_toml(path, "thresholds file")
     if set(data) == {"thresholds"} and isinstance(data["thresholds"], dict):
         data = data["thresholds"]
     try:
         return Thresholds.from_dict(data)
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ValueError(f"thresholds file {path}: {exc}") from None
 
 
 def save_thresholds(th: Thresholds, path: str | Path) -> None:

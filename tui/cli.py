@@ -130,7 +130,7 @@ def _load_thresholds(path: str | None, default=True):
     try:
         return load_thresholds(path)
     except (ValueError, OSError) as exc:
-        raise CliError(f"bad thresholds file {path}: {str(exc).splitlines()[0]}") from None
+        raise CliError(str(exc).splitlines()[0]) from None   # the message names the file
 
 
 def _check_live_address(source: str) -> None:

@@ -6,17 +6,11 @@ user changes one) and `[keys]` (binding id → key, applied with Textual's `set_
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_tui.analysis.thresholds import THRESHOLD_FIELDS, Thresholds
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 only
-    import tomli as tomllib
+from rlhf_tui.analysis.thresholds import THRESHOLD_FIELDS, Thresholds, read_toml
 
 APP_NAME = "rlhf-tui"
 
@@ -79,12 +73,9 @@ def load_config(path: str | Path | None = None) -> Config:
     if not path.is_file():
         return Config(path)
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: not valid TOML ({str(exc).splitlines()[0]})") from None
+        data = read_toml(path, "config file")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     raw_th = data.pop("thresholds", {})
     raw_keys = data.pop("keys", {})
     try:
