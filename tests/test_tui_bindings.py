@@ -188,6 +188,35 @@ async def test_plus_minus_change_the_z_threshold_reevaluate_the_history_and_save
     assert again.thresholds.anomaly_threshold == 4.5
 
 
+async def test_threshold_keys_reuse_the_runs_baselines_and_the_feed_keeps_the_newest_with_exact_counts(
+        monkeypatch):
+    import numpy as np
+
+    from rlhf_tui.tui.widgets import runview
+
+    monkeypatch.setattr(runview, "KEEP_LOW", 3)
+    store = make_store(steps=600, kl_jump_at=10_000)
+    with store.lock:   # a heavy-tailed extra metric: many low z-score episodes
+        run = store.current_run
+        noise = np.random.default_rng(1).standard_cauchy(run.rows)
+        for s, v in zip(run.steps.tolist(), noise.tolist()):
+            run.add_step(s, {"noisy": v})
+    app = MonitorApp([], stores=[store], labels=["demo"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot, app)
+        view = app.view
+        cache, flags = view._detect_cache, view._detect_cache.specific
+        lows = [a for a in view.anomalies if a["severity"] == "low"]
+        assert view.anomaly_counts["low"] > 10 and len(lows) <= 3 + sum(a["ongoing"] for a in lows)
+        assert f"{view.anomaly_counts['low']} low" in title(view.pane("anomalies"))   # counts cover all
+        newest = max(a["step"] for a in lows)
+        await pilot.press("plus")
+        await settle(pilot, app, detections=2)
+        assert view._detect_cache is cache and cache.reused_blocks == 60    # every block's baseline reused
+        assert cache.specific is flags                                      # +/-: domain flags reused
+        assert max(a["step"] for a in view.anomalies if a["severity"] == "low") <= newest
+
+
 async def test_plus_on_a_focused_anomaly_changes_its_detector_setting():
     app = _app()
     async with app.run_test(size=(100, 30)) as pilot:
