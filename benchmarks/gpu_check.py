@@ -240,8 +240,11 @@ def main() -> int:
     ns = ap.parse_args()
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed here: pip install 'rlhf-tui[train]'", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to check", file=sys.stderr)
         return 2
