@@ -747,7 +747,7 @@ class DetectionCache:
         k = self.steps.shape[0]
         if config == self.config and k <= steps.shape[0] and np.array_equal(self.steps, steps[:k]):
             return True
-        self.config, self.metrics = config, {}
+        self.config, self.metrics, self.specific = config, {}, None
         return False
 
 
@@ -791,6 +791,8 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
     cache = cache if cache is not None else DetectionCache()
     reusing = cache._start(steps, (B, m, int(th.min_history)))
     frozen = (n - 1) // B                   # blocks wholly before the newest row (which may still be merged into)
+    # Grace period: no alarms in the first grace_steps steps except non-finite values.
+    in_grace = steps < int(steps[0]) + int(th.grace_steps)
     flagged: list[tuple] = []               # (detector, metric, rows, level per row, score, value) -- sparse rows
     dense: list[tuple] = []                 # (detector, metric, level for every row, score, value)
     base: dict[str, tuple] = {}             # name -> (center, scale, ok, level, med, xpad) at block level
@@ -875,11 +877,12 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
             bounds = np.searchsorted(g_arr, np.arange(len(gen) + 1))
             for q, j in enumerate(gen):
                 rows = r_arr[bounds[q]:bounds[q + 1]]
+                rows = rows[~in_grace[rows]]
                 if rows.size:
                     blk = rows // B
                     x = X[j, rows]
                     z = (x - center[gen[q]][blk]) / zscale[q][blk]
-                    flagged.append(("zscore", names[idx[j]], rows, None, z, x))
+                    flagged.append(("zscore", names[idx[j]], rows, np.ones(rows.size, dtype=np.int8), z, x))
 
         fsum = _checksum(X[:, : frozen * B]) if sums is None else sums
         data_sig.extend((fsum + _checksum(X[:, frozen * B: n])).tolist())   # every row (wrapping int64 sum)
@@ -896,13 +899,11 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
         del X
 
     cache.metrics, cache.steps, cache.reused_blocks = fresh, np.array(steps), reused // max(M, 1)
-    # Grace period: no alarms in the first grace_steps steps except non-finite values.
-    in_grace = steps < int(steps[0]) + int(th.grace_steps)
     plan = _Plan(names, meta, th)
     # The domain detectors read every setting but the z-score's threshold: when only that changed (the +/- keys)
-    # and no value did, their flags are the cached ones.
+    # and no value did, their flags are the cached ones (same row count: `_start` checked the steps).
     signature = (dataclasses.replace(th, anomaly_threshold=0.0, muted=[]), tuple(names), plan.dpo,
-                 plan.off_policy, plan.max_len, tuple(data_sig), int(steps[0]))
+                 plan.off_policy, plan.max_len, tuple(data_sig), n)
     if cache.specific is not None and cache.specific[0] == signature:
         specific = cache.specific[1]
     else:
@@ -918,7 +919,7 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
     for det, metric, lev, score, value in dense:   # non-finite values
         flagged.append(_sparse(det, metric, lev, score, value, in_grace))
     flagged.extend(f for f in specific if f[0] not in muted and f[2].size)
-    return _episodes(flagged, steps, in_grace, th, keep_low, keep_other)
+    return _episodes(flagged, steps, th, keep_low, keep_other)
 
 
 def _sparse(det: str, metric: str, lev: np.ndarray, score: np.ndarray, value: np.ndarray,
@@ -940,40 +941,34 @@ def _series_wanted(names: list[str]) -> set[str]:
     return {n for n in names if n in fixed or _REWARD_PART.match(n)}
 
 
-def _episodes(flagged: list[tuple], steps: np.ndarray, in_grace: np.ndarray, th: Thresholds,
-              keep_low: int | None, keep_other: int | None) -> tuple[list[dict], dict[str, int]]:
+def _episodes(flagged: list[tuple], steps: np.ndarray, th: Thresholds, keep_low: int | None,
+              keep_other: int | None) -> tuple[list[dict], dict[str, int]]:
     """Flagged rows -> episodes (only the newest kept ones built) and counts per severity."""
     latest, cooldown = int(steps[-1]), int(th.cooldown_steps)
     spans: list[tuple] = []
     for det, metric, rows, lev, score, value in flagged:
-        if det == "zscore":
-            keep = ~in_grace[rows]
-            rows, score, value = rows[keep], score[keep], value[keep]
-            lev = np.ones(rows.shape[0], dtype=np.int64)
         if rows.size:
             st = steps[rows]
             score = np.nan_to_num(score, nan=0.0)
             spans.append((det, metric, _Spans(st, lev, score, cooldown), st, score, value))
+    if not spans:
+        return [], {}
     counts: dict[str, int] = {}
-    for *_, sp, _st, _sc, _v in spans:
+    for _d, _m, sp, *_ in spans:
         for L, c in zip(*np.unique(sp.sev, return_counts=True)):
             counts[SEVERITIES[L - 1]] = counts.get(SEVERITIES[L - 1], 0) + int(c)
     which: list[np.ndarray | None] = [None] * len(spans)
     if keep_low is not None or keep_other is not None:
-        first = [st[sp.starts] for _d, _m, sp, st, _s, _v in spans]
-        last = [st[sp.last] for _d, _m, sp, st, _s, _v in spans]
-        owner = np.concatenate([np.full(f.shape[0], q) for q, f in enumerate(first)]) if spans else np.zeros(0, int)
-        local = np.concatenate([np.arange(f.shape[0]) for f in first]) if spans else np.zeros(0, int)
-        first_all = np.concatenate(first) if spans else np.zeros(0, int)
-        last_all = np.concatenate(last) if spans else np.zeros(0, int)
-        low_all = np.concatenate([sp.sev == 1 for _d, _m, sp, *_ in spans]) if spans else np.zeros(0, bool)
+        first_all = np.concatenate([st[sp.starts] for _d, _m, sp, st, *_ in spans])
+        last_all = np.concatenate([st[sp.last] for _d, _m, sp, st, *_ in spans])
+        low_all = np.concatenate([sp.sev == 1 for _d, _m, sp, *_ in spans])
         keep = latest - last_all <= cooldown                        # ongoing episodes always stay
         order = np.lexsort((last_all, first_all))[::-1]             # newest first
         for is_low, limit in ((True, keep_low), (False, keep_other)):
             chosen = order[low_all[order] == is_low]
             keep[chosen if limit is None else chosen[: max(0, int(limit))]] = True
-        for q in range(len(spans)):
-            which[q] = local[keep & (owner == q)]
+        sizes = [sp.starts.shape[0] for _d, _m, sp, *_ in spans]
+        which = [np.flatnonzero(k) for k in np.split(keep, np.cumsum(sizes)[:-1])]
     out: list[dict] = []
     for (det, metric, sp, st, score, value), w in zip(spans, which):
         out.extend(_episode_dicts(det, metric, sp, st, score, value, cooldown, latest, w))

@@ -109,6 +109,17 @@ def test_the_zscore_keys_reuse_the_domain_detectors_flags_and_anything_else_reco
     assert cache.specific is not kept
 
 
+def test_same_values_at_other_steps_are_not_served_from_the_cache():
+    m = faulty_run(300, seed=8)
+    m["memory/gpu_frac"][7] = 0.97     # near-OOM at row 7: step 8 is in the grace period, step 15 is not
+    cache = DetectionCache()
+    dense_steps, sparse_steps = np.arange(1, 301), 1 + 2 * np.arange(300)
+    detect((dense_steps, m, None, META), cache=cache)
+    fresh_sparse = detect((sparse_steps, m, None, META))
+    assert detect((sparse_steps, m, None, META), cache=cache) == fresh_sparse
+    assert any(e["detector"] == "memory_near_oom" and e["step"] == 15 for e in fresh_sparse)
+
+
 def test_large_histories_are_processed_in_chunks_with_the_same_result(monkeypatch):
     m = faulty_run(900, seed=2)
     steps = np.arange(1, 901)
