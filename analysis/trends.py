@@ -68,7 +68,7 @@ def summarise(values: Iterable[float] | np.ndarray | None) -> dict[str, Any]:
     dev = v - mean
     ss = float(dev @ dev)
     return {"last": float(v[-1]), "mean": mean, "std": math.sqrt(ss / v.shape[0]), "min": float(v.min()),
-            "max": float(v.max()), "trend": _verdict(v, mean, dev, ss) if v.shape[0] >= 3 else "stable"}
+            "max": float(v.max()), "trend": _verdict(v, mean, dev, ss)}
 
 
 def epoch_statistics(steps: Any, metrics: Mapping[str, Any], epoch_values: Any = None) -> list[dict]:

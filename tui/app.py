@@ -221,12 +221,8 @@ class MonitorApp(App):
                 where = f" · saved to {save_config(self.config)}"
             except OSError as exc:
                 where = f" · NOT saved: {exc.strerror or exc}"
-        now = time.monotonic()
         for view in self.views:
-            # Start re-evaluating at once (not at the next tick); the view is redrawn when the new feed is in,
-            # so the band column and the feed change together and the two passes do not compete for the CPU.
             view.request_detect(message)
-            view._maybe_detect(now)
             view._header_key = None
         self.notify(message + where, timeout=4)
 

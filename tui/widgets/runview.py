@@ -147,11 +147,14 @@ class RunView(Vertical):
 
     # -- detection ----------------------------------------------------------------------------------------
     def request_detect(self, note: str | None = None) -> None:
-        """Re-evaluate the whole history now (threshold change)."""
+        """Re-evaluate the whole history now (threshold change): at once, not at the next tick, or as soon as
+        a pass already running is done. The view is redrawn when the new feed is in, so the band column and
+        the feed change together and the two passes do not compete for the CPU."""
         self._detect_force = True
         if note:
             self.pending_note = note
             self.pane("anomalies").note = "re-evaluating…"
+        self._maybe_detect(time.monotonic())
 
     def _maybe_detect(self, now: float) -> None:
         if self._detect_running:
