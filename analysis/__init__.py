@@ -1,6 +1,7 @@
 """Pure analysis (numpy + stdlib): the run store, anomaly detectors, trends, checkpoint health, reward
 reliability and the report. Shared by the training-side callback and the monitor; no torch at import time.
 """
+
 from __future__ import annotations
 
 from typing import Any

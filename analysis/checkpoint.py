@@ -49,12 +49,12 @@ SEVERITY_FACTORS = {"low": 0.95, "medium": 0.80, "high": 0.60, "critical": 0.35}
 CRITICAL_CAP = 0.5
 
 # Thresholds. Wide on purpose: a pretrained model must pass, a broken one must not.
-INIT_SCALE_TOLERANCE = 100.0   # RMS vs 1/sqrt(fan): flag beyond ×100 or below ×1/100
-PEER_OUTLIER_FACTOR = 50.0     # RMS vs the median of tensors of the same kind
-EXPLODING_RMS = 100.0          # any float tensor
-EXPLODING_ABS = 1e4            # largest |value|; fp16 overflows at 65504
+INIT_SCALE_TOLERANCE = 100.0  # RMS vs 1/sqrt(fan): flag beyond ×100 or below ×1/100
+PEER_OUTLIER_FACTOR = 50.0  # RMS vs the median of tensors of the same kind
+EXPLODING_RMS = 100.0  # any float tensor
+EXPLODING_ABS = 1e4  # largest |value|; fp16 overflows at 65504
 FP16_MAX = 65504.0
-MEAN_SHIFT_RATIO = 5.0         # |mean| > 5·std in a weight matrix
+MEAN_SHIFT_RATIO = 5.0  # |mean| > 5·std in a weight matrix
 DRIFT_OVERALL_HIGH = 0.5
 DRIFT_OVERALL_LOW = 0.1
 DRIFT_TENSOR_HIGH = 1.0
@@ -62,32 +62,38 @@ DRIFT_RMS_FLOOR = 0.01  # per-tensor drift is judged against max(reference RMS, 
 LR_HIGH = 1e-2
 
 _NORM_RE = re.compile(r"norm|(?:^|[._])ln(?:\d|_|\.|$)")
-_EMBED_RE = re.compile(r"embed|(?:^|\.)(?:wte|wpe|lm_head|shared|tok_embeddings|word_embeddings|"
-                       r"position_embeddings|embed_out)(?:\.|$)")
-_ATTN_RE = re.compile(r"attn|attention|(?:^|\.)(?:q_proj|k_proj|v_proj|o_proj|qkv_proj|qkv|c_attn|query|key|value|"
-                      r"out_proj|wq|wk|wv|wo|query_key_value|in_proj)(?:\.|$)")
-_MLP_RE = re.compile(r"mlp|ffn|feed_forward|experts|intermediate|(?:^|\.)(?:fc\d*|c_fc|up_proj|down_proj|"
-                     r"gate_proj|gate_up_proj|w1|w2|w3|dense_h_to_4h|dense_4h_to_h)(?:\.|$)")
+_EMBED_RE = re.compile(
+    r"embed|(?:^|\.)(?:wte|wpe|lm_head|shared|tok_embeddings|word_embeddings|"
+    r"position_embeddings|embed_out)(?:\.|$)"
+)
+_ATTN_RE = re.compile(
+    r"attn|attention|(?:^|\.)(?:q_proj|k_proj|v_proj|o_proj|qkv_proj|qkv|c_attn|query|key|value|"
+    r"out_proj|wq|wk|wv|wo|query_key_value|in_proj)(?:\.|$)"
+)
+_MLP_RE = re.compile(
+    r"mlp|ffn|feed_forward|experts|intermediate|(?:^|\.)(?:fc\d*|c_fc|up_proj|down_proj|"
+    r"gate_proj|gate_up_proj|w1|w2|w3|dense_h_to_4h|dense_4h_to_h)(?:\.|$)"
+)
 
 RECOMMENDATIONS = {
     "unreadable": "Check the path, then re-save the checkpoint (model.save_pretrained) or resume from an earlier one.",
     "unsafe": "Only load checkpoints you trust: convert this file to safetensors in a trusted environment first.",
     "nonfinite": "Do not resume from this checkpoint: roll back to the last one without NaN/Inf, lower the learning "
-                 "rate, keep gradient clipping on (max_grad_norm) and prefer bf16 over fp16.",
+    "rate, keep gradient clipping on (max_grad_norm) and prefer bf16 over fp16.",
     "all_zero": "Check how these tensors were initialised, loaded or saved: an all-zero weight usually means a "
-                "failed load or an update that wiped it.",
+    "failed load or an update that wiped it.",
     "constant": "A constant weight matrix has collapsed: compare with an earlier checkpoint and check the "
-                "optimizer state for that parameter.",
+    "optimizer state for that parameter.",
     "exploding": "Weights are growing out of scale: lower the learning rate, keep gradient clipping on, add "
-                 "weight decay, and compare with an earlier checkpoint.",
+    "weight decay, and compare with an earlier checkpoint.",
     "vanishing": "Some tensors are far smaller than their peers: check weight decay and the learning-rate "
-                 "schedule, and compare with an earlier checkpoint.",
+    "schedule, and compare with an earlier checkpoint.",
     "mean_shift": "A weight matrix is dominated by its mean: check for a stuck update direction (e.g. a bias "
-                  "folded into the weights or a broken optimizer state).",
+    "folded into the weights or a broken optimizer state).",
     "drift": "The model moved far from the reference: raise the KL coefficient (beta), lower the learning rate, "
-             "or roll back to an earlier checkpoint.",
+    "or roll back to an earlier checkpoint.",
     "structure": "The two checkpoints hold different tensors: compare checkpoints of the same architecture and "
-                 "the same PEFT configuration.",
+    "the same PEFT configuration.",
     "learning_rate": "Check the learning-rate schedule: above 1e-2 is unusual when fine-tuning a language model.",
     "skipped": "Dequantize or convert these tensors to a float dtype to have them checked.",
     "incomplete": "The checkpoint is incomplete: re-save it, or check that the save finished before reading it.",
@@ -138,18 +144,24 @@ def _is_weight_matrix(name: str, stats: dict[str, Any]) -> bool:
 def _zero_by_design(name: str, kind: str) -> bool:
     lname = name.lower()
     # Biases and norm biases start at zero; PEFT starts lora_B at zero; Gemma-style norms store (weight − 1).
-    return kind == "bias" or (kind == "norm" and lname.endswith("bias")) or "lora_b" in lname \
+    return (
+        kind == "bias"
+        or (kind == "norm" and lname.endswith("bias"))
+        or "lora_b" in lname
         or "lora_embedding_b" in lname
+    )
 
 
 class _Findings:
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
 
-    def add(self, category: str, severity: str, message: str, tensor: str | None = None,
-            value: float | None = None) -> None:
-        self.items.append({"category": category, "severity": severity, "message": message, "tensor": tensor,
-                           "value": value})
+    def add(
+        self, category: str, severity: str, message: str, tensor: str | None = None, value: float | None = None
+    ) -> None:
+        self.items.append(
+            {"category": category, "severity": severity, "message": message, "tensor": tensor, "value": value}
+        )
 
 
 def _fmt(x: Any) -> str:
@@ -176,9 +188,13 @@ def _weight_findings(weight_stats: dict[str, dict[str, Any]], findings: _Finding
     for label, hits, key in (("NaN", nan_tensors, "nan_count"), ("Inf", inf_tensors, "inf_count")):
         if hits:
             detail = [f"{n} ({s[key]} of {s['numel']} values)" for n, s in hits]
-            findings.add("nonfinite", "critical",
-                         f"{label} values in {len(hits)} tensor{'s' if len(hits) > 1 else ''}: "
-                         f"{_list_names(detail)}", tensor=hits[0][0], value=float(sum(s[key] for _, s in hits)))
+            findings.add(
+                "nonfinite",
+                "critical",
+                f"{label} values in {len(hits)} tensor{'s' if len(hits) > 1 else ''}: {_list_names(detail)}",
+                tensor=hits[0][0],
+                value=float(sum(s[key] for _, s in hits)),
+            )
             findings.items[-1]["share"] = share
 
     zero, constant, exploding, vanishing, shifted, fp16 = [], [], [], [], [], []
@@ -203,13 +219,19 @@ def _weight_findings(weight_stats: dict[str, dict[str, Any]], findings: _Finding
             expected = 1.0 / math.sqrt(math.sqrt(d0 * d1))  # ~1/sqrt(fan_in) whatever the layout
             ratio = s["rms"] / expected
             if kind != "embedding" and ratio > INIT_SCALE_TOLERANCE and s["rms"] <= EXPLODING_RMS:
-                exploding.append((name, f"rms {_fmt(s['rms'])} is {ratio:.0f}× the ~1/sqrt(fan_in) scale "
-                                        f"{_fmt(expected)}", s["rms"]))
+                exploding.append(
+                    (name, f"rms {_fmt(s['rms'])} is {ratio:.0f}× the ~1/sqrt(fan_in) scale {_fmt(expected)}", s["rms"])
+                )
             elif kind != "embedding" and ratio < 1.0 / INIT_SCALE_TOLERANCE:
-                vanishing.append((name, f"rms {_fmt(s['rms'])} is 1/{1 / ratio:.0f} of the ~1/sqrt(fan_in) scale "
-                                        f"{_fmt(expected)}"))
-            if kind in ("attention", "mlp", "other") and s["numel"] >= 1024 and s["std"] is not None \
-                    and abs(s["mean"]) > MEAN_SHIFT_RATIO * s["std"]:
+                vanishing.append(
+                    (name, f"rms {_fmt(s['rms'])} is 1/{1 / ratio:.0f} of the ~1/sqrt(fan_in) scale {_fmt(expected)}")
+                )
+            if (
+                kind in ("attention", "mlp", "other")
+                and s["numel"] >= 1024
+                and s["std"] is not None
+                and abs(s["mean"]) > MEAN_SHIFT_RATIO * s["std"]
+            ):
                 shifted.append((name, f"mean {_fmt(s['mean'])}, std {_fmt(s['std'])}"))
             by_kind.setdefault(kind, []).append((name, s["rms"]))
 
@@ -225,40 +247,79 @@ def _weight_findings(weight_stats: dict[str, dict[str, Any]], findings: _Finding
             if name in flagged:
                 continue
             if rms > PEER_OUTLIER_FACTOR * median:
-                exploding.append((name, f"rms {_fmt(rms)} is {rms / median:.0f}× the median of {len(members)} "
-                                        f"{kind} tensors ({_fmt(median)})", rms))
+                exploding.append(
+                    (
+                        name,
+                        f"rms {_fmt(rms)} is {rms / median:.0f}× the median of {len(members)} "
+                        f"{kind} tensors ({_fmt(median)})",
+                        rms,
+                    )
+                )
             elif rms < median / PEER_OUTLIER_FACTOR:
-                vanishing.append((name, f"rms {_fmt(rms)} is 1/{median / rms:.0f} of the median of "
-                                        f"{len(members)} {kind} tensors ({_fmt(median)})"))
+                vanishing.append(
+                    (
+                        name,
+                        f"rms {_fmt(rms)} is 1/{median / rms:.0f} of the median of "
+                        f"{len(members)} {kind} tensors ({_fmt(median)})",
+                    )
+                )
 
     if zero:
         norms = [n for n in zero if weight_stats[n]["kind"] == "norm"]
         others = [n for n in zero if n not in norms]
         if others:
-            findings.add("all_zero", "high", f"all-zero weights in {len(others)} tensor"
-                         f"{'s' if len(others) > 1 else ''}: {_list_names(others)}", tensor=others[0])
+            findings.add(
+                "all_zero",
+                "high",
+                f"all-zero weights in {len(others)} tensor{'s' if len(others) > 1 else ''}: {_list_names(others)}",
+                tensor=others[0],
+            )
         if norms:
-            findings.add("all_zero", "medium", f"all-zero norm weights in {len(norms)} tensor"
-                         f"{'s' if len(norms) > 1 else ''} (fine only for (1 + weight) norms such as Gemma's): "
-                         f"{_list_names(norms)}", tensor=norms[0])
+            findings.add(
+                "all_zero",
+                "medium",
+                f"all-zero norm weights in {len(norms)} tensor"
+                f"{'s' if len(norms) > 1 else ''} (fine only for (1 + weight) norms such as Gemma's): "
+                f"{_list_names(norms)}",
+                tensor=norms[0],
+            )
     if constant:
-        findings.add("constant", "medium", "constant weights (every value equal) in "
-                     + _list_names([f"{n} (= {_fmt(v)})" for n, v in constant]), tensor=constant[0][0])
+        findings.add(
+            "constant",
+            "medium",
+            "constant weights (every value equal) in " + _list_names([f"{n} (= {_fmt(v)})" for n, v in constant]),
+            tensor=constant[0][0],
+        )
     if exploding:
         exploding.sort(key=lambda e: -e[2])
-        findings.add("exploding", "high", "exploding weights in " + _list_names([f"{n} ({why})"
-                                                                                for n, why, _ in exploding], 4),
-                     tensor=exploding[0][0], value=exploding[0][2])
+        findings.add(
+            "exploding",
+            "high",
+            "exploding weights in " + _list_names([f"{n} ({why})" for n, why, _ in exploding], 4),
+            tensor=exploding[0][0],
+            value=exploding[0][2],
+        )
     if fp16:
-        findings.add("exploding", "high", f"values beyond the float16 range (65504) in {_list_names(fp16)}: "
-                     "this model will overflow in fp16", tensor=fp16[0])
+        findings.add(
+            "exploding",
+            "high",
+            f"values beyond the float16 range (65504) in {_list_names(fp16)}: this model will overflow in fp16",
+            tensor=fp16[0],
+        )
     if vanishing:
-        findings.add("vanishing", "medium", "vanishing weights in " + _list_names([f"{n} ({why})"
-                                                                                  for n, why in vanishing], 4),
-                     tensor=vanishing[0][0])
+        findings.add(
+            "vanishing",
+            "medium",
+            "vanishing weights in " + _list_names([f"{n} ({why})" for n, why in vanishing], 4),
+            tensor=vanishing[0][0],
+        )
     if shifted:
-        findings.add("mean_shift", "low", "weights dominated by their mean in "
-                     + _list_names([f"{n} ({why})" for n, why in shifted], 4), tensor=shifted[0][0])
+        findings.add(
+            "mean_shift",
+            "low",
+            "weights dominated by their mean in " + _list_names([f"{n} ({why})" for n, why in shifted], 4),
+            tensor=shifted[0][0],
+        )
 
 
 # Findings about the inputs around the checkpoint (an unreadable --reference), not about its weights.
@@ -294,17 +355,33 @@ class CheckpointAnalyzer:
         self.last_result: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------- public
-    def analyze_checkpoint(self, model_path: str | os.PathLike, step: int | None = None,
-                           reference_checkpoint: str | os.PathLike | None = None, *,
-                           strict: bool = False) -> dict[str, Any]:
+    def analyze_checkpoint(
+        self,
+        model_path: str | os.PathLike,
+        step: int | None = None,
+        reference_checkpoint: str | os.PathLike | None = None,
+        *,
+        strict: bool = False,
+    ) -> dict[str, Any]:
         """Analyse one checkpoint. Never raises unless ``strict``: a missing, truncated or unsafe checkpoint
         gives ``health_score`` 0.0, an ``error`` line and an issue naming the problem."""
         started = time.perf_counter()
         path = os.fspath(model_path)
         result: dict[str, Any] = {
-            "path": path, "step": step, "health_score": 0.0, "format": None, "file_size_mb": 0.0,
-            "num_tensors": 0, "num_parameters": 0, "learning_rate": None, "weight_stats": {}, "issues": [],
-            "recommendations": [], "findings": [], "drift": None, "skipped_tensors": [],
+            "path": path,
+            "step": step,
+            "health_score": 0.0,
+            "format": None,
+            "file_size_mb": 0.0,
+            "num_tensors": 0,
+            "num_parameters": 0,
+            "learning_rate": None,
+            "weight_stats": {},
+            "issues": [],
+            "recommendations": [],
+            "findings": [],
+            "drift": None,
+            "skipped_tensors": [],
         }
         findings = _Findings()
         try:
@@ -343,8 +420,12 @@ class CheckpointAnalyzer:
         self.last_result = result
         return result
 
-    def analyze_checkpoint_strict(self, model_path: str | os.PathLike, step: int | None = None,
-                                  reference_checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+    def analyze_checkpoint_strict(
+        self,
+        model_path: str | os.PathLike,
+        step: int | None = None,
+        reference_checkpoint: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
         """Same as :meth:`analyze_checkpoint` but raises :class:`CheckpointError` for unreadable input."""
         return self.analyze_checkpoint(model_path, step, reference_checkpoint, strict=True)
 
@@ -355,8 +436,9 @@ class CheckpointAnalyzer:
         result["health_score"] = 0.0
         result["issues"] = [f"checkpoint unreadable: {message}"]
         category = "unsafe" if message.startswith("refused") else "unreadable"
-        result["findings"] = [{"category": category, "severity": "critical", "message": message,
-                               "tensor": None, "value": None}]
+        result["findings"] = [
+            {"category": category, "severity": "critical", "message": message, "tensor": None, "value": None}
+        ]
         result["recommendations"] = [RECOMMENDATIONS[category]]
 
     def _analyze(self, ckpt: Checkpoint, result: dict[str, Any], findings: _Findings, step: int | None) -> None:
@@ -390,16 +472,21 @@ class CheckpointAnalyzer:
             findings.add("incomplete", "high", problem)
         if skipped:
             dtypes = sorted({s["dtype"] for s in skipped})
-            findings.add("skipped", "low", f"{len(skipped)} tensors not checked (dtype {', '.join(dtypes)} is not "
-                         f"supported): {_list_names([s['name'] for s in skipped])}")
+            findings.add(
+                "skipped",
+                "low",
+                f"{len(skipped)} tensors not checked (dtype {', '.join(dtypes)} is not "
+                f"supported): {_list_names([s['name'] for s in skipped])}",
+            )
         _weight_findings(weight_stats, findings)
         lr = result["learning_rate"]
         if lr is not None:
             if not math.isfinite(lr):
                 findings.add("learning_rate", "high", f"learning rate is {lr}", value=lr)
             elif lr > LR_HIGH:
-                findings.add("learning_rate", "medium", f"learning rate {lr:.3g} is very high for fine-tuning",
-                             value=lr)
+                findings.add(
+                    "learning_rate", "medium", f"learning rate {lr:.3g} is very high for fine-tuning", value=lr
+                )
 
     def _drift(self, ckpt: Checkpoint, reference: Checkpoint, findings: _Findings) -> dict[str, Any]:
         current = ckpt.by_name
@@ -429,7 +516,7 @@ class CheckpointAnalyzer:
             ref_total += ref_sq
             # Near-zero references (biases and LayerNorm shifts a few steps after a zero init) make any move look
             # huge relatively; judge them against a small RMS floor instead of their own size.
-            judged[name] = math.sqrt(diff_sq / max(ref_sq, cur.numel * DRIFT_RMS_FLOOR ** 2, 1e-30))
+            judged[name] = math.sqrt(diff_sq / max(ref_sq, cur.numel * DRIFT_RMS_FLOOR**2, 1e-30))
             if ref_sq > 0:
                 per_tensor[name] = math.sqrt(diff_sq / ref_sq)
             elif diff_sq == 0:
@@ -441,30 +528,50 @@ class CheckpointAnalyzer:
         ranked = sorted(((n, v) for n, v in per_tensor.items() if v is not None), key=lambda kv: -kv[1])
         top = [[n, v] for n, v in ranked[: self.top_k]]
         if overall is not None and overall > DRIFT_OVERALL_HIGH:
-            findings.add("drift", "high", f"overall drift from the reference is {overall:.3g} (relative L2; "
-                         f"above {DRIFT_OVERALL_HIGH})", value=overall)
+            findings.add(
+                "drift",
+                "high",
+                f"overall drift from the reference is {overall:.3g} (relative L2; above {DRIFT_OVERALL_HIGH})",
+                value=overall,
+            )
         elif overall is not None and overall > DRIFT_OVERALL_LOW:
-            findings.add("drift", "low", f"overall drift from the reference is {overall:.3g} (relative L2)",
-                         value=overall)
+            findings.add(
+                "drift", "low", f"overall drift from the reference is {overall:.3g} (relative L2)", value=overall
+            )
         big = sorted(((n, v) for n, v in judged.items() if v > DRIFT_TENSOR_HIGH), key=lambda kv: -kv[1])
         if big:
-            findings.add("drift", "high", "tensors that moved more than their own size from the reference: "
-                         + _list_names([f"{n} ({v:.3g})" for n, v in big], 4), tensor=big[0][0], value=big[0][1])
+            findings.add(
+                "drift",
+                "high",
+                "tensors that moved more than their own size from the reference: "
+                + _list_names([f"{n} ({v:.3g})" for n, v in big], 4),
+                tensor=big[0][0],
+                value=big[0][1],
+            )
         if missing_in_current or missing_in_reference or mismatched:
             parts = []
             if missing_in_reference:
-                parts.append(f"{len(missing_in_reference)} tensors missing in the reference "
-                             f"({_list_names(missing_in_reference, 3)})")
+                parts.append(
+                    f"{len(missing_in_reference)} tensors missing in the reference "
+                    f"({_list_names(missing_in_reference, 3)})"
+                )
             if missing_in_current:
-                parts.append(f"{len(missing_in_current)} reference tensors missing here "
-                             f"({_list_names(missing_in_current, 3)})")
+                parts.append(
+                    f"{len(missing_in_current)} reference tensors missing here ({_list_names(missing_in_current, 3)})"
+                )
             if mismatched:
                 parts.append(f"{len(mismatched)} shape mismatches ({_list_names(mismatched, 3)})")
             findings.add("structure", "medium", "checkpoint and reference differ: " + "; ".join(parts))
         return {
-            "reference": reference.path, "overall": overall, "per_tensor": per_tensor, "top": top,
-            "from_zero": from_zero, "nonfinite": nonfinite, "missing_in_reference": missing_in_reference,
-            "missing_in_checkpoint": missing_in_current, "shape_mismatch": mismatched,
+            "reference": reference.path,
+            "overall": overall,
+            "per_tensor": per_tensor,
+            "top": top,
+            "from_zero": from_zero,
+            "nonfinite": nonfinite,
+            "missing_in_reference": missing_in_reference,
+            "missing_in_checkpoint": missing_in_current,
+            "shape_mismatch": mismatched,
         }
 
     @staticmethod
@@ -486,8 +593,7 @@ class CheckpointAnalyzer:
             return
         try:
             os.makedirs(self.log_dir, exist_ok=True)
-            line = json.dumps({"event": "checkpoint_analysis", "timestamp": time.time(), **result},
-                              allow_nan=False)
+            line = json.dumps({"event": "checkpoint_analysis", "timestamp": time.time(), **result}, allow_nan=False)
             with open(os.path.join(self.log_dir, "checkpoint_analysis.jsonl"), "a", encoding="utf-8") as f:
                 f.write(line + "\n")
         except (OSError, TypeError, ValueError) as exc:
@@ -502,8 +608,15 @@ def format_checkpoint_text(result: dict[str, Any], worst: int = 5) -> str:
     lines = []
     score = result.get("health_score")
     score_txt = f"{score:.2f}" if isinstance(score, (int, float)) else "n/a"
-    verdict = ("unreadable" if result.get("error") else "healthy" if (score or 0) >= 0.9
-               else "check" if (score or 0) >= 0.6 else "unhealthy")
+    verdict = (
+        "unreadable"
+        if result.get("error")
+        else "healthy"
+        if (score or 0) >= 0.9
+        else "check"
+        if (score or 0) >= 0.6
+        else "unhealthy"
+    )
     lines.append(f"Checkpoint  {result.get('path')}")
     head = [f"health {score_txt} ({verdict})"]
     if result.get("format"):
@@ -534,15 +647,19 @@ def format_checkpoint_text(result: dict[str, Any], worst: int = 5) -> str:
             lines.append(f"  {value:10.4g}  {name}")
     stats = result.get("weight_stats") or {}
     if stats:
+
         def badness(item: tuple[str, dict[str, Any]]) -> tuple:
             _, s = item
             return (s.get("nan_count", 0) + s.get("inf_count", 0), s.get("rms") or 0.0)
+
         ranked = sorted(stats.items(), key=badness, reverse=True)[:worst]
         lines.append(f"Largest tensors by NaN/Inf, then RMS (of {len(stats)})")
         lines.append(f"  {'rms':>9} {'std':>9} {'max|x|':>9} {'nan':>5} {'inf':>5} {'zero%':>6}  {'kind':<9} name")
         for name, s in ranked:
             peak = max(abs(s["min"]), abs(s["max"])) if s.get("min") is not None else None
-            lines.append(f"  {_fmt(s.get('rms')):>9} {_fmt(s.get('std')):>9} {_fmt(peak):>9} "
-                         f"{s.get('nan_count', 0):>5} {s.get('inf_count', 0):>5} "
-                         f"{100 * (s.get('zero_fraction') or 0):>6.1f}  {s.get('kind', ''):<9} {name}")
+            lines.append(
+                f"  {_fmt(s.get('rms')):>9} {_fmt(s.get('std')):>9} {_fmt(peak):>9} "
+                f"{s.get('nan_count', 0):>5} {s.get('inf_count', 0):>5} "
+                f"{100 * (s.get('zero_fraction') or 0):>6.1f}  {s.get('kind', ''):<9} {name}"
+            )
     return "\n".join(lines)

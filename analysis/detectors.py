@@ -7,6 +7,7 @@ early level, so the rules are unit-free: a per-sequence KL sum (PPO) and a per-t
 alike. Isolated one-step spikes are low severity; medium and above need persistence (CUSUM evidence or k of
 the last n steps) or a rule that is exact (non-finite values, reward identity, memory near OOM).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,9 @@ import math
 import operator
 import re
 from collections import deque
+from collections.abc import Iterable, Mapping
 from statistics import NormalDist
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -62,11 +64,26 @@ DETECTORS: dict[str, str] = {
 }
 
 # Keys that are counters or schedules, never judged by the generic z-score.
-_BOOKKEEPING = frozenset({"epoch", "num_tokens", "learning_rate", "lr", "ppo/learning_rate", "episode", "eps",
-                          "global_step", "step", "total_flos", "objective/kl_coef", "beta"})
+_BOOKKEEPING = frozenset(
+    {
+        "epoch",
+        "num_tokens",
+        "learning_rate",
+        "lr",
+        "ppo/learning_rate",
+        "episode",
+        "eps",
+        "global_step",
+        "step",
+        "total_flos",
+        "objective/kl_coef",
+        "beta",
+    }
+)
 _SYSTEM_PREFIXES = ("memory/", "time/")
-_FRACTION_METRICS = frozenset({"frac_reward_zero_std", "completions/clipped_ratio", "clip_ratio",
-                               "rewards/accuracies", "memory/gpu_frac"})
+_FRACTION_METRICS = frozenset(
+    {"frac_reward_zero_std", "completions/clipped_ratio", "clip_ratio", "rewards/accuracies", "memory/gpu_frac"}
+)
 _REWARD_PART = re.compile(r"^rewards/.+/mean$")
 _CANONICAL_SOURCES = {
     "kl": ("objective/kl", "kl_div"),
@@ -104,13 +121,14 @@ def _range_table(width: int) -> np.ndarray:
     return table
 
 
-def _block_stats(blocks: np.ndarray, with_mean: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+def _block_stats(
+    blocks: np.ndarray, with_mean: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """Per row of `blocks` (K, B; NaN = missing): median, robust spread, mean (if asked), finite count."""
     srt = np.sort(blocks, axis=1)
     K, B = srt.shape
     table = _range_table(B)
-    if not np.isnan(srt[:, -1]).any():     # NaN sorts last: no NaN anywhere (the common case)
+    if not np.isnan(srt[:, -1]).any():  # NaN sorts last: no NaN anywhere (the common case)
         trim = B // 10
         med = (srt[:, (B - 1) // 2] + srt[:, B // 2]) / 2.0
         spread = (srt[:, B - 1 - trim] - srt[:, trim]) / table[B]
@@ -145,14 +163,14 @@ def _row_sum(a: np.ndarray) -> np.ndarray:
 def _med5(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray, e: np.ndarray) -> np.ndarray:
     """Exact median of five arrays, elementwise (a selection network; any NaN input gives NaN)."""
     mn, mx = np.minimum, np.maximum
-    lo1, hi1 = mn(a, b), mx(a, b)     # sort (p0, p1)
-    lo2, hi2 = mn(d, e), mx(d, e)     # sort (p3, p4)
-    mx(lo1, lo2, out=lo2)             # p3 = max(p0, p3): p0 is out (it is below three others)
-    mn(hi1, hi2, out=hi1)             # p1 = min(p1, p4): p4 is out
-    mn(hi1, c, out=lo1)               # sort (p1, p2)
+    lo1, hi1 = mn(a, b), mx(a, b)  # sort (p0, p1)
+    lo2, hi2 = mn(d, e), mx(d, e)  # sort (p3, p4)
+    mx(lo1, lo2, out=lo2)  # p3 = max(p0, p3): p0 is out (it is below three others)
+    mn(hi1, hi2, out=hi1)  # p1 = min(p1, p4): p4 is out
+    mn(hi1, c, out=lo1)  # sort (p1, p2)
     mx(hi1, c, out=hi1)
-    mn(hi1, lo2, out=hi1)             # p2 = min(p2, p3)
-    mx(lo1, hi1, out=hi1)             # p2 = max(p1, p2): the median
+    mn(hi1, lo2, out=hi1)  # p2 = min(p2, p3)
+    mx(lo1, hi1, out=hi1)  # p2 = max(p1, p2): the median
     return hi1
 
 
@@ -170,7 +188,7 @@ def _median_last(a: np.ndarray) -> np.ndarray:
         return _median_general(a)
     out = _med5(a[..., 0], a[..., 1], a[..., 2], a[..., 3], a[..., 4])
     bad = np.isnan(out)
-    if bad.any():   # rows with a missing value: the NaN-aware path (exact same arithmetic for full rows)
+    if bad.any():  # rows with a missing value: the NaN-aware path (exact same arithmetic for full rows)
         out[bad] = _median_general(a[bad])
     return out
 
@@ -186,8 +204,9 @@ def _median_cols(cols: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _baseline(med: np.ndarray, spread: np.ndarray, mean: np.ndarray | None, cnt: np.ndarray,
-              min_history: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+def _baseline(
+    med: np.ndarray, spread: np.ndarray, mean: np.ndarray | None, cnt: np.ndarray, min_history: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """Baseline from windows of previous block statistics (..., m): center (median of block medians),
     scale (within-block spread combined with between-block spread), mean level (median of block means,
     when `mean` is given), ok (enough history)."""
@@ -283,91 +302,134 @@ def _describe(detector: str, metric: str, level: int, value: float | None, score
     v = _fmt(value)
     up = score >= 0
     if detector == "nonfinite":
-        return (f"{metric} is NaN/Inf/None where a value was expected",
-                "check the reward functions and the loss for NaN (division by zero, log of 0, empty groups); "
-                "lower the learning rate or enable gradient clipping if the loss diverged")
+        return (
+            f"{metric} is NaN/Inf/None where a value was expected",
+            "check the reward functions and the loss for NaN (division by zero, log of 0, empty groups); "
+            "lower the learning rate or enable gradient clipping if the loss diverged",
+        )
     if detector == "zscore":
         return _zscore_message(metric, value, score), _ZSCORE_ADVICE
     if detector == "kl_spike":
-        return (f"isolated KL spike: kl = {v}, {score:.0f}x its typical level",
-                "single spikes are common on small models; watch whether it persists")
+        return (
+            f"isolated KL spike: kl = {v}, {score:.0f}x its typical level",
+            "single spikes are common on small models; watch whether it persists",
+        )
     if detector == "kl_runaway":
-        return (f"KL is running away: kl = {v}, held {score:.0f}x above its baseline",
-                "lower the learning rate, raise the KL coefficient (beta) or check the reference model; "
-                "roll back to the last good checkpoint if it keeps rising")
+        return (
+            f"KL is running away: kl = {v}, held {score:.0f}x above its baseline",
+            "lower the learning rate, raise the KL coefficient (beta) or check the reference model; "
+            "roll back to the last good checkpoint if it keeps rising",
+        )
     if detector == "entropy_collapse":
-        return (f"entropy collapsed: {v}, {100 * score:.0f}% below its early level",
-                "the policy became (near) deterministic: raise the temperature or an entropy bonus, lower the "
-                "learning rate, check for reward hacking")
+        return (
+            f"entropy collapsed: {v}, {100 * score:.0f}% below its early level",
+            "the policy became (near) deterministic: raise the temperature or an entropy bonus, lower the "
+            "learning rate, check for reward hacking",
+        )
     if detector == "reward_shift":
         if up:
-            return (f"{metric} is climbing abnormally fast ({v})",
-                    "inspect sample completions for reward hacking; check the reward function and KL beta")
-        return (f"{metric} dropped abruptly ({v})",
-                "check the reward function/model for errors, NaN or noise; check the learning rate")
+            return (
+                f"{metric} is climbing abnormally fast ({v})",
+                "inspect sample completions for reward hacking; check the reward function and KL beta",
+            )
+        return (
+            f"{metric} dropped abruptly ({v})",
+            "check the reward function/model for errors, NaN or noise; check the learning rate",
+        )
     if detector == "reward_scale":
-        return (f"reward scale jumped: {metric} = {v} ({_fmt(score)}x / spreads from its baseline)",
-                "check reward normalisation and the reward model output scale")
+        return (
+            f"reward scale jumped: {metric} = {v} ({_fmt(score)}x / spreads from its baseline)",
+            "check reward normalisation and the reward model output scale",
+        )
     if detector == "reward_mismatch":
-        return (f"reward no longer equals the sum of the per-function rewards (difference {_fmt(score)})",
-                "a reward function returned NaN/None for part of the batch and TRL dropped it: fix the "
-                "reward function")
+        return (
+            f"reward no longer equals the sum of the per-function rewards (difference {_fmt(score)})",
+            "a reward function returned NaN/None for part of the batch and TRL dropped it: fix the reward function",
+        )
     if detector == "reward_hacking":
-        return (f"reward hacking signature: reward climbing fast ({v}) with lengths at the limit, entropy "
-                f"falling or KL rising",
-                "read sample completions; add length penalties, raise KL beta, fix the exploitable reward")
+        return (
+            f"reward hacking signature: reward climbing fast ({v}) with lengths at the limit, entropy "
+            f"falling or KL rising",
+            "read sample completions; add length penalties, raise KL beta, fix the exploitable reward",
+        )
     if detector == "no_learning_signal":
         if metric == "frac_reward_zero_std":
-            return (f"no learning signal: {v} of prompt groups have identical rewards",
-                    "raise temperature / num_generations, check the reward function is not constant or NaN")
-        return (f"no learning signal: {metric} collapsed to {v}",
-                "rewards no longer differ within groups: check the reward function, temperature and data")
+            return (
+                f"no learning signal: {v} of prompt groups have identical rewards",
+                "raise temperature / num_generations, check the reward function is not constant or NaN",
+            )
+        return (
+            f"no learning signal: {metric} collapsed to {v}",
+            "rewards no longer differ within groups: check the reward function, temperature and data",
+        )
     if detector == "policy_shift":
-        return (f"{metric} rose abruptly ({v}): the policy changed suddenly",
-                "check the learning rate and the last update; compare sample completions")
+        return (
+            f"{metric} rose abruptly ({v}): the policy changed suddenly",
+            "check the learning rate and the last update; compare sample completions",
+        )
     if detector == "grad_norm_shift":
-        return (f"grad_norm held far above its baseline ({v}, {score:.1f}x)",
-                "lower the learning rate or tighten max_grad_norm; check for bad batches")
+        return (
+            f"grad_norm held far above its baseline ({v}, {score:.1f}x)",
+            "lower the learning rate or tighten max_grad_norm; check for bad batches",
+        )
     if detector == "grad_norm_spike":
         return (f"grad_norm spike ({v})", "isolated spikes are common; watch whether they repeat")
     if detector == "loss_shift":
-        return (f"{metric} held far from its baseline ({v})",
-                "check the learning rate, the data and the reward/preference labels")
+        return (
+            f"{metric} held far from its baseline ({v})",
+            "check the learning rate, the data and the reward/preference labels",
+        )
     if detector == "loss_spike":
         return (f"{metric} spike ({v})", "isolated spikes are common; watch whether they repeat")
     if detector == "value_loss_blowup":
-        return (f"value loss blew up ({v}, {score:.0f}x its level)",
-                "lower the value learning rate / vf_coef, clip values, check reward scale")
+        return (
+            f"value loss blew up ({v}, {score:.0f}x its level)",
+            "lower the value learning rate / vf_coef, clip values, check reward scale",
+        )
     if detector == "clip_ratio":
-        return (f"clip fraction too high ({v}) while training off-policy",
-                "updates are too large: lower the learning rate or num_iterations / ppo_epochs")
+        return (
+            f"clip fraction too high ({v}) while training off-policy",
+            "updates are too large: lower the learning rate or num_iterations / ppo_epochs",
+        )
     if detector == "lr_jump":
-        return (f"learning rate jumped {score:.0f}x in one step ({v})",
-                "check the scheduler and any manual learning-rate changes")
+        return (
+            f"learning rate jumped {score:.0f}x in one step ({v})",
+            "check the scheduler and any manual learning-rate changes",
+        )
     if detector == "dpo_accuracy_drop":
-        return (f"DPO accuracy fell from its plateau ({v})",
-                "check the preference labels (chosen/rejected swapped?) and the data pipeline")
+        return (
+            f"DPO accuracy fell from its plateau ({v})",
+            "check the preference labels (chosen/rejected swapped?) and the data pipeline",
+        )
     if detector == "dpo_accuracy_pinned":
-        return ("DPO accuracy pinned at 1.0 early",
-                "pairs may be too easy or leaked; check the dataset and beta")
+        return ("DPO accuracy pinned at 1.0 early", "pairs may be too easy or leaked; check the dataset and beta")
     if detector == "dpo_margin_explosion":
-        return (f"DPO margins exploding ({v})",
-                "raise beta or lower the learning rate; check for degenerate pairs")
+        return (f"DPO margins exploding ({v})", "raise beta or lower the learning rate; check for degenerate pairs")
     if detector == "dpo_logps_falling":
-        return ("chosen and rejected log-probs are both falling",
-                "likelihood displacement: lower the learning rate, add an SFT term (rpo_alpha) or raise beta")
+        return (
+            "chosen and rejected log-probs are both falling",
+            "likelihood displacement: lower the learning rate, add an SFT term (rpo_alpha) or raise beta",
+        )
     if detector == "dpo_loss":
-        return (f"DPO loss back above ln 2 ({v}): the policy now prefers rejected answers",
-                "check the preference labels and the learning rate")
+        return (
+            f"DPO loss back above ln 2 ({v}): the policy now prefers rejected answers",
+            "check the preference labels and the learning rate",
+        )
     if detector == "memory_leak":
-        return (f"{metric} is growing steadily (+{100 * score:.0f}% over the leak window)",
-                "look for tensors kept across steps (logging, lists of losses), caches, or growing batches")
+        return (
+            f"{metric} is growing steadily (+{100 * score:.0f}% over the leak window)",
+            "look for tensors kept across steps (logging, lists of losses), caches, or growing batches",
+        )
     if detector == "memory_near_oom":
-        return (f"device memory at {100 * (value or 0):.0f}% of capacity: close to out-of-memory",
-                "lower batch size / max_completion_length, enable gradient checkpointing")
+        return (
+            f"device memory at {100 * (value or 0):.0f}% of capacity: close to out-of-memory",
+            "lower batch size / max_completion_length, enable gradient checkpointing",
+        )
     if detector == "step_time_regression":
-        return (f"step time regressed ({v}s, {score:.1f}x its baseline)",
-                "check for longer completions, throttling, memory pressure or other jobs on the machine")
+        return (
+            f"step time regressed ({v}s, {score:.1f}x its baseline)",
+            "check for longer completions, throttling, memory pressure or other jobs on the machine",
+        )
     return (f"{detector} on {metric} ({v})", "inspect the metric")
 
 
@@ -382,13 +444,35 @@ def _finite_or_none(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _new_episode(detector: str, metric: str, step: int, level: int, value: float | None, score: float,
-                 sev_steps: dict[str, int], msg_level: int, msg_value: float | None, msg_score: float) -> dict:
+def _new_episode(
+    detector: str,
+    metric: str,
+    step: int,
+    level: int,
+    value: float | None,
+    score: float,
+    sev_steps: dict[str, int],
+    msg_level: int,
+    msg_value: float | None,
+    msg_score: float,
+) -> dict:
     message, recommendation = _describe(detector, metric, msg_level, msg_value, msg_score)
-    return {"step": step, "metric": metric, "detector": detector, "severity": SEVERITIES[level - 1],
-            "value": value, "message": message, "recommendation": recommendation, "first_step": step,
-            "peak_step": step, "peak_value": value, "last_step": step, "count": 1, "ongoing": True,
-            "severity_steps": sev_steps}
+    return {
+        "step": step,
+        "metric": metric,
+        "detector": detector,
+        "severity": SEVERITIES[level - 1],
+        "value": value,
+        "message": message,
+        "recommendation": recommendation,
+        "first_step": step,
+        "peak_step": step,
+        "peak_value": value,
+        "last_step": step,
+        "count": 1,
+        "ongoing": True,
+        "severity_steps": sev_steps,
+    }
 
 
 class _Episodes:
@@ -411,7 +495,7 @@ class _Episodes:
         score = score if score == score else 0.0
         value = _finite_or_none(value)
         if ep is not None and step - ep["last_step"] <= self.cooldown:
-            if step != ep["last_step"]:   # a step re-delivered (streaming) counts once
+            if step != ep["last_step"]:  # a step re-delivered (streaming) counts once
                 ep["last_step"] = step
                 ep["count"] += 1
             if abs(score) > ep["_peak"]:
@@ -425,8 +509,18 @@ class _Episodes:
                     ep["severity_steps"][SEVERITIES[lv - 1]] = step
                 ep["message"], ep["recommendation"] = _describe(detector, metric, level, value, score)
             return
-        ep = _new_episode(detector, metric, step, level, value, score,
-                          {SEVERITIES[lv]: step for lv in range(level)}, level, value, score)
+        ep = _new_episode(
+            detector,
+            metric,
+            step,
+            level,
+            value,
+            score,
+            {SEVERITIES[lv]: step for lv in range(level)},
+            level,
+            value,
+            score,
+        )
         ep["_peak"] = abs(score)
         self.open[key] = ep
         self.all.append(ep)
@@ -461,12 +555,24 @@ class _Spans:
         self.sev = np.maximum.reduceat(lev, starts)
         self.peak = np.minimum.reduceat(np.where(mag == np.repeat(mx, ends - starts), ar, big), starts)
         # first row at each level or above (only needed when a level above "low" occurs)
-        self.first_at = None if self.sev.max() == 1 else [
-            np.minimum.reduceat(np.where(lev >= L, ar, big), starts) for L in (1, 2, 3, 4)]
+        self.first_at = (
+            None
+            if self.sev.max() == 1
+            else [np.minimum.reduceat(np.where(lev >= L, ar, big), starts) for L in (1, 2, 3, 4)]
+        )
 
 
-def _episode_dicts(detector: str, metric: str, sp: _Spans, st: np.ndarray, score: np.ndarray, value: np.ndarray,
-                   cooldown: int, latest: int, which: np.ndarray | None = None) -> list[dict]:
+def _episode_dicts(
+    detector: str,
+    metric: str,
+    sp: _Spans,
+    st: np.ndarray,
+    score: np.ndarray,
+    value: np.ndarray,
+    cooldown: int,
+    latest: int,
+    which: np.ndarray | None = None,
+) -> list[dict]:
     """The episode dicts of `sp` (all, or the episode indices `which`); same result as `_Episodes`."""
     idx = np.arange(sp.starts.shape[0]) if which is None else which
     if idx.size == 0:
@@ -481,18 +587,31 @@ def _episode_dicts(detector: str, metric: str, sp: _Spans, st: np.ndarray, score
 
     v0, vpk, sc0 = vals(s0s), vals(pks), score[s0s].tolist()
     out: list[dict] = []
-    if sp.first_at is None and detector == "zscore":   # many low episodes: keep this loop lean
+    if sp.first_at is None and detector == "zscore":  # many low episodes: keep this loop lean
         for step, v, sc, pstep, pv, lstep, cnt in zip(first, v0, sc0, peak, vpk, last, counts):
-            out.append({"step": step, "metric": metric, "detector": detector, "severity": "low", "value": v,
-                        "message": _zscore_message(metric, v, sc), "recommendation": _ZSCORE_ADVICE,
-                        "first_step": step, "peak_step": pstep, "peak_value": pv, "last_step": lstep,
-                        "count": cnt, "ongoing": latest - lstep <= cooldown, "severity_steps": {"low": step}})
+            out.append(
+                {
+                    "step": step,
+                    "metric": metric,
+                    "detector": detector,
+                    "severity": "low",
+                    "value": v,
+                    "message": _zscore_message(metric, v, sc),
+                    "recommendation": _ZSCORE_ADVICE,
+                    "first_step": step,
+                    "peak_step": pstep,
+                    "peak_value": pv,
+                    "last_step": lstep,
+                    "count": cnt,
+                    "ongoing": latest - lstep <= cooldown,
+                    "severity_steps": {"low": step},
+                }
+            )
         return out
     sevs = sp.sev[idx].tolist()
     # (levels an episode never reached hold a sentinel past the end: clipped here, never read below)
-    fa = ([st[np.minimum(f[idx], st.shape[0] - 1)].tolist() for f in sp.first_at]
-          if sp.first_at is not None else None)
-    at_rows = (np.choose(sp.sev[idx] - 1, [f[idx] for f in sp.first_at]) if sp.first_at is not None else s0s)
+    fa = [st[np.minimum(f[idx], st.shape[0] - 1)].tolist() for f in sp.first_at] if sp.first_at is not None else None
+    at_rows = np.choose(sp.sev[idx] - 1, [f[idx] for f in sp.first_at]) if sp.first_at is not None else s0s
     v_at, sc_at = vals(at_rows), score[at_rows].tolist()
     for e, (step, sv, pstep, pv, lstep, cnt) in enumerate(zip(first, sevs, peak, vpk, last, counts)):
         sev_steps = {SEVERITIES[L]: fa[L][e] for L in range(sv)} if fa is not None else {"low": step}
@@ -552,15 +671,15 @@ def _aliases(names: Iterable[str]) -> set[str]:
 
 def _z_floor(names: list[str], th: Thresholds) -> np.ndarray:
     """Smallest scale of the generic z-score per metric: 0..1 fractions move in coarse steps."""
-    return np.array([th.fraction_floor if n in _FRACTION_METRICS or _is_fraction_name(n) else 0.0
-                     for n in names])
+    return np.array([th.fraction_floor if n in _FRACTION_METRICS or _is_fraction_name(n) else 0.0 for n in names])
 
 
 def _is_fraction_name(name: str) -> bool:
     """Clip fractions of every trainer family are 0..1 shares that move in coarse steps; a constant 0 with one
     tiny blip must not read as billions of spreads."""
-    return name.startswith(("clip_ratio/", "policy/clipfrac", "ppo/policy/clipfrac", "ppo/val/clipfrac",
-                            "val/clipfrac")) or name.endswith("clipped_ratio")
+    return name.startswith(
+        ("clip_ratio/", "policy/clipfrac", "ppo/policy/clipfrac", "ppo/val/clipfrac", "val/clipfrac")
+    ) or name.endswith("clipped_ratio")
 
 
 def _generic(name: str, aliases: set[str]) -> bool:
@@ -574,8 +693,9 @@ def generic_metrics(names: Iterable[str]) -> set[str]:
     return {n for n in names if _generic(n, aliases)}
 
 
-def zscore_band(values: np.ndarray, thresholds: Thresholds | None = None,
-                metric: str | None = None) -> tuple[float, float] | None:
+def zscore_band(
+    values: np.ndarray, thresholds: Thresholds | None = None, metric: str | None = None
+) -> tuple[float, float] | None:
     """The band outside which the generic z-score flags the next value of a metric: baseline centre ±
     anomaly_threshold × robust scale, from the blocks before the current one, with the detector's own
     statistics and, given the metric's name, its scale floor (for the monitor's band column). None while the
@@ -588,11 +708,10 @@ def zscore_band(values: np.ndarray, thresholds: Thresholds | None = None,
     if current == 0:
         return None
     start = max(0, current - blocks)
-    x = np.array(values[start * block: current * block], dtype=np.float64).reshape(current - start, block)
+    x = np.array(values[start * block : current * block], dtype=np.float64).reshape(current - start, block)
     x[~np.isfinite(x)] = np.nan
     med, spread, mean, cnt = _block_stats(x)
-    center, scale, _, ok = _baseline(med[None, :], spread[None, :], mean[None, :], cnt[None, :],
-                                     int(th.min_history))
+    center, scale, _, ok = _baseline(med[None, :], spread[None, :], mean[None, :], cnt[None, :], int(th.min_history))
     c, s = float(center[0]), float(scale[0])
     if not bool(ok[0]) or not (math.isfinite(c) and math.isfinite(s)):
         return None
@@ -622,9 +741,18 @@ class _Plan:
 class _Series:
     """Row-level views of one metric's baseline (batch path)."""
 
-    def __init__(self, xpad: np.ndarray, center: np.ndarray, scale: np.ndarray, level: np.ndarray,
-                 ok: np.ndarray, block: int, n: int, med_blocks: np.ndarray):
-        self.xpad = xpad            # the values padded with NaN to whole blocks
+    def __init__(
+        self,
+        xpad: np.ndarray,
+        center: np.ndarray,
+        scale: np.ndarray,
+        level: np.ndarray,
+        ok: np.ndarray,
+        block: int,
+        n: int,
+        med_blocks: np.ndarray,
+    ):
+        self.xpad = xpad  # the values padded with NaN to whole blocks
         self.x = xpad[:n]
         self._c, self._s, self._l, self._ok = center, scale, level, ok
         self.block = block
@@ -710,8 +838,8 @@ def _unpack(run_or_arrays: Any, context: Mapping[str, Any] | None):
     return steps, metrics, logged, meta
 
 
-_CHUNK_VALUES = 1 << 19     # values per chunk of metrics: bounds the temporaries of one pass (4 MB per array)
-_BLOCK_MEDIANS = frozenset({"memory/rss_mb", "memory/gpu_mb"})   # series whose block medians a detector reads
+_CHUNK_VALUES = 1 << 19  # values per chunk of metrics: bounds the temporaries of one pass (4 MB per array)
+_BLOCK_MEDIANS = frozenset({"memory/rss_mb", "memory/gpu_mb"})  # series whose block medians a detector reads
 
 
 class _Cached:
@@ -719,8 +847,16 @@ class _Cached:
 
     __slots__ = ("rows", "checksum", "center", "scale", "ok", "level", "med")
 
-    def __init__(self, rows: int, checksum: int, center: np.ndarray, scale: np.ndarray, ok: np.ndarray,
-                 level: np.ndarray | None, med: np.ndarray | None):
+    def __init__(
+        self,
+        rows: int,
+        checksum: int,
+        center: np.ndarray,
+        scale: np.ndarray,
+        ok: np.ndarray,
+        level: np.ndarray | None,
+        med: np.ndarray | None,
+    ):
         self.rows, self.checksum = rows, checksum
         self.center, self.scale, self.ok, self.level, self.med = center, scale, ok, level, med
 
@@ -739,8 +875,8 @@ class DetectionCache:
         self.config: tuple | None = None
         self.steps = np.empty(0, dtype=np.int64)
         self.metrics: dict[str, _Cached] = {}
-        self.specific: tuple | None = None   # (signature, flags) of the domain detectors' last pass
-        self.reused_blocks = 0      # blocks of baselines reused by the last call (for tests and benchmarks)
+        self.specific: tuple | None = None  # (signature, flags) of the domain detectors' last pass
+        self.reused_blocks = 0  # blocks of baselines reused by the last call (for tests and benchmarks)
 
     def _start(self, steps: np.ndarray, config: tuple) -> bool:
         """Whether anything cached can hold for `steps` under `config`; forgets everything otherwise."""
@@ -756,8 +892,13 @@ def _checksum(rows: np.ndarray) -> np.ndarray:
     return rows.view(np.int64).sum(axis=1)
 
 
-def detect(run_or_arrays: Any, thresholds: Thresholds | None = None,
-           context: Mapping[str, Any] | None = None, *, cache: DetectionCache | None = None) -> list[dict]:
+def detect(
+    run_or_arrays: Any,
+    thresholds: Thresholds | None = None,
+    context: Mapping[str, Any] | None = None,
+    *,
+    cache: DetectionCache | None = None,
+) -> list[dict]:
     """All anomaly episodes of a whole history, vectorised.
 
     `run_or_arrays`: a RunHistory, or (steps, {metric: values}, {metric: logged mask} | None, meta | None).
@@ -768,9 +909,15 @@ def detect(run_or_arrays: Any, thresholds: Thresholds | None = None,
     return evaluate(run_or_arrays, thresholds, context, cache=cache)[0]
 
 
-def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: Mapping[str, Any] | None = None,
-             *, cache: DetectionCache | None = None, keep_low: int | None = None,
-             keep_other: int | None = None) -> tuple[list[dict], dict[str, int]]:
+def evaluate(
+    run_or_arrays: Any,
+    thresholds: Thresholds | None = None,
+    context: Mapping[str, Any] | None = None,
+    *,
+    cache: DetectionCache | None = None,
+    keep_low: int | None = None,
+    keep_other: int | None = None,
+) -> tuple[list[dict], dict[str, int]]:
     """`detect` for a monitor: (episodes, count of episodes per severity).
 
     With `keep_low`/`keep_other`, only the newest that many low / medium-and-above episodes (and every ongoing
@@ -790,14 +937,14 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
     M = len(names)
     cache = cache if cache is not None else DetectionCache()
     reusing = cache._start(steps, (B, m, int(th.min_history)))
-    frozen = (n - 1) // B                   # blocks wholly before the newest row (which may still be merged into)
+    frozen = (n - 1) // B  # blocks wholly before the newest row (which may still be merged into)
     # Grace period: no alarms in the first grace_steps steps except non-finite values.
     in_grace = steps < int(steps[0]) + int(th.grace_steps)
-    flagged: list[tuple] = []               # (detector, metric, rows, level per row, score, value) -- sparse rows
-    dense: list[tuple] = []                 # (detector, metric, level for every row, score, value)
-    base: dict[str, tuple] = {}             # name -> (center, scale, ok, level, med, xpad) at block level
+    flagged: list[tuple] = []  # (detector, metric, rows, level per row, score, value) -- sparse rows
+    dense: list[tuple] = []  # (detector, metric, level for every row, score, value)
+    base: dict[str, tuple] = {}  # name -> (center, scale, ok, level, med, xpad) at block level
     fresh: dict[str, _Cached] = {}
-    data_sig: list[int] = []                # per metric, a checksum of all its rows
+    data_sig: list[int] = []  # per metric, a checksum of all its rows
     reused = 0
     aliases = _aliases(names)
     floors = _z_floor(names, th)
@@ -830,29 +977,30 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
             c = cache.metrics.get(names[i]) if reusing else None
             if c is not None and c.rows <= frozen * B:
                 same_rows = sums is not None and c.rows == frozen * B
-                if int(sums[j] if same_rows else _checksum(X[j:j + 1, : c.rows])[0]) != c.checksum:
+                if int(sums[j] if same_rows else _checksum(X[j : j + 1, : c.rows])[0]) != c.checksum:
                     c = None
             else:
                 c = None
             old.append(c)
         start = min((c.center.shape[0] if c is not None else 0) for c in old)
         reused += start * k
-        s0 = max(0, start - m)                      # the baselines from `start` on need the m blocks before it
-        blocks = X[:, s0 * B:].reshape(k * (nb - s0), B)
+        s0 = max(0, start - m)  # the baselines from `start` on need the m blocks before it
+        blocks = X[:, s0 * B :].reshape(k * (nb - s0), B)
         frac = [j for j, i in enumerate(idx) if names[i] in _FRACTION_METRICS]
         med, spread, _, cnt = _block_stats(blocks, with_mean=False)
         med, spread, cnt = med.reshape(k, nb - s0), spread.reshape(k, nb - s0), cnt.reshape(k, nb - s0)
         del blocks
 
-        def windows(a: np.ndarray, fill: float) -> np.ndarray:
+        def windows(a: np.ndarray, fill: float, start: int = start, s0: int = s0) -> np.ndarray:
             pad = np.concatenate([np.full((a.shape[0], m - (start - s0)), fill, dtype=a.dtype), a], axis=1)
             return sliding_window_view(pad, m, axis=1)[:, : nb - start]
 
-        center, scale, _, ok = _baseline(windows(med, np.nan), windows(spread, np.nan), None, windows(cnt, 0),
-                                         th.min_history)
+        center, scale, _, ok = _baseline(
+            windows(med, np.nan), windows(spread, np.nan), None, windows(cnt, 0), th.min_history
+        )
         level = None
-        if frac:   # block means only where a mean level is used (fractions), same kernel as streaming
-            mean = _block_stats(X[frac, s0 * B:].reshape(len(frac) * (nb - s0), B))[2].reshape(len(frac), -1)
+        if frac:  # block means only where a mean level is used (fractions), same kernel as streaming
+            mean = _block_stats(X[frac, s0 * B :].reshape(len(frac) * (nb - s0), B))[2].reshape(len(frac), -1)
             level = _median_last(windows(mean, np.nan))
         if start:
             center = np.concatenate([np.stack([c.center[:start] for c in old]), center], axis=1)
@@ -872,11 +1020,11 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
                 np.abs(dev, out=dev)
                 hit = dev > limit[:, :, None]
             del dev
-            g_arr, r_arr = np.nonzero(hit.reshape(len(gen), nb * B))   # padding rows are NaN: never hit
+            g_arr, r_arr = np.nonzero(hit.reshape(len(gen), nb * B))  # padding rows are NaN: never hit
             del hit
             bounds = np.searchsorted(g_arr, np.arange(len(gen) + 1))
             for q, j in enumerate(gen):
-                rows = r_arr[bounds[q]:bounds[q + 1]]
+                rows = r_arr[bounds[q] : bounds[q + 1]]
                 rows = rows[~in_grace[rows]]
                 if rows.size:
                     blk = rows // B
@@ -885,7 +1033,7 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
                     flagged.append(("zscore", names[idx[j]], rows, np.ones(rows.size, dtype=np.int8), z, x))
 
         fsum = _checksum(X[:, : frozen * B]) if sums is None else sums
-        data_sig.extend((fsum + _checksum(X[:, frozen * B: n])).tolist())   # every row (wrapping int64 sum)
+        data_sig.extend((fsum + _checksum(X[:, frozen * B : n])).tolist())  # every row (wrapping int64 sum)
         for j, i in enumerate(idx):
             name = names[i]
             lv = level[frac.index(j)] if j in frac else None
@@ -894,16 +1042,29 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
                 md = med[j] if not s0 else np.concatenate([old[j].med[:s0], med[j]])
             fresh[name] = _Cached(frozen * B, int(fsum[j]), center[j], scale[j], ok[j], lv, md)
             if name in need_x:
-                base[name] = (center[j], scale[j], ok[j], lv if lv is not None else np.full(nb, np.nan), md,
-                              X[j].copy())
+                base[name] = (
+                    center[j],
+                    scale[j],
+                    ok[j],
+                    lv if lv is not None else np.full(nb, np.nan),
+                    md,
+                    X[j].copy(),
+                )
         del X
 
     cache.metrics, cache.steps, cache.reused_blocks = fresh, np.array(steps), reused // max(M, 1)
     plan = _Plan(names, meta, th)
     # The domain detectors read every setting but the z-score's threshold: when only that changed (the +/- keys)
     # and no value did, their flags are the cached ones (same row count: `_start` checked the steps).
-    signature = (dataclasses.replace(th, anomaly_threshold=0.0, muted=[]), tuple(names), plan.dpo,
-                 plan.off_policy, plan.max_len, tuple(data_sig), n)
+    signature = (
+        dataclasses.replace(th, anomaly_threshold=0.0, muted=[]),
+        tuple(names),
+        plan.dpo,
+        plan.off_policy,
+        plan.max_len,
+        tuple(data_sig),
+        n,
+    )
     if cache.specific is not None and cache.specific[0] == signature:
         specific = cache.specific[1]
     else:
@@ -916,14 +1077,15 @@ def evaluate(run_or_arrays: Any, thresholds: Thresholds | None = None, context: 
         cache.specific = (signature, specific)
         del series
     del base
-    for det, metric, lev, score, value in dense:   # non-finite values
+    for det, metric, lev, score, value in dense:  # non-finite values
         flagged.append(_sparse(det, metric, lev, score, value, in_grace))
     flagged.extend(f for f in specific if f[0] not in muted and f[2].size)
     return _episodes(flagged, steps, th, keep_low, keep_other)
 
 
-def _sparse(det: str, metric: str, lev: np.ndarray, score: np.ndarray, value: np.ndarray,
-            in_grace: np.ndarray) -> tuple:
+def _sparse(
+    det: str, metric: str, lev: np.ndarray, score: np.ndarray, value: np.ndarray, in_grace: np.ndarray
+) -> tuple:
     """(detector, metric, rows, level, score, value) of the flagged rows (none in the grace period, except
     non-finite values)."""
     if det != "nonfinite":
@@ -934,15 +1096,35 @@ def _sparse(det: str, metric: str, lev: np.ndarray, score: np.ndarray, value: np
 
 def _series_wanted(names: list[str]) -> set[str]:
     """Metrics a domain detector reads (their row-level series are built; the others stay block-level)."""
-    fixed = {"kl", "entropy", "completion_length", "reward", "reward_std", "frac_reward_zero_std",
-             "completions/clipped_ratio", "grad_norm", "loss", "policy_loss", "value_loss", "clip_ratio",
-             "learning_rate", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-             "memory/gpu_frac", "step_time", "time/step_s", *_BLOCK_MEDIANS}
+    fixed = {
+        "kl",
+        "entropy",
+        "completion_length",
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "completions/clipped_ratio",
+        "grad_norm",
+        "loss",
+        "policy_loss",
+        "value_loss",
+        "clip_ratio",
+        "learning_rate",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "memory/gpu_frac",
+        "step_time",
+        "time/step_s",
+        *_BLOCK_MEDIANS,
+    }
     return {n for n in names if n in fixed or _REWARD_PART.match(n)}
 
 
-def _episodes(flagged: list[tuple], steps: np.ndarray, th: Thresholds, keep_low: int | None,
-              keep_other: int | None) -> tuple[list[dict], dict[str, int]]:
+def _episodes(
+    flagged: list[tuple], steps: np.ndarray, th: Thresholds, keep_low: int | None, keep_other: int | None
+) -> tuple[list[dict], dict[str, int]]:
     """Flagged rows -> episodes (only the newest kept ones built) and counts per severity."""
     latest, cooldown = int(steps[-1]), int(th.cooldown_steps)
     spans: list[tuple] = []
@@ -962,8 +1144,8 @@ def _episodes(flagged: list[tuple], steps: np.ndarray, th: Thresholds, keep_low:
         first_all = np.concatenate([st[sp.starts] for _d, _m, sp, st, *_ in spans])
         last_all = np.concatenate([st[sp.last] for _d, _m, sp, st, *_ in spans])
         low_all = np.concatenate([sp.sev == 1 for _d, _m, sp, *_ in spans])
-        keep = latest - last_all <= cooldown                        # ongoing episodes always stay
-        order = np.lexsort((last_all, first_all))[::-1]             # newest first
+        keep = latest - last_all <= cooldown  # ongoing episodes always stay
+        order = np.lexsort((last_all, first_all))[::-1]  # newest first
         for is_low, limit in ((True, keep_low), (False, keep_other)):
             chosen = order[low_all[order] == is_low]
             keep[chosen if limit is None else chosen[: max(0, int(limit))]] = True
@@ -1013,8 +1195,9 @@ def _specific(series: dict[str, _Series], plan: _Plan, th: Thresholds, n: int):
             with np.errstate(invalid="ignore"):
                 ent_drop = 1.0 - ent.recent(rn) / early
             ent_drop[: row + 1] = np.nan
-            lev = np.where(ent_drop >= th.entropy_collapse_high, 3,
-                           np.where(ent_drop >= th.entropy_collapse_frac, 2, 0)).astype(np.int8)
+            lev = np.where(
+                ent_drop >= th.entropy_collapse_high, 3, np.where(ent_drop >= th.entropy_collapse_frac, 2, 0)
+            ).astype(np.int8)
             yield "entropy_collapse", "entropy", lev, ent_drop
         up = _cusum(ent.z, th.rise_kref, th.shift_clip, 1.0)
         yield "policy_shift", "entropy", np.where(up >= th.rise_h, 2, 0).astype(np.int8), up
@@ -1087,7 +1270,7 @@ def _specific(series: dict[str, _Series], plan: _Plan, th: Thresholds, n: int):
     # Reward hacking: a recent abnormal climb plus a hacking sign.
     if reward_up is not None:
         climb = _count_last(reward_up >= th.rise_h, max(1, int(th.hack_window))) > 0
-        if climb.any():   # the signs only matter where the reward climbed
+        if climb.any():  # the signs only matter where the reward climbed
             sign = kl_held | (ent_drop >= th.hack_entropy_drop)
             cr = s("completions/clipped_ratio")
             if cr is not None:
@@ -1128,7 +1311,7 @@ def _specific(series: dict[str, _Series], plan: _Plan, th: Thresholds, n: int):
         if not plan.off_policy:
             nz = np.flatnonzero(np.nan_to_num(cl.x) > 0)
             if nz.size:
-                armed[nz[0]:] = True
+                armed[nz[0] :] = True
         cur = cl.recent(rn) if np.any(cl.x >= th.clip_ratio_high) else np.full(n, np.nan)
         yield "clip_ratio", "clip_ratio", np.where(armed & (cur >= th.clip_ratio_high), 2, 0).astype(np.int8), cur
 
@@ -1147,12 +1330,12 @@ def _specific(series: dict[str, _Series], plan: _Plan, th: Thresholds, n: int):
                 need = np.maximum(th.dpo_accuracy_drop, 4.0 * acc.scale)
             gap[~acc.ok] = np.nan
             big = gap >= 2 * need
-            held = _count_last(gap >= need, 3) >= 2          # one dip of a small batch is not enough
+            held = _count_last(gap >= need, 3) >= 2  # one dip of a small batch is not enough
             lev = np.where(_count_last(big, 3) >= 2, 3, np.where(big | held, 2, 0)).astype(np.int8)
             yield "dpo_accuracy_drop", "rewards/accuracies", lev, -gap
             ps = max(1, int(th.dpo_pinned_steps))
             pinned = _count_last(acc.x >= 0.999, ps) >= ps
-            pinned[5 * ps:] = False
+            pinned[5 * ps :] = False
             yield "dpo_accuracy_pinned", "rewards/accuracies", np.where(pinned, 1, 0).astype(np.int8), acc.x
         mg = s("rewards/margins")
         if mg is not None:
@@ -1179,8 +1362,9 @@ def _specific(series: dict[str, _Series], plan: _Plan, th: Thresholds, n: int):
     for name in plan.memory:
         ser = s(name)
         growth = _leak_growth(ser.med_blocks, int(th.memory_leak_blocks), B=ser.block, n=n)
-        lev = np.where(growth >= 3 * th.memory_leak_frac, 3,
-                       np.where(growth >= th.memory_leak_frac, 2, 0)).astype(np.int8)
+        lev = np.where(growth >= 3 * th.memory_leak_frac, 3, np.where(growth >= th.memory_leak_frac, 2, 0)).astype(
+            np.int8
+        )
         yield "memory_leak", name, lev, growth
     gf = s("memory/gpu_frac")
     if gf is not None:
@@ -1190,7 +1374,7 @@ def _specific(series: dict[str, _Series], plan: _Plan, th: Thresholds, n: int):
         ser = s(name)
         pos = ser.ok & (ser.center > 0)
         if not pos.any() or not np.nanmax(ser.x) >= th.step_time_factor * np.min(ser.center[pos]):
-            ratio = np.full(n, np.nan)   # no value reaches factor x the smallest baseline: nothing to flag
+            ratio = np.full(n, np.nan)  # no value reaches factor x the smallest baseline: nothing to flag
         else:
             with np.errstate(invalid="ignore", divide="ignore"):
                 ratio = np.where(pos, ser.recent(rn) / ser.center, np.nan)
@@ -1234,7 +1418,7 @@ def _leak_growth(med_blocks: np.ndarray, L: int, B: int, n: int) -> np.ndarray:
     nb = med_blocks.shape[0]
     out_blocks = np.full(nb, np.nan)
     if nb > L and L >= 2:
-        win = sliding_window_view(med_blocks, L)[: nb - L]   # blocks j-L .. j-1 for j = L .. nb-1
+        win = sliding_window_view(med_blocks, L)[: nb - L]  # blocks j-L .. j-1 for j = L .. nb-1
         out_blocks[L:] = _steady_growth(win)
     return np.repeat(out_blocks, B)[:n]
 
@@ -1301,6 +1485,7 @@ class _Count:
 
 class _Recent:
     """Median of the finite values among the last n rows (NaN unless at least half are finite)."""
+
     __slots__ = ("q", "n", "row", "need", "nans")
 
     def __init__(self, n: int):
@@ -1365,6 +1550,7 @@ _EVENT_ORDER = operator.itemgetter(0, 1, 2)
 
 class _RowInfo:
     """(value, z, center, scale, level, ok) of each metric in the current row, by name."""
+
     __slots__ = ("index", "rows")
 
     def __init__(self, index: dict, x: list, z: list, c: list, s: list, lv: list, ok: list):
@@ -1411,11 +1597,11 @@ class StreamingDetector:
         self._leak: dict[str, deque] = {}
         self._growth: dict[str, float] = {}
         # scalar states of the cross-row rules
-        self._lr = [-1, math.nan, math.nan]         # row, value before that row, value at that row
+        self._lr = [-1, math.nan, math.nan]  # row, value before that row, value at that row
         self._reward_rel: list[float] = []
         self._reward_rel_row = -1
-        self._reward_armed = -2                      # -2 collecting, -1 never, >= 0 armed after that row
-        self._hack_last_climb = -(10 ** 12)
+        self._reward_armed = -2  # -2 collecting, -1 never, >= 0 armed after that row
+        self._hack_last_climb = -(10**12)
         self._clip_armed_row = -1
         self._dpo_below_row = -1
 
@@ -1512,14 +1698,16 @@ class StreamingDetector:
             self._ring_spread[:M, pos] = spread
             self._ring_mean[:M, pos] = mean
             self._ring_cnt[:M, pos] = cnt
-            c, s, lv, ok = _baseline(self._ring_med[:M], self._ring_spread[:M], self._ring_mean[:M],
-                                     self._ring_cnt[:M], self.th.min_history)
+            c, s, lv, ok = _baseline(
+                self._ring_med[:M], self._ring_spread[:M], self._ring_mean[:M], self._ring_cnt[:M], self.th.min_history
+            )
             self._center[:M], self._scale[:M], self._level[:M], self._ok[:M] = c, s, lv, ok
             L = max(2, int(self.th.memory_leak_blocks))
             for name, q in self._leak.items():
                 q.append(float(med[self._index[name]]))
-                self._growth[name] = (float(_steady_growth(np.asarray(q, dtype=float)[None, :])[0])
-                                      if len(q) == L else math.nan)
+                self._growth[name] = (
+                    float(_steady_growth(np.asarray(q, dtype=float)[None, :])[0]) if len(q) == L else math.nan
+                )
             self._buf[:M] = np.nan
         self._block += 1
 
@@ -1528,18 +1716,30 @@ class StreamingDetector:
         th, plan, S = self.th, self._plan, self._state
         pn, rn = int(th.persist_n), int(th.recent_steps)
         want: dict[str, tuple] = {
-            "kl_held": (_Count, pn), "kl_extreme": (_Count, pn), "ent_early": (_Early, th.early_steps),
-            "ent_recent": (_Recent, rn), "ent_up": (_Cusum, th.rise_kref, th.shift_clip, 1.0),
-            "len_up": (_Cusum, th.rise_kref, th.shift_clip, 1.0), "len_recent": (_Recent, rn),
-            "fz_up": (_Cusum, th.shift_kref, th.shift_clip, 1.0), "fz_recent": (_Recent, rn),
+            "kl_held": (_Count, pn),
+            "kl_extreme": (_Count, pn),
+            "ent_early": (_Early, th.early_steps),
+            "ent_recent": (_Recent, rn),
+            "ent_up": (_Cusum, th.rise_kref, th.shift_clip, 1.0),
+            "len_up": (_Cusum, th.rise_kref, th.shift_clip, 1.0),
+            "len_recent": (_Recent, rn),
+            "fz_up": (_Cusum, th.shift_kref, th.shift_clip, 1.0),
+            "fz_recent": (_Recent, rn),
             "rs_dn": (_Cusum, th.shift_kref, th.shift_clip, -1.0),
-            "rs_up": (_Cusum, th.rise_kref, th.shift_clip, 1.0), "rs_early": (_Early, th.early_steps),
-            "rs_recent": (_Recent, rn), "cr_recent": (_Recent, rn), "gn_held": (_Count, pn),
-            "vl_held": (_Count, pn), "cl_recent": (_Recent, rn),
-            "acc_pin": (_Count, max(1, int(th.dpo_pinned_steps))), "mg_held": (_Count, pn),
-            "acc_held": (_Count, 3), "acc_big": (_Count, 3),
+            "rs_up": (_Cusum, th.rise_kref, th.shift_clip, 1.0),
+            "rs_early": (_Early, th.early_steps),
+            "rs_recent": (_Recent, rn),
+            "cr_recent": (_Recent, rn),
+            "gn_held": (_Count, pn),
+            "vl_held": (_Count, pn),
+            "cl_recent": (_Recent, rn),
+            "acc_pin": (_Count, max(1, int(th.dpo_pinned_steps))),
+            "mg_held": (_Count, pn),
+            "acc_held": (_Count, 3),
+            "acc_big": (_Count, 3),
             "lpc_dn": (_Cusum, th.shift_kref, th.shift_clip, -1.0),
-            "lpr_dn": (_Cusum, th.shift_kref, th.shift_clip, -1.0), "dpo_loss_recent": (_Recent, rn),
+            "lpr_dn": (_Cusum, th.shift_kref, th.shift_clip, -1.0),
+            "dpo_loss_recent": (_Recent, rn),
         }
         for name in plan.reward_metrics:
             want["rup:" + name] = (_Cusum, th.rise_kref, th.shift_clip, 1.0)
@@ -1571,7 +1771,7 @@ class StreamingDetector:
         center = self._center[:M]
         scale = self._scale[:M]
         okb = self._ok[:M] & ~np.isnan(xs)
-        z = (xs - center) / scale          # NaN arithmetic only: no floating-point warnings possible
+        z = (xs - center) / scale  # NaN arithmetic only: no floating-point warnings possible
         z[~okb] = np.nan
         if fresh and "zscore" not in muted and not in_grace:
             zscale = np.maximum(scale, self._zfloor[:M])
@@ -1589,8 +1789,18 @@ class StreamingDetector:
             for name in self._plan.memory:
                 self._leak.setdefault(name, deque(maxlen=max(2, int(th.memory_leak_blocks))))
             self._make_states()
-        self._specific(_RowInfo(self._index, xs.tolist(), z.tolist(), center.tolist(), scale.tolist(),
-                                self._level[:M].tolist(), okb.tolist()), emit)
+        self._specific(
+            _RowInfo(
+                self._index,
+                xs.tolist(),
+                z.tolist(),
+                center.tolist(),
+                scale.tolist(),
+                self._level[:M].tolist(),
+                okb.tolist(),
+            ),
+            emit,
+        )
 
         if events:
             events.sort(key=_EVENT_ORDER)
@@ -1624,8 +1834,13 @@ class StreamingDetector:
             cur = S["ent_recent"].set(row, x)
             if early.known(row) and early.value > 0:
                 ent_drop = 1.0 - cur / early.value
-                emit("entropy_collapse", "entropy", 3 if ent_drop >= th.entropy_collapse_high else
-                     (2 if ent_drop >= th.entropy_collapse_frac else 0), x, ent_drop)
+                emit(
+                    "entropy_collapse",
+                    "entropy",
+                    3 if ent_drop >= th.entropy_collapse_high else (2 if ent_drop >= th.entropy_collapse_frac else 0),
+                    x,
+                    ent_drop,
+                )
             early.set(row, x)
             up = S["ent_up"].set(row, z)
             emit("policy_shift", "entropy", 2 if up >= th.rise_h else 0, x, up)
@@ -1642,8 +1857,13 @@ class StreamingDetector:
             x, z, c, s, lv, ok = get(name)
             up = S["rup:" + name].set(row, z)
             down = S["rdn:" + name].set(row, z)
-            emit("reward_shift", name, 2 if (up >= th.rise_h or down >= th.shift_h) else 0, x,
-                 up if up >= down else -down)
+            emit(
+                "reward_shift",
+                name,
+                2 if (up >= th.rise_h or down >= th.shift_h) else 0,
+                x,
+                up if up >= down else -down,
+            )
             if name == "reward":
                 reward_up = up
 
@@ -1689,8 +1909,13 @@ class StreamingDetector:
             up = S["fz_up"].set(row, zf)
             cur = S["fz_recent"].set(row, x)
             high = cur >= th.no_signal_frac
-            emit("no_learning_signal", "frac_reward_zero_std", 3 if high else (2 if up >= th.shift_h else 0), x,
-                 cur if high else up)
+            emit(
+                "no_learning_signal",
+                "frac_reward_zero_std",
+                3 if high else (2 if up >= th.shift_h else 0),
+                x,
+                cur if high else up,
+            )
         if "reward_std" in known and not plan.dpo:
             x, z, c, s, lv, ok = get("reward_std")
             down = S["rs_dn"].set(row, z)
@@ -1770,10 +1995,14 @@ class StreamingDetector:
             if "logps/chosen" in known and "logps/rejected" in known:
                 xc, zc = get("logps/chosen")[:2]
                 dc = S["lpc_dn"].set(row, zc)
-                dr = S["lpr_dn"].set(
-                    row, get("logps/rejected")[1])
-                emit("dpo_logps_falling", "logps/chosen", 2 if (dc >= th.shift_h and dr >= th.shift_h) else 0,
-                     xc, min(dc, dr))
+                dr = S["lpr_dn"].set(row, get("logps/rejected")[1])
+                emit(
+                    "dpo_logps_falling",
+                    "logps/chosen",
+                    2 if (dc >= th.shift_h and dr >= th.shift_h) else 0,
+                    xc,
+                    min(dc, dr),
+                )
             if "loss" in known:
                 x = get("loss")[0]
                 cur = S["dpo_loss_recent"].set(row, x)
@@ -1784,12 +2013,22 @@ class StreamingDetector:
 
         for name in plan.memory:
             growth = self._growth.get(name, nan)
-            emit("memory_leak", name, 3 if growth >= 3 * th.memory_leak_frac else
-                 (2 if growth >= th.memory_leak_frac else 0), get(name)[0], growth)
+            emit(
+                "memory_leak",
+                name,
+                3 if growth >= 3 * th.memory_leak_frac else (2 if growth >= th.memory_leak_frac else 0),
+                get(name)[0],
+                growth,
+            )
         if "memory/gpu_frac" in info:
             x = info.get("memory/gpu_frac")[0]
-            emit("memory_near_oom", "memory/gpu_frac", 4 if x >= th.gpu_frac_critical else
-                 (3 if x >= th.gpu_frac_high else 0), x, x)
+            emit(
+                "memory_near_oom",
+                "memory/gpu_frac",
+                4 if x >= th.gpu_frac_critical else (3 if x >= th.gpu_frac_high else 0),
+                x,
+                x,
+            )
         for name in plan.step_time:
             x, z, c, s, lv, ok = get(name)
             cur = S["st_recent:" + name].set(row, x)

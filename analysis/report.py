@@ -1,6 +1,7 @@
 """The report: one dict (CONTRACT.md's JSON) built from a Store, shared by `rlhf-tui report`, the TUI's
 snapshot key and the TUI panes. Pure numpy + stdlib.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,19 @@ import numpy as np
 from rlhf_tui.analysis.store import RunHistory, Store
 
 # Display order: the canonical names of CONTRACT.md first, then everything else alphabetically.
-CANONICAL_ORDER = ("reward", "reward_std", "kl", "entropy", "loss", "policy_loss", "value_loss", "clip_ratio",
-                   "grad_norm", "learning_rate", "completion_length")
+CANONICAL_ORDER = (
+    "reward",
+    "reward_std",
+    "kl",
+    "entropy",
+    "loss",
+    "policy_loss",
+    "value_loss",
+    "clip_ratio",
+    "grad_norm",
+    "learning_rate",
+    "completion_length",
+)
 SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
 
 
@@ -72,11 +84,19 @@ def metric_table(run: RunHistory) -> dict[str, dict]:
     for name in ordered_metrics(run.metric_names()):
         values = run.values(name)
         ok = np.isfinite(values)
-        data = values if ok.all() else values[ok]    # one pass over a long column, one copy at most
+        data = values if ok.all() else values[ok]  # one pass over a long column, one copy at most
         if data.size == 0:
             if run.logged(name).any():
-                out[name] = {"last": None, "mean": None, "std": None, "min": None, "max": None,
-                             "trend": "stable", "count": 0, "spark": ""}
+                out[name] = {
+                    "last": None,
+                    "mean": None,
+                    "std": None,
+                    "min": None,
+                    "max": None,
+                    "trend": "stable",
+                    "count": 0,
+                    "spark": "",
+                }
             continue
         summary = summarise(data)
         row = {k: (v if k == "trend" else finite(v)) for k, v in summary.items()}
@@ -90,21 +110,39 @@ def _checkpoints(run: RunHistory) -> list[dict]:
     out = []
     for c in run.checkpoints:
         drift = c.get("drift")
-        out.append({"step": c.get("step"), "path": c.get("path"), "health_score": finite(c.get("health_score")),
-                    "issues": list(c.get("issues") or []), "recommendations": list(c.get("recommendations") or []),
-                    "drift": finite(drift.get("overall")) if isinstance(drift, dict) else finite(drift),
-                    "file_size_mb": finite(c.get("file_size_mb")), "status": c.get("status")})
+        out.append(
+            {
+                "step": c.get("step"),
+                "path": c.get("path"),
+                "health_score": finite(c.get("health_score")),
+                "issues": list(c.get("issues") or []),
+                "recommendations": list(c.get("recommendations") or []),
+                "drift": finite(drift.get("overall")) if isinstance(drift, dict) else finite(drift),
+                "file_size_mb": finite(c.get("file_size_mb")),
+                "status": c.get("status"),
+            }
+        )
     return out
 
 
 def _rewards(run: RunHistory) -> dict:
     report = run.reward_report or {}
     rel = report.get("reliability_metrics") if isinstance(report, dict) else None
-    out: dict[str, Any] = {"reliability_metrics": {k: finite((rel or {}).get(k)) for k in
-                                                   ("stability", "consistency", "variance", "mean_reward")},
-                           "batches": len(run.rewards)}
-    for key in ("drift", "saturation", "zero_spread_group_share", "histogram", "anomalies", "recommendations",
-                "num_invalid"):
+    out: dict[str, Any] = {
+        "reliability_metrics": {
+            k: finite((rel or {}).get(k)) for k in ("stability", "consistency", "variance", "mean_reward")
+        },
+        "batches": len(run.rewards),
+    }
+    for key in (
+        "drift",
+        "saturation",
+        "zero_spread_group_share",
+        "histogram",
+        "anomalies",
+        "recommendations",
+        "num_invalid",
+    ):
         if isinstance(report, dict) and key in report:
             out[key] = report[key]
     if run.rewards:
@@ -117,8 +155,14 @@ def _system(run: RunHistory) -> dict:
     ranks = []
     for rank in sorted(run.system):
         s = run.system[rank]
-        ranks.append({"rank": rank, "rss_mb": finite(s.get("rss_mb")), "gpus": s.get("gpus") or [],
-                      "gpu_available": bool(s.get("gpu_available"))})
+        ranks.append(
+            {
+                "rank": rank,
+                "rss_mb": finite(s.get("rss_mb")),
+                "gpus": s.get("gpus") or [],
+                "gpu_available": bool(s.get("gpu_available")),
+            }
+        )
     return {"ranks": ranks, "gpu_available": any(r["gpu_available"] for r in ranks)}
 
 
@@ -127,16 +171,31 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
     run = store.runs.get(run_id) if run_id else store.current_run
     transport = dict(store.transport)
     if run is None:
-        return {"run": {"run_id": None, "trainer": None}, "steps": 0, "last_step": None, "metrics": {},
-                "anomalies": [], "checkpoints": [], "rewards": {"reliability_metrics": {}},
-                "transport": transport, "source": store.source, "connection": store.connection}
+        return {
+            "run": {"run_id": None, "trainer": None},
+            "steps": 0,
+            "last_step": None,
+            "metrics": {},
+            "anomalies": [],
+            "checkpoints": [],
+            "rewards": {"reliability_metrics": {}},
+            "transport": transport,
+            "source": store.source,
+            "connection": store.connection,
+        }
     if anomalies is None:
         anomalies = run_anomalies(run, thresholds)
     meta = run.meta
     return {
-        "run": {"run_id": run.run_id, "trainer": run.trainer, "model": meta.get("model"),
-                "started": meta.get("started"), "args": meta.get("args") or {}, "ended": run.ended is not None,
-                "versions": meta.get("versions") or {}},
+        "run": {
+            "run_id": run.run_id,
+            "trainer": run.trainer,
+            "model": meta.get("model"),
+            "started": meta.get("started"),
+            "args": meta.get("args") or {},
+            "ended": run.ended is not None,
+            "versions": meta.get("versions") or {},
+        },
         "steps": int(run.rows),
         "last_step": run.last_step,
         "metrics": metric_table(run),

@@ -24,7 +24,8 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -35,22 +36,21 @@ _MAD_TO_STD = 1.4826
 _EPS = 1e-8
 
 RECOMMENDATIONS = {
-    "empty": "The reward function returned no scores for this batch: check that it returns one float per "
-             "completion.",
+    "empty": "The reward function returned no scores for this batch: check that it returns one float per completion.",
     "invalid": "Make the reward function return a finite float for every completion: None/NaN scores are "
-               "dropped from the update and bias the advantage.",
+    "dropped from the update and bias the advantage.",
     "zscore": "Inspect the completions of this batch: a sudden change of mean reward often means reward "
-              "hacking or a bug in the reward function.",
+    "hacking or a bug in the reward function.",
     "scale": "The reward scale jumped: normalise or clip the reward (e.g. scale_rewards in GRPO) and check the "
-             "reward function for a unit or parsing bug.",
+    "reward function for a unit or parsing bug.",
     "saturation": "Rewards pile up at a bound: the task may be too easy or the reward clipped; check samples for "
-                  "reward hacking and widen or grade the reward.",
+    "reward hacking and widen or grade the reward.",
     "drift": "The reward distribution has moved away from the early run: expected while the policy improves; "
-             "check samples for reward hacking if the shift is sudden.",
+    "check samples for reward hacking if the shift is sudden.",
     "zero_spread": "Many GRPO groups get the same reward for every completion (no learning signal): raise "
-                   "num_generations or the sampling temperature, or use a more graded reward.",
+    "num_generations or the sampling temperature, or use a more graded reward.",
     "stability": "Consider reward model calibration: batch-mean rewards swing more than the noise explains; "
-                 "normalise the reward or average over more samples.",
+    "normalise the reward or average over more samples.",
     "consistency": "Review the reward model training data: many rewards fall outside the expected range.",
     "anomaly_rate": "Investigate the reward model: anomalous batches are frequent.",
 }
@@ -100,11 +100,22 @@ def _severity_at_least(level: str, minimum: str) -> bool:
 class RewardModelIntegrator:
     """Monitor reward scores batch by batch (seed API): ``monitor_reward_model(reward_scores, step, context)``."""
 
-    def __init__(self, log_dir: str | os.PathLike | None = None, window: int = 64,
-                 anomaly_threshold: float = 3.0, expected_range: tuple[float, float] | None = None, *,
-                 warmup_batches: int = 5, window_scores: int = 2048, reference_scores: int = 512,
-                 reference_batches: int = 16, num_bins: int = 16, saturation_share: float = 0.8,
-                 scale_jump_factor: float = 10.0, drift_min_scores: int = 128):
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None = None,
+        window: int = 64,
+        anomaly_threshold: float = 3.0,
+        expected_range: tuple[float, float] | None = None,
+        *,
+        warmup_batches: int = 5,
+        window_scores: int = 2048,
+        reference_scores: int = 512,
+        reference_batches: int = 16,
+        num_bins: int = 16,
+        saturation_share: float = 0.8,
+        scale_jump_factor: float = 10.0,
+        drift_min_scores: int = 128,
+    ):
         if window < 2:
             raise ValueError("window must be at least 2 batches")
         if expected_range is not None:
@@ -146,8 +157,9 @@ class RewardModelIntegrator:
         self.last_result: dict[str, Any] | None = None
 
     # --------------------------------------------------------------------------------------------- public
-    def monitor_reward_model(self, reward_scores: Any, step: int, context: dict[str, Any] | None = None
-                             ) -> dict[str, Any]:
+    def monitor_reward_model(
+        self, reward_scores: Any, step: int, context: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Analyse one batch of reward scores. Never raises for bad scores (None/NaN/empty are reported)."""
         with self._lock:
             result = self._monitor(reward_scores, step, context or {})
@@ -157,17 +169,36 @@ class RewardModelIntegrator:
 
     def reset(self) -> None:
         with self._lock:
-            self.__init__(self.log_dir, self.window, self.anomaly_threshold, self.expected_range,
-                          warmup_batches=self.warmup_batches, window_scores=self._recent.maxlen,
-                          reference_scores=self.reference_scores, reference_batches=self.reference_batches,
-                          num_bins=self.num_bins, saturation_share=self.saturation_share,
-                          scale_jump_factor=self.scale_jump_factor, drift_min_scores=self.drift_min_scores)
+            self.__init__(
+                self.log_dir,
+                self.window,
+                self.anomaly_threshold,
+                self.expected_range,
+                warmup_batches=self.warmup_batches,
+                window_scores=self._recent.maxlen,
+                reference_scores=self.reference_scores,
+                reference_batches=self.reference_batches,
+                num_bins=self.num_bins,
+                saturation_share=self.saturation_share,
+                scale_jump_factor=self.scale_jump_factor,
+                drift_min_scores=self.drift_min_scores,
+            )
 
     # ------------------------------------------------------------------------------------------ internals
-    def _anomaly(self, out: list, step: int, metric: str, detector: str, severity: str, value: Any,
-                 message: str, rec_key: str) -> None:
-        out.append({"step": step, "metric": metric, "detector": detector, "severity": severity,
-                    "value": value, "message": message, "recommendation": RECOMMENDATIONS[rec_key]})
+    def _anomaly(
+        self, out: list, step: int, metric: str, detector: str, severity: str, value: Any, message: str, rec_key: str
+    ) -> None:
+        out.append(
+            {
+                "step": step,
+                "metric": metric,
+                "detector": detector,
+                "severity": severity,
+                "value": value,
+                "message": message,
+                "recommendation": RECOMMENDATIONS[rec_key],
+            }
+        )
 
     def _monitor(self, reward_scores: Any, step: int, context: dict[str, Any]) -> dict[str, Any]:
         self.calls += 1
@@ -181,14 +212,30 @@ class RewardModelIntegrator:
 
         if n_total == 0:
             issues.append("empty batch: no reward scores")
-            self._anomaly(anomalies, step, "reward", "reward_empty", "medium", 0,
-                          "the reward function returned no scores for this batch", "empty")
+            self._anomaly(
+                anomalies,
+                step,
+                "reward",
+                "reward_empty",
+                "medium",
+                0,
+                "the reward function returned no scores for this batch",
+                "empty",
+            )
         elif n_invalid:
             share = n_invalid / n_total
             severity = "critical" if share >= 0.5 else "high" if share >= 0.1 else "medium"
             issues.append(f"{n_invalid} of {n_total} reward scores are None/NaN/Inf")
-            self._anomaly(anomalies, step, "reward", "reward_invalid", severity, share,
-                          f"{n_invalid} of {n_total} reward scores ({share:.0%}) are None, NaN or Inf", "invalid")
+            self._anomaly(
+                anomalies,
+                step,
+                "reward",
+                "reward_invalid",
+                severity,
+                share,
+                f"{n_invalid} of {n_total} reward scores ({share:.0%}) are None, NaN or Inf",
+                "invalid",
+            )
 
         batch_mean = float(scores.mean()) if n_valid else None
         batch_std = float(scores.std()) if n_valid else None
@@ -196,9 +243,9 @@ class RewardModelIntegrator:
         if n_valid:
             self._detect_batch_anomalies(anomalies, step, scores, batch_mean, batch_std)
             self._means.append(batch_mean)
-            self._vars.append(batch_std ** 2)
+            self._vars.append(batch_std**2)
             self._baseline.append(batch_mean)
-            self._baseline_vars.append(batch_std ** 2)
+            self._baseline_vars.append(batch_std**2)
             self._counts.append(n_valid)
             self._flagged.append(any(a["detector"] in ("reward_zscore", "reward_scale_jump") for a in anomalies))
             self._recent.extend(scores.tolist())
@@ -206,7 +253,7 @@ class RewardModelIntegrator:
             self._seen_max = max(self._seen_max, float(scores.max()))
             if self._reference is None:
                 room = 8 * self.reference_scores - len(self._early)  # bounded even for huge batches
-                self._early.extend(scores[:max(room, 0)].tolist())
+                self._early.extend(scores[: max(room, 0)].tolist())
                 self._early_batches += 1
                 if len(self._early) >= self.reference_scores or self._early_batches >= self.reference_batches:
                     self._reference = np.sort(np.asarray(self._early, dtype=np.float64))
@@ -237,12 +284,16 @@ class RewardModelIntegrator:
             "batch_mean": batch_mean,
             "batch_std": batch_std,
             "reliability_metrics": reliability,
-            "stability_detail": {"swing": swing, "scale": scale, "batches": len(self._means),
-                                 "warming_up": len(self._means) < 2},
+            "stability_detail": {
+                "swing": swing,
+                "scale": scale,
+                "batches": len(self._means),
+                "warming_up": len(self._means) < 2,
+            },
             "expected_band": band,
             "anomalies": anomalies,
-            "issues": issues + [a["message"] for a in anomalies if a["detector"] not in ("reward_empty",
-                                                                                           "reward_invalid")],
+            "issues": issues
+            + [a["message"] for a in anomalies if a["detector"] not in ("reward_empty", "reward_invalid")],
             "recommendations": recommendations,
             "drift": drift,
             "saturation": saturation,
@@ -253,8 +304,9 @@ class RewardModelIntegrator:
         }
         return _json_safe(result)
 
-    def _detect_batch_anomalies(self, anomalies: list, step: int, scores: np.ndarray, batch_mean: float,
-                                batch_std: float) -> None:
+    def _detect_batch_anomalies(
+        self, anomalies: list, step: int, scores: np.ndarray, batch_mean: float, batch_std: float
+    ) -> None:
         k = len(self._baseline)
         if k < self.warmup_batches:
             return
@@ -274,9 +326,16 @@ class RewardModelIntegrator:
             sign = math.copysign(1.0, z)
             if self._shift is not None and self._shift[1] == sign and abs(batch_mean - self._shift[0]) <= thr * spread:
                 # Second batch at the same new level: a level shift, reported once; restart the baseline on it.
-                self._anomaly(anomalies, step, "reward_mean", "reward_level_shift", "low", batch_mean,
-                              f"mean reward stays at its new level {batch_mean:.4g} (was {center:.4g}); "
-                              f"new baseline", "zscore")
+                self._anomaly(
+                    anomalies,
+                    step,
+                    "reward_mean",
+                    "reward_level_shift",
+                    "low",
+                    batch_mean,
+                    f"mean reward stays at its new level {batch_mean:.4g} (was {center:.4g}); new baseline",
+                    "zscore",
+                )
                 last_var = self._baseline_vars[-1]
                 self._baseline.clear()
                 self._baseline_vars.clear()
@@ -286,23 +345,46 @@ class RewardModelIntegrator:
             else:
                 severity = "medium" if abs(z) <= 2 * thr else "high" if abs(z) <= 4 * thr else "critical"
                 direction = "jumped" if z > 0 else "dropped"
-                self._anomaly(anomalies, step, "reward_mean", "reward_zscore", severity, batch_mean,
-                              f"mean reward {direction} to {batch_mean:.4g} (z = {z:+.1f} against the previous "
-                              f"{k} batches, median {center:.4g})", "zscore")
+                self._anomaly(
+                    anomalies,
+                    step,
+                    "reward_mean",
+                    "reward_zscore",
+                    severity,
+                    batch_mean,
+                    f"mean reward {direction} to {batch_mean:.4g} (z = {z:+.1f} against the previous "
+                    f"{k} batches, median {center:.4g})",
+                    "zscore",
+                )
                 self._shift = (batch_mean, sign)
         else:
             self._shift = None
         # Scale jumps: the spread or the magnitude of the reward changes by an order of magnitude.
         factor = self.scale_jump_factor
         if within > 0 and batch_std > factor * within:
-            self._anomaly(anomalies, step, "reward_std", "reward_scale_jump", "high", batch_std,
-                          f"reward spread jumped ×{batch_std / within:.0f} (std {batch_std:.4g} vs "
-                          f"{within:.4g} before)", "scale")
+            self._anomaly(
+                anomalies,
+                step,
+                "reward_std",
+                "reward_scale_jump",
+                "high",
+                batch_std,
+                f"reward spread jumped ×{batch_std / within:.0f} (std {batch_std:.4g} vs {within:.4g} before)",
+                "scale",
+            )
         typical = max(float(np.median(np.abs(means))), within, _EPS)
         if abs(batch_mean) > factor * typical and abs(z) > thr:
-            self._anomaly(anomalies, step, "reward_mean", "reward_scale_jump", "high", batch_mean,
-                          f"reward magnitude jumped ×{abs(batch_mean) / typical:.0f} (mean {batch_mean:.4g} vs "
-                          f"typical {typical:.4g})", "scale")
+            self._anomaly(
+                anomalies,
+                step,
+                "reward_mean",
+                "reward_scale_jump",
+                "high",
+                batch_mean,
+                f"reward magnitude jumped ×{abs(batch_mean) / typical:.0f} (mean {batch_mean:.4g} vs "
+                f"typical {typical:.4g})",
+                "scale",
+            )
 
     def _stability(self) -> tuple[float, float | None, float | None]:
         k = len(self._means)
@@ -346,8 +428,15 @@ class RewardModelIntegrator:
             lo, hi, source = self.expected_range[0], self.expected_range[1], "expected_range"
         else:
             lo, hi, source = self._seen_min, self._seen_max, "seen"
-        out: dict[str, Any] = {"share": None, "at_min": None, "at_max": None, "lower": lo, "upper": hi,
-                               "bounds": source, "batch_share": None}
+        out: dict[str, Any] = {
+            "share": None,
+            "at_min": None,
+            "at_max": None,
+            "lower": lo,
+            "upper": hi,
+            "bounds": source,
+            "batch_share": None,
+        }
         if not recent.size or not hi - lo > 1e-12 * max(1.0, abs(hi), abs(lo)):
             return out
         tol = 1e-3 * (hi - lo)
@@ -363,14 +452,27 @@ class RewardModelIntegrator:
                 bound = hi if side == "maximum" else lo
                 what = "of the expected range" if source == "expected_range" else "seen so far"
                 severity = "high" if share >= 0.95 and max(at_min, at_max) >= 0.5 else "medium"
-                self._anomaly(anomalies, step, "reward", "reward_saturation", severity, share,
-                              f"{share:.0%} of the batch's rewards sit at the {side} {what} ({bound:.4g})",
-                              "saturation")
+                self._anomaly(
+                    anomalies,
+                    step,
+                    "reward",
+                    "reward_saturation",
+                    severity,
+                    share,
+                    f"{share:.0%} of the batch's rewards sit at the {side} {what} ({bound:.4g})",
+                    "saturation",
+                )
         return out
 
     def _drift(self, anomalies: list, step: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"psi": None, "ks": None, "level": "none", "reference_size": 0, "recent_size": 0,
-                               "mean_shift": None}
+        out: dict[str, Any] = {
+            "psi": None,
+            "ks": None,
+            "level": "none",
+            "reference_size": 0,
+            "recent_size": 0,
+            "mean_shift": None,
+        }
         ref = self._reference
         if ref is None:
             out["level"] = "warming_up"
@@ -392,8 +494,14 @@ class RewardModelIntegrator:
         # Two-sample Kolmogorov–Smirnov statistic.
         cur_sorted = np.sort(recent)
         grid = np.concatenate([ref, cur_sorted])
-        ks = float(np.max(np.abs(np.searchsorted(ref, grid, side="right") / ref.size
-                                 - np.searchsorted(cur_sorted, grid, side="right") / cur_sorted.size)))
+        ks = float(
+            np.max(
+                np.abs(
+                    np.searchsorted(ref, grid, side="right") / ref.size
+                    - np.searchsorted(cur_sorted, grid, side="right") / cur_sorted.size
+                )
+            )
+        )
         ks_critical = 1.95 * math.sqrt((ref.size + recent.size) / (ref.size * recent.size))  # α ≈ 0.001
         level = "none"
         if ks > ks_critical:
@@ -404,14 +512,22 @@ class RewardModelIntegrator:
         order = ("none", "moderate", "significant")
         if order.index(level) > order.index(self._drift_level) and level != "none":
             direction = "" if shift is None else (" upward" if shift > 0 else " downward")
-            self._anomaly(anomalies, step, "reward", "reward_drift", "low" if level == "moderate" else "medium",
-                          psi, f"reward distribution shifted{direction} from the early run (PSI {psi:.2f}, "
-                          f"KS {ks:.2f})", "drift")
+            self._anomaly(
+                anomalies,
+                step,
+                "reward",
+                "reward_drift",
+                "low" if level == "moderate" else "medium",
+                psi,
+                f"reward distribution shifted{direction} from the early run (PSI {psi:.2f}, KS {ks:.2f})",
+                "drift",
+            )
         self._drift_level = level
         return out
 
-    def _zero_spread(self, raw: np.ndarray, finite_mask: np.ndarray, context: dict[str, Any], anomalies: list,
-                     step: int) -> float | None:
+    def _zero_spread(
+        self, raw: np.ndarray, finite_mask: np.ndarray, context: dict[str, Any], anomalies: list, step: int
+    ) -> float | None:
         size = context.get("num_generations", context.get("group_size"))
         try:
             size = int(size) if size is not None else None
@@ -429,9 +545,17 @@ class RewardModelIntegrator:
         flat = (hi - lo) <= 1e-8 * np.maximum(1.0, np.abs(hi))
         share = float(np.count_nonzero(flat & usable)) / float(np.count_nonzero(usable))
         if share >= 0.5:
-            self._anomaly(anomalies, step, "reward", "reward_zero_spread", "high" if share >= 0.9 else "medium",
-                          share, f"{share:.0%} of the {int(np.count_nonzero(usable))} groups got the same reward "
-                          f"for every completion (no learning signal)", "zero_spread")
+            self._anomaly(
+                anomalies,
+                step,
+                "reward",
+                "reward_zero_spread",
+                "high" if share >= 0.9 else "medium",
+                share,
+                f"{share:.0%} of the {int(np.count_nonzero(usable))} groups got the same reward "
+                f"for every completion (no learning signal)",
+                "zero_spread",
+            )
         return share
 
     def _histogram(self, recent: np.ndarray) -> dict[str, Any]:
@@ -467,5 +591,4 @@ class RewardModelIntegrator:
         except (OSError, TypeError, ValueError) as exc:
             if not self._log_failed:  # say it once, keep monitoring
                 self._log_failed = True
-                result.setdefault("issues", []).append(f"could not write {self.log_dir}/reward_monitoring.jsonl: "
-                                                       f"{exc}")
+                result.setdefault("issues", []).append(f"could not write {self.log_dir}/reward_monitoring.jsonl: {exc}")

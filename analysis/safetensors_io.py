@@ -14,8 +14,9 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -42,18 +43,44 @@ MAX_HEADER_BYTES = 100_000_000
 
 # Bits per element of every safetensors dtype we know.
 DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
 }
 # Raw little-endian storage type of the dtypes we can reduce.
 _RAW_DTYPE = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
-    "BOOL": np.dtype("u1"), "F8_E4M3": np.dtype("u1"), "F8_E5M2": np.dtype("u1"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("u1"),
+    "F8_E4M3": np.dtype("u1"),
+    "F8_E5M2": np.dtype("u1"),
 }
 SUPPORTED_DTYPES = frozenset(_RAW_DTYPE)
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
@@ -62,7 +89,11 @@ _STEP_RE = re.compile(r"(?:checkpoint|step|ckpt|global_step|iter)[-_]?(\d+)$", r
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # Files a Trainer writes next to the weights that are not weights.
 _NOT_WEIGHTS = {
-    "optimizer.pt", "scheduler.pt", "training_args.bin", "rng_state.pth", "scaler.pt",
+    "optimizer.pt",
+    "scheduler.pt",
+    "training_args.bin",
+    "rng_state.pth",
+    "scaler.pt",
     "trainer_state.json",
 }
 
@@ -83,7 +114,7 @@ def _f8_e4m3_table() -> np.ndarray:
         if exp == 0xF and man == 0x7:
             out[b] = np.nan
         elif exp == 0:
-            out[b] = sign * (man / 8.0) * 2.0 ** -6
+            out[b] = sign * (man / 8.0) * 2.0**-6
         else:
             out[b] = sign * (1.0 + man / 8.0) * 2.0 ** (exp - 7)
     return out
@@ -130,7 +161,7 @@ class TensorRef:
         if self.array is not None:
             flat = self.array.reshape(-1)
             for e0 in range(0, flat.size, max_elems):
-                yield flat[e0:e0 + max_elems]
+                yield flat[e0 : e0 + max_elems]
             return
         if self.numel == 0:
             return
@@ -139,17 +170,19 @@ class TensorRef:
                 f.seek(self.offset)
                 data = f.read(self.nbytes)
             if len(data) != self.nbytes:
-                raise CheckpointError(f"truncated data: tensor {self.name!r} in {self.path} ends past the end "
-                                      f"of the file")
+                raise CheckpointError(
+                    f"truncated data: tensor {self.name!r} in {self.path} ends past the end of the file"
+                )
             flat = np.frombuffer(data, dtype=raw)
             for e0 in range(0, flat.size, max_elems):
-                yield flat[e0:e0 + max_elems]
+                yield flat[e0 : e0 + max_elems]
             return
         fd = os.open(self.path, os.O_RDONLY)
         try:
             if os.fstat(fd).st_size < self.offset + self.nbytes:
-                raise CheckpointError(f"truncated data: tensor {self.name!r} in {self.path} ends past the end "
-                                      f"of the file")
+                raise CheckpointError(
+                    f"truncated data: tensor {self.name!r} in {self.path} ends past the end of the file"
+                )
             item = raw.itemsize
             for e0 in range(0, self.numel, max_elems):
                 start = self.offset + e0 * item
@@ -188,6 +221,7 @@ class Checkpoint:
 
 # --------------------------------------------------------------------------------------------------- headers
 
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -214,11 +248,15 @@ def read_safetensors_header(path: str) -> tuple[list[TensorRef], dict[str, str]]
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > size - 8:
-                raise CheckpointError(f"truncated header: {path} declares a {header_len}-byte header but only "
-                                      f"{size - 8} bytes follow the length prefix")
+                raise CheckpointError(
+                    f"truncated header: {path} declares a {header_len}-byte header but only "
+                    f"{size - 8} bytes follow the length prefix"
+                )
             if header_len > MAX_HEADER_BYTES:
-                raise CheckpointError(f"bad header: {path} declares a {header_len}-byte header (limit "
-                                      f"{MAX_HEADER_BYTES}); not a safetensors file?")
+                raise CheckpointError(
+                    f"bad header: {path} declares a {header_len}-byte header (limit "
+                    f"{MAX_HEADER_BYTES}); not a safetensors file?"
+                )
             raw_header = f.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"unreadable file: {path}: {exc.strerror or exc}") from None
@@ -244,26 +282,36 @@ def read_safetensors_header(path: str) -> tuple[list[TensorRef], dict[str, str]]
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise CheckpointError(f"wrong dtype: tensor {name!r} in {path} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise CheckpointError(f"bad header: {path}: tensor {name!r} has an invalid shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
             raise CheckpointError(f"bad header: {path}: tensor {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
         numel = math.prod(shape)
         expected = (numel * DTYPE_BITS[dtype] + 7) // 8
         if end - begin != expected:
-            raise CheckpointError(f"bad header: {path}: tensor {name!r} ({dtype} {shape}) needs {expected} bytes "
-                                  f"but its data_offsets span {end - begin}")
-        tensors.append(TensorRef(name=name, dtype=dtype, shape=tuple(shape), path=path,
-                                 offset=data_start + begin, nbytes=end - begin))
+            raise CheckpointError(
+                f"bad header: {path}: tensor {name!r} ({dtype} {shape}) needs {expected} bytes "
+                f"but its data_offsets span {end - begin}"
+            )
+        tensors.append(
+            TensorRef(
+                name=name, dtype=dtype, shape=tuple(shape), path=path, offset=data_start + begin, nbytes=end - begin
+            )
+        )
     tensors.sort(key=lambda t: t.offset)
     needed = max((t.offset - data_start + t.nbytes for t in tensors), default=0)
     if needed > data_len:
-        raise CheckpointError(f"truncated data: {path} holds {data_len} bytes of tensor data but its header "
-                              f"needs {needed}")
+        raise CheckpointError(
+            f"truncated data: {path} holds {data_len} bytes of tensor data but its header needs {needed}"
+        )
     for prev, cur in zip(tensors, tensors[1:]):
         if cur.offset < prev.offset + prev.nbytes:
             raise CheckpointError(f"bad header: {path}: tensors {prev.name!r} and {cur.name!r} overlap")
@@ -271,6 +319,7 @@ def read_safetensors_header(path: str) -> tuple[list[TensorRef], dict[str, str]]
 
 
 # --------------------------------------------------------------------------------------------- resolution
+
 
 def _file_size(path: str) -> int:
     try:
@@ -281,7 +330,7 @@ def _file_size(path: str) -> int:
 
 def _open_sharded(index_path: str, fmt: str) -> Checkpoint:
     try:
-        with open(index_path, "r", encoding="utf-8") as f:
+        with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"missing file: {index_path}") from None
@@ -311,10 +360,19 @@ def _open_sharded(index_path: str, fmt: str) -> Checkpoint:
     present = {t.name for t in tensors}
     missing = [name for name in weight_map if name not in present]
     if missing:
-        problems.append(f"{len(missing)} tensors listed in {os.path.basename(index_path)} are missing from the "
-                        f"shards (first: {missing[0]})")
-    return Checkpoint(path=index_path, format=fmt, files=files, tensors=tensors, folder=folder,
-                      file_size_bytes=sum(_file_size(p) for p in files), problems=problems)
+        problems.append(
+            f"{len(missing)} tensors listed in {os.path.basename(index_path)} are missing from the "
+            f"shards (first: {missing[0]})"
+        )
+    return Checkpoint(
+        path=index_path,
+        format=fmt,
+        files=files,
+        tensors=tensors,
+        folder=folder,
+        file_size_bytes=sum(_file_size(p) for p in files),
+        problems=problems,
+    )
 
 
 def _open_file(path: str, fmt: str | None = None) -> Checkpoint:
@@ -330,8 +388,9 @@ def _open_file(path: str, fmt: str | None = None) -> Checkpoint:
         fmt = fmt or ("peft-adapter" if base.startswith("adapter_model") else "torch-state-dict")
     else:
         raise CheckpointError(f"unknown checkpoint type: {path} (expected .safetensors, .pt, .pth or .bin)")
-    return Checkpoint(path=path, format=fmt, files=[path], tensors=tensors, folder=folder,
-                      file_size_bytes=_file_size(path))
+    return Checkpoint(
+        path=path, format=fmt, files=[path], tensors=tensors, folder=folder, file_size_bytes=_file_size(path)
+    )
 
 
 def _checkpoint_subfolders(folder: str) -> list[tuple[int, str]]:
@@ -376,28 +435,49 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     indexes = sorted(n for n in names if n.endswith(".safetensors.index.json"))
     if indexes:
         return _open_sharded(os.path.join(path, indexes[0]), "sharded-safetensors")
-    singles = sorted(n for n in names if n.endswith(_WEIGHT_SUFFIXES) and n not in _NOT_WEIGHTS
-                     and not n.startswith("rng_state") and os.path.isfile(os.path.join(path, n)))
+    singles = sorted(
+        n
+        for n in names
+        if n.endswith(_WEIGHT_SUFFIXES)
+        and n not in _NOT_WEIGHTS
+        and not n.startswith("rng_state")
+        and os.path.isfile(os.path.join(path, n))
+    )
     safes = [n for n in singles if n.endswith(".safetensors")]
     if len(safes) == 1 or (not safes and len(singles) == 1):
         return _open_file(os.path.join(path, (safes or singles)[0]))
     if len(singles) > 1:
-        raise CheckpointError(f"ambiguous folder: {path} holds several weight files ({', '.join(singles[:4])}); "
-                              f"pass one of them")
+        raise CheckpointError(
+            f"ambiguous folder: {path} holds several weight files ({', '.join(singles[:4])}); pass one of them"
+        )
     subfolders = _checkpoint_subfolders(path)
     if subfolders:
         return open_checkpoint(subfolders[-1][1])
-    raise CheckpointError(f"no checkpoint weights in {path} (expected model.safetensors, a sharded index, "
-                          f"adapter_model.safetensors or pytorch_model.bin)")
+    raise CheckpointError(
+        f"no checkpoint weights in {path} (expected model.safetensors, a sharded index, "
+        f"adapter_model.safetensors or pytorch_model.bin)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- torch
 
 _TORCH_TAGS = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-    "uint16": "U16", "uint32": "U32", "uint64": "U64",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e8m0fnu": "F8_E8M0",
     "complex64": "C64",
 }
 
@@ -419,8 +499,9 @@ def _torch_load(path: str, what: str = "checkpoint") -> Any:
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"torch is needed to read {path} (pip install torch), or convert it to "
-                              f"safetensors") from None
+        raise CheckpointError(
+            f"torch is needed to read {path} (pip install torch), or convert it to safetensors"
+        ) from None
     if os.path.isdir(path):
         raise CheckpointError(f"not a file: {path}")
     if not os.path.exists(path):
@@ -435,8 +516,10 @@ def _torch_load(path: str, what: str = "checkpoint") -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"refused: {path} is a pickle with code (or objects other than plain tensors), "
-                              f"which a weights-only load will not run ({_unpickling_reason(exc)})") from None
+        raise CheckpointError(
+            f"refused: {path} is a pickle with code (or objects other than plain tensors), "
+            f"which a weights-only load will not run ({_unpickling_reason(exc)})"
+        ) from None
     except (EOFError, RuntimeError, OSError, ValueError, struct.error) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         kind = "truncated data" if isinstance(exc, EOFError) or "zip" in msg.lower() else f"unreadable {what}"
@@ -474,8 +557,9 @@ def _torch_tensors(path: str) -> list[TensorRef]:
     refs = []
     for name, tensor in found.items():
         tag = _TORCH_TAGS.get(str(tensor.dtype).replace("torch.", ""), str(tensor.dtype).replace("torch.", ""))
-        ref = TensorRef(name=name, dtype=tag, shape=tuple(tensor.shape), path=path,
-                        nbytes=tensor.numel() * tensor.element_size())
+        ref = TensorRef(
+            name=name, dtype=tag, shape=tuple(tensor.shape), path=path, nbytes=tensor.numel() * tensor.element_size()
+        )
         if ref.supported:
             t = tensor.detach().contiguous()
             if t.dtype == torch.bfloat16:
@@ -489,6 +573,7 @@ def _torch_tensors(path: str) -> list[TensorRef]:
 
 
 # ------------------------------------------------------------------------------------------- reductions
+
 
 class _Converter:
     """Turns a raw block into float32 (floats) or float64 (integers), reusing one buffer per tensor."""
@@ -530,25 +615,52 @@ def _blocks(ref: TensorRef, block: int) -> Iterator[np.ndarray]:
     window = max(block, (WINDOW_BYTES // _RAW_DTYPE[ref.dtype].itemsize) // block * block)
     for raw in ref.windows(window):
         for i in range(0, raw.size, block):
-            yield conv(raw[i:i + block])
+            yield conv(raw[i : i + block])
         del raw
 
 
 def _empty_stats(ref: TensorRef) -> dict[str, Any]:
-    return {"mean": None, "std": None, "min": None, "max": None, "norm": 0.0, "rms": None,
-            "nan_count": 0, "inf_count": 0, "zero_fraction": 0.0, "numel": ref.numel,
-            "dtype": ref.dtype, "shape": list(ref.shape)}
+    return {
+        "mean": None,
+        "std": None,
+        "min": None,
+        "max": None,
+        "norm": 0.0,
+        "rms": None,
+        "nan_count": 0,
+        "inf_count": 0,
+        "zero_fraction": 0.0,
+        "numel": ref.numel,
+        "dtype": ref.dtype,
+        "shape": list(ref.shape),
+    }
 
 
-def _finish_stats(ref: TensorRef, n_finite: int, total: float, sumsq: float, mn: float, mx: float,
-                  zeros: int, nan: int, inf: int, var: float) -> dict[str, Any]:
+def _finish_stats(
+    ref: TensorRef,
+    n_finite: int,
+    total: float,
+    sumsq: float,
+    mn: float,
+    mx: float,
+    zeros: int,
+    nan: int,
+    inf: int,
+    var: float,
+) -> dict[str, Any]:
     numel = ref.numel
     stats = _empty_stats(ref)
     stats.update(nan_count=int(nan), inf_count=int(inf), zero_fraction=zeros / numel if numel else 0.0)
     if n_finite:
         mean = total / n_finite
-        stats.update(mean=float(mean), std=float(math.sqrt(max(var, 0.0))), min=float(mn), max=float(mx),
-                     norm=float(math.sqrt(sumsq)), rms=float(math.sqrt(sumsq / n_finite)))
+        stats.update(
+            mean=float(mean),
+            std=float(math.sqrt(max(var, 0.0))),
+            min=float(mn),
+            max=float(mx),
+            norm=float(math.sqrt(sumsq)),
+            rms=float(math.sqrt(sumsq / n_finite)),
+        )
     return stats
 
 
@@ -573,11 +685,27 @@ def tensor_stats(ref: TensorRef, block: int = BLOCK_ELEMS) -> dict[str, Any]:
         zeros = int(np.count_nonzero(xf == 0))
         if not n_finite:
             return _finish_stats(ref, 0, 0.0, 0.0, 0.0, 0.0, zeros, nan, numel - nan, 0.0)
-        return _finish_stats(ref, n_finite, float(xf.sum()), float(np.dot(xf, xf)), float(xf.min()),
-                             float(xf.max()), zeros, nan, numel - n_finite - nan, float(xf.var()))
+        return _finish_stats(
+            ref,
+            n_finite,
+            float(xf.sum()),
+            float(np.dot(xf, xf)),
+            float(xf.min()),
+            float(xf.max()),
+            zeros,
+            nan,
+            numel - n_finite - nan,
+            float(xf.var()),
+        )
 
-    dot, mnr, mxr, eq, cnz, isfinite = (np.dot, np.minimum.reduce, np.maximum.reduce, np.equal,
-                                        np.count_nonzero, math.isfinite)
+    dot, mnr, mxr, eq, cnz, isfinite = (
+        np.dot,
+        np.minimum.reduce,
+        np.maximum.reduce,
+        np.equal,
+        np.count_nonzero,
+        math.isfinite,
+    )
     conv = _Converter(ref.dtype, block)
     identity = conv.out is None
     zb = np.empty(block, np.bool_)
@@ -595,7 +723,7 @@ def tensor_stats(ref: TensorRef, block: int = BLOCK_ELEMS) -> dict[str, Any]:
     c = None
     for raw in ref.windows(window):
         for i in range(0, raw.size, block):
-            c = raw[i:i + block] if identity else conv(raw[i:i + block])
+            c = raw[i : i + block] if identity else conv(raw[i : i + block])
             k = c.size
             ss = dot(c, c)
             if isfinite(ss):
@@ -643,8 +771,7 @@ def tensor_stats(ref: TensorRef, block: int = BLOCK_ELEMS) -> dict[str, Any]:
             x -= mean
             acc += float(dot(x, x))
         var = acc / n_finite
-    return _finish_stats(ref, n_finite, total, sumsq, float(min(mins)), float(max(maxs)), int(zeros),
-                         nan, inf, var)
+    return _finish_stats(ref, n_finite, total, sumsq, float(min(mins)), float(max(maxs)), int(zeros), nan, inf, var)
 
 
 def tensor_drift(current: TensorRef, reference: TensorRef, block: int = BLOCK_ELEMS) -> tuple[float, float]:
@@ -665,6 +792,7 @@ def tensor_drift(current: TensorRef, reference: TensorRef, block: int = BLOCK_EL
 
 
 # ----------------------------------------------------------------------------------------- training state
+
 
 def parse_step_from_path(path: str | os.PathLike) -> int | None:
     """``.../checkpoint-500`` or ``step_100.pt`` → the step; None when the name carries none."""
@@ -691,7 +819,7 @@ def read_training_state(folder: str | None) -> dict[str, Any]:
         return out
     state_path = os.path.join(folder, "trainer_state.json")
     try:
-        with open(state_path, "r", encoding="utf-8") as f:
+        with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
         if isinstance(state, dict):
             step = state.get("global_step")

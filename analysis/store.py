@@ -5,12 +5,14 @@ aligned on the step axis; a value is NaN where the metric was absent, None or Na
 the trainer logged the key at that step (so "None where a value was expected" can be told from "absent").
 Memory is bounded: when a run reaches `capacity` rows the older half is thinned by two.
 """
+
 from __future__ import annotations
 
 import math
 import threading
 from collections import deque
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -38,18 +40,18 @@ class RunHistory:
         self._steps = np.zeros(self.capacity, dtype=np.int64)
         self._times = np.full(self.capacity, np.nan)
         self.columns: dict[str, Column] = {}
-        self.thinned = 0            # rows removed by thinning (older history at half resolution)
-        self.out_of_order = 0       # step records older than the newest step, ignored
+        self.thinned = 0  # rows removed by thinning (older history at half resolution)
+        self.out_of_order = 0  # step records older than the newest step, ignored
         self.checkpoints: list[dict] = []
-        self.rewards: deque[dict] = deque(maxlen=256)   # reward batches (stats + samples), newest last
-        self.reward_report: dict | None = None           # latest reliability analysis
-        self.system: dict[int, dict] = {}                # latest system sample per rank
+        self.rewards: deque[dict] = deque(maxlen=256)  # reward batches (stats + samples), newest last
+        self.reward_report: dict | None = None  # latest reliability analysis
+        self.system: dict[int, dict] = {}  # latest system sample per rank
         self.training_anomalies: deque[dict] = deque(maxlen=1000)  # anomalies found by the training side
-        self.ended: dict | None = None                   # run_end summary
+        self.ended: dict | None = None  # run_end summary
         self.last_seq = -1
-        self.last_heartbeat: float | None = None         # monotonic time of the last heartbeat/message
-        self.last_step_time: float | None = None         # monotonic time the newest step arrived
-        self.server_status: dict = {}                    # the publisher's counters from heartbeats
+        self.last_heartbeat: float | None = None  # monotonic time of the last heartbeat/message
+        self.last_step_time: float | None = None  # monotonic time the newest step arrived
+        self.server_status: dict = {}  # the publisher's counters from heartbeats
 
     # -- steps ---------------------------------------------------------------------------------
     @property
@@ -168,8 +170,9 @@ class Store:
         self.rejections.append(reason[:200])
 
 
-def steps_from_records(records: Iterable[tuple[int, Mapping[str, float | None]]], run_id: str = "file",
-                       capacity: int = DEFAULT_CAPACITY) -> RunHistory:
+def steps_from_records(
+    records: Iterable[tuple[int, Mapping[str, float | None]]], run_id: str = "file", capacity: int = DEFAULT_CAPACITY
+) -> RunHistory:
     """Build a RunHistory from (step, metrics) pairs; handy for tests and file sources."""
     hist = RunHistory(run_id, capacity)
     for step, metrics in records:

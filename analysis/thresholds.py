@@ -4,14 +4,16 @@
 Pure standard library (tomllib, or tomli before Python 3.11; tomli_w for writing). A threshold means the same
 thing on the training side and in the monitor because both call `analysis.detectors` with these values.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,68 +30,68 @@ class Thresholds:
     """
 
     # -- alarm hygiene ------------------------------------------------------------------------------
-    anomaly_threshold: float = 3.0   # generic robust z-score threshold (the seed's name); `zscore` is low only
-    grace_steps: int = 10            # no alarm (other than non-finite values) in the first N steps of a run
-    cooldown_steps: int = 10         # flags of one detector+metric closer than this merge into one episode
+    anomaly_threshold: float = 3.0  # generic robust z-score threshold (the seed's name); `zscore` is low only
+    grace_steps: int = 10  # no alarm (other than non-finite values) in the first N steps of a run
+    cooldown_steps: int = 10  # flags of one detector+metric closer than this merge into one episode
     muted: list[str] = field(default_factory=list)  # detector names that never report
 
     # -- baselines ------------------------------------------------------------------------------------
-    block_steps: int = 10            # baseline statistics are taken per block of N logged rows
-    baseline_blocks: int = 5         # the trailing baseline is the previous K blocks (excludes the current point)
-    min_history: int = 20            # finite values needed in the baseline before a detector may fire (warm-up)
-    early_steps: int = 20            # first N finite values of a metric define the run's own early level
-    recent_steps: int = 5            # "current level" = median of the last N values (robust to one spike)
+    block_steps: int = 10  # baseline statistics are taken per block of N logged rows
+    baseline_blocks: int = 5  # the trailing baseline is the previous K blocks (excludes the current point)
+    min_history: int = 20  # finite values needed in the baseline before a detector may fire (warm-up)
+    early_steps: int = 20  # first N finite values of a metric define the run's own early level
+    recent_steps: int = 5  # "current level" = median of the last N values (robust to one spike)
 
     # -- level shifts (CUSUM of clipped robust z-scores) -------------------------------------------------
-    shift_clip: float = 6.0          # a single point adds at most this much evidence (isolated spikes stay small)
-    shift_kref: float = 1.25         # allowance per step: drift below this many scales never accumulates
-    shift_h: float = 6.0             # evidence needed for a medium "level shift" alarm
-    rise_kref: float = 2.0           # allowance for upward shifts of metrics that rise in healthy training
-    rise_h: float = 8.0              # evidence needed for "reward climbing abnormally fast" / policy shifts
+    shift_clip: float = 6.0  # a single point adds at most this much evidence (isolated spikes stay small)
+    shift_kref: float = 1.25  # allowance per step: drift below this many scales never accumulates
+    shift_h: float = 6.0  # evidence needed for a medium "level shift" alarm
+    rise_kref: float = 2.0  # allowance for upward shifts of metrics that rise in healthy training
+    rise_h: float = 8.0  # evidence needed for "reward climbing abnormally fast" / policy shifts
 
     # -- KL ------------------------------------------------------------------------------------------
-    kl_spike_factor: float = 20.0    # |KL - baseline| in multiples of max(spread, |baseline|): isolated spike (low)
+    kl_spike_factor: float = 20.0  # |KL - baseline| in multiples of max(spread, |baseline|): isolated spike (low)
     kl_runaway_factor: float = 15.0  # the same ratio held for `persist_k` of the last `persist_n` steps: runaway
-    kl_runaway_high: float = 100.0   # runaway held at this ratio: high severity
-    persist_k: int = 4               # k of the last n steps must exceed a level for it to count as persistent (k <= n)
+    kl_runaway_high: float = 100.0  # runaway held at this ratio: high severity
+    persist_k: int = 4  # k of the last n steps must exceed a level for it to count as persistent (k <= n)
     persist_n: int = 5
 
     # -- entropy -------------------------------------------------------------------------------------
-    entropy_collapse_frac: float = 0.9    # current entropy this fraction below its early level: collapse (medium)
-    entropy_collapse_high: float = 0.97   # ... this far below: high
+    entropy_collapse_frac: float = 0.9  # current entropy this fraction below its early level: collapse (medium)
+    entropy_collapse_high: float = 0.97  # ... this far below: high
 
     # -- reward --------------------------------------------------------------------------------------
-    reward_scale_factor: float = 10.0     # reward_std this many times its baseline: reward scale jump (high)
-    reward_scale_z: float = 50.0          # or reward this many spreads from its baseline in one step
-    reward_mismatch_tol: float = 1e-3     # |reward - sum(rewards/<f>/mean)| relative to the reward scale
-    no_signal_frac: float = 0.9           # frac_reward_zero_std at or above this: no learning signal (high)
-    fraction_floor: float = 0.2           # smallest scale used for 0..1 fraction metrics (they move in coarse steps)
-    reward_std_collapse: float = 0.05     # reward_std below this fraction of its early level: no signal (high)
-    hack_window: int = 50                 # reward climb this recent + a hacking sign = reward hacking
-    hack_clipped_ratio: float = 0.5       # completions/clipped_ratio at or above: lengths running to the limit
-    hack_length_frac: float = 0.95        # completion_length / max_completion_length (when args are known)
-    hack_entropy_drop: float = 0.5        # entropy this fraction below its early level counts as falling
+    reward_scale_factor: float = 10.0  # reward_std this many times its baseline: reward scale jump (high)
+    reward_scale_z: float = 50.0  # or reward this many spreads from its baseline in one step
+    reward_mismatch_tol: float = 1e-3  # |reward - sum(rewards/<f>/mean)| relative to the reward scale
+    no_signal_frac: float = 0.9  # frac_reward_zero_std at or above this: no learning signal (high)
+    fraction_floor: float = 0.2  # smallest scale used for 0..1 fraction metrics (they move in coarse steps)
+    reward_std_collapse: float = 0.05  # reward_std below this fraction of its early level: no signal (high)
+    hack_window: int = 50  # reward climb this recent + a hacking sign = reward hacking
+    hack_clipped_ratio: float = 0.5  # completions/clipped_ratio at or above: lengths running to the limit
+    hack_length_frac: float = 0.95  # completion_length / max_completion_length (when args are known)
+    hack_entropy_drop: float = 0.5  # entropy this fraction below its early level counts as falling
 
     # -- losses and gradients ------------------------------------------------------------------------
-    spike_z: float = 10.0                 # loss / grad_norm single-step robust z: spike (low)
-    grad_norm_factor: float = 6.0         # grad_norm this many times its baseline for k of n steps (medium)
-    loss_persist_z: float = 10.0          # loss robust z held for k of n steps (medium)
-    value_loss_factor: float = 10.0       # PPO value loss this many times its early/baseline level (high)
-    clip_ratio_high: float = 0.3          # clip fraction at or above (only when training is off-policy)
-    lr_jump_factor: float = 5.0           # learning_rate jumping up by this factor in one step (medium)
+    spike_z: float = 10.0  # loss / grad_norm single-step robust z: spike (low)
+    grad_norm_factor: float = 6.0  # grad_norm this many times its baseline for k of n steps (medium)
+    loss_persist_z: float = 10.0  # loss robust z held for k of n steps (medium)
+    value_loss_factor: float = 10.0  # PPO value loss this many times its early/baseline level (high)
+    clip_ratio_high: float = 0.3  # clip fraction at or above (only when training is off-policy)
+    lr_jump_factor: float = 5.0  # learning_rate jumping up by this factor in one step (medium)
 
     # -- DPO -----------------------------------------------------------------------------------------
-    dpo_accuracy_drop: float = 0.25       # accuracies this far below their level in 2 of 3 steps, or twice as far once
-    dpo_margin_factor: float = 10.0       # rewards/margins this many baseline levels above (medium)
-    dpo_pinned_steps: int = 20            # accuracies at 1.0 for this many steps early: pinned (low)
-    dpo_loss_margin: float = 0.05         # loss above ln 2 + this after it was below ln 2 - this (medium)
+    dpo_accuracy_drop: float = 0.25  # accuracies this far below their level in 2 of 3 steps, or twice as far once
+    dpo_margin_factor: float = 10.0  # rewards/margins this many baseline levels above (medium)
+    dpo_pinned_steps: int = 20  # accuracies at 1.0 for this many steps early: pinned (low)
+    dpo_loss_margin: float = 0.05  # loss above ln 2 + this after it was below ln 2 - this (medium)
 
     # -- system --------------------------------------------------------------------------------------
-    memory_leak_frac: float = 0.10        # memory grew by this fraction over the leak window, steadily (medium)
-    memory_leak_blocks: int = 10          # leak window in blocks (block_steps each)
-    gpu_frac_high: float = 0.90           # device memory used/total at or above: near OOM (high)
-    gpu_frac_critical: float = 0.97       # ... critical
-    step_time_factor: float = 2.0         # recent step time this many times its baseline (medium)
+    memory_leak_frac: float = 0.10  # memory grew by this fraction over the leak window, steadily (medium)
+    memory_leak_blocks: int = 10  # leak window in blocks (block_steps each)
+    gpu_frac_high: float = 0.90  # device memory used/total at or above: near OOM (high)
+    gpu_frac_critical: float = 0.97  # ... critical
+    step_time_factor: float = 2.0  # recent step time this many times its baseline (medium)
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +100,7 @@ class Thresholds:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Thresholds":
+    def from_dict(cls, data: Mapping[str, Any]) -> Thresholds:
         """Build from a mapping; unknown keys or wrong types raise ValueError with a one-line message."""
         if not isinstance(data, Mapping):
             raise ValueError(f"thresholds must be a table of settings, not {type(data).__name__}")
@@ -124,8 +126,7 @@ class Thresholds:
             if "max" in spec and value > spec["max"]:
                 raise ValueError(f"threshold '{name}' must be <= {spec['max']} (got {value})")
 
-
-    def replace(self, **changes: Any) -> "Thresholds":
+    def replace(self, **changes: Any) -> Thresholds:
         return Thresholds.from_dict({**self.to_dict(), **changes})
 
     def is_muted(self, detector: str) -> bool:
@@ -191,10 +192,8 @@ _FIELD_SPECS: list[dict[str, Any]] = [
     _h("fraction_floor", "smallest scale for 0..1 fraction metrics", 0.05, min=0.0, max=1.0),
     _h("reward_std_collapse", "reward_std / early level for no learning signal", 0.01, min=0.0, max=1.0),
     _h("hack_window", "steps a reward climb stays relevant for reward hacking", 10, min=1),
-    _h("hack_clipped_ratio", "completions/clipped_ratio that counts as running to the limit", 0.05,
-       min=0.0, max=1.0),
-    _h("hack_length_frac", "completion length / limit that counts as running to the limit", 0.01,
-       min=0.0, max=1.0),
+    _h("hack_clipped_ratio", "completions/clipped_ratio that counts as running to the limit", 0.05, min=0.0, max=1.0),
+    _h("hack_length_frac", "completion length / limit that counts as running to the limit", 0.01, min=0.0, max=1.0),
     _h("hack_entropy_drop", "entropy drop that counts as falling for reward hacking", 0.05, min=0.0, max=1.0),
     _h("spike_z", "single-step loss/grad_norm z-score for a spike", 1.0, min=1.0),
     _h("grad_norm_factor", "grad_norm / baseline held k of n steps", 0.5, min=1.0),
@@ -223,8 +222,9 @@ for _spec in _FIELD_SPECS:
     _spec["default"] = getattr(_DEFAULTS, _spec["name"])
     _spec["type"] = _FIELD_TYPES[_spec["name"]].__name__
     THRESHOLD_FIELDS.append(_spec)
-assert [s["name"] for s in THRESHOLD_FIELDS] == [f.name for f in dataclasses.fields(Thresholds)], \
+assert [s["name"] for s in THRESHOLD_FIELDS] == [f.name for f in dataclasses.fields(Thresholds)], (
     "THRESHOLD_FIELDS must list every Thresholds field in order"
+)
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:

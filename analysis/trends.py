@@ -3,23 +3,25 @@
 Pure numpy. A trend is judged by the fitted change over the window relative to the metric's own spread, so
 KL summed per sequence and KL averaged per token get the same verdict.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
-TREND_CHANGE = 0.5     # fitted change over the window, in standard deviations of the values
-TREND_T = 3.0          # and the slope must be this many standard errors from zero
+TREND_CHANGE = 0.5  # fitted change over the window, in standard deviations of the values
+TREND_T = 3.0  # and the slope must be this many standard errors from zero
 
 
 def _finite(values: Iterable[float] | np.ndarray | None) -> np.ndarray:
     if values is None:
         return np.zeros(0)
     arr = np.asarray(
-        [np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray) else values,
-        dtype=np.float64)
+        [np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray) else values, dtype=np.float64
+    )
     ok = np.isfinite(arr)
     return arr if ok.all() else arr[ok]
 
@@ -32,9 +34,9 @@ def _verdict(v: np.ndarray, mean: float, dev: np.ndarray, ss: float) -> str:
         return "stable"
     i = np.arange(n, dtype=np.float64)
     i -= (n - 1) / 2.0
-    sxx = n * (n * n - 1) / 12.0                 # sum of the centred indices' squares, in closed form
+    sxx = n * (n * n - 1) / 12.0  # sum of the centred indices' squares, in closed form
     slope = float(i @ dev) / sxx
-    resid_ss = max(ss - slope * slope * sxx, 0.0)   # least-squares residuals: Syy - slope * Sxy
+    resid_ss = max(ss - slope * slope * sxx, 0.0)  # least-squares residuals: Syy - slope * Sxy
     se = math.sqrt(resid_ss / max(n - 2, 1) / sxx)
     change = slope * (n - 1) / sd
     t = slope / se if se > 0 else math.inf * (1 if slope > 0 else -1)
@@ -67,8 +69,14 @@ def summarise(values: Iterable[float] | np.ndarray | None) -> dict[str, Any]:
     mean = float(v.mean())
     dev = v - mean
     ss = float(dev @ dev)
-    return {"last": float(v[-1]), "mean": mean, "std": math.sqrt(ss / v.shape[0]), "min": float(v.min()),
-            "max": float(v.max()), "trend": _verdict(v, mean, dev, ss)}
+    return {
+        "last": float(v[-1]),
+        "mean": mean,
+        "std": math.sqrt(ss / v.shape[0]),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "trend": _verdict(v, mean, dev, ss),
+    }
 
 
 def epoch_statistics(steps: Any, metrics: Mapping[str, Any], epoch_values: Any = None) -> list[dict]:
@@ -97,11 +105,19 @@ def epoch_statistics(steps: Any, metrics: Mapping[str, Any], epoch_values: Any =
     out = []
     for k in np.unique(ep).tolist():
         rows = np.flatnonzero(ep == k)
-        out.append({"epoch": int(k), "first_step": int(steps[rows[0]]), "last_step": int(steps[rows[-1]]),
-                    "steps": int(rows.size),
-                    "metrics": {name: summarise(np.asarray(vals, dtype=np.float64)[rows])
-                                for name, vals in metrics.items() if name != "epoch"
-                                and np.shape(vals) == (n,)}})
+        out.append(
+            {
+                "epoch": int(k),
+                "first_step": int(steps[rows[0]]),
+                "last_step": int(steps[rows[-1]]),
+                "steps": int(rows.size),
+                "metrics": {
+                    name: summarise(np.asarray(vals, dtype=np.float64)[rows])
+                    for name, vals in metrics.items()
+                    if name != "epoch" and np.shape(vals) == (n,)
+                },
+            }
+        )
     return out
 
 

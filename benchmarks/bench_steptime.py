@@ -6,6 +6,7 @@ Run: .venv/bin/python benchmarks/bench_steptime.py [--steps 50] [--repeats 7]
 Peers need `pip install tensorboard wandb` (rows say "not installed" otherwise). BENCH_EXTRA_SITE=DIR[:DIR]
 appends package folders (e.g. a `pip install --target DIR`) to sys.path, after the venv's own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,23 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 
-VARIANTS = ("no monitoring", "no monitoring (again)", "RLHFMonitorCallback",
-            "RLHFMonitorCallback(detect_anomalies=False)", "report_to=tensorboard", "report_to=wandb (offline)")
+VARIANTS = (
+    "no monitoring",
+    "no monitoring (again)",
+    "RLHFMonitorCallback",
+    "RLHFMonitorCallback(detect_anomalies=False)",
+    "report_to=tensorboard",
+    "report_to=wandb (offline)",
+)
 
 
 def _available(variant: str) -> bool:
     import importlib.util
 
     if variant.endswith("tensorboard"):
-        return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+        return (
+            importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+        )
     if "wandb" in variant:
         return importlib.util.find_spec("wandb") is not None
     return True
@@ -43,27 +52,52 @@ def _trainer(model: str, steps: int, variant: str, free_address):
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
-    from rlhf_tui.bridge.rewards import monitor_rewards
-    from rlhf_tui.bridge.tiny import length_reward, prompt_dataset
+    from rlhf_tui.bridge.demo.tiny import length_reward, prompt_dataset
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.training.rewards import monitor_rewards
 
     out = tempfile.mkdtemp(prefix="rlhf-tui-bench-")
     os.environ["WANDB_DIR"] = out
     report_to = {"report_to=tensorboard": "tensorboard", "report_to=wandb (offline)": "wandb"}.get(variant, "none")
     tok = AutoTokenizer.from_pretrained(model)
     tok.padding_side = "left"
-    args = GRPOConfig(output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=16,
-                      max_steps=steps, logging_steps=1, use_cpu=True, bf16=False, gradient_checkpointing=False,
-                      report_to=report_to, learning_rate=5e-5, beta=0.04, save_strategy="no", disable_dropout=True,
-                      disable_tqdm=True, seed=0, temperature=1.0,
-                      run_name="rlhf-tui-bench")
+    args = GRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=16,
+        max_steps=steps,
+        logging_steps=1,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=report_to,
+        learning_rate=5e-5,
+        beta=0.04,
+        save_strategy="no",
+        disable_dropout=True,
+        disable_tqdm=True,
+        seed=0,
+        temperature=1.0,
+        run_name="rlhf-tui-bench",
+    )
     callbacks, rewards, cb = [], [length_reward], None
     if variant.startswith("RLHFMonitorCallback"):
-        cb = RLHFMonitorCallback(address=free_address(), log_dir=os.path.join(out, "logs"), analyze_checkpoints=False,
-                                 detect_anomalies="detect_anomalies=False" not in variant)
+        cb = RLHFMonitorCallback(
+            address=free_address(),
+            log_dir=os.path.join(out, "logs"),
+            analyze_checkpoints=False,
+            detect_anomalies="detect_anomalies=False" not in variant,
+        )
         callbacks, rewards = [cb], monitor_rewards([length_reward], cb)
-    trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=prompt_dataset(max(64, steps * 4)),
-                          processing_class=tok, callbacks=callbacks)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=args,
+        train_dataset=prompt_dataset(max(64, steps * 4)),
+        processing_class=tok,
+        callbacks=callbacks,
+    )
     if cb is not None:
         cb.trainer = trainer
     return trainer, cb
@@ -77,7 +111,7 @@ def step_time_table(steps: int = 50, repeats: int = 7, warmup: int = 10) -> list
     from transformers import TrainerCallback
     from transformers.utils import logging as hf_logging
 
-    from rlhf_tui.bridge.tiny import build_tiny_model
+    from rlhf_tui.bridge.demo.tiny import build_tiny_model
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from callback_overhead import free_address
@@ -105,12 +139,13 @@ def step_time_table(steps: int = 50, repeats: int = 7, warmup: int = 10) -> list
     ratios: dict[str, list[float]] = {v: [] for v in results}
     cpu_per_step: dict[str, list[float]] = {}
     order = list(results)
-    for r in range(repeats):
-        order = order[1:] + order[:1]   # rotate: no variant always runs first or last
+    for _ in range(repeats):
+        order = order[1:] + order[:1]  # rotate: no variant always runs first or last
         times = {}
         for variant in order:
-            trainer, cb = _trainer(model, steps, "no monitoring" if variant.startswith("no monitoring") else variant,
-                                   free_address)
+            trainer, cb = _trainer(
+                model, steps, "no monitoring" if variant.startswith("no monitoring") else variant, free_address
+            )
             timer = StepTimer(cb)
             trainer.add_callback(timer)
             trainer.train()
@@ -118,12 +153,15 @@ def step_time_table(steps: int = 50, repeats: int = 7, warmup: int = 10) -> list
             if cb is not None:
                 cb.publisher.flush(5)
                 time.sleep(0.2)  # one more loop of the publisher thread: its CPU counter is current
-                cpu_per_step.setdefault(variant, []).append((cb.publisher.stats["cpu_s"] - timer.cpu0) / (steps - warmup))
+                cpu_per_step.setdefault(variant, []).append(
+                    (cb.publisher.stats["cpu_s"] - timer.cpu0) / (steps - warmup)
+                )
                 cb.close()
             if "wandb" in variant:
                 import wandb
+
                 wandb.finish()
-        base = (times["no monitoring"] + times["no monitoring (again)"]) / 2   # this round's baseline
+        base = (times["no monitoring"] + times["no monitoring (again)"]) / 2  # this round's baseline
         for variant, value in times.items():
             results[variant].append(value)
             ratios[variant].append(value / base)
@@ -133,8 +171,9 @@ def step_time_table(steps: int = 50, repeats: int = 7, warmup: int = 10) -> list
             rows.append((variant, statistics.median(results[variant]) * 1000, statistics.median(ratios[variant])))
         else:
             rows.append((variant, None, None))
-    noise = statistics.median(abs(a - b) / ((a + b) / 2) for a, b in
-                              zip(results["no monitoring"], results["no monitoring (again)"]))
+    noise = statistics.median(
+        abs(a - b) / ((a + b) / 2) for a, b in zip(results["no monitoring"], results["no monitoring (again)"])
+    )
     base_ms = statistics.median(results["no monitoring"]) * 1000
     rows.append(("(noise: |unmonitored - again|)", None, noise))
     for variant, values in cpu_per_step.items():
@@ -145,8 +184,10 @@ def step_time_table(steps: int = 50, repeats: int = 7, warmup: int = 10) -> list
 
 
 def print_table(rows, steps, repeats) -> None:
-    print(f"2. tiny GRPO step time (CPU): median over steps 10..{steps} of each run; ratio = median over {repeats} "
-          "rounds of run / (mean of the round's two unmonitored runs); variants interleaved, order rotated")
+    print(
+        f"2. tiny GRPO step time (CPU): median over steps 10..{steps} of each run; ratio = median over {repeats} "
+        "rounds of run / (mean of the round's two unmonitored runs); variants interleaved, order rotated"
+    )
     print(f"{'run':<44}{'ms/step':>10}{'ratio':>8}{'goal':>9}")
     for variant, ms, ratio in rows:
         goal = "<= 1.01" if variant == "RLHFMonitorCallback" else ""

@@ -3,6 +3,7 @@ run's history, end-to-end latency log_step -> visible in the monitor's store.
 
 Run: .venv/bin/python benchmarks/bench_wire.py [--steps N] [--late-join-steps N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,12 +16,12 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from callback_overhead import GRPO_LOGS, free_address  # noqa: E402
+from callback_overhead import GRPO_LOGS, free_address
 
 
 def realistic_rows(n: int, seed: int = 0) -> list[dict]:
     """GRPO-like step metrics: the canonical names added, float32 noise (17-digit floats, as TRL logs them)."""
-    from rlhf_tui.bridge.metrics import normalise
+    from rlhf_tui.bridge.wire.metrics import normalise
 
     rng = np.random.default_rng(seed)
     base = normalise(GRPO_LOGS)
@@ -33,13 +34,14 @@ def realistic_rows(n: int, seed: int = 0) -> list[dict]:
 
 def frames_as_pumped(rows: list[dict], live: bool) -> list[bytes]:
     """What a Publisher sends for these rows: one frame per step (live) or its history (blocks + tail)."""
-    from rlhf_tui.bridge.publisher import Publisher
-
-    from rlhf_tui.bridge import protocol
+    from rlhf_tui.bridge.training.publisher import Publisher
+    from rlhf_tui.bridge.wire import protocol
 
     if live:
-        return [protocol.encode("step", "bench-run", i, time.time(), {"step": i + 1, "metrics": m, "wall": 0.0})
-                for i, m in enumerate(rows)]
+        return [
+            protocol.encode("step", "bench-run", i, time.time(), {"step": i + 1, "metrics": m, "wall": 0.0})
+            for i, m in enumerate(rows)
+        ]
     pub = Publisher(False, "bench-run", handler=lambda item: [])
     out: list[bytes] = []
     for i, metrics in enumerate(rows):
@@ -53,7 +55,7 @@ def frames_as_pumped(rows: list[dict], live: bool) -> list[bytes]:
 
 def ingest(n: int) -> list[tuple]:
     """Subscriber.feed on pre-encoded frames, then one anomaly analysis of the whole run."""
-    from rlhf_tui.bridge.subscriber import Subscriber
+    from rlhf_tui.bridge.monitor.subscriber import Subscriber
 
     try:
         from rlhf_tui.analysis.detectors import detect
@@ -61,8 +63,11 @@ def ingest(n: int) -> list[tuple]:
         detect = None
     rows = realistic_rows(n)
     out = []
-    for label, live, chunk in (("live frames, feed() each", True, 1), ("live frames, backlog of 1000", True, 1000),
-                               ("history blocks, feed() each", False, 1)):
+    for label, live, chunk in (
+        ("live frames, feed() each", True, 1),
+        ("live frames, backlog of 1000", True, 1000),
+        ("history blocks, feed() each", False, 1),
+    ):
         frames = frames_as_pumped(rows, live)
         sub = Subscriber("tcp://127.0.0.1:1")
         t0 = time.perf_counter()
@@ -71,7 +76,7 @@ def ingest(n: int) -> list[tuple]:
                 sub.feed(frame)
         else:  # what the receive thread does when frames queue up: feed_many of what is there
             for i in range(0, len(frames), chunk):
-                sub.feed_many(frames[i:i + chunk])
+                sub.feed_many(frames[i : i + chunk])
         t1 = time.perf_counter()
         anomalies = detect(sub.store.current_run) if detect else []
         t2 = time.perf_counter()
@@ -85,7 +90,7 @@ SERVER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {bench!r})
     from bench_wire import realistic_rows
-    from rlhf_tui.bridge.publisher import Publisher
+    from rlhf_tui.bridge.training.publisher import Publisher
     pub = Publisher({address!r}, "late-join-run", handler=lambda item: [])
     for i, metrics in enumerate(realistic_rows({n})):
         pub.publish("step", {{"step": i + 1, "metrics": metrics, "wall": time.time()}})
@@ -98,7 +103,7 @@ SERVER = textwrap.dedent("""
 
 def late_join(n: int, repeats: int = 3) -> list[float]:
     """A training process with n steps in history; a fresh monitor connects: seconds until every row is in."""
-    from rlhf_tui.bridge.subscriber import Subscriber
+    from rlhf_tui.bridge.monitor.subscriber import Subscriber
 
     address = free_address()
     code = SERVER.format(bench=os.path.dirname(os.path.abspath(__file__)), address=address, n=n)
@@ -126,8 +131,8 @@ def latency(n: int = 100, interval: float = 0.2) -> tuple[float, float]:
     (same process; a watcher thread polls the store every 0.2 ms)."""
     import threading
 
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
-    from rlhf_tui.bridge.subscriber import Subscriber
+    from rlhf_tui.bridge.monitor.subscriber import Subscriber
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
     address = free_address()
     cb = RLHFMonitorCallback(address=address, log_dir=None, analyze_checkpoints=False)
@@ -171,7 +176,9 @@ def latency(n: int = 100, interval: float = 0.2) -> tuple[float, float]:
 
 
 def print_latency(n: int, label: str = "") -> None:
-    print(f"\n{label}end-to-end latency on loopback (log_step -> row in a live monitor's store), {n} steps at each pace")
+    print(
+        f"\n{label}end-to-end latency on loopback (log_step -> row in a live monitor's store), {n} steps at each pace"
+    )
     print(f"{'steps every':<14}{'p50 ms':>8}{'p99 ms':>8}")
     for interval in (0.5, 0.2, 0.025):
         p50, p99 = latency(n, interval)

@@ -4,6 +4,7 @@ Run: .venv/bin/python benchmarks/callback_overhead.py [--calls N] [--skip-traini
 Prints (1) on_log p50/p99 in µs with no monitor, a live monitor and a stalled monitor, in two regimes (back to
 back; one call per 1 ms step) next to the machine's floor, and (2) the step-time table of bench_steptime.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,33 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-GRPO_LOGS = {"loss": 0.01, "grad_norm": 1.2, "learning_rate": 1e-5, "num_tokens": 2048.0,
-             "completions/mean_length": 12.0, "completions/min_length": 3.0, "completions/max_length": 16.0,
-             "completions/clipped_ratio": 0.2, "completions/mean_terminated_length": 9.0,
-             "completions/min_terminated_length": 3.0, "completions/max_terminated_length": 15.0,
-             "rewards/f/mean": 0.3, "rewards/f/std": 0.2, "reward": 0.3, "reward_std": 0.2,
-             "frac_reward_zero_std": 0.0, "kl": 0.001, "entropy": 5.0, "clip_ratio/low_mean": 0.0,
-             "clip_ratio/high_mean": 0.0, "clip_ratio/region_mean": 0.0, "clip_ratio/low_min": 0.0,
-             "clip_ratio/high_max": 0.0, "step_time": 0.03, "epoch": 0.1}
+GRPO_LOGS = {
+    "loss": 0.01,
+    "grad_norm": 1.2,
+    "learning_rate": 1e-5,
+    "num_tokens": 2048.0,
+    "completions/mean_length": 12.0,
+    "completions/min_length": 3.0,
+    "completions/max_length": 16.0,
+    "completions/clipped_ratio": 0.2,
+    "completions/mean_terminated_length": 9.0,
+    "completions/min_terminated_length": 3.0,
+    "completions/max_terminated_length": 15.0,
+    "rewards/f/mean": 0.3,
+    "rewards/f/std": 0.2,
+    "reward": 0.3,
+    "reward_std": 0.2,
+    "frac_reward_zero_std": 0.0,
+    "kl": 0.001,
+    "entropy": 5.0,
+    "clip_ratio/low_mean": 0.0,
+    "clip_ratio/high_mean": 0.0,
+    "clip_ratio/region_mean": 0.0,
+    "clip_ratio/low_min": 0.0,
+    "clip_ratio/high_max": 0.0,
+    "step_time": 0.03,
+    "epoch": 0.1,
+}
 
 
 def free_address() -> str:
@@ -37,7 +57,7 @@ def free_address() -> str:
 
 STEP_S = 0.001  # a "training step" between on_log calls: 1 ms (1000 steps/s, far faster than any RLHF step)
 SLOW_STEP_S = 0.15  # steps longer than the publisher's batch interval (its thread is idle when on_log comes)
-BURST = 200     # back-to-back calls, then 40 ms for the publisher thread to catch up (5 000 calls/s)
+BURST = 200  # back-to-back calls, then 40 ms for the publisher thread to catch up (5 000 calls/s)
 
 
 def time_on_log(cb, n: int, regime: str = "warm") -> np.ndarray:
@@ -86,9 +106,9 @@ def floor(n: int, regime: str) -> np.ndarray:
 def on_log_table(n: int, regime: str = "warm") -> list[tuple]:
     import zmq
 
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
-    from rlhf_tui.bridge.protocol import hello
-    from rlhf_tui.bridge.subscriber import Subscriber
+    from rlhf_tui.bridge.monitor.subscriber import Subscriber
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.wire.protocol import hello
 
     us = floor(n, regime)
     rows = [("floor: bare copy+append", float(np.percentile(us, 50)), float(np.percentile(us, 99)), 0)]
@@ -120,10 +140,10 @@ def on_log_table(n: int, regime: str = "warm") -> list[tuple]:
 
 def print_on_log_tables(n: int, slow_calls: int = 200) -> None:
     for regime, title, calls in (
-            ("warm", f"back to back, bursts of {BURST} (the call's own cost)", n),
-            ("cold", f"one call per {STEP_S * 1000:g} ms step (caches cold, as in training)", n),
-            ("slow", f"one call per {SLOW_STEP_S * 1000:g} ms step (the CPU idles between calls: all cold)",
-             slow_calls)):
+        ("warm", f"back to back, bursts of {BURST} (the call's own cost)", n),
+        ("cold", f"one call per {STEP_S * 1000:g} ms step (caches cold, as in training)", n),
+        ("slow", f"one call per {SLOW_STEP_S * 1000:g} ms step (the CPU idles between calls: all cold)", slow_calls),
+    ):
         print(f"  {title}, {calls} calls")
         print(f"  {'mode':<26}{'p50 µs':>9}{'p99 µs':>9}{'goal p99':>10}{'dropped':>9}")
         for mode, p50, p99, dropped in on_log_table(calls, regime):
@@ -139,6 +159,7 @@ def main() -> int:
     parser.add_argument("--skip-training", action="store_true")
     ns = parser.parse_args()
     import warnings
+
     warnings.filterwarnings("ignore")
     print(f"on_log cost on the training thread ({ns.calls} calls, {len(GRPO_LOGS)} keys)")
     print_on_log_tables(ns.calls)

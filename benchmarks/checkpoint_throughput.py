@@ -30,12 +30,16 @@ def layout(layers: int) -> list[tuple[str, str, tuple[int, ...]]]:
     tensors = [("model.embed_tokens.weight", "F32", (VOCAB, HIDDEN))]  # 256 MB: the largest tensor
     for i in range(layers):
         p = f"model.layers.{i}"
-        tensors += [(f"{p}.input_layernorm.weight", "F32", (HIDDEN,)),
-                    (f"{p}.post_attention_layernorm.weight", "F32", (HIDDEN,))]
+        tensors += [
+            (f"{p}.input_layernorm.weight", "F32", (HIDDEN,)),
+            (f"{p}.post_attention_layernorm.weight", "F32", (HIDDEN,)),
+        ]
         tensors += [(f"{p}.self_attn.{n}_proj.weight", "F32", (HIDDEN, HIDDEN)) for n in "qkvo"]
-        tensors += [(f"{p}.mlp.gate_proj.weight", "F32", (4 * HIDDEN, HIDDEN)),
-                    (f"{p}.mlp.up_proj.weight", "BF16", (4 * HIDDEN, HIDDEN)),
-                    (f"{p}.mlp.down_proj.weight", "BF16", (HIDDEN, 4 * HIDDEN))]
+        tensors += [
+            (f"{p}.mlp.gate_proj.weight", "F32", (4 * HIDDEN, HIDDEN)),
+            (f"{p}.mlp.up_proj.weight", "BF16", (4 * HIDDEN, HIDDEN)),
+            (f"{p}.mlp.down_proj.weight", "BF16", (HIDDEN, 4 * HIDDEN)),
+        ]
     tensors += [("model.norm.weight", "F32", (HIDDEN,)), ("lm_head.weight", "BF16", (VOCAB, HIDDEN))]
     return tensors
 
@@ -74,12 +78,17 @@ def baseline(path: str) -> dict[str, float]:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     times = {"F32": 0.0, "BF16": 0.0}
-    for name, meta in header.items():
+    for meta in header.values():
         t0 = time.perf_counter()
         begin, end = meta["data_offsets"]
         raw_dtype = np.float32 if meta["dtype"] == "F32" else np.uint16
-        x = np.memmap(path, dtype=raw_dtype, mode="r", offset=8 + n + begin,
-                      shape=((end - begin) // np.dtype(raw_dtype).itemsize,))
+        x = np.memmap(
+            path,
+            dtype=raw_dtype,
+            mode="r",
+            offset=8 + n + begin,
+            shape=((end - begin) // np.dtype(raw_dtype).itemsize,),
+        )
         if meta["dtype"] == "BF16":
             x = (x.astype(np.uint32) << 16).view(np.float32)
         float(x.sum())
@@ -148,12 +157,16 @@ def main() -> None:
         tensors = layout(args.layers)
         t0 = time.perf_counter()
         size = write_checkpoint(path, tensors)
-        sizes = {d: sum(int(np.prod(s)) * (4 if d == "F32" else 2) for _, dt, s in tensors if dt == d)
-                 for d in ("F32", "BF16")}
+        sizes = {
+            d: sum(int(np.prod(s)) * (4 if d == "F32" else 2) for _, dt, s in tensors if dt == d)
+            for d in ("F32", "BF16")
+        }
         largest = max(int(np.prod(s)) * (4 if d == "F32" else 2) for _, d, s in tensors)
-        print(f"file: {size / 1e9:.2f} GB, {len(tensors)} tensors (F32 {sizes['F32'] / 1e9:.2f} GB, "
-              f"BF16 {sizes['BF16'] / 1e9:.2f} GB), largest tensor {largest / 2**20:.0f} MB, "
-              f"written in {time.perf_counter() - t0:.1f}s; cpu cores: {os.cpu_count()}")
+        print(
+            f"file: {size / 1e9:.2f} GB, {len(tensors)} tensors (F32 {sizes['F32'] / 1e9:.2f} GB, "
+            f"BF16 {sizes['BF16'] / 1e9:.2f} GB), largest tensor {largest / 2**20:.0f} MB, "
+            f"written in {time.perf_counter() - t0:.1f}s; cpu cores: {os.cpu_count()}"
+        )
 
         ours(path)  # warm imports and the page cache once, for both sides
         base_total, our_total = [], []
@@ -172,10 +185,18 @@ def main() -> None:
             return nbytes / 1e9 / statistics.median(seconds)
 
         rows = []
-        for label, total, per in (("numpy baseline (memmap, sum, dot)", base_total, base_dtype),
-                                  ("CheckpointAnalyzer.analyze_checkpoint", our_total, our_dtype)):
-            rows.append((label, gbps(size, total), gbps(sizes["F32"], [p["F32"] for p in per]),
-                         gbps(sizes["BF16"], [p["BF16"] for p in per])))
+        for label, total, per in (
+            ("numpy baseline (memmap, sum, dot)", base_total, base_dtype),
+            ("CheckpointAnalyzer.analyze_checkpoint", our_total, our_dtype),
+        ):
+            rows.append(
+                (
+                    label,
+                    gbps(size, total),
+                    gbps(sizes["F32"], [p["F32"] for p in per]),
+                    gbps(sizes["BF16"], [p["BF16"] for p in per]),
+                )
+            )
         rss_base = peak_rss_child("baseline", path)
         rss_ours = peak_rss_child("ours", path)
         print()
@@ -183,10 +204,14 @@ def main() -> None:
         for (label, a, f32, b16), rss in zip(rows, (rss_base, rss_ours)):
             print(f"{label:40s} {a:9.2f} {f32:9.2f} {b16:10.2f} {rss:13.0f}")
         ratio = rows[1][1] / rows[0][1]
-        print(f"{'ratio ours / baseline':40s} {ratio:9.2f} {rows[1][2] / rows[0][2]:9.2f} "
-              f"{rows[1][3] / rows[0][3]:10.2f} {rss_ours / max(rss_base, 1e-9):13.2f}")
-        print(f"\nmedian of {args.reps} alternating runs; our peak RSS growth is {rss_ours / (largest / 2**20):.2f}× "
-              f"the largest tensor ({largest / 2**20:.0f} MB). F32/BF16 columns time per-tensor statistics only.")
+        print(
+            f"{'ratio ours / baseline':40s} {ratio:9.2f} {rows[1][2] / rows[0][2]:9.2f} "
+            f"{rows[1][3] / rows[0][3]:10.2f} {rss_ours / max(rss_base, 1e-9):13.2f}"
+        )
+        print(
+            f"\nmedian of {args.reps} alternating runs; our peak RSS growth is {rss_ours / (largest / 2**20):.2f}× "
+            f"the largest tensor ({largest / 2**20:.0f} MB). F32/BF16 columns time per-tensor statistics only."
+        )
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ factor (the margin the defaults keep on all runs), scored on the other half.
 Variations: the same runs with metric units rescaled (x30 KL as a per-sequence sum, x10 rewards), with
 their start trimmed (earlier onsets), and healthy runs with faults of other magnitudes injected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
+    from seed_baseline import seed_detect
+
     from rlhf_tui.analysis.detectors import detect, severity_at_least
-    from rlhf_tui.analysis.seed_baseline import seed_detect
     from rlhf_tui.analysis.thresholds import Thresholds
-    from rlhf_tui.bridge.sources import load_file_source
+    from rlhf_tui.bridge.monitor.sources import load_file_source
 except ImportError:  # pragma: no cover - checkout without `pip install -e .`
     sys.exit("install the package first: pip install -e .")
 
@@ -42,8 +44,15 @@ WITHIN = 25  # steps after the onset that count as detected
 class Run:
     """One labelled run as plain arrays (so variations can be built without touching the store)."""
 
-    def __init__(self, name: str, label: dict, steps: np.ndarray, metrics: dict[str, np.ndarray],
-                 logged: dict[str, np.ndarray], meta: dict):
+    def __init__(
+        self,
+        name: str,
+        label: dict,
+        steps: np.ndarray,
+        metrics: dict[str, np.ndarray],
+        logged: dict[str, np.ndarray],
+        meta: dict,
+    ):
         self.name, self.label = name, label
         self.steps, self.metrics, self.logged, self.meta = steps, metrics, logged, meta
         self.fault = label.get("fault", "none")
@@ -52,15 +61,20 @@ class Run:
     def arrays(self) -> tuple:
         return self.steps, self.metrics, self.logged, self.meta
 
-    def derive(self, name: str, steps=None, metrics=None, logged=None, onset="keep", fault=None) -> "Run":
+    def derive(self, name: str, steps=None, metrics=None, logged=None, onset="keep", fault=None) -> Run:
         label = dict(self.label)
         if onset != "keep":
             label["onset_step"] = onset
         if fault is not None:
             label["fault"] = fault
-        return Run(name, label, self.steps if steps is None else steps,
-                   self.metrics if metrics is None else metrics, self.logged if logged is None else logged,
-                   self.meta)
+        return Run(
+            name,
+            label,
+            self.steps if steps is None else steps,
+            self.metrics if metrics is None else metrics,
+            self.logged if logged is None else logged,
+            self.meta,
+        )
 
 
 def traces_dir(arg: str | None) -> Path:
@@ -77,9 +91,16 @@ def load_runs(folder: Path) -> list[Run]:
         if not path.is_file():
             continue
         hist = load_file_source(str(path)).current_run
-        runs.append(Run(name, labels[name], np.asarray(hist.steps).copy(),
-                        {k: v.copy() for k, v in hist.metrics().items()},
-                        {k: v.copy() for k, v in hist.logged_masks().items()}, dict(hist.meta)))
+        runs.append(
+            Run(
+                name,
+                labels[name],
+                np.asarray(hist.steps).copy(),
+                {k: v.copy() for k, v in hist.metrics().items()},
+                {k: v.copy() for k, v in hist.logged_masks().items()},
+                dict(hist.meta),
+            )
+        )
     return runs
 
 
@@ -104,18 +125,26 @@ def score_run(run: Run, alarms: list[tuple[int, str]], within: int = WITHIN) -> 
     after = [a for a in alarms if onset is not None and a[0] > onset]
     first = after[0] if after else None
     delay = first[0] - onset if first else None
-    return {"false_alarm": bool(before), "before": before, "first": first, "delay": delay,
-            "detected": delay is not None and delay <= within}
+    return {
+        "false_alarm": bool(before),
+        "before": before,
+        "first": first,
+        "delay": delay,
+        "detected": delay is not None and delay <= within,
+    }
 
 
 def overall(runs: list[Run], scores: list[dict]) -> dict:
     faulty = [s for r, s in zip(runs, scores) if r.onset is not None]
     delays = [s["delay"] for s in faulty if s["detected"]]
-    return {"runs": len(runs), "faulty": len(faulty),
-            "recall": (sum(s["detected"] for s in faulty) / len(faulty)) if faulty else math.nan,
-            "false_alarm_runs": sum(s["false_alarm"] for s in scores),
-            "false_alarm_rate": sum(s["false_alarm"] for s in scores) / len(runs) if runs else math.nan,
-            "median_delay": statistics.median(delays) if delays else math.nan}
+    return {
+        "runs": len(runs),
+        "faulty": len(faulty),
+        "recall": (sum(s["detected"] for s in faulty) / len(faulty)) if faulty else math.nan,
+        "false_alarm_runs": sum(s["false_alarm"] for s in scores),
+        "false_alarm_rate": sum(s["false_alarm"] for s in scores) / len(runs) if runs else math.nan,
+        "median_delay": statistics.median(delays) if delays else math.nan,
+    }
 
 
 def within_for(run: Run, th: Thresholds) -> int:
@@ -131,9 +160,11 @@ def evaluate(runs: list[Run], th: Thresholds) -> tuple[list[dict], dict]:
 
 
 def fmt_overall(name: str, o: dict) -> str:
-    return (f"{name:34s} recall {o['recall']:5.2f} ({round(o['recall'] * o['faulty'])}/{o['faulty']})   "
-            f"false-alarm runs {o['false_alarm_runs']}/{o['runs']} ({100 * o['false_alarm_rate']:.0f}%)   "
-            f"median delay {o['median_delay']:.1f}")
+    return (
+        f"{name:34s} recall {o['recall']:5.2f} ({round(o['recall'] * o['faulty'])}/{o['faulty']})   "
+        f"false-alarm runs {o['false_alarm_runs']}/{o['runs']} ({100 * o['false_alarm_rate']:.0f}%)   "
+        f"median delay {o['median_delay']:.1f}"
+    )
 
 
 # -- hold-out ------------------------------------------------------------------------------------------------
@@ -168,7 +199,7 @@ def rescaled(run: Run) -> Run:
     m = dict(run.metrics)
     for k in list(m):
         if k in ("kl", "objective/kl"):
-            m[k] = m[k] * 30.0                      # per-sequence sum instead of per-token mean
+            m[k] = m[k] * 30.0  # per-sequence sum instead of per-token mean
         elif k in REWARD_KEYS or k.startswith("rewards/"):
             m[k] = m[k] * 10.0 if not k.startswith(("rewards/accuracies",)) else m[k]
         elif k == "entropy":
@@ -177,16 +208,19 @@ def rescaled(run: Run) -> Run:
 
 
 def trimmed(run: Run, rows: int) -> Run | None:
-    keep_before = 40   # a shorter history leaves no baseline at all
+    keep_before = 40  # a shorter history leaves no baseline at all
     if run.onset is not None:
         onset_row = int(np.searchsorted(run.steps, run.onset))
         rows = min(rows, onset_row - keep_before)
     if rows <= 0:
         return None
     cut = slice(rows, None)
-    return run.derive(f"{run.name}@trim{rows}", steps=run.steps[cut],
-                      metrics={k: v[cut] for k, v in run.metrics.items()},
-                      logged={k: v[cut] for k, v in run.logged.items()})
+    return run.derive(
+        f"{run.name}@trim{rows}",
+        steps=run.steps[cut],
+        metrics={k: v[cut] for k, v in run.metrics.items()},
+        logged={k: v[cut] for k, v in run.logged.items()},
+    )
 
 
 def injected(run: Run, fault: str, magnitude: float, onset_row: int, seed: int) -> Run | None:
@@ -199,19 +233,19 @@ def injected(run: Run, fault: str, magnitude: float, onset_row: int, seed: int) 
     k = int(after.sum())
     parts = [x for x in m if x.startswith("rewards/") and x.endswith("/mean")]
     if fault in ("reward_scale", "reward_nan") and "rewards/margins" in m:
-        return None   # DPO has no reward model
+        return None  # DPO has no reward model
     if fault == "reward_scale":
         for key in ("reward", "reward_std", *[x for x in m if x.startswith("rewards/")]):
             if key in m and key not in ("rewards/accuracies",):
                 m[key][after] *= magnitude
-    elif fault == "reward_drop":      # reward function returning noise: mean falls by `magnitude` spreads
+    elif fault == "reward_drop":  # reward function returning noise: mean falls by `magnitude` spreads
         if "reward" not in m or "rewards/margins" in m:
             return None
         sd = float(np.nanstd(m["reward"][: onset_row + 1]))
         m["reward"][after] -= magnitude * sd
         for p in parts[:1]:
             m[p][after] -= magnitude * sd
-    elif fault == "reward_climb":     # reward hacking: reward climbs `magnitude` spreads per 10 steps
+    elif fault == "reward_climb":  # reward hacking: reward climbs `magnitude` spreads per 10 steps
         if "reward" not in m or "rewards/margins" in m:
             return None
         sd = float(np.nanstd(m["reward"][: onset_row + 1]))
@@ -219,7 +253,7 @@ def injected(run: Run, fault: str, magnitude: float, onset_row: int, seed: int) 
         m["reward"] += ramp
         for p in parts[:1]:
             m[p] += ramp
-    elif fault == "reward_nan":       # a fraction of rewards NaN: TRL drops them from the sum
+    elif fault == "reward_nan":  # a fraction of rewards NaN: TRL drops them from the sum
         if not parts or "reward" not in m:
             return None
         p = parts[0]
@@ -227,7 +261,7 @@ def injected(run: Run, fault: str, magnitude: float, onset_row: int, seed: int) 
         m["reward"][after] -= frac * m[p][after]
         std_key = p[: -len("mean")] + "std"
         if std_key in m:
-            none_rows = np.flatnonzero(after & (rng.random(n) < frac ** 3))
+            none_rows = np.flatnonzero(after & (rng.random(n) < frac**3))
             m[std_key][none_rows] = np.nan
     elif fault == "kl_runaway":
         if "kl" not in m:
@@ -246,7 +280,7 @@ def injected(run: Run, fault: str, magnitude: float, onset_row: int, seed: int) 
         if "rewards/margins" in m:
             m["rewards/margins"][after] *= 1 - 2 * magnitude
             m["reward"] = m["rewards/margins"]
-    elif fault == "memory_leak":      # system series added: flat, then growing `magnitude` % per 100 steps
+    elif fault == "memory_leak":  # system series added: flat, then growing `magnitude` % per 100 steps
         rss = 2000 + 5 * rng.standard_normal(n)
         rss[after] += 2000 * magnitude / 100 * np.arange(1, k + 1) / 100
         frac = 0.5 + 0.01 * rng.standard_normal(n)
@@ -260,14 +294,21 @@ def injected(run: Run, fault: str, magnitude: float, onset_row: int, seed: int) 
     else:
         raise ValueError(fault)
     onset_step = int(run.steps[onset_row])
-    return run.derive(f"{run.name}+{fault}x{magnitude:g}@{onset_step}", metrics=m, logged=lg,
-                      onset=onset_step, fault=fault)
+    return run.derive(
+        f"{run.name}+{fault}x{magnitude:g}@{onset_step}", metrics=m, logged=lg, onset=onset_step, fault=fault
+    )
 
 
 INJECTIONS: dict[str, tuple[float, ...]] = {
-    "reward_scale": (5.0, 30.0, 1000.0), "reward_drop": (1.5, 3.0), "reward_climb": (1.0, 3.0),
-    "reward_nan": (0.3, 0.8), "kl_runaway": (30.0, 300.0), "entropy_collapse": (5.0, 20.0),
-    "label_flip": (0.4, 0.8), "memory_leak": (10.0, 40.0), "near_oom": (0.1, 0.5),
+    "reward_scale": (5.0, 30.0, 1000.0),
+    "reward_drop": (1.5, 3.0),
+    "reward_climb": (1.0, 3.0),
+    "reward_nan": (0.3, 0.8),
+    "kl_runaway": (30.0, 300.0),
+    "entropy_collapse": (5.0, 20.0),
+    "label_flip": (0.4, 0.8),
+    "memory_leak": (10.0, 40.0),
+    "near_oom": (0.1, 0.5),
 }
 
 
@@ -316,10 +357,14 @@ def main(argv: list[str] | None = None) -> int:
         return text
 
     print(f"traces: {folder}\n")
-    print(f"{'run':10s} {'trainer':12s} {'fault':18s} {'onset':>5s}  {'ours: first medium+ alarm (delay)':46s}  seed rule")
+    print(
+        f"{'run':10s} {'trainer':12s} {'fault':18s} {'onset':>5s}  {'ours: first medium+ alarm (delay)':46s}  seed rule"
+    )
     for r, o, s in zip(runs, ours, seed):
-        print(f"{r.name:10s} {str(r.label.get('trainer'))[:12]:12s} {r.fault:18s} {str(r.onset):>5s}  "
-              f"{cell(o)[:46]:46s}  {cell(s)[:60]}")
+        print(
+            f"{r.name:10s} {str(r.label.get('trainer'))[:12]:12s} {r.fault:18s} {str(r.onset):>5s}  "
+            f"{cell(o)[:46]:46s}  {cell(s)[:60]}"
+        )
     print()
     print(fmt_overall("ours", overall(runs, ours)))
     print(fmt_overall("seed z-score (w=100 incl., n>=10, z>3)", overall(runs, seed)))
@@ -350,8 +395,10 @@ def main(argv: list[str] | None = None) -> int:
             vs, o = evaluate(vruns, th)
             line = fmt_overall(f"{title} [{len(vruns)}]", o)
             if title.startswith("units"):
-                same = sum((s["first"] or (None,))[0] == (base[r.name.split("@")[0]]["first"] or (None,))[0]
-                           for r, s in zip(vruns, vs))
+                same = sum(
+                    (s["first"] or (None,))[0] == (base[r.name.split("@")[0]]["first"] or (None,))[0]
+                    for r, s in zip(vruns, vs)
+                )
                 line += f"   same first alarm as original: {same}/{len(vruns)}"
             print(line)
             if title.startswith("faults"):
@@ -363,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
                     d = statistics.median([s["delay"] for s in det]) if det else math.nan
                     fa = sum(s["false_alarm"] for s in ss)
                     horizon = within_for(next(r for r in vruns if r.fault == fault), th)
-                    print(f"    {fault:18s} detected within {horizon:3d} steps {len(det):2d}/{len(ss):2d}  "
-                          f"median delay {d:5.1f}  false alarms before onset {fa}")
+                    print(
+                        f"    {fault:18s} detected within {horizon:3d} steps {len(det):2d}/{len(ss):2d}  "
+                        f"median delay {d:5.1f}  false alarms before onset {fa}"
+                    )
     return 0
 
 

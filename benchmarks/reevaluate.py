@@ -4,6 +4,7 @@ built), plus the per-step cost of `StreamingDetector.update`. Prints a table (me
 
     .venv/bin/python benchmarks/reevaluate.py [--steps N] [--repeat R]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ try:
     from rlhf_tui.analysis.thresholds import Thresholds
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from rlhf_tui.analysis.detectors import (DetectionCache, StreamingDetector, detect,  # type: ignore
-                                              evaluate)
+    from rlhf_tui.analysis.detectors import (
+        DetectionCache,
+        StreamingDetector,
+        detect,  # type: ignore
+        evaluate,
+    )
     from rlhf_tui.analysis.thresholds import Thresholds  # type: ignore
 
 
@@ -98,42 +103,58 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("detect, default thresholds", f"{args.steps} x {len(metrics)}", t_full, len(episodes)))
     th2 = th.replace(anomaly_threshold=4.0, kl_runaway_factor=20.0)
     t_changed = _times(lambda: detect((steps, metrics, None, meta), th2), args.repeat)
-    rows.append(("detect, after a threshold change", f"{args.steps} x {len(metrics)}", t_changed,
-                 len(detect((steps, metrics, None, meta), th2))))
+    rows.append(
+        (
+            "detect, after a threshold change",
+            f"{args.steps} x {len(metrics)}",
+            t_changed,
+            len(detect((steps, metrics, None, meta), th2)),
+        )
+    )
 
     # The monitor: one DetectionCache per run, newest 1000 low + 2000 other episodes built, counts exact.
     cache = DetectionCache()
     evaluate((steps, metrics, None, meta), th, cache=cache)
-    settings = [th.replace(anomaly_threshold=a) for a in (3.5, 4.0, 3.5, 3.0)]   # the +/- key, alternately
+    settings = [th.replace(anomaly_threshold=a) for a in (3.5, 4.0, 3.5, 3.0)]  # the +/- key, alternately
     turn = iter(range(10**9))
 
     def key_press():
-        evaluate((steps, metrics, None, meta), settings[next(turn) % 4], cache=cache, keep_low=1000,
-                 keep_other=2000)
+        evaluate((steps, metrics, None, meta), settings[next(turn) % 4], cache=cache, keep_low=1000, keep_other=2000)
 
     t_monitor = _times(key_press, args.repeat)
     kept, counts = evaluate((steps, metrics, None, meta), th2, cache=cache, keep_low=1000, keep_other=2000)
     rows.append(("monitor: z-score key +/- (cached)", f"{args.steps} x {len(metrics)}", t_monitor, len(kept)))
-    other = [th.replace(kl_runaway_factor=f) for f in (20.0, 25.0, 20.0, 15.0)]   # a domain detector's key
+    other = [th.replace(kl_runaway_factor=f) for f in (20.0, 25.0, 20.0, 15.0)]  # a domain detector's key
 
     def other_key():
         evaluate((steps, metrics, None, meta), other[next(turn) % 4], cache=cache, keep_low=1000, keep_other=2000)
 
-    rows.append(("monitor: other detector's key (cached)", f"{args.steps} x {len(metrics)}",
-                 _times(other_key, args.repeat), None))
-    t_cold = _times(lambda: evaluate((steps, metrics, None, meta), th2, keep_low=1000, keep_other=2000),
-                    args.repeat)
+    rows.append(
+        (
+            "monitor: other detector's key (cached)",
+            f"{args.steps} x {len(metrics)}",
+            _times(other_key, args.repeat),
+            None,
+        )
+    )
+    t_cold = _times(lambda: evaluate((steps, metrics, None, meta), th2, keep_low=1000, keep_other=2000), args.repeat)
     rows.append(("monitor: first pass (no cache)", f"{args.steps} x {len(metrics)}", t_cold, len(kept)))
     grown = {k: v[: args.steps - 100] for k, v in metrics.items()}
     t_grow = []
-    for _ in range(args.repeat):   # 100 new steps since the last pass (a live run)
+    for _ in range(args.repeat):  # 100 new steps since the last pass (a live run)
         c = DetectionCache()
         evaluate((steps[: args.steps - 100], grown, None, meta), th, cache=c)
         t0 = time.perf_counter()
         evaluate((steps, metrics, None, meta), th, cache=c, keep_low=1000, keep_other=2000)
         t_grow.append(time.perf_counter() - t0)
-    rows.append(("monitor: 100 new steps (cached)", f"{args.steps} x {len(metrics)}",
-                 (statistics.median(t_grow), min(t_grow)), None))
+    rows.append(
+        (
+            "monitor: 100 new steps (cached)",
+            f"{args.steps} x {len(metrics)}",
+            (statistics.median(t_grow), min(t_grow)),
+            None,
+        )
+    )
 
     ns = min(args.stream_steps, args.steps)
     records = [{k: float(v[i]) for k, v in metrics.items()} for i in range(ns)]
@@ -144,15 +165,18 @@ def main(argv: list[str] | None = None) -> int:
             sd.update(i + 1, rec)
 
     t_stream = _times(stream, max(1, args.repeat // 2))
-    rows.append(("StreamingDetector.update, per step", f"{ns} x {len(metrics)}",
-                 (t_stream[0] / ns, t_stream[1] / ns), None))
+    rows.append(
+        ("StreamingDetector.update, per step", f"{ns} x {len(metrics)}", (t_stream[0] / ns, t_stream[1] / ns), None)
+    )
 
     print(f"{'what':40s} {'steps x metrics':>16s} {'median ms':>10s} {'best ms':>9s} {'episodes':>9s}")
     for what, size, (med, best), eps in rows:
         print(f"{what:40s} {size:>16s} {med * 1e3:10.3f} {best * 1e3:9.3f} {'' if eps is None else eps:>9}")
-    print(f"\nstreaming: {t_stream[0] / ns * 1e6:.1f} us/step median, {t_stream[1] / ns * 1e6:.1f} best "
-          f"({ns / t_stream[1]:,.0f} steps/s); {args.repeat} runs; numpy {np.__version__}; "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"\nstreaming: {t_stream[0] / ns * 1e6:.1f} us/step median, {t_stream[1] / ns * 1e6:.1f} best "
+        f"({ns / t_stream[1]:,.0f} steps/s); {args.repeat} runs; numpy {np.__version__}; "
+        f"{os.cpu_count()} CPUs"
+    )
     return 0
 
 

@@ -10,6 +10,7 @@
 
 Run: .venv/bin/python benchmarks/run_all.py [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,19 +28,21 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run, not for the docs)")
     ns = parser.parse_args()
     import warnings
-    warnings.filterwarnings("ignore")
 
-    import numpy as np
+    warnings.filterwarnings("ignore")
 
     import bench_steptime
     import bench_wire
     import callback_overhead
+    import numpy as np
 
     calls, steps, repeats = (2000, 20, 2) if ns.quick else (10_000, 50, 7)
     ingest_n, late_n, latency_n = (5000, 20_000, 20) if ns.quick else (50_000, 100_000, 100)
     t0 = time.time()
-    print(f"rlhf-tui benchmarks — {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}\n")
+    print(
+        f"rlhf-tui benchmarks — {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}\n"
+    )
 
     print(f"1. on_log on the training thread ({calls} calls, {len(callback_overhead.GRPO_LOGS)} keys)")
     callback_overhead.print_on_log_tables(calls)
@@ -47,8 +50,10 @@ def main() -> int:
     print()
     bench_steptime.print_table(bench_steptime.step_time_table(steps, repeats), steps, repeats)
 
-    print(f"\n3a. monitor ingest: Subscriber.feed (decode + validate + store), then detect() over the run, "
-          f"{ingest_n} steps")
+    print(
+        f"\n3a. monitor ingest: Subscriber.feed (decode + validate + store), then detect() over the run, "
+        f"{ingest_n} steps"
+    )
     print(f"{'frames':<32}{'stored msg/s':>14}{'+analysed msg/s':>17}{'goal':>10}")
     for label, stored, analysed, _, has_detect in bench_wire.ingest(ingest_n):
         print(f"{label:<32}{stored:>14,.0f}{analysed if has_detect else float('nan'):>17,.0f}{'50,000':>10}")
@@ -58,8 +63,14 @@ def main() -> int:
     print(f"{len(times):<8}{float(np.median(times)):>10.3f}{max(times):>8.3f}{'< 1':>8}")
     bench_wire.print_latency(latency_n, "3c. ")
     here = os.path.dirname(os.path.abspath(__file__))
-    for script in ("detection.py", "reevaluate.py", "checkpoint_throughput.py", "tui_ingest.py", "tui_memory.py",
-                   "tui_idle_cpu.py"):
+    for script in (
+        "detection.py",
+        "reevaluate.py",
+        "checkpoint_throughput.py",
+        "tui_ingest.py",
+        "tui_memory.py",
+        "tui_idle_cpu.py",
+    ):
         if ns.quick and script in ("detection.py", "checkpoint_throughput.py"):
             continue
         print(f"\n4. {script}", flush=True)

@@ -4,6 +4,7 @@ one core.
 
     .venv/bin/python benchmarks/tui_idle_cpu.py [--seconds S]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,21 @@ os.environ.setdefault("XDG_CONFIG_HOME", tempfile.mkdtemp(prefix="rlhf-tui-bench
 
 
 def recorded_log(directory: str) -> str:
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
     cb = RLHFMonitorCallback(address=False, log_dir=directory, analyze_checkpoints=False, run_id="idle-run")
     for step in range(1, 501):
-        cb.log_step(step, {"reward": step * 0.01, "kl": 0.01, "entropy": 2.0 - step * 0.001, "loss": 0.1,
-                           "grad_norm": 1.0, "learning_rate": 1e-5})
+        cb.log_step(
+            step,
+            {
+                "reward": step * 0.01,
+                "kl": 0.01,
+                "entropy": 2.0 - step * 0.001,
+                "loss": 0.1,
+                "grad_norm": 1.0,
+                "learning_rate": 1e-5,
+            },
+        )
     cb.log_rewards(500, [0.1, 0.5, 0.9], [{"label": "best", "score": 0.9, "prompt": "p", "completion": "c"}])
     cb.close()
     return cb.log_path
@@ -53,11 +63,27 @@ def in_tmux(path: str, seconds: float) -> float | None:
     exe = os.path.join(os.path.dirname(sys.executable), "rlhf-tui")
     sock = f"rlhf-tui-bench-{uuid.uuid4().hex[:6]}"
     tmux = ["tmux", "-L", sock]
-    subprocess.run(tmux + ["new-session", "-d", "-s", "b", "-x", "160", "-y", "48",
-                           f"exec env -u COLUMNS -u LINES TERM=xterm-256color {exe} {path}"], check=True)
+    subprocess.run(
+        tmux
+        + [
+            "new-session",
+            "-d",
+            "-s",
+            "b",
+            "-x",
+            "160",
+            "-y",
+            "48",
+            f"exec env -u COLUMNS -u LINES TERM=xterm-256color {exe} {path}",
+        ],
+        check=True,
+    )
     try:
-        pid = int(subprocess.run(tmux + ["display-message", "-p", "-t", "b", "#{pane_pid}"], capture_output=True,
-                                 text=True, check=True).stdout.strip())
+        pid = int(
+            subprocess.run(
+                tmux + ["display-message", "-p", "-t", "b", "#{pane_pid}"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        )
         proc = psutil.Process(pid)
         time.sleep(5)  # startup, first draw and the anomaly pass
         t0 = proc.cpu_times()

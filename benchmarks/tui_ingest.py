@@ -5,6 +5,7 @@ the worst event-loop stall (how responsive the screen stays).
 
     .venv/bin/python benchmarks/tui_ingest.py [--messages N] [--metrics M]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,15 +18,24 @@ import time
 
 os.environ.setdefault("XDG_CONFIG_HOME", tempfile.mkdtemp(prefix="rlhf-tui-bench-"))
 
-from rlhf_tui.bridge import protocol  # noqa: E402
-from rlhf_tui.bridge.subscriber import Subscriber  # noqa: E402
+from rlhf_tui.bridge.monitor.subscriber import Subscriber
+from rlhf_tui.bridge.wire import protocol
 
 RUN = "bench-run"
 
 
 def frames(n: int, metrics: int) -> list[bytes]:
-    names = ["reward", "reward_std", "kl", "entropy", "loss", "grad_norm", "learning_rate", "clip_ratio",
-             "completion_length"] + [f"extra/m{i:02d}" for i in range(max(0, metrics - 9))]
+    names = [
+        "reward",
+        "reward_std",
+        "kl",
+        "entropy",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "clip_ratio",
+        "completion_length",
+    ] + [f"extra/m{i:02d}" for i in range(max(0, metrics - 9))]
     names = names[:metrics]
     out = [protocol.encode(protocol.RUN_START, RUN, 0, time.time(), {"run_id": RUN, "trainer": "GRPOTrainer"})]
     for i in range(1, n + 1):
@@ -37,7 +47,7 @@ def frames(n: int, metrics: int) -> list[bytes]:
 def feed(sub: Subscriber, data: list[bytes], chunk: int = 1000) -> float:
     started = time.perf_counter()
     for k in range(0, len(data), chunk):
-        sub.feed_many(data[k:k + chunk])
+        sub.feed_many(data[k : k + chunk])
     return time.perf_counter() - started
 
 
@@ -103,11 +113,15 @@ def main() -> None:
     print(f"ingest of {n} step messages x {ns.metrics} metrics through Subscriber.feed_many (1000 frames per call)")
     print(f"{'mode':<34}{'seconds':>9}{'msgs/s':>11}{'redraws':>9}{'redraw Hz':>11}{'max stall ms':>14}")
     print(f"{'store only (no app)':<34}{base_s:>9.2f}{n / base_s:>11,.0f}{'-':>9}{'-':>11}{'-':>14}")
-    hz = app['builds'] / app['elapsed'] if app['elapsed'] else 0.0
-    print(f"{'app running headless (Pilot)':<34}{app['seconds']:>9.2f}{n / app['seconds']:>11,.0f}"
-          f"{app['builds']:>9}{hz:>11.1f}{1000 * app['stall']:>14.0f}")
-    print(f"ratio with app / without: {base_s / app['seconds']:.2f} of the rate; rows stored {app['rows']}; "
-          f"the screen showed the last step ({app['shown']}) {app['catch_up']:.2f} s after the last message")
+    hz = app["builds"] / app["elapsed"] if app["elapsed"] else 0.0
+    print(
+        f"{'app running headless (Pilot)':<34}{app['seconds']:>9.2f}{n / app['seconds']:>11,.0f}"
+        f"{app['builds']:>9}{hz:>11.1f}{1000 * app['stall']:>14.0f}"
+    )
+    print(
+        f"ratio with app / without: {base_s / app['seconds']:.2f} of the rate; rows stored {app['rows']}; "
+        f"the screen showed the last step ({app['shown']}) {app['catch_up']:.2f} s after the last message"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ timed until the re-evaluated feed is in). Target: under ~150 MB.
 
     .venv/bin/python benchmarks/tui_memory.py [--steps N] [--metrics M]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ def rss():
     return out
 
 from rlhf_tui.analysis.store import Store
-from rlhf_tui.bridge.ingest import add_rows
+from rlhf_tui.bridge.monitor.ingest import add_rows
 if mode == "app":
     from rlhf_tui.tui.app import MonitorApp  # imported before filling, like the real monitor
 base = rss()["VmRSS"]
@@ -98,24 +99,35 @@ def main() -> None:
     env = {**os.environ, "XDG_CONFIG_HOME": tempfile.mkdtemp(prefix="rlhf-tui-bench-")}
     rows = []
     for mode in ("store", "app"):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(ns.steps), str(ns.metrics), mode], env=env,
-                             capture_output=True, text=True, timeout=900)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(ns.steps), str(ns.metrics), mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if out.returncode != 0:
             raise SystemExit(out.stderr[-2000:])
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"memory after {ns.steps:,} steps x {ns.metrics} metrics (child process RSS, MB)")
     print(f"{'process':<42}{'rows kept':>10}{'RSS':>8}{'peak RSS':>10}{'fill s':>8}")
     s, a = rows
-    print(f"{'store only (python + numpy + store)':<42}{s['rows']:>10}{s['after_fill_VmRSS']:>8.0f}"
-          f"{s['after_fill_VmHWM']:>10.0f}{s['fill_s']:>8.1f}")
-    print(f"{'monitor app headless on that store':<42}{a['rows']:>10}{a['with_app_VmRSS']:>8.0f}"
-          f"{a['with_app_VmHWM']:>10.0f}{a['fill_s']:>8.1f}")
-    print(f"(import baseline: {s['baseline_mb']:.0f} MB store-only, {a['baseline_mb']:.0f} MB with Textual; "
-          f"{s['thinned']:,} older rows thinned; first detection pass over the kept history ≈ {a['detect_s']:.2f} s "
-          f"while the first screen is built, {a['anomalies']} anomaly episodes on random data, the newest "
-          f"{a['kept']} kept; threshold key '+' to re-evaluated feed {a['key_s'] * 1000:.0f} ms, to the redrawn report "
-          f"{a['key_screen_s'] * 1000:.0f} ms, median of 4; peak RSS before the key presses "
-          f"{a['first_pass_peak_mb']:.0f} MB)")
+    print(
+        f"{'store only (python + numpy + store)':<42}{s['rows']:>10}{s['after_fill_VmRSS']:>8.0f}"
+        f"{s['after_fill_VmHWM']:>10.0f}{s['fill_s']:>8.1f}"
+    )
+    print(
+        f"{'monitor app headless on that store':<42}{a['rows']:>10}{a['with_app_VmRSS']:>8.0f}"
+        f"{a['with_app_VmHWM']:>10.0f}{a['fill_s']:>8.1f}"
+    )
+    print(
+        f"(import baseline: {s['baseline_mb']:.0f} MB store-only, {a['baseline_mb']:.0f} MB with Textual; "
+        f"{s['thinned']:,} older rows thinned; first detection pass over the kept history ≈ {a['detect_s']:.2f} s "
+        f"while the first screen is built, {a['anomalies']} anomaly episodes on random data, the newest "
+        f"{a['kept']} kept; threshold key '+' to re-evaluated feed {a['key_s'] * 1000:.0f} ms, to the redrawn report "
+        f"{a['key_screen_s'] * 1000:.0f} ms, median of 4; peak RSS before the key presses "
+        f"{a['first_pass_peak_mb']:.0f} MB)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,19 +1,19 @@
-"""Training side of rlhf-tui: the callback, reward wrapper, publisher, JSONL log, and the subscriber.
+"""rlhf-tui's two ends of the wire: `wire` (what both agree on), `training` (the callback side) and `monitor`
+(the subscriber side). Importing this package is light: the callback (which imports transformers) loads on first
+access."""
 
-Importing this package is light: the callback (which imports transformers) loads on first access.
-"""
 from __future__ import annotations
 
 from typing import Any
 
 _LAZY = {
-    "RLHFMonitorCallback": "rlhf_tui.bridge.callback",
-    "PPOMonitoringCallback": "rlhf_tui.bridge.callback",
-    "monitor_rewards": "rlhf_tui.bridge.rewards",
-    "TRLIntegrationConfig": "rlhf_tui.bridge.integration",
-    "TRLIntegrationManager": "rlhf_tui.bridge.integration",
-    "Subscriber": "rlhf_tui.bridge.subscriber",
-    "Publisher": "rlhf_tui.bridge.publisher",
+    "RLHFMonitorCallback": "rlhf_tui.bridge.training.callback",
+    "PPOMonitoringCallback": "rlhf_tui.bridge.training.callback",
+    "monitor_rewards": "rlhf_tui.bridge.training.rewards",
+    "TRLIntegrationConfig": "rlhf_tui.bridge.training.integration",
+    "TRLIntegrationManager": "rlhf_tui.bridge.training.integration",
+    "Subscriber": "rlhf_tui.bridge.monitor.subscriber",
+    "Publisher": "rlhf_tui.bridge.training.publisher",
 }
 
 __all__ = list(_LAZY)

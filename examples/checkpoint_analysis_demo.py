@@ -7,6 +7,7 @@ Offline by default on a tiny local GPT-2:
     python examples/checkpoint_analysis_demo.py --model gpt2
 Any checkpoint from the command line: `rlhf-tui analyze-checkpoint PATH [--reference PATH]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-
 def show(analysis: dict, title: str) -> None:
     """Print an analysis the way the guide does: health score, issues, recommendations (+ a few details)."""
     print(f"\n== {title} ==")
     print(f"Health Score: {analysis['health_score']:.2f}")
-    print(f"File size: {analysis['file_size_mb']:.2f} MB, tensors: {analysis.get('num_tensors')}, "
-          f"parameters: {analysis.get('num_parameters')}")
+    print(
+        f"File size: {analysis['file_size_mb']:.2f} MB, tensors: {analysis.get('num_tensors')}, "
+        f"parameters: {analysis.get('num_parameters')}"
+    )
     if analysis.get("learning_rate") is not None:
         print(f"Training state: learning_rate={analysis['learning_rate']:.3g}")
     stats = analysis.get("weight_stats") or {}
@@ -67,14 +69,14 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     if ns.model is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from rlhf_tui.bridge.tiny import quiet_libraries
+    from rlhf_tui.bridge.demo.tiny import quiet_libraries
 
     quiet_libraries()
     from transformers import PrinterCallback, ProgressCallback
 
     from rlhf_tui.analysis.checkpoint import CheckpointAnalyzer
     from rlhf_tui.bridge import TRLIntegrationConfig, TRLIntegrationManager
-    from rlhf_tui.bridge.tiny import PROMPTS, build_tiny_model, length_reward
+    from rlhf_tui.bridge.demo.tiny import PROMPTS, build_tiny_model, length_reward
 
     workdir = ns.workdir or tempfile.mkdtemp(prefix="rlhf-tui-checkpoints-")
     steps = ns.steps or (4 if ns.fast else 12)
@@ -85,11 +87,19 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # a tiny model is overhead-bound: extra threads only contend
 
     # 1. Train with checkpoints; the manager analyses each one as it is saved.
-    config = TRLIntegrationConfig(model_name=model, batch_size=4, ppo_epochs=1, init_kl_coef=0.0,
-                                  max_completion_length=8 if ns.model is None else 32, save_freq=max(1, steps // 2),
-                                  log_with="none", monitor_address=False, enable_profiling=False,
-                                  logging_dir=os.path.join(workdir, "logs"),
-                                  output_dir=os.path.join(workdir, "checkpoints"))
+    config = TRLIntegrationConfig(
+        model_name=model,
+        batch_size=4,
+        ppo_epochs=1,
+        init_kl_coef=0.0,
+        max_completion_length=8 if ns.model is None else 32,
+        save_freq=max(1, steps // 2),
+        log_with="none",
+        monitor_address=False,
+        enable_profiling=False,
+        logging_dir=os.path.join(workdir, "logs"),
+        output_dir=os.path.join(workdir, "checkpoints"),
+    )
     manager = TRLIntegrationManager(config)
     trainer = manager.setup_trl_trainer(model, [{"prompt": p} for p in PROMPTS], reward_funcs=[length_reward])
     for noisy in (PrinterCallback, ProgressCallback):
@@ -97,20 +107,24 @@ def main(argv=None) -> int:
     results = manager.train_with_monitoring(num_steps=steps, save_checkpoints=True)
     print("== checkpoints analysed during training ==")
     for c in results["checkpoints"]:
-        print(f"step {c['step']}: health_score={c['health_score']:.2f} issues={len(c['issues'])} "
-              f"drift={c['drift'] if c['drift'] is None else format(c['drift'], '.3g')} {c['path']}")
+        print(
+            f"step {c['step']}: health_score={c['health_score']:.2f} issues={len(c['issues'])} "
+            f"drift={c['drift'] if c['drift'] is None else format(c['drift'], '.3g')} {c['path']}"
+        )
 
     # 2. The seed's API on the last checkpoint, with the first one as reference.
     first, last = results["checkpoints"][0]["path"], results["checkpoints"][-1]["path"]
     analyzer = CheckpointAnalyzer(log_dir=os.path.join(workdir, "logs", "checkpoints"))
-    analysis = analyzer.analyze_checkpoint(model_path=last, step=results["checkpoints"][-1]["step"],
-                                           reference_checkpoint=first)
+    analysis = analyzer.analyze_checkpoint(
+        model_path=last, step=results["checkpoints"][-1]["step"], reference_checkpoint=first
+    )
     show(analysis, f"healthy checkpoint {os.path.basename(last)} (reference {os.path.basename(first)})")
 
     # 3. A damaged copy: exploding weights and NaNs must lower the score and produce recommendations.
     broken = damage(last, os.path.join(workdir, "checkpoint-damaged"))
-    analysis = analyzer.analyze_checkpoint(model_path=broken, step=results["checkpoints"][-1]["step"],
-                                           reference_checkpoint=last)
+    analysis = analyzer.analyze_checkpoint(
+        model_path=broken, step=results["checkpoints"][-1]["step"], reference_checkpoint=last
+    )
     show(analysis, "damaged copy (x1e5 weights, 10% NaN)")
     print(f"\nsame analysis from the command line: rlhf-tui analyze-checkpoint {broken} --reference {last}")
     summary = {"healthy": results["checkpoints"][-1]["health_score"], "damaged": analysis["health_score"]}

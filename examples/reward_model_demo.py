@@ -8,6 +8,7 @@ model (untrained, seeded) is the reward model, so its scores mean nothing but th
     python examples/reward_model_demo.py --model gpt2 --reward-model OpenAssistant/reward-model-deberta-v3-large-v2
 In training, `monitor_rewards([...], callback)` does the same for every batch (see trl_integration_example.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,16 @@ import tempfile
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="policy: hub id or local folder (default: tiny GPT-2)")
-    parser.add_argument("--reward-model", default=None,
-                        help="sequence-classification reward model (default: an untrained head on the policy)")
+    parser.add_argument(
+        "--reward-model",
+        default=None,
+        help="sequence-classification reward model (default: an untrained head on the policy)",
+    )
     parser.add_argument("--batches", type=int, default=None, help="healthy batches (default 20; 6 with --fast)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workdir", default=None, help="where the reward log goes (default: a temp dir)")
     parser.add_argument("--fast", action="store_true", help="a few batches only (tests, smoke checks)")
     return parser.parse_args(argv)
-
 
 
 def load_models(policy_name: str, reward_name: str | None):
@@ -52,16 +55,22 @@ def generate(tok, policy, prompts: list[str], max_new_tokens: int) -> list[str]:
 
     enc = tok(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
-        out = policy.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, top_k=0,
-                              pad_token_id=tok.pad_token_id)
-    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = policy.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=True, top_k=0, pad_token_id=tok.pad_token_id
+        )
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def score(reward_tok, reward_model, prompts: list[str], completions: list[str]) -> list[float]:
     import torch
 
-    enc = reward_tok([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True,
-                     truncation=True, max_length=512)
+    enc = reward_tok(
+        [p + c for p, c in zip(prompts, completions)],
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=512,
+    )
     with torch.no_grad():
         return reward_model(**enc).logits[:, 0].float().tolist()
 
@@ -70,7 +79,7 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     if ns.model is None and ns.reward_model is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from rlhf_tui.bridge.tiny import quiet_libraries
+    from rlhf_tui.bridge.demo.tiny import quiet_libraries
 
     quiet_libraries()
     import random
@@ -78,7 +87,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from rlhf_tui.analysis.rewards import RewardModelIntegrator
-    from rlhf_tui.bridge.tiny import PROMPTS, build_tiny_model
+    from rlhf_tui.bridge.demo.tiny import PROMPTS, build_tiny_model
 
     workdir = ns.workdir or tempfile.mkdtemp(prefix="rlhf-tui-rewards-")
     healthy = ns.batches or (6 if ns.fast else 20)
@@ -93,15 +102,18 @@ def main(argv=None) -> int:
     rng = random.Random(0)
 
     # The guide's call, as is.
-    analysis = integrator.monitor_reward_model(reward_scores=[2.1, 2.3, 1.9, 2.0, 2.2], step=100,
-                                               context={"batch_id": "batch_001"})
+    analysis = integrator.monitor_reward_model(
+        reward_scores=[2.1, 2.3, 1.9, 2.0, 2.2], step=100, context={"batch_id": "batch_001"}
+    )
     print("== the guide's example batch ==")
     print(f"Stability: {analysis['reliability_metrics']['stability']:.2f}")
     print(f"Consistency: {analysis['reliability_metrics']['consistency']:.2f}")
     integrator.reset()
 
-    print(f"\n== scoring the policy's completions with the reward model ({healthy} healthy batches, then "
-          f"{hacked} with simulated reward hacking) ==")
+    print(
+        f"\n== scoring the policy's completions with the reward model ({healthy} healthy batches, then "
+        f"{hacked} with simulated reward hacking) =="
+    )
     print(f"{'step':>4} {'phase':<8} {'mean':>8} {'stability':>9} {'consistency':>11} {'variance':>9}  anomalies")
     offset = None
     recommendations: list[str] = []
@@ -120,8 +132,10 @@ def main(argv=None) -> int:
         rel = result["reliability_metrics"]
         recommendations += [r for r in result["recommendations"] if r not in recommendations]
         flagged = "; ".join(f"{a['severity']} {a['detector']}" for a in result["anomalies"]) or "-"
-        print(f"{step:>4} {phase:<8} {result['batch_mean']:>8.3f} {rel['stability']:>9.2f} "
-              f"{_num(rel['consistency']):>11} {_num(rel['variance']):>9}  {flagged}")
+        print(
+            f"{step:>4} {phase:<8} {result['batch_mean']:>8.3f} {rel['stability']:>9.2f} "
+            f"{_num(rel['consistency']):>11} {_num(rel['variance']):>9}  {flagged}"
+        )
 
     final = integrator.last_result
     print("\n== reliability after the run ==")

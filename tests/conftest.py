@@ -1,4 +1,5 @@
 """Shared test helpers: free loopback ports, bounded waits, the tiny local model, the shared traces."""
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,7 @@ def address() -> str:
 def tiny_model(tmp_path_factory) -> str:
     """A tiny GPT-2 + tokenizer saved with save_pretrained (built once per test session, no download)."""
     pytest.importorskip("trl")
-    from rlhf_tui.bridge.tiny import build_tiny_model
+    from rlhf_tui.bridge.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-gpt2")
 

@@ -1,5 +1,6 @@
 """A small TCP forwarder on loopback, standing in for `ssh -L`: kill it mid-run to drop every connection,
 start it again on the same port to let clients reconnect."""
+
 from __future__ import annotations
 
 import socket
@@ -15,7 +16,7 @@ class TcpProxy:
         self._running = threading.Event()
         self.connections = 0
 
-    def start(self) -> "TcpProxy":
+    def start(self) -> TcpProxy:
         server = socket.socket()
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind((self.host, self.listen_port))
@@ -31,7 +32,7 @@ class TcpProxy:
         while self._running.is_set():
             try:
                 client, _ = server.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -1,6 +1,8 @@
 """The Textual app under Pilot on real sources: a recorded JSONL log and a live run over ZeroMQ."""
+
 from conftest import pilot_wait_for
-from rlhf_tui.bridge.callback import RLHFMonitorCallback
+
+from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 from rlhf_tui.tui.app import MonitorApp
 
 
@@ -56,8 +58,9 @@ async def test_app_on_a_live_source_updates_as_steps_arrive(tmp_path, address):
 async def test_several_sources_are_tabs_and_the_overlay_charts_one_metric_across_runs(tmp_path):
     paths = []
     for i in range(2):
-        cb = RLHFMonitorCallback(address=False, log_dir=str(tmp_path / f"logs{i}"), analyze_checkpoints=False,
-                                 run_id=f"run-{i}")
+        cb = RLHFMonitorCallback(
+            address=False, log_dir=str(tmp_path / f"logs{i}"), analyze_checkpoints=False, run_id=f"run-{i}"
+        )
         for step in range(1, 21):
             cb.log_step(step, {"kl": 0.01 * (i + 1) * step, "reward": 1.0 + i})
         cb.close()
@@ -70,8 +73,7 @@ async def test_several_sources_are_tabs_and_the_overlay_charts_one_metric_across
         assert len(app.views) == 2 and tabs.active == "tab-0"
         await pilot_wait_for(pilot, lambda: "run-0" in _header(app), message="first tab drawn")
         await pilot.press("right_square_bracket")
-        await pilot_wait_for(pilot, lambda: tabs.active == "tab-1" and "run-1" in _header(app),
-                             message="second tab")
+        await pilot_wait_for(pilot, lambda: tabs.active == "tab-1" and "run-1" in _header(app), message="second tab")
         await pilot.press("left_square_bracket")
         await pilot_wait_for(pilot, lambda: tabs.active == "tab-0", message="back to the first tab")
         table = app.view.pane("metrics").table
@@ -97,7 +99,7 @@ async def test_hangup_stops_the_subscribers_and_exits(tmp_path, address):
         async with app.run_test(size=(100, 30)) as pilot:
             await pilot_wait_for(pilot, lambda: "step 3" in _header(app), message="connected")
             threads = [sub._thread for sub in app.subscribers]
-            app._hangup()   # what SIGHUP (terminal gone) and SIGTERM run
+            app._hangup()  # what SIGHUP (terminal gone) and SIGTERM run
             await pilot_wait_for(pilot, lambda: not any(t.is_alive() for t in threads), message="stopped")
     finally:
         cb.close()
@@ -117,8 +119,9 @@ async def test_connection_states_in_the_header():
             store.connection = "stalled"
             store.current_run.last_step_time = _time.monotonic() - 120
             store.touch()
-        await pilot_wait_for(pilot, lambda: "alive but stalled: heartbeats, no new step since" in _header(app),
-                             message="stalled")
+        await pilot_wait_for(
+            pilot, lambda: "alive but stalled: heartbeats, no new step since" in _header(app), message="stalled"
+        )
         with store.lock:
             store.connection, store.stale_since = "stale", _time.time() - 30
             store.touch()

@@ -63,6 +63,7 @@ def save_variant(weights, folder, **changes):
 
 # ------------------------------------------------------------------------------------------------ healthy
 
+
 def test_fresh_gpt2_is_healthy_and_stats_match_numpy(analyzer, saved, weights):
     result = analyzer.analyze_checkpoint(str(saved))
     assert result["health_score"] >= 0.9
@@ -178,6 +179,7 @@ def test_pickle_with_code_is_refused(analyzer, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ broken
 
+
 def test_nan_is_critical_and_named(analyzer, weights, tmp_path):
     name = "transformer.h.1.mlp.c_proj.weight"
     bad = weights[name].copy()
@@ -198,8 +200,9 @@ def test_nan_is_critical_and_named(analyzer, weights, tmp_path):
 def test_exploding_and_all_zero_tensors(analyzer, weights, tmp_path):
     boom = "transformer.h.0.mlp.c_fc.weight"
     dead = "transformer.h.1.attn.c_attn.weight"
-    folder = save_variant(weights, tmp_path / "bad", **{boom: weights[boom] * 1000.0,
-                                                        dead: np.zeros_like(weights[dead])})
+    folder = save_variant(
+        weights, tmp_path / "bad", **{boom: weights[boom] * 1000.0, dead: np.zeros_like(weights[dead])}
+    )
     result = analyzer.analyze_checkpoint(str(folder))
     assert result["health_score"] <= 0.6
     assert any("exploding" in i and boom in i for i in result["issues"])
@@ -254,6 +257,7 @@ def test_empty_folder_and_missing_path(analyzer, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ drift
 
+
 def test_drift_against_itself_is_zero(analyzer, saved):
     drift = analyzer.analyze_checkpoint(str(saved), reference_checkpoint=str(saved))["drift"]
     assert drift["overall"] == 0.0
@@ -274,7 +278,7 @@ def test_drift_against_perturbed_copy(analyzer, saved, weights, tmp_path):
         ref64 = ref.astype(np.float64)
         cur64 = changed.get(name, ref).astype(np.float64)
         d = float(np.sum((cur64 - ref64) ** 2))
-        r = float(np.sum(ref64 ** 2))
+        r = float(np.sum(ref64**2))
         diff_total += d
         ref_total += r
         expected = 0.0 if d == 0 else math.sqrt(d / r)
@@ -309,12 +313,22 @@ def test_unreadable_reference_is_an_issue_not_a_failure(analyzer, saved, tmp_pat
 
 # ------------------------------------------------------------------------------------------------ state, log, text
 
+
 def test_trainer_state_step_and_learning_rate(analyzer, saved, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(saved, folder)
-    (folder / "trainer_state.json").write_text(json.dumps({
-        "global_step": 7, "log_history": [{"step": 5, "learning_rate": 3e-5, "loss": 1.0},
-                                          {"step": 7, "learning_rate": 2e-5, "loss": 0.9}, {"train_runtime": 1}]}))
+    (folder / "trainer_state.json").write_text(
+        json.dumps(
+            {
+                "global_step": 7,
+                "log_history": [
+                    {"step": 5, "learning_rate": 3e-5, "loss": 1.0},
+                    {"step": 7, "learning_rate": 2e-5, "loss": 0.9},
+                    {"train_runtime": 1},
+                ],
+            }
+        )
+    )
     result = analyzer.analyze_checkpoint(str(folder))
     assert result["step"] == 7 and result["learning_rate"] == pytest.approx(2e-5)
     assert analyzer.analyze_checkpoint(str(folder), step=9)["step"] == 9
@@ -363,13 +377,20 @@ def test_fresh_biases_moving_a_little_are_not_drift(tmp_path):
 
     def write(path, bias):
         from safetensors.numpy import save_file
+
         rng = np.random.default_rng(0)
-        save_file({"h.0.mlp.c_fc.weight": rng.normal(0, 0.02, (64, 64)).astype(np.float32),
-                   "h.0.mlp.c_fc.bias": bias.astype(np.float32)}, str(path))
+        save_file(
+            {
+                "h.0.mlp.c_fc.weight": rng.normal(0, 0.02, (64, 64)).astype(np.float32),
+                "h.0.mlp.c_fc.bias": bias.astype(np.float32),
+            },
+            str(path),
+        )
 
     write(tmp_path / "ref.safetensors", np.full(64, 1e-4))
     write(tmp_path / "cur.safetensors", np.full(64, 3e-4))
-    result = CheckpointAnalyzer().analyze_checkpoint(str(tmp_path / "cur.safetensors"),
-                                                     reference_checkpoint=str(tmp_path / "ref.safetensors"))
-    assert result["drift"]["per_tensor"]["h.0.mlp.c_fc.bias"] > 1.0   # reported as is ...
-    assert result["health_score"] == 1.0 and not result["issues"]      # ... but not an issue
+    result = CheckpointAnalyzer().analyze_checkpoint(
+        str(tmp_path / "cur.safetensors"), reference_checkpoint=str(tmp_path / "ref.safetensors")
+    )
+    assert result["drift"]["per_tensor"]["h.0.mlp.c_fc.bias"] > 1.0  # reported as is ...
+    assert result["health_score"] == 1.0 and not result["issues"]  # ... but not an issue

@@ -1,13 +1,14 @@
 """The command line: report on every source kind, JSON per the contract, bad input → one line, exit 2."""
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import TRACES, free_address
-from rlhf_tui.bridge.callback import RLHFMonitorCallback
+
+from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 from rlhf_tui.tui.cli import main
 
 CONTRACT_KEYS = {"run", "steps", "last_step", "metrics", "anomalies", "checkpoints", "rewards", "transport"}
@@ -16,8 +17,9 @@ CONTRACT_KEYS = {"run", "steps", "last_step", "metrics", "anomalies", "checkpoin
 def run_cli(*args, timeout=60):
     """The installed console script in a subprocess: what a user sees (stderr, exit code)."""
     exe = os.path.join(os.path.dirname(sys.executable), "rlhf-tui")
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "RLHF_TUI_DEBUG": ""})
+    return subprocess.run(
+        [exe, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "RLHF_TUI_DEBUG": ""}
+    )
 
 
 @pytest.fixture
@@ -80,14 +82,17 @@ def test_report_on_a_live_source(tmp_path, capsys):
     assert report["steps"] == 25 and report["transport"]["received"] >= 25 and report["transport"]["gaps"] == 0
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["report", "/no/such/file.jsonl"], "no such file"),
-    (["report", "tcp://127.0.0.1:notaport"], "bad address"),
-    (["report", "--format", "yaml", "x"], "invalid choice"),
-    (["report", "tcp://127.0.0.1:1", "--timeout", "0.5"], "no data from"),
-    (["nonexistent-source-file"], "no such file"),
-    (["analyze-checkpoint", "/no/such/ckpt"], ""),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["report", "/no/such/file.jsonl"], "no such file"),
+        (["report", "tcp://127.0.0.1:notaport"], "bad address"),
+        (["report", "--format", "yaml", "x"], "invalid choice"),
+        (["report", "tcp://127.0.0.1:1", "--timeout", "0.5"], "no data from"),
+        (["nonexistent-source-file"], "no such file"),
+        (["analyze-checkpoint", "/no/such/ckpt"], ""),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, fragment):
     result = run_cli(*args)
     assert result.returncode == 2, result
@@ -96,13 +101,16 @@ def test_bad_input_is_one_line_and_exit_2(args, fragment):
     assert fragment in result.stderr
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("", "empty"),
-    ("{not json", "not valid JSON"),
-    ('{"log_history": 3}', "not a trainer_state.json"),
-    ('[1, 2, 3]', "not a trainer_state.json"),
-    ('{"event": "mystery"}\n', "no rlhf-tui events"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("", "empty"),
+        ("{not json", "not valid JSON"),
+        ('{"log_history": 3}', "not a trainer_state.json"),
+        ("[1, 2, 3]", "not a trainer_state.json"),
+        ('{"event": "mystery"}\n', "no rlhf-tui events"),
+    ],
+)
 def test_malformed_files_are_one_line_and_exit_2(tmp_path, content, fragment):
     path = tmp_path / "input.json"
     path.write_text(content)

@@ -1,5 +1,6 @@
 """DetectionCache and evaluate(): reused baselines must give exactly what a fresh pass gives, and the monitor's
 bounded episode list must be the newest ones with exact counts."""
+
 from __future__ import annotations
 
 import inspect
@@ -7,13 +8,12 @@ import re
 
 import numpy as np
 import pytest
+from test_detectors import grpo_run
 
 from rlhf_tui.analysis import detectors
 from rlhf_tui.analysis.detectors import DetectionCache, detect, evaluate
 from rlhf_tui.analysis.store import RunHistory
 from rlhf_tui.analysis.thresholds import Thresholds
-
-from test_detectors import grpo_run
 
 META = {"trainer": "GRPOTrainer"}
 
@@ -21,8 +21,8 @@ META = {"trainer": "GRPOTrainer"}
 def faulty_run(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     m = grpo_run(n, seed)
     m = {k: v.copy() for k, v in m.items()}
-    m["kl"][n // 2:] *= 60                      # runaway half way
-    m["reward"][n // 3] = np.nan                # a NaN reward
+    m["kl"][n // 2 :] *= 60  # runaway half way
+    m["reward"][n // 3] = np.nan  # a NaN reward
     m["memory/rss_mb"] = 2000 + np.arange(n) * 3.0
     m["memory/gpu_frac"] = np.r_[np.full(n - 5, 0.5), np.full(5, 0.95)]
     return m
@@ -33,7 +33,8 @@ def grow(history: RunHistory, metrics: dict, start: int, stop: int) -> None:
         history.add_step(i + 1, {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in metrics.items()})
 
 
-def fresh(history: RunHistory, th: Thresholds = Thresholds()) -> list[dict]:
+def fresh(history: RunHistory, th: Thresholds | None = None) -> list[dict]:
+    th = th or Thresholds()
     return detect(history, th)
 
 
@@ -62,12 +63,12 @@ def test_cache_notices_a_merged_last_row_a_rewritten_early_row_and_thinning():
     cache = DetectionCache()
     grow(hist, m, 0, 200)
     detect(hist, cache=cache)
-    hist.add_step(200, {"kl": 50.0, "entropy": 0.0})           # same step again: merged into the last row
+    hist.add_step(200, {"kl": 50.0, "entropy": 0.0})  # same step again: merged into the last row
     assert detect(hist, cache=cache) == fresh(hist)
-    hist.columns["loss"].values[100:140] += 5.0                 # early rows changed behind the cache's back
+    hist.columns["loss"].values[100:140] += 5.0  # early rows changed behind the cache's back
     assert detect(hist, cache=cache) == fresh(hist)
-    assert any(e["metric"] == "loss" and e["step"] == 141 for e in fresh(hist))   # back down after the rise
-    grow(hist, m, 200, 400)                                     # past capacity: the older half is thinned
+    assert any(e["metric"] == "loss" and e["step"] == 141 for e in fresh(hist))  # back down after the rise
+    grow(hist, m, 200, 400)  # past capacity: the older half is thinned
     assert hist.thinned > 0
     assert detect(hist, cache=cache) == fresh(hist)
 
@@ -78,8 +79,8 @@ def test_cache_follows_new_metrics_other_runs_and_block_settings():
     steps = np.arange(1, 301)
     first = {k: v for k, v in a.items() if k != "grad_norm"}
     detect((steps, first, None, META), cache=cache)
-    assert detect((steps, a, None, META), cache=cache) == detect((steps, a, None, META))   # a metric appeared
-    assert detect((steps, b, None, META), cache=cache) == detect((steps, b, None, META))   # same steps, other run
+    assert detect((steps, a, None, META), cache=cache) == detect((steps, a, None, META))  # a metric appeared
+    assert detect((steps, b, None, META), cache=cache) == detect((steps, b, None, META))  # same steps, other run
     th = Thresholds().replace(block_steps=7, baseline_blocks=3, min_history=12)
     assert detect((steps, b, None, META), th, cache=cache) == detect((steps, b, None, META), th)
     assert cache.reused_blocks == 0
@@ -94,24 +95,26 @@ def test_the_zscore_keys_reuse_the_domain_detectors_flags_and_anything_else_reco
     th = Thresholds()
     detect(hist, th, cache=cache)
     kept = cache.specific
-    for changed in (th.replace(anomaly_threshold=2.5), th.replace(anomaly_threshold=4.5),
-                    th.replace(muted=["kl_runaway", "zscore"])):
+    for changed in (
+        th.replace(anomaly_threshold=2.5),
+        th.replace(anomaly_threshold=4.5),
+        th.replace(muted=["kl_runaway", "zscore"]),
+    ):
         assert detect(hist, changed, cache=cache) == fresh(hist, changed)
-        assert cache.specific is kept                      # the +/- keys and muting: flags reused
-    assert not any(e["detector"] == "kl_runaway" for e in detect(hist, th.replace(muted=["kl_runaway"]),
-                                                                  cache=cache))
+        assert cache.specific is kept  # the +/- keys and muting: flags reused
+    assert not any(e["detector"] == "kl_runaway" for e in detect(hist, th.replace(muted=["kl_runaway"]), cache=cache))
     for changed in (th.replace(kl_runaway_factor=40.0), th.replace(grace_steps=100), th):
         assert detect(hist, changed, cache=cache) == fresh(hist, changed)
-        assert cache.specific is not kept                  # another setting: flags recomputed
+        assert cache.specific is not kept  # another setting: flags recomputed
         kept = cache.specific
-    hist.add_step(500, {"memory/gpu_frac": 0.2})            # only the newest row changed
+    hist.add_step(500, {"memory/gpu_frac": 0.2})  # only the newest row changed
     assert detect(hist, th, cache=cache) == fresh(hist, th)
     assert cache.specific is not kept
 
 
 def test_same_values_at_other_steps_are_not_served_from_the_cache():
     m = faulty_run(300, seed=8)
-    m["memory/gpu_frac"][7] = 0.97     # near-OOM at row 7: step 8 is in the grace period, step 15 is not
+    m["memory/gpu_frac"][7] = 0.97  # near-OOM at row 7: step 8 is in the grace period, step 15 is not
     cache = DetectionCache()
     dense_steps, sparse_steps = np.arange(1, 301), 1 + 2 * np.arange(300)
     detect((dense_steps, m, None, META), cache=cache)
@@ -124,7 +127,7 @@ def test_large_histories_are_processed_in_chunks_with_the_same_result(monkeypatc
     m = faulty_run(900, seed=2)
     steps = np.arange(1, 901)
     whole = detect((steps, m, None, META))
-    monkeypatch.setattr(detectors, "_CHUNK_VALUES", 2000)       # one metric per chunk
+    monkeypatch.setattr(detectors, "_CHUNK_VALUES", 2000)  # one metric per chunk
     assert detect((steps, m, None, META)) == whole
     cache = DetectionCache()
     detect((steps[:700], {k: v[:700] for k, v in m.items()}, None, META), cache=cache)
@@ -133,8 +136,10 @@ def test_large_histories_are_processed_in_chunks_with_the_same_result(monkeypatc
 
 def reference_selection(episodes: list[dict], keep_low: int, keep_other: int) -> set[tuple]:
     """What the monitor keeps: the newest keep_low low and keep_other other episodes, plus ongoing ones."""
+
     def newest(eps):
         return sorted(eps, key=lambda e: (e["step"], e["last_step"]), reverse=True)
+
     low = newest([e for e in episodes if e["severity"] == "low"])[:keep_low]
     other = newest([e for e in episodes if e["severity"] != "low"])[:keep_other]
     keys = {(e["detector"], e["metric"], e["step"]) for e in low + other}
@@ -146,7 +151,7 @@ def test_evaluate_keeps_the_newest_episodes_and_counts_all_of_them(keep_low, kee
     rng = np.random.default_rng(7)
     n = 1500
     m = faulty_run(n, seed=7)
-    m["other"] = rng.standard_cauchy(n)                          # heavy tails: many low z-score episodes
+    m["other"] = rng.standard_cauchy(n)  # heavy tails: many low z-score episodes
     steps = np.arange(1, n + 1)
     everything = detect((steps, m, None, META))
     kept, counts = evaluate((steps, m, None, META), keep_low=keep_low, keep_other=keep_other)
@@ -154,10 +159,11 @@ def test_evaluate_keeps_the_newest_episodes_and_counts_all_of_them(keep_low, kee
     for e in everything:
         full_counts[e["severity"]] = full_counts.get(e["severity"], 0) + 1
     assert counts == full_counts and counts["low"] > 40
-    assert {(e["detector"], e["metric"], e["step"]) for e in kept} == reference_selection(everything, keep_low,
-                                                                                         keep_other)
+    assert {(e["detector"], e["metric"], e["step"]) for e in kept} == reference_selection(
+        everything, keep_low, keep_other
+    )
     by_key = {(e["detector"], e["metric"], e["step"]): e for e in everything}
-    assert all(by_key[(e["detector"], e["metric"], e["step"])] == e for e in kept)   # the same dicts
+    assert all(by_key[(e["detector"], e["metric"], e["step"])] == e for e in kept)  # the same dicts
     assert kept == sorted(kept, key=lambda e: (e["step"], e["detector"], e["metric"]))
 
 

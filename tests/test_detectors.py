@@ -1,5 +1,6 @@
 """Anomaly detectors: hand-built series that must fire and must not fire, alarm hygiene, unit invariance,
 streaming == batch, and the labelled real TRL traces."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,13 @@ import math
 
 import numpy as np
 import pytest
+from conftest import TRACES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf_tui.analysis.detectors import (DETECTORS, SEVERITIES, StreamingDetector, detect,
-                                         severity_at_least)
+from rlhf_tui.analysis.detectors import DETECTORS, SEVERITIES, StreamingDetector, detect, severity_at_least
 from rlhf_tui.analysis.store import steps_from_records
 from rlhf_tui.analysis.thresholds import Thresholds
-
-from conftest import TRACES
 
 TH = Thresholds()
 
@@ -28,7 +27,9 @@ def grpo_run(n: int = 300, seed: int = 0, kl: bool = True) -> dict[str, np.ndarr
     a = 0.6 + 0.3 * t + 0.3 * rng.standard_normal(n)
     b = 0.14 + 0.03 * rng.standard_normal(n)
     m = {
-        "rewards/sentiment/mean": a, "rewards/format/mean": b, "reward": a + b,
+        "rewards/sentiment/mean": a,
+        "rewards/format/mean": b,
+        "reward": a + b,
         "reward_std": 0.8 + 0.1 * rng.standard_normal(n),
         "frac_reward_zero_std": rng.choice([0.0, 0.25, 0.5], n, p=[0.7, 0.25, 0.05]),
         "entropy": 1.0 - 0.2 * t + 0.12 * rng.standard_normal(n),
@@ -52,16 +53,28 @@ def dpo_run(n: int = 300, seed: int = 0) -> dict[str, np.ndarray]:
     acc = np.clip(np.round((0.5 + t / 40) * 8) / 8, 0, 1)
     margins = 0.3 * (1 - np.exp(-t / 80)) + 0.05 * rng.standard_normal(n)
     chosen = -5.5 + 0.8 * rng.standard_normal(n)
-    return {"loss": 0.693 - 0.15 * (1 - np.exp(-t / 80)) + 0.02 * rng.standard_normal(n),
-            "rewards/accuracies": acc, "rewards/margins": margins, "reward": margins,
-            "rewards/chosen": 0.1 * margins, "rewards/rejected": -0.9 * margins,
-            "logps/chosen": chosen, "logps/rejected": chosen - 1 - 0.1 * t / n,
-            "grad_norm": 0.7 + 0.05 * rng.standard_normal(n), "entropy": 1 + 0.15 * rng.standard_normal(n),
-            "learning_rate": np.full(n, 5e-5)}
+    return {
+        "loss": 0.693 - 0.15 * (1 - np.exp(-t / 80)) + 0.02 * rng.standard_normal(n),
+        "rewards/accuracies": acc,
+        "rewards/margins": margins,
+        "reward": margins,
+        "rewards/chosen": 0.1 * margins,
+        "rewards/rejected": -0.9 * margins,
+        "logps/chosen": chosen,
+        "logps/rejected": chosen - 1 - 0.1 * t / n,
+        "grad_norm": 0.7 + 0.05 * rng.standard_normal(n),
+        "entropy": 1 + 0.15 * rng.standard_normal(n),
+        "learning_rate": np.full(n, 5e-5),
+    }
 
 
-def run(metrics: dict, meta: dict | None = None, th: Thresholds = TH, logged: dict | None = None,
-        steps: np.ndarray | None = None) -> list[dict]:
+def run(
+    metrics: dict,
+    meta: dict | None = None,
+    th: Thresholds = TH,
+    logged: dict | None = None,
+    steps: np.ndarray | None = None,
+) -> list[dict]:
     n = len(next(iter(metrics.values())))
     steps = np.arange(1, n + 1) if steps is None else steps
     return detect((steps, metrics, logged, meta or {}), th)
@@ -85,7 +98,7 @@ def stream(metrics: dict, meta: dict | None = None, th: Thresholds = TH, steps=N
         for k, v in metrics.items():
             x = v[i]
             if isinstance(x, float) and math.isnan(x):
-                continue   # absent this step
+                continue  # absent this step
             row[k] = x
         sd.update(int(steps[i]), row)
     return sd.episodes
@@ -123,7 +136,7 @@ def test_episode_fields_and_contract_keys():
 def test_healthy_grpo_run_raises_no_medium_alarm(seed):
     eps = run(grpo_run(400, seed), {"trainer": "GRPOTrainer"})
     assert alarms(eps) == []
-    assert any(e["detector"] == "kl_spike" for e in eps)   # isolated x100 KL spikes: low only
+    assert any(e["detector"] == "kl_spike" for e in eps)  # isolated x100 KL spikes: low only
 
 
 def test_healthy_dpo_run_raises_no_medium_alarm():
@@ -134,8 +147,20 @@ def test_healthy_dpo_run_raises_no_medium_alarm():
 
 def test_constant_series_never_fire():
     n = 200
-    m = {name: np.full(n, 1.0) for name in ("kl", "entropy", "reward", "reward_std", "loss", "grad_norm",
-                                            "completion_length", "rewards/a/mean", "step_time")}
+    m = {
+        name: np.full(n, 1.0)
+        for name in (
+            "kl",
+            "entropy",
+            "reward",
+            "reward_std",
+            "loss",
+            "grad_norm",
+            "completion_length",
+            "rewards/a/mean",
+            "step_time",
+        )
+    }
     m["reward"] = np.full(n, 1.0)
     m["clip_ratio"] = np.zeros(n)
     m["frac_reward_zero_std"] = np.zeros(n)
@@ -147,7 +172,7 @@ def test_very_short_runs_do_not_alarm(n):
     m = {k: v[:n] for k, v in grpo_run(400, 3).items()}
     if n:
         m["reward"] = m["reward"].copy()
-        m["reward"][-1] *= 1000   # a huge value, but no baseline yet (warm-up)
+        m["reward"][-1] *= 1000  # a huge value, but no baseline yet (warm-up)
     eps = run(m) if n else detect((np.arange(0), {}, None, None), TH)
     assert alarms(eps) == []
 
@@ -157,7 +182,7 @@ def test_nan_none_inf_where_logged_are_critical_even_in_grace():
     hist = steps_from_records([(s, {"loss": 0.1, "reward": 1.0}) for s in range(1, 40)])
     hist.add_step(40, {"loss": float("nan"), "reward": None})
     hist.add_step(41, {"loss": float("inf"), "reward": 1.0})
-    hist.add_step(42, {"loss": 0.1})                   # reward absent: not an alarm
+    hist.add_step(42, {"loss": 0.1})  # reward absent: not an alarm
     eps = detect(hist, TH)
     crit = [e for e in eps if e["severity"] == "critical"]
     assert {(e["metric"], e["step"]) for e in crit} == {("loss", 40), ("reward", 40)}
@@ -178,7 +203,7 @@ def test_without_logged_masks_only_infinities_are_non_finite():
 def test_zscore_excludes_current_point_and_is_low():
     rng = np.random.default_rng(1)
     x = 5 + rng.standard_normal(200) * 0.1
-    x[150] = 6.0                                        # 10 spreads: the seed's window would dilute it
+    x[150] = 6.0  # 10 spreads: the seed's window would dilute it
     eps = [e for e in run({"my_metric": x}) if e["step"] == 151]
     assert eps and eps[0]["detector"] == "zscore" and eps[0]["severity"] == "low"
     assert eps[0]["value"] == pytest.approx(6.0) and "above" in eps[0]["message"]
@@ -194,8 +219,9 @@ def test_zscore_threshold_is_the_seeds_anomaly_threshold():
 
 def test_mute_a_detector():
     m = grpo_run(300)
-    assert not [e for e in run(m, th=TH.replace(muted=["kl_spike", "zscore"]))
-                if e["detector"] in ("kl_spike", "zscore")]
+    assert not [
+        e for e in run(m, th=TH.replace(muted=["kl_spike", "zscore"])) if e["detector"] in ("kl_spike", "zscore")
+    ]
 
 
 # -- KL -----------------------------------------------------------------------------------------------------------
@@ -217,7 +243,10 @@ def test_kl_per_sequence_and_per_token_scales_give_the_same_episodes():
     per_token = run(m)
     m30 = dict(m, kl=m["kl"] * 30.0, entropy=m["entropy"] * 30.0)
     per_seq = run(m30)
-    key = lambda eps: [(e["detector"], e["metric"], e["step"], e["severity"]) for e in eps]
+
+    def key(eps):
+        return [(e["detector"], e["metric"], e["step"], e["severity"]) for e in eps]
+
     assert key(per_token) == key(per_seq)
     assert first_alarm(per_seq, "kl_runaway") is not None
 
@@ -234,14 +263,17 @@ def test_negative_kl_estimates_runaway_both_ways():
 def test_entropy_collapse_fires_on_fraction_lost_not_on_normal_decline():
     n = 300
     t = np.arange(n)
-    normal = 2.0 * (0.3 + 0.7 * np.exp(-t / 60))             # -70 % early: documented as normal
+    normal = 2.0 * (0.3 + 0.7 * np.exp(-t / 60))  # -70 % early: documented as normal
     assert not [e for e in run({"entropy": normal}) if e["detector"] == "entropy_collapse"]
     collapse = 2.0 * np.exp(-t / 30)
     eps = [e for e in run({"entropy": collapse}) if e["detector"] == "entropy_collapse"]
-    assert eps and eps[0]["severity"] == "high" and eps[0]["severity_steps"]["medium"] < eps[0]["severity_steps"]["high"]
+    assert (
+        eps and eps[0]["severity"] == "high" and eps[0]["severity_steps"]["medium"] < eps[0]["severity_steps"]["high"]
+    )
     # per-sequence sums (x 30) collapse the same way
-    assert [e["step"] for e in run({"entropy": collapse * 30}) if e["detector"] == "entropy_collapse"] == \
-           [e["step"] for e in eps]
+    assert [e["step"] for e in run({"entropy": collapse * 30}) if e["detector"] == "entropy_collapse"] == [
+        e["step"] for e in eps
+    ]
 
 
 # -- rewards ------------------------------------------------------------------------------------------------------
@@ -266,7 +298,7 @@ def test_reward_dropping_is_a_level_shift():
 def test_nan_rewards_break_the_reward_identity():
     m = grpo_run(300, 9)
     m["reward"] = m["reward"].copy()
-    m["reward"][200:] -= 0.3 * m["rewards/sentiment/mean"][200:]   # 30 % of one function's rewards NaN -> 0
+    m["reward"][200:] -= 0.3 * m["rewards/sentiment/mean"][200:]  # 30 % of one function's rewards NaN -> 0
     first = first_alarm(run(m))
     assert (first["detector"], first["step"], first["severity"]) == ("reward_mismatch", 201, "high")
 
@@ -280,8 +312,7 @@ def test_weighted_rewards_never_arm_the_identity_check():
 def test_reward_hacking_needs_a_climb_and_a_hacking_sign():
     base = grpo_run(300, 11)
     climb = np.clip(np.arange(300) - 200, 0, None) * 0.15
-    m = dict(base, reward=base["reward"] + climb,
-             **{"rewards/sentiment/mean": base["rewards/sentiment/mean"] + climb})
+    m = dict(base, reward=base["reward"] + climb, **{"rewards/sentiment/mean": base["rewards/sentiment/mean"] + climb})
     eps = run(m)
     assert first_alarm(eps)["detector"] == "reward_shift" and not first_alarm(eps, "reward_hacking")
     clipped = np.where(np.arange(300) > 205, 1.0, 0.0)
@@ -289,8 +320,9 @@ def test_reward_hacking_needs_a_climb_and_a_hacking_sign():
     assert hack is not None and hack["severity"] == "high" and 206 < hack["step"] <= 215
     # with args, completion length at the limit is a sign too
     length = np.where(np.arange(300) > 205, 20.0, base["completion_length"])
-    hack2 = first_alarm(run(dict(m, completion_length=length), {"args": {"max_completion_length": 20}}),
-                        "reward_hacking")
+    hack2 = first_alarm(
+        run(dict(m, completion_length=length), {"args": {"max_completion_length": 20}}), "reward_hacking"
+    )
     assert hack2 is not None
 
 
@@ -323,27 +355,30 @@ def test_value_loss_blowup_ppo():
     rng = np.random.default_rng(14)
     vl = 0.5 + 0.05 * rng.standard_normal(300)
     vl[220:] *= 30
-    first = first_alarm(run({"value_loss": vl, "policy_loss": 0.01 * rng.standard_normal(300)},
-                            {"trainer": "PPOTrainer"}), "value_loss_blowup")
+    first = first_alarm(
+        run({"value_loss": vl, "policy_loss": 0.01 * rng.standard_normal(300)}, {"trainer": "PPOTrainer"}),
+        "value_loss_blowup",
+    )
     assert first is not None and first["severity"] == "high" and first["step"] <= 225
 
 
 def test_clip_ratio_only_when_off_policy():
     m = grpo_run(300, 15)
-    assert not [e for e in run(m) if e["detector"] == "clip_ratio"]       # GRPO, num_iterations=1: all 0
+    assert not [e for e in run(m) if e["detector"] == "clip_ratio"]  # GRPO, num_iterations=1: all 0
     rng = np.random.default_rng(15)
     clip = np.clip(0.05 + 0.01 * rng.standard_normal(300), 0, 1)
     clip[200:] = 0.6
     off = first_alarm(run(dict(m, clip_ratio=clip), {"args": {"num_iterations": 2}}), "clip_ratio")
     assert off is not None and off["step"] <= 205
-    armed_by_history = first_alarm(run(dict(m, clip_ratio=clip)), "clip_ratio")   # no args: nonzero seen
+    armed_by_history = first_alarm(run(dict(m, clip_ratio=clip)), "clip_ratio")  # no args: nonzero seen
     assert armed_by_history is not None
 
 
 def test_learning_rate_schedules_are_fine_jumps_are_not():
     n = 300
-    warm_cos = np.where(np.arange(n) < 20, np.arange(n) / 20 * 5e-5,
-                        5e-5 * 0.5 * (1 + np.cos(np.pi * np.arange(n) / n)))
+    warm_cos = np.where(
+        np.arange(n) < 20, np.arange(n) / 20 * 5e-5, 5e-5 * 0.5 * (1 + np.cos(np.pi * np.arange(n) / n))
+    )
     assert not [e for e in run({"learning_rate": warm_cos}) if e["detector"] == "lr_jump"]
     jumped = warm_cos.copy()
     jumped[150:] *= 50
@@ -357,8 +392,10 @@ def test_dpo_label_flip_and_loss_above_ln2():
     acc[200:] = 0.25
     loss[200:] = 0.9
     mg[200:] = -0.3
-    eps = run(dict(m, **{"rewards/accuracies": acc, "loss": loss, "rewards/margins": mg, "reward": mg}),
-              {"trainer": "DPOTrainer"})
+    eps = run(
+        dict(m, **{"rewards/accuracies": acc, "loss": loss, "rewards/margins": mg, "reward": mg}),
+        {"trainer": "DPOTrainer"},
+    )
     first = first_alarm(eps)
     assert first["step"] == 201 and first["detector"] == "dpo_accuracy_drop"
     assert first_alarm(eps, "dpo_loss") is not None
@@ -368,8 +405,10 @@ def test_dpo_margins_exploding_and_logps_falling():
     m = dpo_run(300, 17)
     mg = m["rewards/margins"].copy()
     mg[200:] = 20.0
-    assert first_alarm(run(dict(m, **{"rewards/margins": mg}), {"trainer": "DPOTrainer"}),
-                       "dpo_margin_explosion") is not None
+    assert (
+        first_alarm(run(dict(m, **{"rewards/margins": mg}), {"trainer": "DPOTrainer"}), "dpo_margin_explosion")
+        is not None
+    )
     fall = np.clip(np.arange(300) - 200, 0, None) * 0.5
     both = dict(m, **{"logps/chosen": m["logps/chosen"] - fall, "logps/rejected": m["logps/rejected"] - fall})
     first = first_alarm(run(both, {"trainer": "DPOTrainer"}), "dpo_logps_falling")
@@ -382,7 +421,7 @@ def test_memory_leak_near_oom_and_step_time():
     n = 400
     flat = 2000 + 5 * rng.standard_normal(n)
     assert not alarms(run({"memory/rss_mb": flat, "memory/gpu_frac": 0.5 + 0.01 * rng.standard_normal(n)}))
-    leak = flat + np.clip(np.arange(n) - 100, 0, None) * 3.0     # +0.15 % per step after step 100
+    leak = flat + np.clip(np.arange(n) - 100, 0, None) * 3.0  # +0.15 % per step after step 100
     eps = [e for e in run({"memory/rss_mb": leak}) if e["detector"] == "memory_leak"]
     assert eps and eps[0]["severity"] in ("medium", "high")
     frac = np.r_[np.full(300, 0.5), np.full(50, 0.93), np.full(50, 0.99)]
@@ -398,11 +437,11 @@ def test_memory_leak_near_oom_and_step_time():
 def test_grace_period_and_cooldown_episodes():
     m = grpo_run(300, 19)
     m["reward"] = m["reward"].copy()
-    m["reward"][3:6] = 50                                # in the grace period (and before any baseline)
+    m["reward"][3:6] = 50  # in the grace period (and before any baseline)
     assert not alarms(run(m))
     g = m["grad_norm"].copy()
     g[100] *= 80
-    g[106] *= 80                                          # within the cooldown: one episode, two flags
+    g[106] *= 80  # within the cooldown: one episode, two flags
     eps = [e for e in run(dict(m, grad_norm=g)) if e["detector"] == "grad_norm_spike"]
     assert len(eps) == 1 and eps[0]["count"] == 2 and (eps[0]["first_step"], eps[0]["last_step"]) == (101, 107)
     assert eps[0]["peak_step"] in (101, 107) and not eps[0]["ongoing"]
@@ -435,10 +474,10 @@ def test_streaming_equals_batch_with_faults(seed):
         m[k] = m[k].copy()
     m["kl"][150:] *= 80
     m["reward"][200:] *= 300
-    m["reward_std"][230:] = np.nan                       # absent rows
+    m["reward_std"][230:] = np.nan  # absent rows
     m["memory/rss_mb"] = 2000 + np.arange(260) * 4.0
     m["memory/gpu_frac"] = np.r_[np.full(250, 0.5), np.full(10, 0.95)]
-    steps = np.arange(1, 261) * 2                         # steps need not be consecutive
+    steps = np.arange(1, 261) * 2  # steps need not be consecutive
     batch = run(m, {"trainer": "GRPOTrainer"}, steps=steps)
     assert alarms(batch)
     assert stream(m, {"trainer": "GRPOTrainer"}, steps=steps) == batch
@@ -457,8 +496,8 @@ def test_streaming_update_returns_new_episodes_and_merges_repeated_steps():
     for i in range(60):
         opened += sd.update(i + 1, {"loss": 0.1 if i != 50 else None})
     assert [(e["step"], e["detector"]) for e in opened] == [(51, "nonfinite")]
-    sd.update(60, {"eval_loss": float("nan")})          # same step again: merged into that row
-    sd.update(59, {"loss": 1.0})                          # older step: ignored
+    sd.update(60, {"eval_loss": float("nan")})  # same step again: merged into that row
+    sd.update(59, {"loss": 1.0})  # older step: ignored
     assert [e["metric"] for e in sd.episodes] == ["loss", "eval_loss"]
 
 
@@ -466,12 +505,17 @@ def test_streaming_update_returns_new_episodes_and_merges_repeated_steps():
 @given(st.integers(0, 10_000), st.integers(30, 160), st.floats(0.0, 0.3))
 def test_streaming_equals_batch_random(seed, n, missing):
     rng = np.random.default_rng(seed)
-    m = {"kl": np.abs(rng.standard_cauchy(n)) * 0.01, "reward": rng.standard_normal(n).cumsum() * 0.1,
-         "entropy": 1 + 0.3 * rng.standard_normal(n), "grad_norm": np.exp(rng.standard_normal(n)),
-         "frac_reward_zero_std": rng.choice([0.0, 0.5, 1.0], n), "other": rng.standard_normal(n)}
+    m = {
+        "kl": np.abs(rng.standard_cauchy(n)) * 0.01,
+        "reward": rng.standard_normal(n).cumsum() * 0.1,
+        "entropy": 1 + 0.3 * rng.standard_normal(n),
+        "grad_norm": np.exp(rng.standard_normal(n)),
+        "frac_reward_zero_std": rng.choice([0.0, 0.5, 1.0], n),
+        "other": rng.standard_normal(n),
+    }
     for v in m.values():
         v[rng.random(n) < missing] = np.nan
-    m["reward"][n // 2:] += 5 * rng.random()
+    m["reward"][n // 2 :] += 5 * rng.random()
     assert stream(m) == run(m)
 
 
@@ -486,13 +530,14 @@ def _traces():
 @pytest.mark.skipif(not _traces(), reason=f"no labelled traces in {TRACES}")
 @pytest.mark.parametrize("name,label", _traces(), ids=[n for n, _ in _traces()])
 def test_real_traces_no_false_alarm_and_detected_within_25_steps(name, label):
-    from rlhf_tui.bridge.sources import load_file_source
+    from rlhf_tui.bridge.monitor.sources import load_file_source
 
     hist = load_file_source(str(TRACES / name / "trainer_state.json")).current_run
     eps = detect(hist, TH)
     onset = label["onset_step"]
-    raised = sorted(min(s for sev, s in e["severity_steps"].items() if severity_at_least(sev, "medium"))
-                    for e in alarms(eps))
+    raised = sorted(
+        min(s for sev, s in e["severity_steps"].items() if severity_at_least(sev, "medium")) for e in alarms(eps)
+    )
     before = [s for s in raised if onset is None or s <= onset]
     assert before == [], f"medium+ alarm before onset / on a healthy run at steps {before}"
     if onset is not None:
@@ -500,7 +545,7 @@ def test_real_traces_no_false_alarm_and_detected_within_25_steps(name, label):
     # the same run fed step by step gives the same episodes
     sd = StreamingDetector(TH, hist.meta)
     state = json.loads((TRACES / name / "trainer_state.json").read_text())
-    from rlhf_tui.bridge.metrics import is_summary, normalise
+    from rlhf_tui.bridge.wire.metrics import is_summary, normalise
 
     for entry in state["log_history"]:
         if isinstance(entry.get("step"), int) and not is_summary(entry):

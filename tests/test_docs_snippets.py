@@ -8,6 +8,7 @@ Markers (an HTML comment on the line before the fence):
   <!-- test: json -->              a JSON example, parsed and compared with a real log event
   <!-- test: mapping table -->     the mapping table, compared with integration.MAPPING
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,7 +19,6 @@ import textwrap
 from dataclasses import dataclass
 
 import pytest
-
 from conftest import REPO, free_address
 
 DOC = REPO / "docs" / "trl-integration.md"
@@ -26,7 +26,7 @@ MARKER = re.compile(r"^\s*<!--\s*test:\s*(?P<kind>[a-z ]+?)\s*(?:\((?P<reason>[^
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[a-z]*)\s*$")
 
 # The guide's Basic Usage, verbatim (from the RLHF Systems Kit): ours may differ in the import line only.
-SEED_BASIC_USAGE = '''
+SEED_BASIC_USAGE = """
 from rlhf_core.trl_integration import TRLIntegrationConfig, TRLIntegrationManager
 
 # Configure integration
@@ -53,7 +53,7 @@ results = integration_manager.train_with_monitoring(
     num_steps=100,
     save_checkpoints=True
 )
-'''
+"""
 
 
 @dataclass
@@ -139,7 +139,7 @@ def test_config_listing_matches_the_class():
 
 
 def test_mapping_table_matches_the_code():
-    from rlhf_tui.bridge.integration import MAPPING
+    from rlhf_tui.bridge.training.integration import MAPPING
 
     table = next(s for s in SNIPPETS if s.kind == "mapping table").table
     rows = []
@@ -161,7 +161,7 @@ def guide_folder(tmp_path, monkeypatch, tiny_model):
     """The reader's working folder: offline, one torch thread (tiny model), an 'imdb' JSONL with a text column."""
     import torch
 
-    from rlhf_tui.bridge.tiny import CORPUS
+    from rlhf_tui.bridge.demo.tiny import CORPUS
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -201,7 +201,7 @@ def test_runnable_snippets_run_top_to_bottom(guide_folder, monkeypatch, tmp_path
 
 @pytest.mark.slow
 def test_json_example_is_valid_and_shaped_like_a_real_event(tiny_model, tmp_path):
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
     blocks = [s for s in SNIPPETS if s.kind == "json"]
     assert blocks

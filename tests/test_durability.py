@@ -1,5 +1,6 @@
 """Durability of the JSONL log: flushed per event; after kill -9 of a real training every complete line parses,
 and `rlhf-tui report` still works on a log whose last line was cut off."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import free_address, wait_for
-from rlhf_tui.bridge.jsonl_log import JsonlLog
+
+from rlhf_tui.bridge.training.jsonl_log import JsonlLog
 
 
 def test_every_event_is_on_disk_as_soon_as_it_is_written(tmp_path):
@@ -37,28 +38,51 @@ def test_kill_9_mid_run_leaves_a_parseable_log_and_report_works(tiny_model, tmp_
 
     log_dir = tmp_path / "logs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhf_tui.bridge.demo_train", "--address", free_address(), "--steps", "400",
-         "--output-dir", str(tmp_path / "out"), "--log-dir", str(log_dir), "--model", tiny_model,
-         "--run-id", "killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "rlhf_tui.bridge.demo.train",
+            "--address",
+            free_address(),
+            "--steps",
+            "400",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--log-dir",
+            str(log_dir),
+            "--model",
+            tiny_model,
+            "--run-id",
+            "killed",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     path = log_dir / "run-killed.jsonl"
     try:
-        wait_for(lambda: path.exists() and path.read_bytes().count(b'"step_end"') >= 12, timeout=120,
-                 interval=0.05, message="training under way")
-        os.kill(proc.pid, signal.SIGKILL)   # no atexit, no flush, no run_end
+        wait_for(
+            lambda: path.exists() and path.read_bytes().count(b'"step_end"') >= 12,
+            timeout=120,
+            interval=0.05,
+            message="training under way",
+        )
+        os.kill(proc.pid, signal.SIGKILL)  # no atexit, no flush, no run_end
         assert proc.wait(30) == -signal.SIGKILL
     finally:
         proc.kill()
     events, tail = _step_lines(path)
     steps = [e["step"] for e in events if e["event"] == "step_end"]
-    assert len(steps) >= 12 and steps == list(range(1, len(steps) + 1))   # flushed per event: none missing
+    assert len(steps) >= 12 and steps == list(range(1, len(steps) + 1))  # flushed per event: none missing
     assert events[0]["event"] == "run_start" and not any(e["event"] == "run_end" for e in events)
     # Cut the last line in half, as a kill in the middle of a write would.
     with open(path, "ab") as fh:
-        fh.write(tail + b'{"event":"step_end","step":%d,"timestamp":"2026-01-01T00:00:00","ppo_metrics":{"lo'
-                 % (len(steps) + 1))
+        fh.write(
+            tail
+            + b'{"event":"step_end","step":%d,"timestamp":"2026-01-01T00:00:00","ppo_metrics":{"lo' % (len(steps) + 1)
+        )
     assert main(["report", str(path), "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == len(steps) and report["last_step"] == steps[-1]
-    assert report["transport"]["rejected"] == 0   # a cut-off last line is expected, not an error
+    assert report["transport"]["rejected"] == 0  # a cut-off last line is expected, not an error
     assert "loss" in report["metrics"]

@@ -1,5 +1,6 @@
 """The four examples of the TRL integration guide, run as a user runs them (`python examples/X.py --fast`):
 offline on the tiny model they build themselves, exit code 0, and they print what the guide says they show."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, free_address
 
 pytestmark = pytest.mark.slow
@@ -21,15 +21,28 @@ def example_env(tmp_path_factory):
     """Offline, the tiny model cached in a temp dir (built by the first example, reused by the others), one
     torch thread (the tiny model is overhead-bound)."""
     cache = tmp_path_factory.mktemp("xdg-cache")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", XDG_CACHE_HOME=str(cache),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        XDG_CACHE_HOME=str(cache),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+    )
     return env
 
 
 def run_example(name: str, env: dict, tmp_path, *args: str) -> str:
     env = dict(env, RLHF_TUI_ADDRESS=free_address())
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--fast", "--workdir", str(tmp_path), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--fast", "--workdir", str(tmp_path), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -49,16 +62,33 @@ def test_trl_integration_example(example_env, tmp_path):
 
 
 def test_trl_integration_example_rloo_with_a_given_model(example_env, tmp_path, tiny_model):
-    out = run_example("trl_integration_example.py", example_env, tmp_path, "--algorithm", "rloo",
-                      "--model", tiny_model, "--steps", "4")
+    out = run_example(
+        "trl_integration_example.py",
+        example_env,
+        tmp_path,
+        "--algorithm",
+        "rloo",
+        "--model",
+        tiny_model,
+        "--steps",
+        "4",
+    )
     assert "training RLOOTrainer for 4 steps" in out and "steps completed: 4" in out
 
 
 def test_ppo_monitoring_demo(example_env, tmp_path):
     out = run_example("ppo_monitoring_demo.py", example_env, tmp_path)
     assert out.count("ppo/loss/policy=") == 8
-    for name in ("kl_div", "policy_loss", "value_loss", "reward", "clip_ratio", "entropy", "kl_policy_ratio",
-                 "value_policy_ratio"):
+    for name in (
+        "kl_div",
+        "policy_loss",
+        "value_loss",
+        "reward",
+        "clip_ratio",
+        "entropy",
+        "kl_policy_ratio",
+        "value_policy_ratio",
+    ):
         assert re.search(rf"^  {name}\s+-?[\d.e+-]+$", out, re.M), name
     assert "== trend analysis ==" in out
     assert re.search(r"^  kl_div\s+(increasing|decreasing|stable)$", out, re.M)

@@ -2,6 +2,7 @@
 stalled monitor (connected, never reads, tiny receive buffer); a monitor restarted mid-run; the training
 restarted on the same address; the SSH-style forward dropped and restored. Every time the training finishes
 cleanly and its JSONL log has every step; live monitors end with every step and no gaps."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,11 @@ import threading
 import numpy as np
 import pytest
 import zmq
-
 from conftest import free_port, wait_for
-from rlhf_tui.bridge import protocol
-from rlhf_tui.bridge.subscriber import Subscriber
 from tcp_proxy import TcpProxy
+
+from rlhf_tui.bridge.monitor.subscriber import Subscriber
+from rlhf_tui.bridge.wire import protocol
 
 pytestmark = pytest.mark.slow
 STEPS = 30
@@ -30,13 +31,12 @@ class Training:
     subprocess variant with kill -9 is in test_durability.py)."""
 
     def __init__(self, tiny_model, tmp_path, address, run_id, *, steps=STEPS, delay=0.03):
-        from rlhf_tui.bridge.callback import RLHFMonitorCallback
-        from rlhf_tui.bridge.demo_train import make_grpo_trainer
+        from rlhf_tui.bridge.demo.train import make_grpo_trainer
+        from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
         self.steps = steps
         self.cb = RLHFMonitorCallback(address=address, log_dir=str(tmp_path / run_id / "logs"), run_id=run_id)
-        self.trainer = make_grpo_trainer(tiny_model, str(tmp_path / run_id), self.cb, steps=steps,
-                                         step_delay=delay)
+        self.trainer = make_grpo_trainer(tiny_model, str(tmp_path / run_id), self.cb, steps=steps, step_delay=delay)
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._train, daemon=True)
         self.thread.start()
@@ -84,12 +84,12 @@ def complete(sub, run_id, steps=STEPS):
 def test_no_monitor_then_training_restarted_is_a_new_run(tiny_model, tmp_path):
     address = f"tcp://127.0.0.1:{free_port()}"
     first = Training(tiny_model, tmp_path, address, "run-one")
-    first.finish()                      # nobody watched it
-    sub = Subscriber(address).start()   # attaches while the finished run still serves its history
+    first.finish()  # nobody watched it
+    sub = Subscriber(address).start()  # attaches while the finished run still serves its history
     try:
         wait_for(lambda: complete(sub, "run-one"), timeout=20, message="first run's history")
-        first.close()                   # the training process goes away ...
-        second = Training(tiny_model, tmp_path, address, "run-two")   # ... and is started again
+        first.close()  # the training process goes away ...
+        second = Training(tiny_model, tmp_path, address, "run-two")  # ... and is started again
         try:
             wait_for(lambda: complete(sub, "run-two"), timeout=120, message="the restarted run, live")
             second.finish()
@@ -105,7 +105,7 @@ def test_no_monitor_then_training_restarted_is_a_new_run(tiny_model, tmp_path):
 
 MONITOR = textwrap.dedent("""
     import sys, time
-    from rlhf_tui.bridge.subscriber import Subscriber
+    from rlhf_tui.bridge.monitor.subscriber import Subscriber
     sub = Subscriber(sys.argv[1]).start()
     while not (sub.store.current_run and sub.store.current_run.rows >= 3):
         time.sleep(0.01)
@@ -120,7 +120,7 @@ def test_killed_stalled_and_restarted_monitors(tiny_model, tmp_path):
     monitor = subprocess.Popen([sys.executable, "-c", MONITOR, address], stdout=subprocess.PIPE, text=True)
     training = Training(tiny_model, tmp_path, address, "run-faults", delay=0.05)
     ctx = zmq.Context()
-    stalled = ctx.socket(zmq.DEALER)   # says hello, then never reads: the server's pipe to it fills
+    stalled = ctx.socket(zmq.DEALER)  # says hello, then never reads: the server's pipe to it fills
     stalled.setsockopt(zmq.RCVBUF, 1024)
     stalled.setsockopt(zmq.RCVHWM, 1)
     stalled.linger = 0
@@ -128,13 +128,16 @@ def test_killed_stalled_and_restarted_monitors(tiny_model, tmp_path):
     stalled.send(protocol.hello(None, 0, resync=True))
     try:
         assert monitor.stdout.readline().strip() == "attached"
-        os.kill(monitor.pid, signal.SIGKILL)                    # the monitor dies without closing anything
+        os.kill(monitor.pid, signal.SIGKILL)  # the monitor dies without closing anything
         monitor.wait(10)
         wait_for(lambda: len(training.logged()) >= 8, timeout=120, message="training goes on")
-        restarted = Subscriber(address).start()                  # a monitor started again mid-run
+        restarted = Subscriber(address).start()  # a monitor started again mid-run
         try:
-            wait_for(lambda: restarted.store.current_run is not None and restarted.store.current_run.rows >= 8,
-                     timeout=20, message="full history for the restarted monitor")
+            wait_for(
+                lambda: restarted.store.current_run is not None and restarted.store.current_run.rows >= 8,
+                timeout=20,
+                message="full history for the restarted monitor",
+            )
             assert restarted.store.current_run.steps[0] == 1
             wait_for(lambda: complete(restarted, "run-faults"), timeout=120, message="every step live")
             t = restarted.store.transport
@@ -154,17 +157,21 @@ def test_killed_stalled_and_restarted_monitors(tiny_model, tmp_path):
 def test_ssh_forward_drop_reconnects_with_every_step(tiny_model, tmp_path):
     train_port, forward_port = free_port(), free_port()
     training = Training(tiny_model, tmp_path, f"tcp://127.0.0.1:{train_port}", "run-ssh", delay=0.08)
-    proxy = TcpProxy(forward_port, train_port).start()           # ssh -L forward_port:127.0.0.1:train_port
+    proxy = TcpProxy(forward_port, train_port).start()  # ssh -L forward_port:127.0.0.1:train_port
     sub = Subscriber(f"tcp://127.0.0.1:{forward_port}").start()
     try:
-        wait_for(lambda: sub.store.current_run is not None and sub.store.current_run.rows >= 5, timeout=120,
-                 message="steps through the forward")
-        proxy.stop()                                             # the SSH session dies
+        wait_for(
+            lambda: sub.store.current_run is not None and sub.store.current_run.rows >= 5,
+            timeout=120,
+            message="steps through the forward",
+        )
+        proxy.stop()  # the SSH session dies
         seen = sub.store.current_run.rows
-        wait_for(lambda: len(training.logged()) >= seen + 5, timeout=60,
-                 message="training goes on while the forward is down")
+        wait_for(
+            lambda: len(training.logged()) >= seen + 5, timeout=60, message="training goes on while the forward is down"
+        )
         assert sub.store.current_run.rows < STEPS
-        proxy = TcpProxy(forward_port, train_port).start()       # ... and is opened again on the same port
+        proxy = TcpProxy(forward_port, train_port).start()  # ... and is opened again on the same port
         wait_for(lambda: complete(sub, "run-ssh"), timeout=60, message="every step after reconnecting")
         assert proxy.connections >= 1
         t = sub.store.transport

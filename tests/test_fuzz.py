@@ -1,6 +1,7 @@
 """Hostile input. The monitor's decoder and store: > 10^4 generated frames (hypothesis, derandomised, plus
 mutations of real frames): zero crashes, every bad frame counted. The training side's port: garbage from every
 ZeroMQ socket type and from raw TCP must not disturb training (put() latency) or a real monitor."""
+
 from __future__ import annotations
 
 import json
@@ -12,47 +13,88 @@ import time
 
 import numpy as np
 import pytest
+from conftest import free_address, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import free_address, wait_for
 from rlhf_tui.analysis.store import Store
-from rlhf_tui.bridge import protocol
-from rlhf_tui.bridge.publisher import Publisher
-from rlhf_tui.bridge.subscriber import Subscriber
+from rlhf_tui.bridge.monitor.subscriber import Subscriber
+from rlhf_tui.bridge.training.publisher import Publisher
+from rlhf_tui.bridge.wire import protocol
 
-FUZZ = settings(max_examples=1200, derandomize=True, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=1200, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 COUNTED = {"frames": 0}
 
 # -- strategies ------------------------------------------------------------------------------------------
 nasty_text = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(["[bold red]boom[/]", "\x1b[2J\x1b[H", "\x1b]0;pwned\x07", "\r\n\t\x00", "[link=file:///etc]x[/]",
-                     "\u202e\u200b", "NaN", "Infinity", "-Infinity", "nan", "1e309", "💥" * 10, "a" * 5000]),
+    st.sampled_from(
+        [
+            "[bold red]boom[/]",
+            "\x1b[2J\x1b[H",
+            "\x1b]0;pwned\x07",
+            "\r\n\t\x00",
+            "[link=file:///etc]x[/]",
+            "\u202e\u200b",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "nan",
+            "1e309",
+            "💥" * 10,
+            "a" * 5000,
+        ]
+    ),
 )
-scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(1 << 70), max_value=1 << 70),
-                    st.floats(allow_nan=False, allow_infinity=False), nasty_text)
-json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=5),
-                                                             st.dictionaries(nasty_text, inner, max_size=5)),
-                           max_leaves=30)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(1 << 70), max_value=1 << 70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    nasty_text,
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(nasty_text, inner, max_size=5)),
+    max_leaves=30,
+)
 kinds = st.one_of(st.sampled_from(sorted(protocol.ALL_KINDS)), nasty_text, st.integers(), st.none())
-metrics = st.dictionaries(st.one_of(st.sampled_from(["kl", "loss", "reward", "entropy"]), nasty_text),
-                          st.one_of(st.floats(), st.none(), st.sampled_from(["NaN", "Infinity", "-Infinity"]),
-                                    st.integers(min_value=-(1 << 70), max_value=1 << 70), nasty_text,
-                                    st.booleans(), json_values), max_size=8)
-step_data = st.fixed_dictionaries({"step": st.one_of(st.integers(min_value=-5, max_value=1 << 64), st.floats(),
-                                                     nasty_text), "metrics": metrics},
-                                  optional={"wall": json_values})
+metrics = st.dictionaries(
+    st.one_of(st.sampled_from(["kl", "loss", "reward", "entropy"]), nasty_text),
+    st.one_of(
+        st.floats(),
+        st.none(),
+        st.sampled_from(["NaN", "Infinity", "-Infinity"]),
+        st.integers(min_value=-(1 << 70), max_value=1 << 70),
+        nasty_text,
+        st.booleans(),
+        json_values,
+    ),
+    max_size=8,
+)
+step_data = st.fixed_dictionaries(
+    {"step": st.one_of(st.integers(min_value=-5, max_value=1 << 64), st.floats(), nasty_text), "metrics": metrics},
+    optional={"wall": json_values},
+)
 envelopes = st.fixed_dictionaries(
-    {"v": st.one_of(st.just(1), st.integers(min_value=-3, max_value=1 << 40), st.just(True), nasty_text),
-     "kind": kinds,
-     "run": st.one_of(st.sampled_from(["run-a", "run-b"]), nasty_text, st.integers(), st.none()),
-     "seq": st.one_of(st.integers(min_value=-3, max_value=60), st.integers(min_value=1 << 61, max_value=1 << 64),
-                      st.floats(), st.booleans(), nasty_text),
-     "ts": st.one_of(st.floats(), st.integers(), nasty_text, st.none()),
-     "data": st.one_of(step_data, st.dictionaries(nasty_text, json_values, max_size=6), json_values)},
-    optional={"rank": st.one_of(st.integers(min_value=-2, max_value=1 << 22), st.booleans(), nasty_text)})
+    {
+        "v": st.one_of(st.just(1), st.integers(min_value=-3, max_value=1 << 40), st.just(True), nasty_text),
+        "kind": kinds,
+        "run": st.one_of(st.sampled_from(["run-a", "run-b"]), nasty_text, st.integers(), st.none()),
+        "seq": st.one_of(
+            st.integers(min_value=-3, max_value=60),
+            st.integers(min_value=1 << 61, max_value=1 << 64),
+            st.floats(),
+            st.booleans(),
+            nasty_text,
+        ),
+        "ts": st.one_of(st.floats(), st.integers(), nasty_text, st.none()),
+        "data": st.one_of(step_data, st.dictionaries(nasty_text, json_values, max_size=6), json_values),
+    },
+    optional={"rank": st.one_of(st.integers(min_value=-2, max_value=1 << 22), st.booleans(), nasty_text)},
+)
 
 
 def _dumps(obj) -> bytes:
@@ -123,21 +165,28 @@ def _mutations(frame: bytes, rng: random.Random, n: int) -> list[bytes]:
     for _ in range(n):
         b = bytearray(frame)
         op = rng.randrange(6)
-        if op == 0 and b:      # bit flips
+        if op == 0 and b:  # bit flips
             for _ in range(rng.randint(1, 8)):
                 b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
-        elif op == 1:          # truncation
+        elif op == 1:  # truncation
             b = b[: rng.randrange(len(b) + 1)]
-        elif op == 2:          # a token swapped for a hostile one
-            for old, new in ((b'"step"', b'"stepx"'), (b"0.1", b"1e309"), (b'"v":1', b'"v":2'), (b"null", b"NaN"),
-                             (b'"kind":"block"', b'"kind":"blocks"'), (b'"seq":', b'"seq":-9'), (b"[", b"[[")):
+        elif op == 2:  # a token swapped for a hostile one
+            for old, new in (
+                (b'"step"', b'"stepx"'),
+                (b"0.1", b"1e309"),
+                (b'"v":1', b'"v":2'),
+                (b"null", b"NaN"),
+                (b'"kind":"block"', b'"kind":"blocks"'),
+                (b'"seq":', b'"seq":-9'),
+                (b"[", b"[["),
+            ):
                 if old in b and rng.random() < 0.5:
                     b = b.replace(old, new, 1)
-        elif op == 3:          # duplicated tail
-            b = b + b[len(b) // 2:]
-        elif op == 4:          # type swap on a number
+        elif op == 3:  # duplicated tail
+            b = b + b[len(b) // 2 :]
+        elif op == 4:  # type swap on a number
             b = bytes(b).replace(b"1.0", b'"1.0"', 1)
-        else:                  # random splice
+        else:  # random splice
             i = rng.randrange(len(b) + 1)
             b = b[:i] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 16))) + b[i:]
         out.append(bytes(b))
@@ -152,21 +201,52 @@ def test_mutated_real_frames_and_hand_made_cases(fuzz_sub):
         cases += _mutations(frame, rng, max(20, 10_000 // len(base) + 1))
     env = {"v": 1, "kind": "step", "run": "r", "seq": 0, "ts": 0.0, "data": {"step": 1, "metrics": {}}}
     hand = [
-        b"", b"\x00" * 100, b"[]", b"{}", b"null", b"1e309", b'"str"', b"[" * 100_000, b'{"a":' * 50_000,
-        b" " * (protocol.MAX_MESSAGE_BYTES + 1),                                  # over the frame bound
-        _dumps([env] * (protocol.MAX_BATCH + 1)),                                 # batch too long
-        _dumps({**env, "v": 2}), _dumps({**env, "v": 10 ** 30}),                  # future versions
-        _dumps({**env, "kind": "telemetry"}),                                     # unknown kind
+        b"",
+        b"\x00" * 100,
+        b"[]",
+        b"{}",
+        b"null",
+        b"1e309",
+        b'"str"',
+        b"[" * 100_000,
+        b'{"a":' * 50_000,
+        b" " * (protocol.MAX_MESSAGE_BYTES + 1),  # over the frame bound
+        _dumps([env] * (protocol.MAX_BATCH + 1)),  # batch too long
+        _dumps({**env, "v": 2}),
+        _dumps({**env, "v": 10**30}),  # future versions
+        _dumps({**env, "kind": "telemetry"}),  # unknown kind
         _dumps({**env, "data": {"step": 1, "metrics": {f"m{i}": 1.0 for i in range(protocol.MAX_METRICS + 1)}}}),
-        _dumps({**env, "data": {"step": 1, "metrics": {"kl": 10 ** 400}}}),       # int too big for a float
+        _dumps({**env, "data": {"step": 1, "metrics": {"kl": 10**400}}}),  # int too big for a float
         _dumps({**env, "data": {"step": 1, "metrics": {"kl": [1, 2]}}}),
-        _dumps({**env, "kind": "block", "data": {"last": 10 ** 9, "seq": [], "step": [], "ts": [], "cols": {}}}),
-        _dumps({**env, "kind": "block", "data": {"last": 3, "seq": [0, 0], "step": [1, 2], "ts": [0, 0],
-                                                "cols": {}}}),
-        _dumps({**env, "kind": "block", "data": {"last": 3, "seq": [0, 1], "step": [1, 2], "ts": [0, 0],
-                                                "cols": {"kl": {"i": [5], "x": [1.0]}}}}),
-        _dumps({**env, "kind": "block", "data": {"last": 3, "seq": [0], "step": [1], "ts": [0],
-                                                "cols": {}, "other": [{**env, "kind": "block"}]}}),
+        _dumps({**env, "kind": "block", "data": {"last": 10**9, "seq": [], "step": [], "ts": [], "cols": {}}}),
+        _dumps({**env, "kind": "block", "data": {"last": 3, "seq": [0, 0], "step": [1, 2], "ts": [0, 0], "cols": {}}}),
+        _dumps(
+            {
+                **env,
+                "kind": "block",
+                "data": {
+                    "last": 3,
+                    "seq": [0, 1],
+                    "step": [1, 2],
+                    "ts": [0, 0],
+                    "cols": {"kl": {"i": [5], "x": [1.0]}},
+                },
+            }
+        ),
+        _dumps(
+            {
+                **env,
+                "kind": "block",
+                "data": {
+                    "last": 3,
+                    "seq": [0],
+                    "step": [1],
+                    "ts": [0],
+                    "cols": {},
+                    "other": [{**env, "kind": "block"}],
+                },
+            }
+        ),
         _dumps({**env, "kind": "system", "rank": 1 << 40}),
         _dumps({**env, "ts": float("inf")}).replace(b"Infinity", b"1e999"),
     ]
@@ -174,7 +254,7 @@ def test_mutated_real_frames_and_hand_made_cases(fuzz_sub):
     rejected = fuzz_sub.store.transport["rejected"]
     for frame in cases:
         feed_and_check(fuzz_sub, frame)
-    assert len(cases) >= 10_000   # with the hypothesis test: > 14 000 frames in all
+    assert len(cases) >= 10_000  # with the hypothesis test: > 14 000 frames in all
     assert fuzz_sub.store.transport["rejected"] - rejected > 5000
 
 
@@ -182,10 +262,13 @@ def test_text_from_the_wire_is_clipped_and_kept_verbatim_for_escaping():
     sub = Subscriber("tcp://127.0.0.1:1")
     markup = "[bold]x[/]\x1b[31m" + "y" * 10_000
     sub.feed(protocol.encode("run_start", "r", 0, 1.0, {"trainer": markup}))
-    sub.feed(protocol.encode("reward", "r", 1, 1.0, {"step": 1, "scores": [1e309, None, 1.0],
-                                                      "samples": [{"completion": markup}]}))
+    sub.feed(
+        protocol.encode(
+            "reward", "r", 1, 1.0, {"step": 1, "scores": [1e309, None, 1.0], "samples": [{"completion": markup}]}
+        )
+    )
     run = sub.store.current_run
-    assert run.meta["trainer"] == markup[: protocol.MAX_STRING]   # the UI escapes it (rich.markup.escape)
+    assert run.meta["trainer"] == markup[: protocol.MAX_STRING]  # the UI escapes it (rich.markup.escape)
     assert run.rewards[-1]["scores"][0] == float("inf") and run.rewards[-1]["scores"][1] is None
     assert sub.store.transport["rejected"] == 0
 
@@ -278,7 +361,7 @@ def _on_log_p99(cb, steps, state) -> float:
 def test_garbage_on_the_training_port_disturbs_neither_training_nor_monitors(tmp_path):
     from types import SimpleNamespace
 
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
     address = free_address()
     port = int(address.rsplit(":", 1)[1])
@@ -289,8 +372,7 @@ def test_garbage_on_the_training_port_disturbs_neither_training_nor_monitors(tmp
     try:
         wait_for(lambda: sub.store.current_run is not None, message="monitor attached")
         quiet_p99 = _on_log_p99(cb, range(1, 301), state)
-        attacker = subprocess.Popen([sys.executable, "-c", ATTACKER, str(port), "4"], stdout=subprocess.PIPE,
-                                    text=True)
+        attacker = subprocess.Popen([sys.executable, "-c", ATTACKER, str(port), "4"], stdout=subprocess.PIPE, text=True)
         try:
             time.sleep(0.5)  # let the flood start; the measurement below runs while it goes on
             attacked_p99 = _on_log_p99(cb, range(301, 1001), state)

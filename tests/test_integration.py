@@ -1,5 +1,6 @@
 """TRLIntegrationConfig (the seed's fields, the mapping onto GRPO/RLOO, the warnings) and TRLIntegrationManager
 end to end: a real GRPO and RLOO training on the tiny local model with a local data file."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,20 +13,48 @@ import warnings
 import pytest
 
 from rlhf_tui.bridge import TRLIntegrationConfig, TRLIntegrationManager
-from rlhf_tui.bridge import integration
-from rlhf_tui.bridge.integration import (AlgorithmUnavailableError, DatasetSourceError, IntegrationError,
-                                         TRLMappingWarning, load_prompt_dataset, ppo_support)
+from rlhf_tui.bridge.training import integration
+from rlhf_tui.bridge.training.integration import (
+    AlgorithmUnavailableError,
+    DatasetSourceError,
+    IntegrationError,
+    TRLMappingWarning,
+    load_prompt_dataset,
+    ppo_support,
+)
 
 # The guide's dataclass, verbatim: names, defaults, order.
 SEED_FIELDS = [
-    ("model_name", "gpt2"), ("learning_rate", 1e-5), ("batch_size", 4), ("mini_batch_size", 1),
-    ("gradient_accumulation_steps", 1), ("ppo_epochs", 4), ("max_grad_norm", 1.0), ("cliprange", 0.2),
-    ("cliprange_value", 0.2), ("vf_coef", 0.1), ("gamma", 1.0), ("lam", 0.95), ("kl_penalty", "kl"),
-    ("target", 6.0), ("horizon", 10000.0), ("init_kl_coef", 0.2), ("adap_kl_ctrl", True),
-    ("log_with", "tensorboard"), ("logging_dir", "./logs"), ("save_freq", 100), ("eval_freq", 50),
-    ("project_name", "rlhf-trl-integration"), ("enable_profiling", True), ("enable_checkpoint_analysis", True),
-    ("enable_reward_monitoring", True), ("anomaly_detection_threshold", 3.0), ("device", "auto"), ("fp16", False),
-    ("bf16", False), ("gradient_checkpointing", False),
+    ("model_name", "gpt2"),
+    ("learning_rate", 1e-5),
+    ("batch_size", 4),
+    ("mini_batch_size", 1),
+    ("gradient_accumulation_steps", 1),
+    ("ppo_epochs", 4),
+    ("max_grad_norm", 1.0),
+    ("cliprange", 0.2),
+    ("cliprange_value", 0.2),
+    ("vf_coef", 0.1),
+    ("gamma", 1.0),
+    ("lam", 0.95),
+    ("kl_penalty", "kl"),
+    ("target", 6.0),
+    ("horizon", 10000.0),
+    ("init_kl_coef", 0.2),
+    ("adap_kl_ctrl", True),
+    ("log_with", "tensorboard"),
+    ("logging_dir", "./logs"),
+    ("save_freq", 100),
+    ("eval_freq", 50),
+    ("project_name", "rlhf-trl-integration"),
+    ("enable_profiling", True),
+    ("enable_checkpoint_analysis", True),
+    ("enable_reward_monitoring", True),
+    ("anomaly_detection_threshold", 3.0),
+    ("device", "auto"),
+    ("fp16", False),
+    ("bf16", False),
+    ("gradient_checkpointing", False),
 ]
 
 
@@ -41,7 +70,7 @@ def one_thread():
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    from rlhf_tui.bridge.tiny import PROMPTS
+    from rlhf_tui.bridge.demo.tiny import PROMPTS
 
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
@@ -49,15 +78,21 @@ def prompts_file(tmp_path):
 
 
 def _config(tmp_path, **kw):
-    base = dict(log_with="none", logging_dir=str(tmp_path / "logs"), output_dir=str(tmp_path / "out"),
-                monitor_address=False, max_completion_length=8, device="cpu")
+    base = dict(
+        log_with="none",
+        logging_dir=str(tmp_path / "logs"),
+        output_dir=str(tmp_path / "out"),
+        monitor_address=False,
+        max_completion_length=8,
+        device="cpu",
+    )
     base.update(kw)
     return TRLIntegrationConfig(**base)
 
 
 # -- configuration ---------------------------------------------------------------------------------------------
 def test_config_has_the_seed_fields_and_defaults_in_order():
-    fields = [(f.name, f.default) for f in dataclasses.fields(TRLIntegrationConfig)][:len(SEED_FIELDS)]
+    fields = [(f.name, f.default) for f in dataclasses.fields(TRLIntegrationConfig)][: len(SEED_FIELDS)]
     assert fields == SEED_FIELDS
     assert TRLIntegrationConfig().algorithm == "grpo"
 
@@ -70,9 +105,21 @@ def test_every_config_field_has_a_mapping_row():
 def test_seed_fields_map_onto_grpo_config(tmp_path):
     from trl import GRPOConfig
 
-    cfg = _config(tmp_path, learning_rate=3e-6, batch_size=6, gradient_accumulation_steps=2, ppo_epochs=3,
-                  cliprange=0.15, init_kl_coef=0.07, max_grad_norm=0.5, save_freq=7, eval_freq=9,
-                  bf16=True, gradient_checkpointing=True, project_name="p")
+    cfg = _config(
+        tmp_path,
+        learning_rate=3e-6,
+        batch_size=6,
+        gradient_accumulation_steps=2,
+        ppo_epochs=3,
+        cliprange=0.15,
+        init_kl_coef=0.07,
+        max_grad_norm=0.5,
+        save_freq=7,
+        eval_freq=9,
+        bf16=True,
+        gradient_checkpointing=True,
+        project_name="p",
+    )
     kwargs = cfg.to_trl_kwargs()
     assert kwargs["epsilon"] == 0.15 and kwargs["beta"] == 0.07 and kwargs["num_iterations"] == 3
     assert kwargs["per_device_train_batch_size"] == 6 and kwargs["gradient_accumulation_steps"] == 2
@@ -97,10 +144,19 @@ def test_rloo_gets_the_same_mapping(tmp_path):
     assert args.eval_strategy == "steps" and args.eval_steps == 50 and args.per_device_eval_batch_size % 4 == 0
 
 
-@pytest.mark.parametrize("batch, accumulation, expected", [
-    (4, 1, (4, None)), (6, 1, (6, None)), (12, 1, (6, None)), (16, 1, (8, None)), (11, 1, (11, None)),
-    (1, 1, (2, 2)), (1, 3, (3, None)), (3, 2, (6, None)),
-])
+@pytest.mark.parametrize(
+    "batch, accumulation, expected",
+    [
+        (4, 1, (4, None)),
+        (6, 1, (6, None)),
+        (12, 1, (6, None)),
+        (16, 1, (8, None)),
+        (11, 1, (11, None)),
+        (1, 1, (2, 2)),
+        (1, 3, (3, None)),
+        (3, 2, (6, None)),
+    ],
+)
 def test_num_generations_rule_always_gives_a_valid_grpo_config(tmp_path, batch, accumulation, expected):
     from trl import GRPOConfig
 
@@ -127,8 +183,16 @@ def test_unmapped_fields_give_one_warning_naming_each(tmp_path):
         warnings.simplefilter("error")
         TRLIntegrationManager(_config(tmp_path))  # the seed's defaults are documented as ignored: no warning
     assert set(TRLIntegrationConfig().unmapped_fields(only_changed=False)) == {
-        "mini_batch_size", "cliprange_value", "vf_coef", "gamma", "lam", "kl_penalty", "target", "horizon",
-        "adap_kl_ctrl"}
+        "mini_batch_size",
+        "cliprange_value",
+        "vf_coef",
+        "gamma",
+        "lam",
+        "kl_penalty",
+        "target",
+        "horizon",
+        "adap_kl_ctrl",
+    }
 
 
 def test_fp16_on_cpu_warns_and_trains_in_fp32(tmp_path):
@@ -166,8 +230,13 @@ def test_logging_dir_and_project_name_reach_tensorboard_and_wandb(tmp_path, monk
         monkeypatch.setitem(integration.REPORTERS, name, ("json",))
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "unset")  # restored after the test
     monkeypatch.setenv("WANDB_PROJECT", "unset")
-    cfg = _config(tmp_path, log_with=["tensorboard", "wandb"], logging_dir=str(tmp_path / "tb"), run_id="r1",
-                  project_name="my-rlhf-project")
+    cfg = _config(
+        tmp_path,
+        log_with=["tensorboard", "wandb"],
+        logging_dir=str(tmp_path / "tb"),
+        run_id="r1",
+        project_name="my-rlhf-project",
+    )
     args = cfg.to_trl_config(max_steps=3)
     assert args.report_to == ["tensorboard", "wandb"] and args.run_name == "r1" and args.max_steps == 3
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "tb" / "tensorboard" / "r1")
@@ -195,8 +264,10 @@ def test_unknown_algorithm_is_rejected():
 def test_datasets_from_files_folders_objects_and_lists(tmp_path):
     import datasets
 
-    rows = [{"text": "one two three four five six seven eight nine ten", "label": 1},
-            {"text": "short review", "label": 0}]
+    rows = [
+        {"text": "one two three four five six seven eight nine ten", "label": 1},
+        {"text": "short review", "label": 0},
+    ]
     datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "d.csv"))
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
@@ -241,8 +312,9 @@ def test_grpo_end_to_end_with_checkpoints_rewards_and_profiling(tiny_model, tmp_
 
     from rlhf_tui.tui.cli import main as cli_main
 
-    manager = TRLIntegrationManager(_config(tmp_path, model_name=tiny_model, batch_size=4, ppo_epochs=2,
-                                            init_kl_coef=0.05, save_freq=3))
+    manager = TRLIntegrationManager(
+        _config(tmp_path, model_name=tiny_model, batch_size=4, ppo_epochs=2, init_kl_coef=0.05, save_freq=3)
+    )
     with pytest.warns(TRLMappingWarning, match="default_reward"):
         trainer = manager.setup_trl_trainer(dataset_name=prompts_file)
     assert isinstance(trainer, GRPOTrainer) and trainer is manager.trainer
@@ -289,12 +361,13 @@ def test_grpo_end_to_end_with_checkpoints_rewards_and_profiling(tiny_model, tmp_
 def test_rloo_end_to_end_from_a_text_column_without_checkpoints(tiny_model, tmp_path):
     from trl import RLOOTrainer
 
-    from rlhf_tui.bridge.tiny import CORPUS, length_reward
+    from rlhf_tui.bridge.demo.tiny import CORPUS, length_reward
 
     data = tmp_path / "reviews.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": 1}) + "\n" for t in CORPUS))
-    manager = TRLIntegrationManager(_config(tmp_path, model_name=tiny_model, algorithm="rloo", batch_size=4,
-                                            ppo_epochs=1, enable_profiling=False))
+    manager = TRLIntegrationManager(
+        _config(tmp_path, model_name=tiny_model, algorithm="rloo", batch_size=4, ppo_epochs=1, enable_profiling=False)
+    )
     trainer = manager.setup_trl_trainer(dataset_name=str(data), reward_funcs=length_reward)
     assert isinstance(trainer, RLOOTrainer)
     assert trainer.train_dataset[0]["prompt"] == " ".join(CORPUS[0].split()[:8])

@@ -1,5 +1,6 @@
 """A live tiny GRPO run with monitor_rewards and checkpoints: `rlhf-tui report` on the live address and on
 the JSONL log shows reward reliability and checkpoint health (issue: checkpoint & reward analysis, live)."""
+
 import json
 
 import pytest
@@ -10,8 +11,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_report_shows_reward_reliability_and_checkpoint_health(tiny_model, tmp_path, address, capsys):
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
-    from rlhf_tui.bridge.demo_train import make_grpo_trainer
+    from rlhf_tui.bridge.demo.train import make_grpo_trainer
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
     cb = RLHFMonitorCallback(address=address, log_dir=str(tmp_path / "logs"))
     trainer = make_grpo_trainer(tiny_model, str(tmp_path / "out"), cb, steps=8, save_steps=4)

@@ -1,4 +1,5 @@
 """Layout and imports: one namespace, a light monitor side, no shadowing by a user's own modules."""
+
 import subprocess
 import sys
 
@@ -8,9 +9,11 @@ def _run(code: str, cwd) -> subprocess.CompletedProcess:
 
 
 def test_monitor_side_imports_no_torch_transformers_or_trl(tmp_path):
-    code = ("import sys, rlhf_tui.tui.app, rlhf_tui.tui.cli, rlhf_tui.tui.render, rlhf_tui.analysis.report, "
-            "rlhf_tui.analysis.store, rlhf_tui.bridge.subscriber, rlhf_tui.bridge.sources, rlhf_tui.bridge;"
-            "heavy = [m for m in ('torch', 'transformers', 'trl') if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, rlhf_tui.tui.app, rlhf_tui.tui.cli, rlhf_tui.tui.render, rlhf_tui.analysis.report, "
+        "rlhf_tui.analysis.store, rlhf_tui.bridge.monitor.subscriber, rlhf_tui.bridge.monitor.sources, rlhf_tui.bridge;"
+        "heavy = [m for m in ('torch', 'transformers', 'trl') if m in sys.modules]; print(heavy)"
+    )
     result = _run(code, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -20,9 +23,12 @@ def test_a_users_own_analysis_and_bridge_cannot_shadow_ours(tmp_path):
     (tmp_path / "analysis.py").write_text("raise SystemExit('shadowed')\n")
     (tmp_path / "bridge").mkdir()
     (tmp_path / "bridge" / "__init__.py").write_text("raise SystemExit('shadowed')\n")
-    result = _run("import rlhf_tui.bridge, rlhf_tui.analysis; from rlhf_tui.bridge import RLHFMonitorCallback, "
-                  "PPOMonitoringCallback, monitor_rewards; assert PPOMonitoringCallback is RLHFMonitorCallback; "
-                  "from rlhf_tui.analysis import CheckpointAnalyzer, RewardModelIntegrator; print('ok')", tmp_path)
+    result = _run(
+        "import rlhf_tui.bridge, rlhf_tui.analysis; from rlhf_tui.bridge import RLHFMonitorCallback, "
+        "PPOMonitoringCallback, monitor_rewards; assert PPOMonitoringCallback is RLHFMonitorCallback; "
+        "from rlhf_tui.analysis import CheckpointAnalyzer, RewardModelIntegrator; print('ok')",
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 

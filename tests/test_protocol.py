@@ -1,16 +1,22 @@
 """Envelope encoding and validation (the wire protocol of docs/protocol.md)."""
+
 import json
 import math
 
 import pytest
 
-from rlhf_tui.bridge import protocol
-from rlhf_tui.bridge.protocol import ProtocolError, decode_frame, encode, encode_batch
+from rlhf_tui.bridge.wire import protocol
+from rlhf_tui.bridge.wire.protocol import ProtocolError, decode_frame, encode, encode_batch
 
 
 def test_round_trip_keeps_non_finite_values_as_strict_json():
-    frame = encode("step", "run1", 7, 1.5, {"step": 3, "metrics": {"loss": float("nan"), "kl": float("inf"),
-                                                                     "reward": None, "x": 1.0}})
+    frame = encode(
+        "step",
+        "run1",
+        7,
+        1.5,
+        {"step": 3, "metrics": {"loss": float("nan"), "kl": float("inf"), "reward": None, "x": 1.0}},
+    )
     json.loads(frame, parse_constant=lambda c: pytest.fail("bare constant"))
     (env,) = decode_frame(frame)
     assert env["seq"] == 7 and env["data"]["metrics"]["loss"] == "NaN"
@@ -23,19 +29,24 @@ def test_batch_frame_decodes_every_envelope():
     assert [e["seq"] for e in envs] == list(range(5))
 
 
-@pytest.mark.parametrize("frame, reason", [
-    (b"\xff\xfe", "not JSON"),
-    (b"[1,2", "not JSON"),
-    (b'{"v":2,"kind":"step","run":"r","seq":0,"ts":0,"data":{}}', "unsupported protocol version"),
-    (b'{"v":1,"kind":"evil","run":"r","seq":0,"ts":0,"data":{}}', "unknown kind"),
-    (b'{"v":1,"kind":"step","run":"r","seq":0,"ts":0,"data":{"step":-1,"metrics":{}}}', "valid step"),
-    (b'{"v":1,"kind":"step","run":"r","seq":0,"ts":0,"data":{"step":1,"metrics":{"a":"x"}}}', "not a number"),
-    (b'{"v":1,"kind":"step","run":"r","seq":0,"ts":NaN,"data":{}}', "bare NaN"),
-    (b'{"v":1,"kind":"step","run":"","seq":0,"ts":0,"data":{}}', "bad run id"),
-    (b'{"v":1,"kind":"step","run":"r","seq":true,"ts":0,"data":{}}', "bad seq"),
-    (b'{"v":1,"kind":"system","run":"r","seq":0,"ts":0,"data":' + b'{"a":' * 20 + b'1' + b'}' * 20 + b'}',
-     "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "frame, reason",
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"[1,2", "not JSON"),
+        (b'{"v":2,"kind":"step","run":"r","seq":0,"ts":0,"data":{}}', "unsupported protocol version"),
+        (b'{"v":1,"kind":"evil","run":"r","seq":0,"ts":0,"data":{}}', "unknown kind"),
+        (b'{"v":1,"kind":"step","run":"r","seq":0,"ts":0,"data":{"step":-1,"metrics":{}}}', "valid step"),
+        (b'{"v":1,"kind":"step","run":"r","seq":0,"ts":0,"data":{"step":1,"metrics":{"a":"x"}}}', "not a number"),
+        (b'{"v":1,"kind":"step","run":"r","seq":0,"ts":NaN,"data":{}}', "bare NaN"),
+        (b'{"v":1,"kind":"step","run":"","seq":0,"ts":0,"data":{}}', "bad run id"),
+        (b'{"v":1,"kind":"step","run":"r","seq":true,"ts":0,"data":{}}', "bad seq"),
+        (
+            b'{"v":1,"kind":"system","run":"r","seq":0,"ts":0,"data":' + b'{"a":' * 20 + b"1" + b"}" * 20 + b"}",
+            "nested too deeply",
+        ),
+    ],
+)
 def test_invalid_frames_are_rejected_with_a_reason(frame, reason):
     with pytest.raises(ProtocolError, match=reason):
         decode_frame(frame)
@@ -57,15 +68,16 @@ def test_a_step_encoded_once_is_byte_identical_to_the_plain_encoding():
     metrics = protocol.Clean(protocol.clean_metrics({"kl": 0.1, "loss": float("nan"), "reward": None}))
     metrics.encoded = protocol.dumps(metrics)
     fast = protocol.encode_step("run-x", 5, 1764139000.123456, 7, metrics, 1764139000.5, 2)
-    plain = encode("step", "run-x", 5, 1764139000.123456, {"step": 7, "metrics": dict(metrics),
-                                                            "wall": 1764139000.5}, 2)
+    plain = encode(
+        "step", "run-x", 5, 1764139000.123456, {"step": 7, "metrics": dict(metrics), "wall": 1764139000.5}, 2
+    )
     assert fast == plain and decode_frame(fast)[0]["data"]["metrics"]["loss"] == "NaN"
 
 
 def test_block_round_trip_dense_and_sparse_columns_and_other_messages():
     steps = [(0, 1, 10.0, {"kl": 0.1, "loss": "NaN"}), (2, 2, 11.0, {"kl": None}), (3, 3, 12.0, {"kl": 0.3})]
     other = [encode("system", "r", 1, 10.5, {"rss_mb": 1.0})]
-    (env,) = decode_frame(protocol.encode_block("r", 0, 0, 4, 13.0, steps, other))   # seq 4: thinned away
+    (env,) = decode_frame(protocol.encode_block("r", 0, 0, 4, 13.0, steps, other))  # seq 4: thinned away
     data = env["data"]
     assert env["kind"] == "block" and data["last"] == 4 and list(data["seq"]) == [0, 2, 3]
     index, values = data["cols"]["kl"]
@@ -75,16 +87,25 @@ def test_block_round_trip_dense_and_sparse_columns_and_other_messages():
     assert [e["kind"] for e in data["other"]] == ["system"]
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"last": 5000}, "bad block range"),
-    ({"seq": [1, 1]}, "bad block seq/step"),
-    ({"step": [1, -2]}, "bad block seq/step"),
-    ({"cols": {"kl": [1.0]}}, "bad block column"),
-    ({"cols": {"kl": {"i": [0, 7], "x": [1.0, 2.0]}}}, "bad block column"),
-    ({"cols": {"kl": [True, 1.0]}}, "not a number"),
-    ({"other": [{"v": 1, "kind": "step", "run": "other-run", "seq": 1, "ts": 0, "data": {"step": 1, "metrics": {}}}]},
-     "inside a block"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"last": 5000}, "bad block range"),
+        ({"seq": [1, 1]}, "bad block seq/step"),
+        ({"step": [1, -2]}, "bad block seq/step"),
+        ({"cols": {"kl": [1.0]}}, "bad block column"),
+        ({"cols": {"kl": {"i": [0, 7], "x": [1.0, 2.0]}}}, "bad block column"),
+        ({"cols": {"kl": [True, 1.0]}}, "not a number"),
+        (
+            {
+                "other": [
+                    {"v": 1, "kind": "step", "run": "other-run", "seq": 1, "ts": 0, "data": {"step": 1, "metrics": {}}}
+                ]
+            },
+            "inside a block",
+        ),
+    ],
+)
 def test_bad_blocks_are_rejected(change, reason):
     data = {"last": 3, "seq": [0, 1], "step": [1, 2], "ts": [0.0, 0.0], "cols": {"kl": [0.1, 0.2]}, "other": []}
     data.update(change)

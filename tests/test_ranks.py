@@ -1,5 +1,6 @@
 """Many ranks, one address: under torchrun (gloo, CPU) every rank's system sample reaches the monitor through
 the main process's port; metrics come from rank 0 only; only rank 0 writes the JSONL log."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,10 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import free_port, wait_for
-from rlhf_tui.bridge.publisher import forward_address
-from rlhf_tui.bridge.subscriber import Subscriber
+
+from rlhf_tui.bridge.monitor.subscriber import Subscriber
+from rlhf_tui.bridge.training.publisher import forward_address
 
 WORKER = textwrap.dedent("""
     import os, sys, time
@@ -21,7 +22,7 @@ WORKER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     from transformers import TrainerState
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
     address, log_dir, steps, go_file = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     dist.init_process_group("gloo")
@@ -62,14 +63,31 @@ def test_every_rank_reaches_the_monitor_through_one_address(tmp_path, nproc):
     go = tmp_path / "go"
     sub = Subscriber(address).start()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-         str(free_port()), str(worker), address, str(tmp_path / "logs"), str(steps), str(go)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            str(worker),
+            address,
+            str(tmp_path / "logs"),
+            str(steps),
+            str(go),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
     try:
+
         def all_in():
             run = sub.store.current_run
             return run is not None and run.rows == steps and set(run.system) == set(range(nproc))
+
         wait_for(all_in, timeout=120, interval=0.05, message=f"steps from rank 0 and samples from {nproc} ranks")
         go.touch()
         output = proc.communicate(timeout=60)[0]
@@ -81,7 +99,7 @@ def test_every_rank_reaches_the_monitor_through_one_address(tmp_path, nproc):
     run = sub.store.current_run
     assert run.run_id == "ranks-run" and run.meta["world_size"] == nproc
     np.testing.assert_array_equal(run.steps, np.arange(1, steps + 1))
-    assert (run.values("loss") == 0.0).all()                           # rank 0's metrics only
+    assert (run.values("loss") == 0.0).all()  # rank 0's metrics only
     assert (run.values("grad_norm") == sum(range(nproc))).all()
     for rank in range(nproc):
         sample = run.system[rank]
@@ -89,7 +107,7 @@ def test_every_rank_reaches_the_monitor_through_one_address(tmp_path, nproc):
         assert sample["local_rank"] == rank
     assert sub.store.transport["gaps"] == 0 and sub.store.transport["rejected"] == 0
     logs = sorted(p.name for p in (tmp_path / "logs").glob("*.jsonl"))
-    assert logs == ["run-ranks-run.jsonl"]                             # one log, written by rank 0
+    assert logs == ["run-ranks-run.jsonl"]  # one log, written by rank 0
     events = [json.loads(line) for line in open(tmp_path / "logs" / logs[0])]
     assert [e["step"] for e in events if e["event"] == "step_end"] == list(range(1, steps + 1))
 
@@ -101,7 +119,7 @@ def test_forward_address_for_other_ranks(monkeypatch):
     assert forward_address("ipc:///tmp/run.sock") == "ipc:///tmp/run.sock"
     monkeypatch.setenv("MASTER_ADDR", "node0")
     monkeypatch.setenv("RANK", "9")
-    monkeypatch.setenv("LOCAL_RANK", "1")      # another node: forward to the main node
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another node: forward to the main node
     assert forward_address("tcp://0.0.0.0:5555") == "tcp://node0:5555"
-    monkeypatch.setenv("RANK", "1")            # same node as rank 0: loopback
+    monkeypatch.setenv("RANK", "1")  # same node as rank 0: loopback
     assert forward_address("tcp://0.0.0.0:5555") == "tcp://127.0.0.1:5555"

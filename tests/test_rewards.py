@@ -22,8 +22,9 @@ def rng():
 
 
 def test_seed_example_shape():
-    result = RewardModelIntegrator().monitor_reward_model([2.1, 2.3, 1.9, 2.0, 2.2], step=100,
-                                                          context={"batch_id": "batch_001"})
+    result = RewardModelIntegrator().monitor_reward_model(
+        [2.1, 2.3, 1.9, 2.0, 2.2], step=100, context={"batch_id": "batch_001"}
+    )
     rel = result["reliability_metrics"]
     assert set(rel) == {"stability", "consistency", "variance", "mean_reward"}
     assert rel["mean_reward"] == pytest.approx(2.1)
@@ -116,10 +117,7 @@ def test_empty_batch():
 
 def test_zero_spread_group_share():
     # 4 groups of 4 completions (GRPO num_generations=4): groups 0 and 2 have one reward for everything.
-    scores = [1.0, 1.0, 1.0, 1.0,
-              0.0, 1.0, 0.5, 1.0,
-              0.0, 0.0, 0.0, 0.0,
-              0.2, 0.3, 0.2, 0.2]
+    scores = [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.3, 0.2, 0.2]
     integrator = RewardModelIntegrator()
     result = integrator.monitor_reward_model(scores, step=1, context={"num_generations": 4})
     assert result["zero_spread_group_share"] == pytest.approx(0.5)

@@ -50,9 +50,16 @@ def bf16_values(x: np.ndarray) -> np.ndarray:
 def expected_stats(x: np.ndarray) -> dict:
     x = np.asarray(x, dtype=np.float64).ravel()
     f = x[np.isfinite(x)]
-    return {"mean": f.mean(), "std": f.std(), "min": f.min(), "max": f.max(), "norm": np.sqrt(np.dot(f, f)),
-            "nan_count": int(np.isnan(x).sum()), "inf_count": int(np.isinf(x).sum()),
-            "zero_fraction": float(np.mean(x == 0))}
+    return {
+        "mean": f.mean(),
+        "std": f.std(),
+        "min": f.min(),
+        "max": f.max(),
+        "norm": np.sqrt(np.dot(f, f)),
+        "nan_count": int(np.isnan(x).sum()),
+        "inf_count": int(np.isinf(x).sum()),
+        "zero_fraction": float(np.mean(x == 0)),
+    }
 
 
 def assert_stats_match(got: dict, want: dict, rtol: float = 1e-6) -> None:
@@ -71,6 +78,7 @@ def rng():
 
 
 # ------------------------------------------------------------------------------------------------ headers
+
 
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="missing file"):
@@ -103,8 +111,10 @@ def test_bad_json(tmp_path):
 
 def test_duplicate_tensor_names_rejected(tmp_path):
     p = tmp_path / "dup.safetensors"
-    body = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, ' \
-           b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    body = (
+        b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+        b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    )
     p.write_bytes(struct.pack("<Q", len(body)) + body + b"\x00" * 4)
     with pytest.raises(CheckpointError, match="bad JSON"):
         read_safetensors_header(str(p))
@@ -125,8 +135,10 @@ def test_offsets_inconsistent_with_shape(tmp_path):
 
 
 def test_overlapping_tensors(tmp_path):
-    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
     p = write_safetensors(tmp_path / "ov.safetensors", {"w": ("F32", (3,), b"\x00" * 12)}, header_override=header)
     with pytest.raises(CheckpointError, match="overlap"):
         read_safetensors_header(str(p))
@@ -141,10 +153,13 @@ def test_truncated_data(tmp_path, rng):
 
 
 def test_unsupported_f8_e8m0_is_listed_not_fatal(tmp_path, rng):
-    p = write_safetensors(tmp_path / "q.safetensors", {
-        "scales": ("F8_E8M0", (8,), bytes(range(120, 128))),
-        "w": ("F32", (4,), rng.random(4, np.float32).tobytes()),
-    })
+    p = write_safetensors(
+        tmp_path / "q.safetensors",
+        {
+            "scales": ("F8_E8M0", (8,), bytes(range(120, 128))),
+            "w": ("F32", (4,), rng.random(4, np.float32).tobytes()),
+        },
+    )
     ckpt = open_checkpoint(str(p))
     refs = ckpt.by_name
     assert not refs["scales"].supported and refs["w"].supported
@@ -153,6 +168,7 @@ def test_unsupported_f8_e8m0_is_listed_not_fatal(tmp_path, rng):
 
 
 # ------------------------------------------------------------------------------------------------ stats
+
 
 @pytest.mark.parametrize("dtype", ["F32", "F64", "F16", "I64", "I8", "U8", "BOOL"])
 def test_stats_match_numpy(tmp_path, rng, dtype):
@@ -210,10 +226,13 @@ def test_large_mean_small_spread_keeps_precision(tmp_path, rng):
 
 
 def test_constant_and_empty_tensors(tmp_path):
-    p = write_safetensors(tmp_path / "c.safetensors", {
-        "ones": ("F32", (200_000,), np.ones(200_000, "<f4").tobytes()),
-        "empty": ("F32", (0, 4), b""),
-    })
+    p = write_safetensors(
+        tmp_path / "c.safetensors",
+        {
+            "ones": ("F32", (200_000,), np.ones(200_000, "<f4").tobytes()),
+            "empty": ("F32", (0, 4), b""),
+        },
+    )
     refs = open_checkpoint(str(p)).by_name
     ones = tensor_stats(refs["ones"])
     assert ones["std"] == 0.0 and ones["min"] == ones["max"] == 1.0 and ones["mean"] == 1.0
@@ -226,8 +245,7 @@ def test_drift_sums(tmp_path, rng):
     b = (a + rng.standard_normal(200_000).astype(np.float32) * 0.1).astype(np.float32)
     pa = write_safetensors(tmp_path / "a.safetensors", {"t": ("F32", (200_000,), a.tobytes())})
     pb = write_safetensors(tmp_path / "b.safetensors", {"t": ("BF16", (200_000,), bf16_bytes(b))})
-    diff_sq, ref_sq = tensor_drift(open_checkpoint(str(pa)).tensors[0], open_checkpoint(str(pb)).tensors[0],
-                                   block=4096)
+    diff_sq, ref_sq = tensor_drift(open_checkpoint(str(pa)).tensors[0], open_checkpoint(str(pb)).tensors[0], block=4096)
     b64 = bf16_values(b)
     assert ref_sq == pytest.approx(np.dot(b64, b64), rel=1e-9)
     d = a.astype(np.float64) - b64
@@ -235,6 +253,7 @@ def test_drift_sums(tmp_path, rng):
 
 
 # ------------------------------------------------------------------------------------------------ torch
+
 
 def test_weights_only_refuses_code(tmp_path):
     torch = pytest.importorskip("torch")
@@ -264,8 +283,10 @@ def test_weights_only_refuses_code(tmp_path):
 
 
 def test_import_does_not_pull_torch():
-    code = ("import sys; import rlhf_tui.analysis.safetensors_io, rlhf_tui.analysis.checkpoint, "
-            "rlhf_tui.analysis.rewards; print('torch' in sys.modules)")
+    code = (
+        "import sys; import rlhf_tui.analysis.safetensors_io, rlhf_tui.analysis.checkpoint, "
+        "rlhf_tui.analysis.rewards; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

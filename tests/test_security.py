@@ -1,5 +1,6 @@
 """CURVE for remote attach: keygen, authorised monitors get data, others get nothing and training goes on;
 non-loopback binds need CURVE or insecure=True; without CURVE in libzmq both sides fail closed."""
+
 from __future__ import annotations
 
 import os
@@ -9,13 +10,13 @@ import warnings
 
 import pytest
 import zmq
-
 from conftest import free_address, wait_for
-from rlhf_tui.bridge import publisher as publisher_module
-from rlhf_tui.bridge import security
-from rlhf_tui.bridge.callback import RLHFMonitorCallback
-from rlhf_tui.bridge.security import ClientCurve, SecurityError, ServerCurve, client_from_options, keygen
-from rlhf_tui.bridge.subscriber import Subscriber
+
+from rlhf_tui.bridge.monitor.subscriber import Subscriber
+from rlhf_tui.bridge.training import publisher as publisher_module
+from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+from rlhf_tui.bridge.wire import security
+from rlhf_tui.bridge.wire.security import ClientCurve, SecurityError, ServerCurve, client_from_options, keygen
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
 
@@ -52,13 +53,20 @@ def test_authorised_monitor_receives_and_others_get_nothing(tmp_path):
     _steps(cb, 1, 20)
     assert cb.publisher.bound
     good = Subscriber(address, curve=ClientCurve.from_keys_dir(keys)).start()
-    plain = Subscriber(address).start()                                            # no key at all
-    unknown = Subscriber(address, curve=ClientCurve(security.load_public(keys / "server.key"),
-                                                    *security.load_pair(stranger / "client.key_secret"))).start()
+    plain = Subscriber(address).start()  # no key at all
+    unknown = Subscriber(
+        address,
+        curve=ClientCurve(
+            security.load_public(keys / "server.key"), *security.load_pair(stranger / "client.key_secret")
+        ),
+    ).start()
     wrong_server = Subscriber(address, curve=ClientCurve.from_keys_dir(stranger)).start()  # thinks it's elsewhere
     try:
-        wait_for(lambda: good.store.current_run is not None and good.store.current_run.rows == 20, timeout=10,
-                 message="authorised monitor gets the history")
+        wait_for(
+            lambda: good.store.current_run is not None and good.store.current_run.rows == 20,
+            timeout=10,
+            message="authorised monitor gets the history",
+        )
         _steps(cb, 21, 40)  # training goes on undisturbed while the others knock
         wait_for(lambda: good.store.current_run.rows == 40, message="live steps over CURVE")
         time.sleep(1.0)  # give the refused ones time to (not) receive anything
@@ -88,8 +96,11 @@ def test_a_key_added_to_the_authorised_folder_mid_run_is_accepted(tmp_path):
         time.sleep(0.5)
         assert sub.store.current_run is None
         shutil.copy(laptop / "client.key", keys / "authorized" / "laptop.key")
-        wait_for(lambda: sub.store.current_run is not None and sub.store.current_run.rows == 5, timeout=15,
-                 message="accepted after the key was authorised")
+        wait_for(
+            lambda: sub.store.current_run is not None and sub.store.current_run.rows == 5,
+            timeout=15,
+            message="accepted after the key was authorised",
+        )
     finally:
         sub.stop()
         cb.close()
@@ -102,8 +113,9 @@ def test_ephemeral_server_key_per_run(tmp_path):
     curve = ServerCurve.ephemeral(keys / "authorized", public_key_path=tmp_path / "run.server.key")
     cb = _cb(address, tmp_path, curve=curve)
     _steps(cb, 1, 3)
-    sub = Subscriber(address, curve=ClientCurve.from_files(tmp_path / "run.server.key",
-                                                           keys / "client.key_secret")).start()
+    sub = Subscriber(
+        address, curve=ClientCurve.from_files(tmp_path / "run.server.key", keys / "client.key_secret")
+    ).start()
     try:
         wait_for(lambda: sub.store.current_run is not None and sub.store.current_run.rows == 3)
     finally:
@@ -158,8 +170,10 @@ def test_cli_options_to_a_client_config(tmp_path):
     keygen(keys)
     assert client_from_options() is None
     assert isinstance(client_from_options(keys_dir=str(keys)), ClientCurve)
-    assert isinstance(client_from_options(server_key=str(keys / "server.key"),
-                                          client_key=str(keys / "client.key_secret")), ClientCurve)
+    assert isinstance(
+        client_from_options(server_key=str(keys / "server.key"), client_key=str(keys / "client.key_secret")),
+        ClientCurve,
+    )
     with pytest.raises(SecurityError, match="go together"):
         client_from_options(server_key=str(keys / "server.key"))
     with pytest.raises(SecurityError, match="either"):
@@ -171,7 +185,7 @@ def test_cli_options_to_a_client_config(tmp_path):
 
 
 def test_other_ranks_forward_over_curve_with_the_runs_own_key(tmp_path):
-    from rlhf_tui.bridge.publisher import Forwarder
+    from rlhf_tui.bridge.training.publisher import Forwarder
 
     keys = tmp_path / "keys"
     keygen(keys)
@@ -179,14 +193,21 @@ def test_other_ranks_forward_over_curve_with_the_runs_own_key(tmp_path):
     cb = _cb(address, tmp_path, keys_dir=str(keys))
     _steps(cb, 1, 2)
     sub = Subscriber(address, curve=ClientCurve.from_keys_dir(keys)).start()
-    fwd = Forwarder(address, "rank-run", lambda item: [("system", {"rss_mb": 12.5, "gpus": []}, 1)], rank=1,
-                    curve=ServerCurve.from_keys_dir(keys))
+    fwd = Forwarder(
+        address,
+        "rank-run",
+        lambda item: [("system", {"rss_mb": 12.5, "gpus": []}, 1)],
+        rank=1,
+        curve=ServerCurve.from_keys_dir(keys),
+    )
     fwd.start()
     try:
+
         def arrived():
             fwd.put(("log",))
             run = sub.store.current_run
             return run is not None and 1 in run.system
+
         wait_for(arrived, timeout=10, interval=0.2, message="rank 1 sample over CURVE")
         assert sub.store.current_run.system[1]["rss_mb"] == 12.5
     finally:

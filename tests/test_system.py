@@ -1,7 +1,8 @@
 """System samples: the NVML and torch.cuda paths with fakes, and a clean "no GPU" on this machine."""
+
 from types import SimpleNamespace
 
-from rlhf_tui.bridge.system import MB, SystemSampler, memory_metrics
+from rlhf_tui.bridge.training.system import MB, SystemSampler, memory_metrics
 
 
 class FakeNVML:
@@ -72,8 +73,9 @@ def test_nvml_and_torch_cuda_per_device():
 
 
 def test_torch_only_without_nvml():
-    sample = SystemSampler(nvml=None, torch_module=SimpleNamespace(cuda=FakeCuda([4096 * MB])),
-                           process=FakeProcess()).sample()
+    sample = SystemSampler(
+        nvml=None, torch_module=SimpleNamespace(cuda=FakeCuda([4096 * MB])), process=FakeProcess()
+    ).sample()
     (gpu,) = sample["gpus"]
     assert gpu["total_mb"] == 80000 and gpu["name"] == "Fake H100" and gpu["used_frac"] == round(8192 / 80000, 4)
 

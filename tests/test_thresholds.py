@@ -1,4 +1,5 @@
 """Detector settings as data: defaults, dict/TOML round trips, clear one-line errors, the editor's field table."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,20 +21,23 @@ def test_dict_round_trip_and_replace():
     th = Thresholds(anomaly_threshold=4.0, muted=["zscore"])
     assert Thresholds.from_dict(th.to_dict()) == th
     assert th.replace(grace_steps=3).grace_steps == 3 and th.grace_steps == Thresholds().grace_steps
-    assert Thresholds.from_dict({"kl_runaway_factor": 20}).kl_runaway_factor == 20.0   # int for float is fine
+    assert Thresholds.from_dict({"kl_runaway_factor": 20}).kl_runaway_factor == 20.0  # int for float is fine
     assert Thresholds.from_dict({}) == Thresholds()
 
 
-@pytest.mark.parametrize("data,needle", [
-    ({"anomaly_treshold": 3.0}, "unknown threshold setting 'anomaly_treshold'"),
-    ({"anomaly_threshold": "high"}, "'anomaly_threshold' must be float"),
-    ({"grace_steps": 2.5}, "'grace_steps' must be int"),
-    ({"grace_steps": True}, "'grace_steps' must be int"),
-    ({"muted": "zscore"}, "'muted' must be a list"),
-    ({"anomaly_threshold": float("nan")}, "finite"),
-    ({"entropy_collapse_frac": 1.5}, "'entropy_collapse_frac' must be <= 1.0"),
-    ({"block_steps": 1}, "'block_steps' must be >= 2"),
-])
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"anomaly_treshold": 3.0}, "unknown threshold setting 'anomaly_treshold'"),
+        ({"anomaly_threshold": "high"}, "'anomaly_threshold' must be float"),
+        ({"grace_steps": 2.5}, "'grace_steps' must be int"),
+        ({"grace_steps": True}, "'grace_steps' must be int"),
+        ({"muted": "zscore"}, "'muted' must be a list"),
+        ({"anomaly_threshold": float("nan")}, "finite"),
+        ({"entropy_collapse_frac": 1.5}, "'entropy_collapse_frac' must be <= 1.0"),
+        ({"block_steps": 1}, "'block_steps' must be >= 2"),
+    ],
+)
 def test_bad_values_give_one_clear_line(data, needle):
     with pytest.raises(ValueError) as err:
         Thresholds.from_dict(data)

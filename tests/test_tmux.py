@@ -1,5 +1,6 @@
 """The real `rlhf-tui` console script in a real terminal (tmux, 120x40) on a recorded run: read the screen,
 press keys, quit; and kill the terminal under it (what an SSH drop does) and check the process is gone."""
+
 import json
 import os
 import shutil
@@ -10,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import TRACES, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
@@ -21,7 +21,7 @@ RUN_ID = "tmux-recorded-run"
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory) -> str:
     """A JSONL log written by the callback from a real GRPO trace, plus a checkpoint and a reward batch."""
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
     trace = TRACES / "grpo_p01" / "trainer_state.json"
     if not trace.is_file():
@@ -32,8 +32,11 @@ def recorded_run(tmp_path_factory) -> str:
     for entry in history:
         cb.log_step(entry["step"], {k: v for k, v in entry.items() if k != "step"})
     last = history[-1]["step"]
-    cb.log_rewards(last, [0.1, 0.8, -0.2, 0.5], [{"label": "best", "score": 0.8, "prompt": "Say something",
-                                                  "completion": "a lovely \x1b[31mday"}])
+    cb.log_rewards(
+        last,
+        [0.1, 0.8, -0.2, 0.5],
+        [{"label": "best", "score": 0.8, "prompt": "Say something", "completion": "a lovely \x1b[31mday"}],
+    )
     cb.log_checkpoint(last, str(log_dir / f"checkpoint-{last}"))
     cb.close()
     return cb.log_path
@@ -46,8 +49,9 @@ class Tmux:
         self.tmp = tmp_path
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=20,
-                              check=check)
+        return subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=20, check=check
+        )
 
     def start(self, command: str) -> None:
         self.run("new-session", "-d", "-s", self.session, "-x", "120", "-y", "40", command)
@@ -95,15 +99,23 @@ def _gone(pid: int) -> bool:
 
 def test_real_app_in_tmux_shows_the_recorded_run_snapshots_and_quits(tmux, tmp_path, recorded_run):
     tmux.start(_command(tmp_path, recorded_run))
-    screen = wait_for(lambda: (lambda s: s if RUN_ID in s and "entropy" in s and "Rewards" in s else "")(tmux.screen()),
-                      timeout=30, interval=0.2, message="the monitor's first screen")
+    screen = wait_for(
+        lambda: (lambda s: s if RUN_ID in s and "entropy" in s and "Rewards" in s else "")(tmux.screen()),
+        timeout=30,
+        interval=0.2,
+        message="the monitor's first screen",
+    )
     for title in ("Anomalies", "GPU / system", "Checkpoints", "Rewards", "recorded", "reward", "entropy"):
         assert title in screen, (title, screen)
     assert any(ch in screen for ch in "▁▂▃▄▅▆▇█")
     assert "\x1b" not in screen and "a lovely day" in screen
     tmux.keys("s")
-    snap = wait_for(lambda: next(iter(tmp_path.glob(f"rlhf-tui-snapshot-{RUN_ID}-*.txt")), None), timeout=10,
-                    interval=0.1, message="snapshot file in the working directory")
+    snap = wait_for(
+        lambda: next(iter(tmp_path.glob(f"rlhf-tui-snapshot-{RUN_ID}-*.txt")), None),
+        timeout=10,
+        interval=0.1,
+        message="snapshot file in the working directory",
+    )
     text = snap.read_text()
     assert "Metrics" in text and "Transport" in text and RUN_ID in text
     wait_for(lambda: "snapshot written to" in tmux.screen(), timeout=10, interval=0.1, message="where it went")
@@ -125,8 +137,9 @@ def test_app_exits_when_its_terminal_goes_away(tmux, tmp_path, recorded_run):
 def test_terminal_gone_with_ssh_forward_closes_the_forward_too(tmux, tmp_path):
     """`--ssh` through a stand-in ssh that ignores SIGHUP: only the monitor's hangup handler can stop it."""
     from conftest import free_port
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
     from test_tui_ssh import install_fake_ssh
+
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
     bindir = tmp_path / "bin"
     install_fake_ssh(bindir)
@@ -138,8 +151,7 @@ def test_terminal_gone_with_ssh_forward_closes_the_forward_too(tmux, tmp_path):
     try:
         env = f"PATH={bindir}:{os.environ['PATH']} FAKE_SSH_LOG={log} FAKE_SSH_IGNORE_HUP=1"
         tmux.start(_command(tmp_path, "--ssh", "me@gpu-host", address, env=env))
-        wait_for(lambda: "ssh-run" in tmux.screen(), timeout=30, interval=0.2,
-                 message="the run through the forward")
+        wait_for(lambda: "ssh-run" in tmux.screen(), timeout=30, interval=0.2, message="the run through the forward")
         ssh_pid = json.loads(log.read_text().splitlines()[0])["pid"]
         app_pid = tmux.pane_pid()
         tmux.run("kill-session", "-t", tmux.session)
@@ -151,8 +163,9 @@ def test_terminal_gone_with_ssh_forward_closes_the_forward_too(tmux, tmp_path):
 
 def test_quit_closes_the_ssh_forward(tmux, tmp_path):
     from conftest import free_port
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
     from test_tui_ssh import install_fake_ssh
+
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
     bindir = tmp_path / "bin"
     install_fake_ssh(bindir)
@@ -164,8 +177,12 @@ def test_quit_closes_the_ssh_forward(tmux, tmp_path):
         env = f"PATH={bindir}:{os.environ['PATH']} FAKE_SSH_LOG={log} FAKE_SSH_IGNORE_HUP=1"
         tmux.start(_command(tmp_path, "--ssh", "me@gpu-host", address, env=env))
         # the header says where the run comes from
-        wait_for(lambda: "ssh-run-q" in tmux.screen() and "via me@gpu-host" in tmux.screen(), timeout=30,
-                 interval=0.2, message="the run, via the forward")
+        wait_for(
+            lambda: "ssh-run-q" in tmux.screen() and "via me@gpu-host" in tmux.screen(),
+            timeout=30,
+            interval=0.2,
+            message="the run, via the forward",
+        )
         ssh_pid = json.loads(log.read_text().splitlines()[0])["pid"]
         tmux.keys("q")
         wait_for(lambda: not tmux.alive(), timeout=10, interval=0.1, message="the app to exit")

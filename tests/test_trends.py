@@ -1,12 +1,13 @@
 """Unit-free trends, summaries, epoch statistics, derived ratios and the seed's baseline rule."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+from seed_baseline import seed_detect, seed_zscores
 
-from rlhf_tui.analysis.seed_baseline import seed_detect, seed_zscores
 from rlhf_tui.analysis.trends import derived_ratios, epoch_statistics, summarise, trend
 
 
@@ -32,8 +33,14 @@ def test_trend_is_unit_free_and_ignores_missing_values():
 
 def test_summarise():
     s = summarise([1.0, None, 3.0, float("nan"), 2.0])
-    assert s == {"last": 2.0, "mean": 2.0, "std": pytest.approx(math.sqrt(2 / 3)), "min": 1.0, "max": 3.0,
-                 "trend": "stable"}
+    assert s == {
+        "last": 2.0,
+        "mean": 2.0,
+        "std": pytest.approx(math.sqrt(2 / 3)),
+        "min": 1.0,
+        "max": 3.0,
+        "trend": "stable",
+    }
     assert summarise([]) == {"last": None, "mean": None, "std": None, "min": None, "max": None, "trend": "stable"}
     assert summarise(np.arange(50.0))["trend"] == "increasing"
 
@@ -54,7 +61,9 @@ def test_epoch_statistics():
 
 def test_derived_ratios_guarded():
     assert derived_ratios({"kl": 0.2, "policy_loss": -0.1, "value_loss": 0.5}) == {
-        "kl_policy_ratio": pytest.approx(2.0), "value_policy_ratio": pytest.approx(5.0)}
+        "kl_policy_ratio": pytest.approx(2.0),
+        "value_policy_ratio": pytest.approx(5.0),
+    }
     assert derived_ratios({"kl": 0.2, "policy_loss": 0.0}) == {"kl_policy_ratio": None}
     assert derived_ratios({"kl": None, "policy_loss": 0.1, "value_loss": float("nan")}) == {"value_policy_ratio": None}
     assert derived_ratios({"kl": 0.2}) == {}
@@ -65,8 +74,8 @@ def test_derived_ratios_guarded():
 def test_seed_rule_includes_the_point_and_needs_ten_values():
     x = np.r_[np.arange(9) * 1e-3, 100.0]
     z = seed_zscores(x)
-    assert np.isnan(z[:9]).all()                            # fewer than 10 values
-    assert z[9] <= 3.0 + 1e-9                               # the 10th: in its own window, |z| <= sqrt(n - 1)
+    assert np.isnan(z[:9]).all()  # fewer than 10 values
+    assert z[9] <= 3.0 + 1e-9  # the 10th: in its own window, |z| <= sqrt(n - 1)
     assert seed_detect(np.arange(1, 11), {"reward": x}) == []
     n = 30
     y = np.r_[np.random.default_rng(2).standard_normal(n), 1e6]

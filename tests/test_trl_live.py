@@ -1,11 +1,11 @@
 """A real tiny TRL GRPO run with the callback, watched by a subscriber on a free loopback port."""
+
 import json
 import os
 import threading
 
 import numpy as np
 import pytest
-
 from conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -17,8 +17,8 @@ def grpo_run(tiny_model, tmp_path, address):
     """Train in a thread; a gate holds training at step 8 until the test has attached its monitor."""
     from transformers import TrainerCallback
 
-    from rlhf_tui.bridge.callback import RLHFMonitorCallback
-    from rlhf_tui.bridge.demo_train import make_grpo_trainer
+    from rlhf_tui.bridge.demo.train import make_grpo_trainer
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
     gate = threading.Event()
 
@@ -49,9 +49,10 @@ def grpo_run(tiny_model, tmp_path, address):
 
 
 def test_grpo_run_streams_every_step_to_a_monitor_that_joined_mid_run(grpo_run, address):
-    from rlhf_tui.bridge.subscriber import Subscriber
+    from rlhf_tui.bridge.monitor.subscriber import Subscriber
 
     cb, gate, thread, errors = grpo_run
+
     def logged_steps():
         if cb.log_path is None or not os.path.exists(cb.log_path):
             return 0
@@ -61,16 +62,28 @@ def test_grpo_run_streams_every_step_to_a_monitor_that_joined_mid_run(grpo_run, 
     wait_for(lambda: logged_steps() >= 8, timeout=120, message="8 steps logged")
     sub = Subscriber(address).start()  # joins while training is held at step 8
     try:
-        wait_for(lambda: sub.store.current_run is not None and sub.store.current_run.rows >= 8, timeout=20,
-                 message="history of the first 8 steps")
+        wait_for(
+            lambda: sub.store.current_run is not None and sub.store.current_run.rows >= 8,
+            timeout=20,
+            message="history of the first 8 steps",
+        )
         gate.set()
         thread.join(120)
         assert not errors, errors
         wait_for(lambda: sub.store.current_run.ended is not None, timeout=20, message="run end")
         run = sub.store.current_run
         np.testing.assert_array_equal(run.steps, np.arange(1, STEPS + 1))
-        for name in ("kl", "entropy", "reward", "reward_std", "loss", "grad_norm", "learning_rate", "clip_ratio",
-                     "completion_length"):
+        for name in (
+            "kl",
+            "entropy",
+            "reward",
+            "reward_std",
+            "loss",
+            "grad_norm",
+            "learning_rate",
+            "clip_ratio",
+            "completion_length",
+        ):
             assert np.isfinite(run.values(name)).all(), name
         assert run.meta["trainer"] == "GRPOTrainer" and run.meta["args"]["num_generations"] == 4
         assert run.meta["model"].endswith("tiny-gpt2")

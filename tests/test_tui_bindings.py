@@ -1,17 +1,19 @@
 """Every key binding under Pilot: panes, filter, chart, pause, snapshots, help, thresholds (+/-, editor, mute)
 with the history re-evaluated and the config file saved, and user remapping through the config file."""
+
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from conftest import pilot_wait_for
+from test_tui_data import RUN_ID, cell, make_store, settle, title
+
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.app import MonitorApp
 from rlhf_tui.tui.config import config_path
 from rlhf_tui.tui.widgets.chart import ChartScreen
 from rlhf_tui.tui.widgets.help import HelpScreen
 from rlhf_tui.tui.widgets.thresholds import ThresholdEditor
-from test_tui_data import RUN_ID, cell, make_store, settle, title
 
 TESTED = set()  # binding ids exercised below; the last test checks none is left out
 
@@ -45,8 +47,7 @@ async def test_quit_and_help():
 
 
 async def test_pane_keys_hide_and_show_each_pane_and_tab_moves_focus():
-    uses("toggle_metrics", "toggle_anomalies", "toggle_system", "toggle_checkpoints", "toggle_rewards",
-         "focus_next")
+    uses("toggle_metrics", "toggle_anomalies", "toggle_system", "toggle_checkpoints", "toggle_rewards", "focus_next")
     app = _app()
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
@@ -77,15 +78,25 @@ async def test_filter_by_regular_expression():
         assert app.focused is pane.table and pane.names == ["kl", "entropy"]
         await pilot.press("slash", "(")
         await pilot_wait_for(pilot, lambda: "bad regex" in title(pane), message="bad regex said")
-        assert len(pane.names) == 10   # an unfinished pattern shows everything
+        assert len(pane.names) == 10  # an unfinished pattern shows everything
         await pilot.press("escape")
         await pilot_wait_for(pilot, lambda: len(pane.names) == 10 and not pane.pattern, message="cleared")
         assert app.focused is pane.table
 
 
 async def test_enter_opens_a_chart_with_step_axis_zoom_and_pan_keys():
-    uses("open_chart", "chart_zoom_in", "chart_zoom_out", "chart_left", "chart_right", "chart_all",
-         "chart_follow", "chart_next_metric", "chart_prev_metric", "chart_close")
+    uses(
+        "open_chart",
+        "chart_zoom_in",
+        "chart_zoom_out",
+        "chart_left",
+        "chart_right",
+        "chart_all",
+        "chart_follow",
+        "chart_next_metric",
+        "chart_prev_metric",
+        "chart_close",
+    )
     app = _app()
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
@@ -134,10 +145,11 @@ async def test_pause_freezes_the_view_and_follow_resumes():
             store.current_run.add_step(201, {"kl": 5.0})
             store.touch()
         await pilot_wait_for(pilot, lambda: "newest step 201" in str(header.render()), message="header moves on")
-        assert cell(app.view.pane("metrics").table, "kl", 1) == "0.3094"   # the panes stay frozen
+        assert cell(app.view.pane("metrics").table, "kl", 1) == "0.3094"  # the panes stay frozen
         await pilot.press("p")
-        await pilot_wait_for(pilot, lambda: cell(app.view.pane("metrics").table, "kl", 1) == "5",
-                             message="following again")
+        await pilot_wait_for(
+            pilot, lambda: cell(app.view.pane("metrics").table, "kl", 1) == "5", message="following again"
+        )
         assert "PAUSED" not in str(header.render())
 
 
@@ -151,12 +163,24 @@ async def test_snapshot_writes_the_text_report_and_svg_screenshot(tmp_path):
         path = Path(app.last_snapshot)
         assert path.parent == tmp_path / "snaps" and path.name.startswith(f"rlhf-tui-snapshot-{RUN_ID}-step200-")
         text = path.read_text()
-        for section in ("Metrics", "Anomalies", "GPU / system", "Checkpoints", "Rewards", "Reward samples",
-                        "Transport", RUN_ID, "GRPOTrainer", "kl_spike", "checkpoint-200", "40.2 / 79.6 GB",
-                        "[red]forty-two[/red]"):
+        for section in (
+            "Metrics",
+            "Anomalies",
+            "GPU / system",
+            "Checkpoints",
+            "Rewards",
+            "Reward samples",
+            "Transport",
+            RUN_ID,
+            "GRPOTrainer",
+            "kl_spike",
+            "checkpoint-200",
+            "40.2 / 79.6 GB",
+            "[red]forty-two[/red]",
+        ):
             assert section in text, section
         assert re.search(r"● kl .*[▁▂▃▄▅▆▇█]{10}", text) and "\x1b" not in text
-        assert any(str(path) in n.message for n in app._notifications)   # says where
+        assert any(str(path) in n.message for n in app._notifications)  # says where
         await pilot.press("S")
         await pilot_wait_for(pilot, lambda: app.last_screenshot is not None, message="svg")
         svg = Path(app.last_screenshot).read_text()
@@ -172,15 +196,16 @@ async def test_plus_minus_change_the_z_threshold_reevaluate_the_history_and_save
         before = [a for a in view.anomalies if a["detector"] == "zscore"]
         await pilot.press("plus", "plus", "plus", "plus")
         await settle(pilot, app, detections=2)
-        await pilot_wait_for(pilot, lambda: app.thresholds.anomaly_threshold == 5.0 and not view.detecting,
-                             message="threshold 5")
+        await pilot_wait_for(
+            pilot, lambda: app.thresholds.anomaly_threshold == 5.0 and not view.detecting, message="threshold 5"
+        )
         await settle(pilot, app, detections=view.detect_count)
         after = [a for a in view.anomalies if a["detector"] == "zscore"]
-        assert len(after) < len(before)                                   # the feed changed
+        assert len(after) < len(before)  # the feed changed
         assert len(view.pane("anomalies").anomalies) == len(view.anomalies)
-        assert "z≥5" in str(view.query_one("#run-header").render())        # the new value on screen
+        assert "z≥5" in str(view.query_one("#run-header").render())  # the new value on screen
         assert "band z±5" in str(view.pane("metrics").table.ordered_columns[4].label)
-        assert _saved()["thresholds"] == {"anomaly_threshold": 5.0}       # saved to the XDG config file
+        assert _saved()["thresholds"] == {"anomaly_threshold": 5.0}  # saved to the XDG config file
         await pilot.press("minus")
         await pilot_wait_for(pilot, lambda: _saved()["thresholds"] == {"anomaly_threshold": 4.5}, message="saved")
     # survives a restart
@@ -188,15 +213,14 @@ async def test_plus_minus_change_the_z_threshold_reevaluate_the_history_and_save
     assert again.thresholds.anomaly_threshold == 4.5
 
 
-async def test_threshold_keys_reuse_the_runs_baselines_and_the_feed_keeps_the_newest_with_exact_counts(
-        monkeypatch):
+async def test_threshold_keys_reuse_the_runs_baselines_and_the_feed_keeps_the_newest_with_exact_counts(monkeypatch):
     import numpy as np
 
     from rlhf_tui.tui.widgets import runview
 
     monkeypatch.setattr(runview, "KEEP_LOW", 3)
     store = make_store(steps=600, kl_jump_at=10_000)
-    with store.lock:   # a heavy-tailed extra metric: many low z-score episodes
+    with store.lock:  # a heavy-tailed extra metric: many low z-score episodes
         run = store.current_run
         noise = np.random.default_rng(1).standard_cauchy(run.rows)
         for s, v in zip(run.steps.tolist(), noise.tolist()):
@@ -208,12 +232,12 @@ async def test_threshold_keys_reuse_the_runs_baselines_and_the_feed_keeps_the_ne
         cache, flags = view._detect_cache, view._detect_cache.specific
         lows = [a for a in view.anomalies if a["severity"] == "low"]
         assert view.anomaly_counts["low"] > 10 and len(lows) <= 3 + sum(a["ongoing"] for a in lows)
-        assert f"{view.anomaly_counts['low']} low" in title(view.pane("anomalies"))   # counts cover all
+        assert f"{view.anomaly_counts['low']} low" in title(view.pane("anomalies"))  # counts cover all
         newest = max(a["step"] for a in lows)
         await pilot.press("plus")
         await settle(pilot, app, detections=2)
-        assert view._detect_cache is cache and cache.reused_blocks == 60    # every block's baseline reused
-        assert cache.specific is flags                                      # +/-: domain flags reused
+        assert view._detect_cache is cache and cache.reused_blocks == 60  # every block's baseline reused
+        assert cache.specific is flags  # +/-: domain flags reused
         assert max(a["step"] for a in view.anomalies if a["severity"] == "low") <= newest
 
 
@@ -244,7 +268,7 @@ async def test_m_mutes_the_focused_detector_and_m_again_unmutes_it():
         await settle(pilot, app, detections=2)
         assert not any(a["detector"] == "kl_spike" for a in feed.anomalies)
         assert "muted: kl_spike" in title(feed) and _saved()["thresholds"]["muted"] == ["kl_spike"]
-        app.view.pane("metrics").table.focus()   # nothing focused in the feed: m undoes the last mute
+        app.view.pane("metrics").table.focus()  # nothing focused in the feed: m undoes the last mute
         await pilot.press("m")
         await pilot_wait_for(pilot, lambda: app.thresholds.muted == [], message="unmuted")
         await settle(pilot, app, detections=3)
@@ -252,8 +276,17 @@ async def test_m_mutes_the_focused_detector_and_m_again_unmutes_it():
 
 
 async def test_threshold_editor_changes_resets_types_and_mutes():
-    uses("thresholds", "editor_up", "editor_down", "editor_edit", "editor_reset", "editor_mute", "editor_close",
-         "value_apply", "value_cancel")
+    uses(
+        "thresholds",
+        "editor_up",
+        "editor_down",
+        "editor_edit",
+        "editor_reset",
+        "editor_mute",
+        "editor_close",
+        "value_apply",
+        "value_cancel",
+    )
     app = _app()
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app)
@@ -272,7 +305,7 @@ async def test_threshold_editor_changes_resets_types_and_mutes():
         await pilot.press("enter")
         await pilot.press("ctrl+a", "ctrl+k", "4", "2", "enter")
         await pilot_wait_for(pilot, lambda: app.thresholds.kl_spike_factor == 42.0, message="typed value")
-        await pilot.press("enter", "escape")                      # typing cancelled
+        await pilot.press("enter", "escape")  # typing cancelled
         assert app.thresholds.kl_spike_factor == 42.0 and app.focused is table
         table.move_cursor(row=table.get_row_index("detector:zscore"))
         await pilot.press("m")
@@ -296,7 +329,7 @@ async def test_keys_remapped_in_the_config_file_drive_dispatch_footer_and_help()
         footer_keys = {b.binding.id: key for key, b in app.active_bindings.items() if b.binding.id}
         assert footer_keys["quit"] == "x" and footer_keys["snapshot"] == "f5"
         await pilot.press("q")
-        assert app.is_running   # q no longer quits
+        assert app.is_running  # q no longer quits
         await pilot.press("question_mark")
         await pilot_wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), message="help")
         body = app.screen.plain_text()

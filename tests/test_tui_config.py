@@ -1,17 +1,27 @@
 """Keys as data and the user's config file (thresholds + keymap under $XDG_CONFIG_HOME)."""
+
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from rlhf_tui.analysis.thresholds import Thresholds
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.app import MonitorApp
-from rlhf_tui.tui.config import (Config, ConfigError, DETECTOR_SETTING, config_path, load_config, save_config,
-                                 setting_for, step_setting, toggle_mute)
+from rlhf_tui.tui.config import (
+    DETECTOR_SETTING,
+    Config,
+    ConfigError,
+    config_path,
+    load_config,
+    save_config,
+    setting_for,
+    step_setting,
+    toggle_mute,
+)
 
 
 def test_config_path_follows_xdg_config_home(tmp_path):
@@ -27,19 +37,22 @@ def test_missing_config_is_empty_and_save_load_round_trips(tmp_path):
     config.other = {"ui": {"theme": "nord"}}
     path = save_config(config)
     text = path.read_text()
-    assert "anomaly_threshold = 3.5" in text and "kl_spike_factor" not in text   # only what differs
+    assert "anomaly_threshold = 3.5" in text and "kl_spike_factor" not in text  # only what differs
     again = load_config()
     assert again.thresholds.anomaly_threshold == 3.5 and again.thresholds.muted == ["zscore"]
     assert again.keymap == {"quit": "ctrl+q"} and again.other == {"ui": {"theme": "nord"}}
     assert toggle_mute(again.thresholds, "zscore").muted == []
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("[thresholds\n", "not valid TOML"),
-    ("[thresholds]\nanomaly_threshold = 'high'\n", "anomaly_threshold"),
-    ("[thresholds]\nno_such_setting = 1\n", "no_such_setting"),
-    ("[keys]\nquit = 3\n", "[keys]"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("[thresholds\n", "not valid TOML"),
+        ("[thresholds]\nanomaly_threshold = 'high'\n", "anomaly_threshold"),
+        ("[thresholds]\nno_such_setting = 1\n", "no_such_setting"),
+        ("[keys]\nquit = 3\n", "[keys]"),
+    ],
+)
 def test_bad_config_is_one_clear_error(content, fragment):
     path = config_path()
     path.parent.mkdir(parents=True)
@@ -54,8 +67,9 @@ def test_a_bad_config_file_stops_the_monitor_with_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[thresholds]\nanomaly_threshold = -1\n")
     exe = os.path.join(os.path.dirname(sys.executable), "rlhf-tui")
-    result = subprocess.run([exe, "--config", str(bad), "tcp://127.0.0.1:5555"], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [exe, "--config", str(bad), "tcp://127.0.0.1:5555"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "anomaly_threshold" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
@@ -64,7 +78,7 @@ def test_step_setting_respects_bounds_and_types():
     th = Thresholds()
     assert step_setting(th, "grace_steps", 1).grace_steps == 15
     low = Thresholds(anomaly_threshold=0.5)
-    assert step_setting(low, "anomaly_threshold", -1).anomaly_threshold == 0.5   # clamped at its minimum
+    assert step_setting(low, "anomaly_threshold", -1).anomaly_threshold == 0.5  # clamped at its minimum
     assert step_setting(th, "entropy_collapse_high", 1).entropy_collapse_high <= 1.0
     assert setting_for(None) == "anomaly_threshold" and setting_for("kl_spike") == "kl_spike_factor"
 
@@ -102,7 +116,7 @@ def test_docs_monitor_lists_every_binding_id():
 def test_app_uses_the_config_file_and_thresholds_file_wins(tmp_path):
     path = config_path()
     path.parent.mkdir(parents=True)
-    path.write_text("[thresholds]\nanomaly_threshold = 4.0\n[keys]\nquit = \"x\"\n")
+    path.write_text('[thresholds]\nanomaly_threshold = 4.0\n[keys]\nquit = "x"\n')
     assert MonitorApp([], stores=[]).thresholds.anomaly_threshold == 4.0
     given = Thresholds(anomaly_threshold=6.0)
     assert MonitorApp([], stores=[], thresholds=given).thresholds is given

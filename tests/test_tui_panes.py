@@ -1,8 +1,9 @@
 """Each pane under Pilot with deterministic data: what it shows, what selecting a row does, the layout."""
-from rlhf_tui.tui.app import MonitorApp
-from test_tui_data import cell, make_store, settle, title
 
 from conftest import pilot_wait_for
+from test_tui_data import cell, make_store, settle, title
+
+from rlhf_tui.tui.app import MonitorApp
 
 
 def _text(widget) -> str:
@@ -17,14 +18,14 @@ async def test_metrics_pane_rows_values_band_trend_and_active_anomaly():
         assert pane.names[:5] == ["reward", "reward_std", "kl", "entropy", "loss"]  # canonical first
         assert pane.names[-2:] == ["completions/clipped_ratio", "rewards/length_reward/mean"]
         table = pane.table
-        assert cell(table, "kl", 0).startswith("● kl")          # a KL anomaly is in progress
+        assert cell(table, "kl", 0).startswith("● kl")  # a KL anomaly is in progress
         assert not cell(table, "entropy", 0).startswith("●")
         assert cell(table, "entropy", 3) == "↓" and cell(table, "reward", 3) == "↑"
         assert cell(table, "reward", 1) == "0.8373"
-        assert cell(table, "grad_norm", 2) == "0.9…9.09"           # min…max
+        assert cell(table, "grad_norm", 2) == "0.9…9.09"  # min…max
         lo, hi = (float(x) for x in cell(table, "entropy", 4).split("…"))  # the z-score band
         assert lo < 1.2 < hi
-        assert cell(table, "learning_rate", 4) == "—"              # schedules are not judged
+        assert cell(table, "learning_rate", 4) == "—"  # schedules are not judged
         spark = cell(table, "entropy", 5)
         assert set(spark.replace("\n", "")) <= set(" ▁▂▃▄▅▆▇█") and "█" in spark
         assert "Metrics 10" in title(pane)
@@ -50,30 +51,33 @@ async def test_anomaly_feed_newest_first_with_counts_and_details_that_move_the_m
         assert detail.has_class("-shown")
         text = _text(detail)
         assert "kl_spike" in text and "→" in text and "120" in text
-        await pilot_wait_for(pilot, lambda: "at step 120" in title(view.pane("metrics")),
-                             message="metrics title")
-        assert cell(view.pane("metrics").table, "kl", 1) == "0.808"   # kl at step 120, not the latest
+        await pilot_wait_for(pilot, lambda: "at step 120" in title(view.pane("metrics")), message="metrics title")
+        assert cell(view.pane("metrics").table, "kl", 1) == "0.808"  # kl at step 120, not the latest
         assert "@120" in str(view.pane("metrics").table.ordered_columns[1].label)
         await pilot.press("escape")
-        await pilot_wait_for(pilot, lambda: view.at_step is None and not detail.has_class("-shown"),
-                             message="back to following")
+        await pilot_wait_for(
+            pilot, lambda: view.at_step is None and not detail.has_class("-shown"), message="back to following"
+        )
 
 
 async def test_system_pane_gauge_per_device_and_no_gpu_stated_plainly():
-    app = MonitorApp([], stores=[make_store(), make_store(gpu=False), make_store(ranks=2)],
-                     labels=["gpu", "cpu", "ranks"])
+    app = MonitorApp(
+        [], stores=[make_store(), make_store(gpu=False), make_store(ranks=2)], labels=["gpu", "cpu", "ranks"]
+    )
     async with app.run_test(size=(130, 40)) as pilot:
         await settle(pilot, app)
         text = _text(app.view.query_one("#system-body"))
         assert "GPU0" in text and "40.2/79.6 GB" in text and "peak 58.7" in text and "util 87%" in text
         assert "RSS 812" in text and "█" in text and "░" in text
         await pilot.press("right_square_bracket")
-        await pilot_wait_for(pilot, lambda: "no GPU" in _text(app.view.query_one("#system-body")),
-                             message="CPU-only run")
+        await pilot_wait_for(
+            pilot, lambda: "no GPU" in _text(app.view.query_one("#system-body")), message="CPU-only run"
+        )
         assert "CPU-only" in _text(app.view.query_one("#system-body"))
         await pilot.press("right_square_bracket")
-        await pilot_wait_for(pilot, lambda: "rank 1" in _text(app.view.query_one("#system-body")),
-                             message="several ranks")
+        await pilot_wait_for(
+            pilot, lambda: "rank 1" in _text(app.view.query_one("#system-body")), message="several ranks"
+        )
         text = _text(app.view.query_one("#system-body"))
         assert "rank 0" in text and text.count("GPU1") == 2
         assert "2 ranks, 4 GPUs" in title(app.view.pane("system"))
@@ -85,10 +89,10 @@ async def test_checkpoints_table_and_details_of_the_selected_checkpoint():
         await settle(pilot, app)
         pane = app.view.pane("checkpoints")
         table = pane.table
-        assert table.row_count == 2 and str(table.get_row_at(0)[0]) == "200"   # newest first
+        assert table.row_count == 2 and str(table.get_row_at(0)[0]) == "200"  # newest first
         assert cell(table, "200", 1) == "0.41" and cell(table, "200", 2) == "1" and cell(table, "200", 3) == "0.081"
         assert cell(table, "100", 1) == "0.93" and cell(table, "100", 3) == "—"
-        assert cell(table, "200", 5).endswith("/out/checkpoint-200")   # the end of the path is kept
+        assert cell(table, "200", 5).endswith("/out/checkpoint-200")  # the end of the path is kept
         assert table.get_row("200")[1].style == "bold red" and table.get_row("100")[1].style == "green"
         assert "latest health 0.41" in title(pane)
         table.focus()
@@ -96,7 +100,7 @@ async def test_checkpoints_table_and_details_of_the_selected_checkpoint():
         detail = app.view.query_one("#checkpoint-detail")
         await pilot_wait_for(pilot, lambda: detail.has_class("-shown"), message="checkpoint details")
         text = _text(detail)
-        assert "[bold]x[/bold]" in text        # shown literally, never parsed as markup
+        assert "[bold]x[/bold]" in text  # shown literally, never parsed as markup
         assert "roll back to checkpoint-100" in text
         await pilot.press("escape")
         await pilot_wait_for(pilot, lambda: not detail.has_class("-shown"), message="details closed")
@@ -108,10 +112,19 @@ async def test_rewards_pane_numbers_distribution_and_escaped_samples():
         await settle(pilot, app)
         body = app.view.query_one("#rewards-body")
         text = _text(body)
-        for fragment in ("stability 0.91", "consistency 0.97", "variance 0.02", "mean 0.62", "drift none",
-                         "▂▃▅█▆▃▂", "samples @ step 200", "0.9", "0.1"):
+        for fragment in (
+            "stability 0.91",
+            "consistency 0.97",
+            "variance 0.02",
+            "mean 0.62",
+            "drift none",
+            "▂▃▅█▆▃▂",
+            "samples @ step 200",
+            "0.9",
+            "0.1",
+        ):
             assert fragment in text, fragment
-        assert "The answer is [red]forty-two[/red]! done" in text   # markup literal, escapes removed
+        assert "The answer is [red]forty-two[/red]! done" in text  # markup literal, escapes removed
         assert "\x1b" not in text and "pwned" not in text and "\x07" not in text
         assert "no newline tab" in text
 
@@ -120,12 +133,16 @@ async def test_layout_shows_all_five_panes_at_80x24_and_puts_metrics_beside_the_
     app = MonitorApp([], stores=[make_store()], labels=["demo"])
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot, app)
-        regions = {name: app.view.pane(name).region for name in ("metrics", "anomalies", "system",
-                                                                  "checkpoints", "rewards")}
+        regions = {
+            name: app.view.pane(name).region for name in ("metrics", "anomalies", "system", "checkpoints", "rewards")
+        }
         for name, region in regions.items():
             assert region.width >= 20 and region.height >= 3, (name, region)
-        assert regions["metrics"].y < regions["anomalies"].y        # narrow: metrics on top
+        assert regions["metrics"].y < regions["anomalies"].y  # narrow: metrics on top
         await pilot.resize_terminal(180, 50)
-        await pilot_wait_for(pilot, lambda: app.view.pane("metrics").region.x < app.view.pane("anomalies").region.x,
-                             message="wide layout")
+        await pilot_wait_for(
+            pilot,
+            lambda: app.view.pane("metrics").region.x < app.view.pane("anomalies").region.x,
+            message="wide layout",
+        )
         assert app.view.pane("metrics").region.height > 40

@@ -1,24 +1,28 @@
 """The one renderer: untrusted text escaped, and the snapshot key writes exactly what `rlhf-tui report` prints."""
-import pytest
 
+import pytest
 from conftest import pilot_wait_for
-from rlhf_tui.bridge.callback import RLHFMonitorCallback
+from test_tui_data import INJECTION, RUN_ID, make_store, settle
+
+from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 from rlhf_tui.tui.app import MonitorApp
 from rlhf_tui.tui.cli import main
 from rlhf_tui.tui.render import clean, render_markdown, render_text
 from rlhf_tui.tui.widgets.model import view_report
-from test_tui_data import INJECTION, RUN_ID, make_store, settle
 
 
-@pytest.mark.parametrize("raw, shown", [
-    ("plain", "plain"),
-    ("\x1b[31mred\x1b[0m", "red"),
-    ("\x1b]0;title\x07after", "after"),
-    ("a\x00b\x07c\x9bd", "abcd"),
-    ("line1\nline2\r\nline3", "line1 line2 line3"),
-    ("[bold]markup[/bold]", "[bold]markup[/bold]"),
-    ("evil\u202etxt.exe", "eviltxt.exe"),
-])
+@pytest.mark.parametrize(
+    "raw, shown",
+    [
+        ("plain", "plain"),
+        ("\x1b[31mred\x1b[0m", "red"),
+        ("\x1b]0;title\x07after", "after"),
+        ("a\x00b\x07c\x9bd", "abcd"),
+        ("line1\nline2\r\nline3", "line1 line2 line3"),
+        ("[bold]markup[/bold]", "[bold]markup[/bold]"),
+        ("evil\u202etxt.exe", "eviltxt.exe"),
+    ],
+)
 def test_clean_removes_control_sequences_and_keeps_text(raw, shown):
     assert clean(raw) == shown
 
@@ -32,8 +36,17 @@ def test_text_report_has_every_section_and_no_escape_sequences():
     with store.lock:
         report = view_report(store, None, spark_width=20)
     text = render_text(report, width=110, stamp=False)
-    for section in ("Metrics", "Anomalies", "GPU / system", "Checkpoints", "Rewards", "Reward samples",
-                    "Transport", RUN_ID, "▁"):
+    for section in (
+        "Metrics",
+        "Anomalies",
+        "GPU / system",
+        "Checkpoints",
+        "Rewards",
+        "Reward samples",
+        "Transport",
+        RUN_ID,
+        "▁",
+    ):
         assert section in text, section
     assert "[red]forty-two[/red]" in text and "\x1b" not in text and "pwned" not in text
     assert "(snapshot" not in text
@@ -49,11 +62,19 @@ def test_no_gpu_and_empty_sections_are_stated():
 
 
 async def test_snapshot_key_writes_the_same_view_as_the_report_command(tmp_path, capsys):
-    cb = RLHFMonitorCallback(address=False, log_dir=str(tmp_path / "logs"), analyze_checkpoints=False,
-                             run_id="same-view")
+    cb = RLHFMonitorCallback(
+        address=False, log_dir=str(tmp_path / "logs"), analyze_checkpoints=False, run_id="same-view"
+    )
     for step in range(1, 61):
-        cb.log_step(step, {"kl": 0.01 + (1.0 if step == 40 else 0.0), "reward": 0.02 * step, "loss": 0.5,
-                           "entropy": 2.0 - 0.01 * step})
+        cb.log_step(
+            step,
+            {
+                "kl": 0.01 + (1.0 if step == 40 else 0.0),
+                "reward": 0.02 * step,
+                "loss": 0.5,
+                "entropy": 2.0 - 0.01 * step,
+            },
+        )
     cb.log_rewards(60, [0.1, 0.4, 0.9], [{"label": "best", "score": 0.9, "prompt": "q", "completion": INJECTION}])
     cb.close()
     assert main(["report", cb.log_path]) == 0

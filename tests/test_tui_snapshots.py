@@ -1,8 +1,10 @@
 """SVG snapshots (pytest-textual-snapshot) of the main screen at fixed sizes with deterministic data: a fixed
 run id, no clocks, no live source. Update them with `pytest tests/test_tui_snapshots.py --snapshot-update`
 after checking the new look in the report pytest writes on failure."""
-from rlhf_tui.tui.app import MonitorApp
+
 from test_tui_data import make_store, settle
+
+from rlhf_tui.tui.app import MonitorApp
 
 
 def _app() -> MonitorApp:
@@ -12,6 +14,7 @@ def _app() -> MonitorApp:
 def _settled(app):
     async def run_before(pilot) -> None:
         await settle(pilot, app)
+
     return run_before
 
 

@@ -1,15 +1,16 @@
 """`--ssh user@host`: the port-forward is opened with the system `ssh` (here a stand-in `ssh` on PATH that
 forwards like `ssh -L` and records its arguments), waited for, used end to end, and closed."""
+
 import os
 import stat
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, wait_for
-from rlhf_tui.bridge.callback import RLHFMonitorCallback
-from rlhf_tui.bridge.subscriber import Subscriber
+
+from rlhf_tui.bridge.monitor.subscriber import Subscriber
+from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 from rlhf_tui.tui import ssh
 from rlhf_tui.tui.cli import CliError, _open_ssh
 
@@ -56,6 +57,7 @@ def fake_ssh(tmp_path, monkeypatch):
 
 def _calls(log: Path) -> list[dict]:
     import json
+
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
@@ -86,8 +88,10 @@ def test_tunnel_forwards_a_live_run_and_closes(fake_ssh):
         assert "ExitOnForwardFailure=yes" in args and "ServerAliveInterval=15" in args
         sub = Subscriber(sources[0]).start()
         try:
-            wait_for(lambda: sub.store.current_run is not None and sub.store.current_run.rows == 10,
-                     message="steps through the tunnel")
+            wait_for(
+                lambda: sub.store.current_run is not None and sub.store.current_run.rows == 10,
+                message="steps through the tunnel",
+            )
         finally:
             sub.stop()
     finally:

@@ -1,15 +1,16 @@
 """Publisher ↔ subscriber over real ZeroMQ sockets on free loopback ports (manual log_step API)."""
+
 import json
 import os
 import warnings
 
 import numpy as np
 import pytest
-
 from conftest import free_address, wait_for
-from rlhf_tui.bridge.callback import RLHFMonitorCallback
-from rlhf_tui.bridge.publisher import is_loopback_address
-from rlhf_tui.bridge.subscriber import Subscriber
+
+from rlhf_tui.bridge.monitor.subscriber import Subscriber
+from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+from rlhf_tui.bridge.training.publisher import is_loopback_address
 
 
 def _cb(address, tmp_path, **kw):
@@ -22,10 +23,10 @@ def test_late_joiner_gets_history_then_live(address, tmp_path):
         cb.log_step(step, {"objective/kl": 0.01 * step, "ppo/loss/value": 1.0})
     sub = Subscriber(address).start()
     try:
-        wait_for(lambda: sub.store.current_run and sub.store.current_run.rows == 500, message="history")
+        wait_for(lambda sub=sub: sub.store.current_run and sub.store.current_run.rows == 500, message="history")
         for step in range(501, 601):
             cb.log_step(step, {"objective/kl": 0.01 * step})
-        wait_for(lambda: sub.store.current_run.rows == 600, message="live steps")
+        wait_for(lambda sub=sub: sub.store.current_run.rows == 600, message="live steps")
         run = sub.store.current_run
         assert run.run_id == cb.run_id
         np.testing.assert_array_equal(run.steps, np.arange(1, 601))
@@ -50,7 +51,7 @@ def test_two_monitors_and_a_restarted_monitor_each_get_everything(address, tmp_p
     second, third = Subscriber(address).start(), Subscriber(address).start()  # ... and comes back
     try:
         for sub in (second, third):
-            wait_for(lambda: sub.store.current_run and sub.store.current_run.rows == 100)
+            wait_for(lambda sub=sub: sub.store.current_run and sub.store.current_run.rows == 100)
             assert sub.store.transport["gaps"] == 0
     finally:
         second.stop(), third.stop(), cb.close()
@@ -62,12 +63,12 @@ def test_training_restart_is_a_new_run_and_the_old_one_is_kept(address, tmp_path
         cb1 = _cb(address, tmp_path, run_id="run-one")
         for step in range(1, 11):
             cb1.log_step(step, {"loss": 1.0})
-        wait_for(lambda: sub.store.current_run and sub.store.current_run.rows == 10)
+        wait_for(lambda sub=sub: sub.store.current_run and sub.store.current_run.rows == 10)
         cb1.close()
         cb2 = _cb(address, tmp_path, run_id="run-two")
         for step in range(1, 6):
             cb2.log_step(step, {"loss": 2.0})
-        wait_for(lambda: sub.store.current == "run-two" and sub.store.current_run.rows == 5, timeout=15)
+        wait_for(lambda sub=sub: sub.store.current == "run-two" and sub.store.current_run.rows == 5, timeout=15)
         assert sub.store.runs["run-one"].rows == 10
         cb2.close()
     finally:
@@ -96,7 +97,7 @@ def test_seed_manual_step_api(address, tmp_path):
         cb.on_step_begin(step, {})
         cb.on_step_end(step, {"kl_div": 0.1 * step, "reward": 1.0})
     cb.close()
-    steps = [json.loads(l) for l in open(cb.log_path) if '"step_end"' in l]
+    steps = [json.loads(line) for line in open(cb.log_path) if '"step_end"' in line]
     assert [s["step"] for s in steps] == [0, 1, 2]
 
 
@@ -107,6 +108,7 @@ def test_bind_failure_warns_once_and_training_goes_on(address, tmp_path):
     # The registry closes the holder's socket for a new callback in the same process; a foreign process's
     # port is simulated with a plain socket.
     import socket
+
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen()
@@ -119,7 +121,7 @@ def test_bind_failure_warns_once_and_training_goes_on(address, tmp_path):
     assert sum("cannot bind" in str(w.message) for w in caught) == 1
     assert not blocked.publisher.bound
     blocked.close()  # the JSONL log still has every step
-    assert sum('"step_end"' in l for l in open(blocked.log_path)) == 5
+    assert sum('"step_end"' in line for line in open(blocked.log_path)) == 5
     s.close(), holder.close(), other.close()
 
 
@@ -153,7 +155,7 @@ def test_forked_child_publishes_nothing(address, tmp_path):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     cb.close()
-    steps = [json.loads(l)["step"] for l in open(cb.log_path) if '"step_end"' in l]
+    steps = [json.loads(line)["step"] for line in open(cb.log_path) if '"step_end"' in line]
     assert steps == [1]
 
 
@@ -170,7 +172,7 @@ def test_full_queue_drops_and_counts_without_blocking(tmp_path):
 
 # -- history blocks, thinning, bounds on what peers may do ------------------------------------------------
 def _publisher(address, **kw):
-    from rlhf_tui.bridge.publisher import Publisher
+    from rlhf_tui.bridge.training.publisher import Publisher
 
     pub = Publisher(address, "block-run", handler=lambda item: [item], **kw)
     pub.start()
@@ -186,7 +188,7 @@ def test_late_joiner_through_blocks_sees_exactly_what_a_live_monitor_saw(address
         for step in range(1, 1301):
             metrics = {"loss": float(rng.standard_normal()), "kl": None if step % 7 == 0 else 0.01}
             if step % 3 == 0:
-                metrics["eval/reward"] = float("nan") if step % 9 == 0 else 1.5   # sparse column
+                metrics["eval/reward"] = float("nan") if step % 9 == 0 else 1.5  # sparse column
             if step % 11 == 0:
                 metrics["grad_norm"] = float("inf")
             pub.put(("step", {"step": step, "metrics": metrics, "wall": 0.0}, 0))
@@ -197,13 +199,15 @@ def test_late_joiner_through_blocks_sees_exactly_what_a_live_monitor_saw(address
         late = Subscriber(address).start()
         try:
             for sub in (live, late):
-                wait_for(lambda: sub.store.current_run is not None and sub.store.current_run.rows == 1300,
-                         message="all rows")
+                wait_for(
+                    lambda sub=sub: sub.store.current_run is not None and sub.store.current_run.rows == 1300,
+                    message="all rows",
+                )
             a, b = live.store.current_run, late.store.current_run
             np.testing.assert_array_equal(a.steps, b.steps)
             assert set(a.columns) == set(b.columns) == {"loss", "kl", "eval/reward", "grad_norm"}
             for name in a.columns:
-                np.testing.assert_array_equal(a.values(name), b.values(name))    # NaN == NaN here
+                np.testing.assert_array_equal(a.values(name), b.values(name))  # NaN == NaN here
                 np.testing.assert_array_equal(a.logged(name), b.logged(name))
             assert b.logged("eval/reward").sum() == 1300 // 3 and np.isnan(b.values("kl")[6])
             assert b.system[0]["rss_mb"] == 1300.0
@@ -226,7 +230,7 @@ def test_history_is_bounded_by_thinning_blocks_and_late_joiners_see_the_whole_ru
     wait_for(lambda: pub._history_bytes <= 150_000, message="thinning caught up")
     sub = Subscriber(address).start()
     try:
-        wait_for(lambda: sub.store.current_run is not None and sub.store.current_run.ended is not None)
+        wait_for(lambda sub=sub: sub.store.current_run is not None and sub.store.current_run.ended is not None)
         run = sub.store.current_run
         assert 500 < run.rows < 6000 and run.steps[0] == 1 and run.steps[-1] == 6000  # whole run, lower resolution
         assert (np.diff(run.steps) > 0).all()
@@ -240,7 +244,7 @@ def test_history_is_bounded_by_thinning_blocks_and_late_joiners_see_the_whole_ru
 def test_forwarded_samples_are_rate_limited_and_never_for_rank_0(address):
     import zmq
 
-    from rlhf_tui.bridge import protocol
+    from rlhf_tui.bridge.wire import protocol
 
     pub = _publisher(address)
     ctx = zmq.Context()
@@ -250,7 +254,7 @@ def test_forwarded_samples_are_rate_limited_and_never_for_rank_0(address):
     try:
         for i in range(50):
             peer.send(protocol.forward("other", 3, "system", {"rss_mb": float(i)}, 0.0))
-        peer.send(protocol.forward("other", 0, "system", {"rss_mb": 1.0}, 0.0))     # cannot speak for rank 0
+        peer.send(protocol.forward("other", 0, "system", {"rss_mb": 1.0}, 0.0))  # cannot speak for rank 0
         peer.send(protocol.forward("other", 2, "step", {"step": 1, "metrics": {}}, 0.0))  # metrics: main only
         wait_for(lambda: pub.stats["forwarded"] + pub.stats["rejected"] >= 52, message="all handled")
         assert 1 <= pub.stats["forwarded"] <= 5 and pub.stats["rejected"] >= 47
@@ -261,7 +265,7 @@ def test_forwarded_samples_are_rate_limited_and_never_for_rank_0(address):
 
 
 def test_monitors_beyond_the_cap_are_refused_and_served_ones_unaffected(address, monkeypatch):
-    from rlhf_tui.bridge import publisher as publisher_module
+    from rlhf_tui.bridge.training import publisher as publisher_module
 
     monkeypatch.setattr(publisher_module, "MAX_CLIENTS", 2)
     pub = _publisher(address)
@@ -280,16 +284,16 @@ def test_monitors_beyond_the_cap_are_refused_and_served_ones_unaffected(address,
 def test_a_finished_run_stays_ended_after_its_process_goes(address, tmp_path, monkeypatch):
     import time as _time
 
-    from rlhf_tui.bridge import subscriber as subscriber_module
+    from rlhf_tui.bridge.monitor import subscriber as subscriber_module
 
     monkeypatch.setattr(subscriber_module, "STALE_S", 0.3)
     cb = _cb(address, tmp_path)
     cb.log_step(1, {"loss": 1.0})
     sub = Subscriber(address).start()
     try:
-        wait_for(lambda: sub.store.current_run and sub.store.current_run.rows == 1)
+        wait_for(lambda sub=sub: sub.store.current_run and sub.store.current_run.rows == 1)
         cb.close()  # run_end, then the socket closes: no more heartbeats
-        wait_for(lambda: sub.store.connection == "ended", message="ended")
+        wait_for(lambda sub=sub: sub.store.connection == "ended", message="ended")
         gone = _time.monotonic()
         wait_for(lambda: _time.monotonic() - gone > 1.0, message="well past the stale limit")
         assert sub.store.connection == "ended" and sub.stale_since is None

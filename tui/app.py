@@ -5,6 +5,7 @@ visible RunView to redraw if its store changed (never faster, however fast data 
 (`tui.keys`), remappable in the config file (`tui.config`), which also keeps the detector thresholds the user
 tunes here.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,16 +20,15 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.widgets import Footer, TabbedContent, TabPane
 
+from rlhf_tui.analysis.detectors import zscore_band
 from rlhf_tui.analysis.store import Store
 from rlhf_tui.tui import keys
-from rlhf_tui.tui.config import Config, ConfigError, load_config, save_config, setting_for, step_setting, \
-    toggle_mute
+from rlhf_tui.tui.config import Config, ConfigError, load_config, save_config, setting_for, step_setting, toggle_mute
 from rlhf_tui.tui.render import CONNECTION, clean, render_text, short, spark_width_for
 from rlhf_tui.tui.widgets.chart import ChartScreen
 from rlhf_tui.tui.widgets.help import HelpScreen
 from rlhf_tui.tui.widgets.metrics import MetricsPane
 from rlhf_tui.tui.widgets.model import series as metric_series
-from rlhf_tui.analysis.detectors import zscore_band
 from rlhf_tui.tui.widgets.runview import PANES, RunView, keep_large_arrays_off_the_heap
 from rlhf_tui.tui.widgets.thresholds import ThresholdEditor
 
@@ -59,10 +59,20 @@ class MonitorApp(App):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (130, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
 
-    def __init__(self, sources: list[str], *, thresholds=None, snapshot_dir: str | None = None,
-                 training_process=None, training_log: str | None = None, stores: list[Store] | None = None,
-                 labels: list[str] | None = None, config: Config | None = None,
-                 config_path: str | os.PathLike | None = None, curve=None):
+    def __init__(
+        self,
+        sources: list[str],
+        *,
+        thresholds=None,
+        snapshot_dir: str | None = None,
+        training_process=None,
+        training_log: str | None = None,
+        stores: list[Store] | None = None,
+        labels: list[str] | None = None,
+        config: Config | None = None,
+        config_path: str | os.PathLike | None = None,
+        curve=None,
+    ):
         super().__init__()
         self.curve = curve  # CURVE client keys for live sources (None: plain, loopback or SSH forward)
         self.sources = list(sources)
@@ -79,6 +89,7 @@ class MonitorApp(App):
                 config = load_config(config_path)
             except ConfigError as exc:
                 from rlhf_tui.tui.config import config_path as default_path
+
                 self.config_error = str(exc)
                 config = Config(Path(config_path) if config_path else default_path())
         self.config = config
@@ -93,15 +104,22 @@ class MonitorApp(App):
         self._hangup_timer: threading.Timer | None = None
         self._training_state: str | None = None
 
-    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
-               markup: bool = False) -> None:
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity="information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
         """Notifications are plain text here: they carry paths and names that may hold `[`."""
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     # -- sources -----------------------------------------------------------------------------------------
     def _open(self, source: str) -> Store:
-        from rlhf_tui.bridge.sources import SourceError, is_live, load_file_source
-        from rlhf_tui.bridge.subscriber import Subscriber
+        from rlhf_tui.bridge.monitor.sources import SourceError, is_live, load_file_source
+        from rlhf_tui.bridge.monitor.subscriber import Subscriber
 
         if is_live(source):
             sub = Subscriber(source, curve=self.curve).start()
@@ -197,8 +215,9 @@ class MonitorApp(App):
                 view.dirty = True
                 view._header_key = None
             if code not in (None, 0):
-                self.notify(f"training process exited with code {code}; log: {self.training_log}",
-                            severity="error", timeout=15)
+                self.notify(
+                    f"training process exited with code {code}; log: {self.training_log}", severity="error", timeout=15
+                )
 
     def update_tab_label(self, view: RunView, connection: str | None) -> None:
         if len(self.stores) < 2 or view.parent is None:
@@ -252,8 +271,9 @@ class MonitorApp(App):
         else:
             detector = self.focused_detector() or self._undo_mute
         if detector is None:
-            self.notify("focus an anomaly in the feed (Tab) to mute its detector, or open the editor (t)",
-                        severity="warning")
+            self.notify(
+                "focus an anomaly in the feed (Tab) to mute its detector, or open the editor (t)", severity="warning"
+            )
             return
         new = toggle_mute(self.thresholds, detector)
         muted = new.is_muted(detector)
@@ -321,8 +341,14 @@ class MonitorApp(App):
                 band = zscore_band(run.values(metric), self.thresholds, metric)
                 names = list((view.report.get("metrics") or {}).keys()) or run.metric_names()
                 version = (store.version, id(self.thresholds))
-            return {"series": [{"label": f"{view.label} · {run.run_id}", "steps": steps, "values": values}],
-                    "band": band, "metrics": names, "version": version, "marker": view.at_step}
+            return {
+                "series": [{"label": f"{view.label} · {run.run_id}", "steps": steps, "values": values}],
+                "band": band,
+                "metrics": names,
+                "version": version,
+                "marker": view.at_step,
+            }
+
         return provide
 
     def _overlay_provider(self):
@@ -341,7 +367,9 @@ class MonitorApp(App):
                     steps, values = metric_series(run, metric)
                 out.append({"label": f"{view.label} · {run.run_id}", "steps": steps, "values": values})
             from rlhf_tui.analysis.report import ordered_metrics
+
             return {"series": out, "metrics": ordered_metrics(names), "version": tuple(version), "band": None}
+
         return provide
 
     def on_metrics_pane_chart_requested(self, event: MetricsPane.ChartRequested) -> None:
@@ -426,6 +454,7 @@ class MonitorApp(App):
         self._hung_up = True
         self.stop_sources()
         from rlhf_tui.tui import ssh
+
         ssh.close_all()
         if not self.is_headless:
             # If the driver blocks writing to a terminal that no longer exists, leave anyway.

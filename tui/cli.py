@@ -2,6 +2,7 @@
 
 Errors a user can cause print one line on stderr and exit 2; never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ def _add_key_options(p: argparse.ArgumentParser) -> None:
 def _curve(ns):
     if not (ns.server_key or ns.client_key or ns.keys_dir):
         return None
-    from rlhf_tui.bridge.security import SecurityError, client_from_options
+    from rlhf_tui.bridge.wire.security import SecurityError, client_from_options
 
     try:
         return client_from_options(ns.server_key, ns.client_key, ns.keys_dir)
@@ -65,19 +66,41 @@ def _keygen_parser() -> argparse.ArgumentParser:
 
 
 def _monitor_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rlhf-tui", description=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-                usage=argparse.SUPPRESS)
-    p.add_argument("sources", nargs="*", metavar="SOURCE", help="what to monitor (default %(default)s)",
-                   default=[DEFAULT_SOURCE])
+    p = _Parser(
+        prog="rlhf-tui",
+        description=MAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "sources", nargs="*", metavar="SOURCE", help="what to monitor (default %(default)s)", default=[DEFAULT_SOURCE]
+    )
     p.add_argument("--thresholds", metavar="FILE", help="load detector thresholds from a TOML file")
-    p.add_argument("--snapshot-dir", metavar="DIR", default=None,
-                   help="where the snapshot keys write reports (default: the working directory)")
-    p.add_argument("--ssh", metavar="USER@HOST", default=None,
-                   help="open the SSH port-forward(s) for tcp:// sources with the system ssh (closed on exit)")
-    p.add_argument("--ssh-timeout", metavar="S", type=float, default=20.0,
-                   help="seconds to wait for each SSH port-forward (default %(default)s)")
-    p.add_argument("--config", metavar="FILE", default=None,
-                   help="config file (default $XDG_CONFIG_HOME/rlhf-tui/config.toml): thresholds and [keys]")
+    p.add_argument(
+        "--snapshot-dir",
+        metavar="DIR",
+        default=None,
+        help="where the snapshot keys write reports (default: the working directory)",
+    )
+    p.add_argument(
+        "--ssh",
+        metavar="USER@HOST",
+        default=None,
+        help="open the SSH port-forward(s) for tcp:// sources with the system ssh (closed on exit)",
+    )
+    p.add_argument(
+        "--ssh-timeout",
+        metavar="S",
+        type=float,
+        default=20.0,
+        help="seconds to wait for each SSH port-forward (default %(default)s)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="config file (default $XDG_CONFIG_HOME/rlhf-tui/config.toml): thresholds and [keys]",
+    )
     _add_key_options(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
@@ -88,12 +111,27 @@ def _report_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--format", choices=("text", "markdown", "json"), default="text")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
-    p.add_argument("--wait-steps", type=int, metavar="N", default=None,
-                   help="live source: wait until N steps have arrived (default: until the history is in)")
-    p.add_argument("--timeout", type=float, metavar="S", default=10.0,
-                   help="live source: give up waiting after S seconds (default %(default)s)")
-    p.add_argument("--fail-on", choices=SEVERITIES, metavar="LEVEL", default=None,
-                   help="exit 1 if an anomaly of LEVEL (low|medium|high|critical) or worse was found")
+    p.add_argument(
+        "--wait-steps",
+        type=int,
+        metavar="N",
+        default=None,
+        help="live source: wait until N steps have arrived (default: until the history is in)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        default=10.0,
+        help="live source: give up waiting after S seconds (default %(default)s)",
+    )
+    p.add_argument(
+        "--fail-on",
+        choices=SEVERITIES,
+        metavar="LEVEL",
+        default=None,
+        help="exit 1 if an anomaly of LEVEL (low|medium|high|critical) or worse was found",
+    )
     p.add_argument("--thresholds", metavar="FILE", help="detector thresholds (TOML)")
     p.add_argument("--width", type=int, default=110, help="text width of the text/markdown report")
     _add_key_options(p)
@@ -104,8 +142,12 @@ def _demo_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rlhf-tui demo", description="Run a real tiny TRL GRPO training and monitor it live.")
     p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
     p.add_argument("--headless", action="store_true", help="no TUI: print the text report when training ends")
-    p.add_argument("--step-delay", type=float, default=None,
-                   help="seconds to sleep per step so the run is watchable (default 0.1 live, 0 headless)")
+    p.add_argument(
+        "--step-delay",
+        type=float,
+        default=None,
+        help="seconds to sleep per step so the run is watchable (default 0.1 live, 0 headless)",
+    )
     p.add_argument("--save-steps", type=int, default=50, help="save (and analyse) a checkpoint every N steps")
     p.add_argument("--format", choices=("text", "markdown", "json"), default="text", help="headless report format")
     return p
@@ -130,12 +172,12 @@ def _load_thresholds(path: str | None, default=True):
     try:
         return load_thresholds(path)
     except (ValueError, OSError) as exc:
-        raise CliError(str(exc).splitlines()[0]) from None   # the message names the file
+        raise CliError(str(exc).splitlines()[0]) from None  # the message names the file
 
 
 def _check_live_address(source: str) -> None:
     if source.startswith("tcp://"):
-        rest = source[len("tcp://"):]
+        rest = source[len("tcp://") :]
         host, _, port = rest.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise CliError(f"bad address {source!r}: expected tcp://HOST:PORT")
@@ -145,7 +187,7 @@ def _check_live_address(source: str) -> None:
 
 def load_store(source: str, *, wait_steps: int | None = None, timeout: float = 10.0, curve=None):
     """A Store filled from SOURCE; live sources are read for up to `timeout` seconds."""
-    from rlhf_tui.bridge.sources import SourceError, is_live, load_file_source
+    from rlhf_tui.bridge.monitor.sources import SourceError, is_live, load_file_source
 
     if is_live(source):
         _check_live_address(source)
@@ -157,7 +199,7 @@ def load_store(source: str, *, wait_steps: int | None = None, timeout: float = 1
 
 
 def _collect_live(source: str, wait_steps: int | None, timeout: float, curve=None):
-    from rlhf_tui.bridge.subscriber import Subscriber
+    from rlhf_tui.bridge.monitor.subscriber import Subscriber
 
     sub = Subscriber(source, curve=curve).start()
     deadline = time.monotonic() + timeout
@@ -167,8 +209,11 @@ def _collect_live(source: str, wait_steps: int | None, timeout: float, curve=Non
             with store.lock:
                 run = store.current_run
                 rows = run.rows if run else 0
-                caught_up = run is not None and run.server_status and \
-                    run.last_seq >= int(run.server_status.get("last_seq", 1 << 62))
+                caught_up = (
+                    run is not None
+                    and run.server_status
+                    and run.last_seq >= int(run.server_status.get("last_seq", 1 << 62))
+                )
             if wait_steps is not None and rows >= wait_steps:
                 break
             if wait_steps is None and caught_up:
@@ -178,8 +223,9 @@ def _collect_live(source: str, wait_steps: int | None, timeout: float, curve=Non
         sub.stop()
     store = sub.store
     if store.current_run is None:
-        why = f": {sub.error}" if sub.error else (" (is the training running with RLHFMonitorCallback on that "
-                                                  "address?)")
+        why = (
+            f": {sub.error}" if sub.error else (" (is the training running with RLHFMonitorCallback on that address?)")
+        )
         raise CliError(f"no data from {source} within {timeout:g} s{why}")
     return store
 
@@ -187,7 +233,7 @@ def _collect_live(source: str, wait_steps: int | None, timeout: float, curve=Non
 def format_report(store, thresholds, fmt: str, width: int = 110) -> tuple[str, dict]:
     """The report of a store as text, markdown (the snapshot key's view) or JSON (the contract's dict)."""
     if fmt == "json":
-        from rlhf_tui.bridge.protocol import to_json_safe
+        from rlhf_tui.bridge.wire.protocol import to_json_safe
 
         with store.lock:
             report = build_report(store, thresholds)
@@ -230,12 +276,14 @@ def cmd_analyze_checkpoint(argv: list[str]) -> int:
     from rlhf_tui.analysis.checkpoint import CheckpointAnalyzer, CheckpointError, format_checkpoint_text
 
     try:
-        result = CheckpointAnalyzer().analyze_checkpoint(ns.path, ns.step, reference_checkpoint=ns.reference,
-                                                         strict=True)
+        result = CheckpointAnalyzer().analyze_checkpoint(
+            ns.path, ns.step, reference_checkpoint=ns.reference, strict=True
+        )
     except CheckpointError as exc:
         raise CliError(str(exc).splitlines()[0] if str(exc) else "unreadable checkpoint") from None
     if ns.format == "json":
-        from rlhf_tui.bridge.protocol import to_json_safe
+        from rlhf_tui.bridge.wire.protocol import to_json_safe
+
         _write(json.dumps(to_json_safe(result), indent=2, allow_nan=False) + "\n", None)
     else:
         text = format_checkpoint_text(result)
@@ -247,8 +295,9 @@ def cmd_demo(argv: list[str]) -> int:
     ns = _demo_parser().parse_args(argv)
     from rlhf_tui.tui.demo import run_demo
 
-    return run_demo(steps=ns.steps, headless=ns.headless, step_delay=ns.step_delay, save_steps=ns.save_steps,
-                    fmt=ns.format)
+    return run_demo(
+        steps=ns.steps, headless=ns.headless, step_delay=ns.step_delay, save_steps=ns.save_steps, fmt=ns.format
+    )
 
 
 def cmd_monitor(argv: list[str]) -> int:
@@ -256,6 +305,7 @@ def cmd_monitor(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     if ns.version:
         from importlib.metadata import version
+
         print(f"rlhf-tui {version('rlhf-tui')}")
         return EXIT_OK
     thresholds = _load_thresholds(ns.thresholds, default=False)
@@ -266,7 +316,7 @@ def cmd_monitor(argv: list[str]) -> int:
         config = load_config(ns.config)
     except ConfigError as exc:
         raise CliError(f"{exc} (fix it or delete it)") from None
-    from rlhf_tui.bridge.sources import SourceError, is_live, resolve_file_source
+    from rlhf_tui.bridge.monitor.sources import SourceError, is_live, resolve_file_source
 
     for source in ns.sources:
         if is_live(source):
@@ -286,8 +336,9 @@ def cmd_monitor(argv: list[str]) -> int:
     try:
         from rlhf_tui.tui.app import MonitorApp
 
-        app = MonitorApp(sources, thresholds=thresholds, snapshot_dir=ns.snapshot_dir, labels=labels, config=config,
-                         curve=curve)
+        app = MonitorApp(
+            sources, thresholds=thresholds, snapshot_dir=ns.snapshot_dir, labels=labels, config=config, curve=curve
+        )
         app.run()
         app.cancel_hangup_timer()
         return app.return_code or EXIT_OK
@@ -298,8 +349,8 @@ def cmd_monitor(argv: list[str]) -> int:
 
 def _open_ssh(destination: str, sources: list[str], timeout: float):
     """Forward each tcp source through `ssh -N -L`; returns (local sources, tab labels, tunnels)."""
-    from rlhf_tui.tui.ssh import TunnelError, open_tunnels
     from rlhf_tui.tui.app import source_label
+    from rlhf_tui.tui.ssh import TunnelError, open_tunnels
 
     tcp = [s for s in sources if s.startswith("tcp://")]
     print(f"rlhf-tui: opening SSH port-forward{'s' if len(tcp) > 1 else ''} via {destination} …", file=sys.stderr)
@@ -318,7 +369,7 @@ def _open_ssh(destination: str, sources: list[str], timeout: float):
 
 def cmd_keygen(argv: list[str]) -> int:
     ns = _keygen_parser().parse_args(argv)
-    from rlhf_tui.bridge.security import SecurityError, cli_keygen
+    from rlhf_tui.bridge.wire.security import SecurityError, cli_keygen
 
     try:
         return cli_keygen(ns.dir)
@@ -326,8 +377,7 @@ def cmd_keygen(argv: list[str]) -> int:
         raise CliError(str(exc).splitlines()[0] if str(exc) else "cannot create keys") from None
 
 
-COMMANDS = {"report": cmd_report, "demo": cmd_demo, "analyze-checkpoint": cmd_analyze_checkpoint,
-            "keygen": cmd_keygen}
+COMMANDS = {"report": cmd_report, "demo": cmd_demo, "analyze-checkpoint": cmd_analyze_checkpoint, "keygen": cmd_keygen}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: still one line (RLHF_TUI_DEBUG=1 shows the traceback)
         if os.environ.get("RLHF_TUI_DEBUG"):
             raise
-        print(f"rlhf-tui: internal error: {type(exc).__name__}: {exc} (set RLHF_TUI_DEBUG=1 for details)",
-              file=sys.stderr)
+        print(
+            f"rlhf-tui: internal error: {type(exc).__name__}: {exc} (set RLHF_TUI_DEBUG=1 for details)", file=sys.stderr
+        )
         return EXIT_USAGE
 
 

@@ -3,6 +3,7 @@
 Two tables: `[thresholds]` (detector settings that differ from the defaults, written by the monitor whenever the
 user changes one) and `[keys]` (binding id → key, applied with Textual's `set_keymap`). Unknown tables are kept.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,6 +54,7 @@ def config_path() -> Path:
     """`$XDG_CONFIG_HOME/rlhf-tui/config.toml` (platformdirs honours XDG_CONFIG_HOME; ~/.config otherwise)."""
     try:
         from platformdirs import user_config_dir
+
         return Path(user_config_dir(APP_NAME, appauthor=False)) / "config.toml"
     except ImportError:  # pragma: no cover - platformdirs is a dependency
         base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
@@ -64,7 +66,7 @@ class Config:
     path: Path
     thresholds: Thresholds = field(default_factory=Thresholds)
     keymap: dict[str, str] = field(default_factory=dict)
-    other: dict[str, Any] = field(default_factory=dict)   # tables we do not know, written back unchanged
+    other: dict[str, Any] = field(default_factory=dict)  # tables we do not know, written back unchanged
 
 
 def load_config(path: str | Path | None = None) -> Config:
@@ -83,7 +85,7 @@ def load_config(path: str | Path | None = None) -> Config:
     except ValueError as exc:
         raise ConfigError(f"config file {path}: [thresholds] {exc}") from None
     if not isinstance(raw_keys, dict) or not all(isinstance(v, str) and v.strip() for v in raw_keys.values()):
-        raise ConfigError(f"config file {path}: [keys] must map binding ids to key strings, e.g. quit = \"q\"")
+        raise ConfigError(f'config file {path}: [keys] must map binding ids to key strings, e.g. quit = "q"')
     return Config(path, thresholds, {str(k): v.strip() for k, v in raw_keys.items()}, data)
 
 
@@ -105,8 +107,10 @@ def save_config(config: Config) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        fh.write(b"# rlhf-tui settings: written by the monitor when you change a threshold (t, +/-, m).\n"
-                 b"# [keys] remaps bindings by id (see `?` in the monitor or docs/monitor.md).\n")
+        fh.write(
+            b"# rlhf-tui settings: written by the monitor when you change a threshold (t, +/-, m).\n"
+            b"# [keys] remaps bindings by id (see `?` in the monitor or docs/monitor.md).\n"
+        )
         tomli_w.dump(data, fh)
     os.replace(tmp, path)
     return path

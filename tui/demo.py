@@ -3,6 +3,7 @@
 The model and tokenizer are built once and cached under the user cache dir; the training publishes on a
 free loopback port; its output goes to a log file so the terminal stays the monitor's.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,10 +21,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_training(address: str, steps: int, output_dir: str, *, step_delay: float = 0.0, save_steps: int = 0,
-                   log_path: str | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rlhf_tui.bridge.demo_train", "--address", address, "--steps", str(steps),
-           "--output-dir", output_dir, "--step-delay", str(step_delay), "--save-steps", str(save_steps)]
+def start_training(
+    address: str,
+    steps: int,
+    output_dir: str,
+    *,
+    step_delay: float = 0.0,
+    save_steps: int = 0,
+    log_path: str | None = None,
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhf_tui.bridge.demo.train",
+        "--address",
+        address,
+        "--steps",
+        str(steps),
+        "--output-dir",
+        output_dir,
+        "--step-delay",
+        str(step_delay),
+        "--save-steps",
+        str(save_steps),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     # A tiny model gains nothing from several threads and loses a lot when they fight the monitor for cores.
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -31,14 +52,16 @@ def start_training(address: str, steps: int, output_dir: str, *, step_delay: flo
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
-def run_demo(steps: int = 300, headless: bool = False, step_delay: float | None = None, save_steps: int = 50,
-             fmt: str = "text") -> int:
+def run_demo(
+    steps: int = 300, headless: bool = False, step_delay: float | None = None, save_steps: int = 50, fmt: str = "text"
+) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="rlhf-tui-demo-"))
     address = f"tcp://127.0.0.1:{free_port()}"
     log_path = workdir / "training.log"
     delay = step_delay if step_delay is not None else (0.0 if headless else 0.1)
-    proc = start_training(address, steps, str(workdir / "output"), step_delay=delay, save_steps=save_steps,
-                          log_path=str(log_path))
+    proc = start_training(
+        address, steps, str(workdir / "output"), step_delay=delay, save_steps=save_steps, log_path=str(log_path)
+    )
     try:
         if headless:
             return _headless(address, proc, log_path, fmt)
@@ -58,7 +81,7 @@ def run_demo(steps: int = 300, headless: bool = False, step_delay: float | None 
 
 
 def _headless(address: str, proc: subprocess.Popen, log_path: Path, fmt: str) -> int:
-    from rlhf_tui.bridge.subscriber import Subscriber
+    from rlhf_tui.bridge.monitor.subscriber import Subscriber
 
     sub = Subscriber(address).start()
     try:
@@ -74,8 +97,10 @@ def _headless(address: str, proc: subprocess.Popen, log_path: Path, fmt: str) ->
         sub.stop()
     if sub.store.current_run is None:
         tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-        print(f"rlhf-tui demo: the training produced no data (exit code {proc.poll()}). Log tail:\n{tail}",
-              file=sys.stderr)
+        print(
+            f"rlhf-tui demo: the training produced no data (exit code {proc.poll()}). Log tail:\n{tail}",
+            file=sys.stderr,
+        )
         return 2
     from rlhf_tui.analysis.thresholds import Thresholds
     from rlhf_tui.tui.cli import format_report

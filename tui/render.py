@@ -5,6 +5,7 @@ monitor's panes, so all of them show the same things: header, metrics with spark
 bands, anomalies, GPU/system, checkpoints, rewards, transport. Every string that came from the wire is passed
 through `clean()` and shown as `Text` (never parsed as markup), so it cannot inject markup or control sequences.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,8 +35,10 @@ CONNECTION = {  # state → (glyph, words, style)
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 # C0/C1 controls and ANSI escape sequences (CSI first, so a whole sequence goes, not just its ESC),
 # plus bidirectional overrides that could disguise text.
-_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
-                      r"|[\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL = re.compile(
+    r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+    r"|[\u200b-\u200f\u202a-\u202e\u2066-\u2069]"
+)
 
 
 def clean(value: Any, limit: int = 200) -> str:
@@ -122,8 +125,12 @@ def connection_text(report: dict) -> Text:
 def header_text(report: dict, width: int = 200) -> Text:
     """Run, trainer, step and connection first; the model and the logged-row count only when there is room."""
     run = report.get("run") or {}
-    text = Text.assemble(("rlhf-tui", "bold"), "  run ", (clean(run.get("run_id"), 40), "bold cyan"),
-                         f"  {clean(run.get('trainer'), 24)}")
+    text = Text.assemble(
+        ("rlhf-tui", "bold"),
+        "  run ",
+        (clean(run.get("run_id"), 40), "bold cyan"),
+        f"  {clean(run.get('trainer'), 24)}",
+    )
     steps = f"  step {fmt(report.get('last_step'))}"
     if run.get("max_steps"):
         steps += f"/{fmt(run.get('max_steps'))}"
@@ -139,7 +146,7 @@ def header_text(report: dict, width: int = 200) -> Text:
 
 def fit_left(text: str, width: int) -> str:
     """Clip to `width` keeping the end (paths: the checkpoint folder is the informative part)."""
-    return text if len(text) <= width else "…" + text[len(text) - width + 1:]
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
 
 
 def fit(text: str, width: int) -> str:
@@ -147,7 +154,7 @@ def fit(text: str, width: int) -> str:
     if len(text) <= width:
         return text
     head = (width - 1) // 2
-    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
 
 
 def metrics_table(report: dict, names: list[str] | None = None) -> Table:
@@ -199,7 +206,7 @@ def severity_counts(anomalies: list[dict], counts: dict | None = None) -> str:
 
 
 def severity_title(anomalies: list[dict], counts: dict | None = None) -> Text:
-    """"Anomalies  1 critical · 2 high …" with each count in its severity's colour (`counts`: totals when
+    """ "Anomalies  1 critical · 2 high …" with each count in its severity's colour (`counts`: totals when
     the list was trimmed)."""
     text = Text("Anomalies", style="bold")
     counts = _counts(anomalies, counts)
@@ -217,6 +224,7 @@ def _newest_first(anomalies: list[dict]) -> list[dict]:
         first = a.get("step") if isinstance(a.get("step"), int) else -1
         last = a.get("last_step") if isinstance(a.get("last_step"), int) else first
         return (first, last)
+
     return sorted(anomalies, key=key, reverse=True)
 
 
@@ -225,8 +233,12 @@ def anomalies_table(report: dict, limit: int = 50) -> Table:
     totals = report.get("anomaly_counts")
     total = sum(totals.values()) if totals else len(anomalies)
     counts = severity_counts(anomalies, totals)
-    table = Table(title=f"Anomalies ({total}{': ' + counts if counts else ''})", box=box.SIMPLE_HEAD,
-                  title_justify="left", pad_edge=False)
+    table = Table(
+        title=f"Anomalies ({total}{': ' + counts if counts else ''})",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        pad_edge=False,
+    )
     table.add_column("step", no_wrap=True)
     table.add_column("severity", no_wrap=True)
     table.add_column("detector", overflow="fold", max_width=20)
@@ -242,8 +254,13 @@ def anomalies_table(report: dict, limit: int = 50) -> Table:
         step = fmt(a.get("step"))
         if isinstance(a.get("last_step"), int) and a.get("last_step") != a.get("step"):
             step += f"–{a['last_step']}"
-        table.add_row(step, Text(sev, style=SEVERITY_STYLE.get(sev, "")), clean(a.get("detector"), 30),
-                      clean(a.get("metric"), 40), msg)
+        table.add_row(
+            step,
+            Text(sev, style=SEVERITY_STYLE.get(sev, "")),
+            clean(a.get("detector"), 30),
+            clean(a.get("metric"), 40),
+            msg,
+        )
     if total > limit:
         table.add_row("…", "", "", "", f"{total - limit} older anomalies not shown")
     return table
@@ -327,9 +344,15 @@ def system_table(report: dict) -> Table:
             table.add_row(str(r.get("rank")), "no GPU (CPU-only run)", "", "", "", "", rss)
         for g in gpus:
             peak = g.get("peak_used_mb", g.get("peak_mb"))
-            table.add_row(str(r.get("rank")), f"{clean(g.get('index'), 4)}: {clean(g.get('name', 'GPU'), 30)}",
-                          gauge(_gpu_fraction(g), 12), f"{_gb(_gpu_used(g))} / {_gb(g.get('total_mb'))} GB",
-                          f"{_gb(peak)} GB", f"{fmt(g.get('util'))} %", rss)
+            table.add_row(
+                str(r.get("rank")),
+                f"{clean(g.get('index'), 4)}: {clean(g.get('name', 'GPU'), 30)}",
+                gauge(_gpu_fraction(g), 12),
+                f"{_gb(_gpu_used(g))} / {_gb(g.get('total_mb'))} GB",
+                f"{_gb(peak)} GB",
+                f"{fmt(g.get('util'))} %",
+                rss,
+            )
     return table
 
 
@@ -353,8 +376,14 @@ def checkpoints_table(report: dict) -> Table:
     if not ckpts:
         table.add_row("—", "", "", "", "", "no checkpoints yet")
     for c in ckpts:
-        table.add_row(fmt(c.get("step")), health_text(c), str(len(c.get("issues") or [])),
-                      fmt(c.get("drift")), f"{fmt(c.get('file_size_mb'))} MB", clean(c.get("path"), 80))
+        table.add_row(
+            fmt(c.get("step")),
+            health_text(c),
+            str(len(c.get("issues") or [])),
+            fmt(c.get("drift")),
+            f"{fmt(c.get('file_size_mb'))} MB",
+            clean(c.get("path"), 80),
+        )
         for issue in (c.get("issues") or [])[:3]:
             table.add_row("", "", "", "", "", Text("• " + clean(issue, 100), style="dim"))
     return table
@@ -365,8 +394,10 @@ def histogram_spark(histogram: Any) -> str:
     if not counts:
         return ""
     top = max(counts) or 1
-    return "".join(SPARK_CHARS[min(len(SPARK_CHARS) - 1, int(round(c / top * (len(SPARK_CHARS) - 1))))]
-                   if c else " " for c in counts)
+    return "".join(
+        SPARK_CHARS[min(len(SPARK_CHARS) - 1, int(round(c / top * (len(SPARK_CHARS) - 1))))] if c else " "
+        for c in counts
+    )
 
 
 def drift_text(drift: Any) -> str:
@@ -382,8 +413,9 @@ def rewards_lines(report: dict, width: int = 100, samples: int = 3) -> Text:
     rewards = report.get("rewards") or {}
     rel = rewards.get("reliability_metrics") or {}
     out = Text()
-    for i, (label, key) in enumerate((("stability", "stability"), ("consistency", "consistency"),
-                                      ("variance", "variance"), ("mean", "mean_reward"))):
+    for i, (label, key) in enumerate(
+        (("stability", "stability"), ("consistency", "consistency"), ("variance", "variance"), ("mean", "mean_reward"))
+    ):
         out.append(("\n" if i == 2 and width < 70 else "  " if i else "") + label + " ", style="dim")
         out.append(compact(rel.get(key)))
     hist = rewards.get("histogram")
@@ -416,9 +448,15 @@ def rewards_table(report: dict) -> Table:
     table = Table(title="Rewards", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     for col in ("stability", "consistency", "variance", "mean", "drift", "distribution", "batches"):
         table.add_column(col, no_wrap=True)
-    table.add_row(fmt(rel.get("stability")), fmt(rel.get("consistency")), fmt(rel.get("variance")),
-                  fmt(rel.get("mean_reward")), drift_text(rewards.get("drift")),
-                  histogram_spark(rewards.get("histogram")) or "—", str(rewards.get("batches", 0)))
+    table.add_row(
+        fmt(rel.get("stability")),
+        fmt(rel.get("consistency")),
+        fmt(rel.get("variance")),
+        fmt(rel.get("mean_reward")),
+        drift_text(rewards.get("drift")),
+        histogram_spark(rewards.get("histogram")) or "—",
+        str(rewards.get("batches", 0)),
+    )
     return table
 
 
@@ -427,28 +465,42 @@ def reward_samples_table(report: dict) -> Table | None:
     samples = rewards.get("samples") or []
     if not samples:
         return None
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left",
-                  title=f"Reward samples @ step {fmt(rewards.get('last_step'))}")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title_justify="left",
+        title=f"Reward samples @ step {fmt(rewards.get('last_step'))}",
+    )
     table.add_column("sample", style="dim", no_wrap=True)
     table.add_column("score", justify="right", no_wrap=True)
     table.add_column("completion", overflow="fold")
     for sample in samples[:3]:
-        table.add_row(clean(sample.get("label"), 10), fmt(sample.get("score")),
-                      Text(clean(sample.get("completion"), 160)))
+        table.add_row(
+            clean(sample.get("label"), 10), fmt(sample.get("score")), Text(clean(sample.get("completion"), 160))
+        )
     return table
 
 
 def transport_text(report: dict) -> Text:
     t = report.get("transport") or {}
-    return Text(f"Transport: received {t.get('received', 0)} · rejected {t.get('rejected', 0)} · "
-                f"gaps {t.get('gaps', 0)} · dropped {t.get('dropped', 0)}  ·  source {clean(report.get('source'), 80)}",
-                style="dim")
+    return Text(
+        f"Transport: received {t.get('received', 0)} · rejected {t.get('rejected', 0)} · "
+        f"gaps {t.get('gaps', 0)} · dropped {t.get('dropped', 0)}  ·  source {clean(report.get('source'), 80)}",
+        style="dim",
+    )
 
 
 def report_renderable(report: dict) -> Group:
-    return Group(header_text(report), metrics_table(report), anomalies_table(report), system_table(report),
-                 checkpoints_table(report), rewards_table(report),
-                 *[t for t in [reward_samples_table(report)] if t is not None], transport_text(report))
+    return Group(
+        header_text(report),
+        metrics_table(report),
+        anomalies_table(report),
+        system_table(report),
+        checkpoints_table(report),
+        rewards_table(report),
+        *[t for t in [reward_samples_table(report)] if t is not None],
+        transport_text(report),
+    )
 
 
 def spark_width_for(text_width: int) -> int:

@@ -4,6 +4,7 @@
 local port accepts connections. If the forward dies later (network drop), it is restarted in the background with
 backoff (non-interactively: BatchMode), while the subscriber shows the connection as stale/unreachable.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -15,7 +16,7 @@ import time
 from urllib.parse import urlsplit
 
 SSH_OPTIONS = ("-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=15")
-_OPEN: list["Tunnel"] = []
+_OPEN: list[Tunnel] = []
 _OPEN_LOCK = threading.Lock()
 
 
@@ -56,8 +57,15 @@ def _accepts(port: int) -> bool:
 class Tunnel:
     """One `ssh -N -L` process forwarding 127.0.0.1:local_port to HOST:PORT as seen from `destination`."""
 
-    def __init__(self, destination: str, address: str, *, local_port: int | None = None, ssh: str = "ssh",
-                 extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        destination: str,
+        address: str,
+        *,
+        local_port: int | None = None,
+        ssh: str = "ssh",
+        extra_args: tuple[str, ...] = (),
+    ):
         self.destination = destination
         self.address = address
         self.remote_host, self.remote_port = split_tcp(address)
@@ -77,8 +85,14 @@ class Tunnel:
         return f"tcp://127.0.0.1:{self.local_port}"
 
     def command(self, batch: bool = False) -> list[str]:
-        cmd = [self.ssh, "-N", "-L", f"{self.local_port}:{self.remote_host}:{self.remote_port}", self.destination,
-               *SSH_OPTIONS]
+        cmd = [
+            self.ssh,
+            "-N",
+            "-L",
+            f"{self.local_port}:{self.remote_host}:{self.remote_port}",
+            self.destination,
+            *SSH_OPTIONS,
+        ]
         if batch:
             cmd += ["-o", "BatchMode=yes"]
         return cmd + list(self.extra_args)
@@ -89,8 +103,7 @@ class Tunnel:
         err = tempfile.NamedTemporaryFile(prefix="rlhf-tui-ssh-", suffix=".log", delete=False)
         self._stderr_path = err.name
         # stdin closed: a password prompt, if any, goes through /dev/tty before the monitor starts.
-        return subprocess.Popen(self.command(batch), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        return subprocess.Popen(self.command(batch), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
 
     def _stderr_tail(self) -> str:
         try:
@@ -100,7 +113,7 @@ class Tunnel:
             return ""
         return lines[-1] if lines else ""
 
-    def open(self, timeout: float = 20.0) -> "Tunnel":
+    def open(self, timeout: float = 20.0) -> Tunnel:
         """Start ssh and wait until the local port accepts connections (TunnelError otherwise)."""
         if shutil.which(self.ssh) is None:
             raise TunnelError(f"--ssh: no `{self.ssh}` executable on PATH")
@@ -118,8 +131,9 @@ class Tunnel:
                 break
             if time.monotonic() > deadline:
                 self.close()
-                raise TunnelError(f"ssh port-forward to {self.destination} not up after {timeout:g} s "
-                                  f"(local port {self.local_port})")
+                raise TunnelError(
+                    f"ssh port-forward to {self.destination} not up after {timeout:g} s (local port {self.local_port})"
+                )
             time.sleep(0.05)
         self._watcher = threading.Thread(target=self._watch, name="rlhf-tui-ssh", daemon=True)
         self._watcher.start()
@@ -168,14 +182,14 @@ class Tunnel:
         if self._stderr_path:
             try:
                 import os
+
                 os.unlink(self._stderr_path)
             except OSError:
                 pass
             self._stderr_path = None
 
 
-def open_tunnels(destination: str, addresses: list[str], *, timeout: float = 20.0, ssh: str = "ssh"
-                 ) -> list[Tunnel]:
+def open_tunnels(destination: str, addresses: list[str], *, timeout: float = 20.0, ssh: str = "ssh") -> list[Tunnel]:
     """One tunnel per tcp address (other sources are left alone: None in their place is not returned)."""
     tunnels: list[Tunnel] = []
     try:

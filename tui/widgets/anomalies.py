@@ -1,5 +1,6 @@
 """The Anomaly feed: newest first, severity colours, step, metric, message (and recommendation when wide);
 Enter shows an anomaly's details and moves the Metrics pane to its step. Counts per severity in the title."""
+
 from __future__ import annotations
 
 from rich.text import Text
@@ -18,6 +19,7 @@ MAX_ROWS = 300  # the feed shows the newest; the title counts all
 def detector_description(detector: str | None) -> str:
     try:
         from rlhf_tui.analysis.detectors import DETECTORS
+
         return DETECTORS.get(detector or "", "")
     except ImportError:  # pragma: no cover
         return ""
@@ -30,8 +32,11 @@ def anomaly_detail(a: dict) -> Text:
     text.append(f" {sev} ", style=SEVERITY_STYLE.get(sev, ""))
     text.append(f" {clean(a.get('detector'), 40)} on {clean(a.get('metric'), 60)}", style="bold")
     first, last = a.get("first_step", a.get("step")), a.get("last_step")
-    text.append(f"  steps {fmt(first)}–{fmt(last)}  peak {short(a.get('peak_value'))} @ {fmt(a.get('peak_step'))}"
-                f"  flagged {fmt(a.get('count'))}×{'  ongoing' if a.get('ongoing') else ''}", style="dim")
+    text.append(
+        f"  steps {fmt(first)}–{fmt(last)}  peak {short(a.get('peak_value'))} @ {fmt(a.get('peak_step'))}"
+        f"  flagged {fmt(a.get('count'))}×{'  ongoing' if a.get('ongoing') else ''}",
+        style="dim",
+    )
     text.append("\n" + clean(a.get("message"), 400))
     if a.get("recommendation"):
         text.append("\n→ " + clean(a.get("recommendation"), 400), style="italic")
@@ -43,7 +48,7 @@ def anomaly_detail(a: dict) -> Text:
 
 class AnomalyTable(DataTable):
     BINDINGS = keys.bindings("anomalies")
-    user_moved = False   # the user picked a row since the last mute (m then unmutes nothing by surprise)
+    user_moved = False  # the user picked a row since the last mute (m then unmutes nothing by surprise)
 
     def _moved(self) -> None:
         self.user_moved = True
@@ -131,7 +136,7 @@ class AnomaliesPane(Pane):
         ncols = 3 if narrow else 4
         rest = max(12, width - fixed - 2 * (ncols + (1 if wide else 0)) - 1)
         columns = [("step", "step", 6), ("sev", "sev", 4)]
-        if not narrow:   # narrow panes: the message names the metric anyway
+        if not narrow:  # narrow panes: the message names the metric anyway
             columns.append(("metric", "metric", metric_w))
         if wide:
             columns += [("message", "message", rest * 3 // 5), ("rec", "recommendation", rest - rest * 3 // 5)]
@@ -179,7 +184,7 @@ class AnomaliesPane(Pane):
         detail.add_class("-shown")
         self.post_message(self.Selected(a))
 
-    def on_anomalies_pane_closed(self, event: "AnomaliesPane.Closed") -> None:
+    def on_anomalies_pane_closed(self, event: AnomaliesPane.Closed) -> None:
         self.close_detail()
 
     def close_detail(self) -> None:

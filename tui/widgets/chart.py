@@ -1,10 +1,11 @@
 """A larger chart of one metric (Enter on a metric) or of one metric across runs (o): braille line chart with a
 step axis, the z-score band, zoom and pan. Each dot column shows the min…max of the steps it covers, so spikes
 survive downsampling of long histories."""
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from rich.text import Text
@@ -20,8 +21,15 @@ COLORS = ("cyan", "magenta", "yellow", "green", "bright_blue", "red", "bright_wh
 _BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.uint16)  # [row][col]
 
 
-def render_chart(series: list[dict], width: int, height: int, *, x_range: tuple[float, float] | None = None,
-                 band: tuple[float, float] | None = None, marker: int | None = None) -> Text:
+def render_chart(
+    series: list[dict],
+    width: int,
+    height: int,
+    *,
+    x_range: tuple[float, float] | None = None,
+    band: tuple[float, float] | None = None,
+    marker: int | None = None,
+) -> Text:
     """series: [{"label", "steps", "values", "color"?}] → a Text `height` lines tall with axes."""
     label_w = 9
     plot_w, plot_h = max(4, width - label_w - 1), max(2, height - 1)
@@ -78,7 +86,7 @@ def render_chart(series: list[dict], width: int, height: int, *, x_range: tuple[
         xd = int(round((marker - lo_x) / (hi_x - lo_x) * (dots_w - 1)))
         yd = np.arange(0, dots_h, 2)
         put(np.full(yd.size, xd), yd, -3)
-    for index, (s, st, va) in enumerate(clipped):
+    for index, (_s, st, va) in enumerate(clipped):
         if not va.size:
             continue
         c = index % len(COLORS)
@@ -126,8 +134,11 @@ def render_chart(series: list[dict], width: int, height: int, *, x_range: tuple[
     text.append(axis[: label_w + 1 + plot_w] + "\n", style="dim")
     left, right, mid = f"{lo_x:.0f}", f"{hi_x:.0f}", f"{(lo_x + hi_x) / 2:.0f}"
     line = [" "] * (label_w + 1 + plot_w)
-    for pos, s in ((label_w + 1, left), (label_w + 1 + plot_w // 2 - len(mid) // 2, mid),
-                   (label_w + 1 + plot_w - len(right), right)):
+    for pos, s in (
+        (label_w + 1, left),
+        (label_w + 1 + plot_w // 2 - len(mid) // 2, mid),
+        (label_w + 1 + plot_w - len(right), right),
+    ):
         for i, ch in enumerate(s):
             if 0 <= pos + i < len(line):
                 line[pos + i] = ch
@@ -173,8 +184,8 @@ class ChartScreen(Screen):
         self.metric = metric
         self.provider = provider
         self.overlay = overlay
-        self.window: float | None = None   # steps shown (None: all)
-        self.end: float | None = None      # right edge (None: follow the newest step)
+        self.window: float | None = None  # steps shown (None: all)
+        self.end: float | None = None  # right edge (None: follow the newest step)
         self._version = None
         self._data: dict = {}
 
@@ -235,8 +246,10 @@ class ChartScreen(Screen):
         for i, s in enumerate(data.get("series", [])):
             values = s["values"]
             legend.append("━━ ", style=COLORS[i % len(COLORS)])
-            legend.append(f"{clean(s.get('label'), 60)}  last {short(float(values[-1])) if len(values) else '—'}"
-                          f"  ({len(values)} points)   ")
+            legend.append(
+                f"{clean(s.get('label'), 60)}  last {short(float(values[-1])) if len(values) else '—'}"
+                f"  ({len(values)} points)   "
+            )
         if not data.get("series"):
             legend.append("no data for this metric", style="dim")
         self.query_one("#chart-legend", Static).update(legend)

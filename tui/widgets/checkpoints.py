@@ -1,5 +1,6 @@
 """The Checkpoints pane: step, health score (coloured), issue count, drift vs the previous checkpoint, size,
 path; Enter on a row shows its issues and recommendations."""
+
 from __future__ import annotations
 
 from rich.text import Text
@@ -64,30 +65,42 @@ class CheckpointsPane(Pane):
         self.checkpoints = ckpts
         width = self.size.width or 60
         path_w = width - (5 + 6 + 3 + 7 + 5) - 2 * 6 - 1
-        columns = [("step", "step", 5), ("health", "health", 6), ("issues", "iss", 3), ("drift", "drift", 7),
-                   ("size", "MB", 5)]
-        show_path = path_w >= 10   # narrow panes: the path is in the details (Enter)
+        columns = [
+            ("step", "step", 5),
+            ("health", "health", 6),
+            ("issues", "iss", 3),
+            ("drift", "drift", 7),
+            ("size", "MB", 5),
+        ]
+        show_path = path_w >= 10  # narrow panes: the path is in the details (Enter)
         if show_path:
             columns.append(("path", "path", path_w))
         rows, sigs = [], []
         for c in ckpts:
             key = str(c.get("step"))
             n_issues = len(c.get("issues") or [])
-            cells = [Text(fmt(c.get("step")), justify="right"), health_text(c),
-                     Text(str(n_issues), style="yellow" if n_issues else "dim", justify="right"),
-                     Text(short(c.get("drift")), justify="right"), Text(short(c.get("file_size_mb")), justify="right")]
+            cells = [
+                Text(fmt(c.get("step")), justify="right"),
+                health_text(c),
+                Text(str(n_issues), style="yellow" if n_issues else "dim", justify="right"),
+                Text(short(c.get("drift")), justify="right"),
+                Text(short(c.get("file_size_mb")), justify="right"),
+            ]
             if show_path:
                 cells.append(Text(fit_left(clean(c.get("path"), 400), path_w), style="dim", no_wrap=True))
             rows.append((key, cells))
-            sigs.append((c.get("health_score"), c.get("status"), n_issues, c.get("drift"), c.get("file_size_mb"),
-                         c.get("path")))
+            sigs.append(
+                (c.get("health_score"), c.get("status"), n_issues, c.get("drift"), c.get("file_size_mb"), c.get("path"))
+            )
         sync_table(self.table, columns, rows, sigs)
         title = Text(f"Checkpoints {len(ckpts)}", style="bold")
         if ckpts:
             title.append(" · latest health ")
             health = ckpts[0].get("health_score")
-            title.append(short(health) if health is not None else (clean(ckpts[0].get("status"), 12) or "pending"),
-                         style=health_style(health))
+            title.append(
+                short(health) if health is not None else (clean(ckpts[0].get("status"), 12) or "pending"),
+                style=health_style(health),
+            )
         self.border_title = title
         if self.selected_step is not None:
             c = next((c for c in ckpts if c.get("step") == self.selected_step), None)

@@ -1,7 +1,9 @@
 """Shared pieces of the panes: the pane frame (titled top border) and a batched DataTable update."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from textual.containers import Vertical
 from textual.widgets import DataTable
@@ -32,9 +34,13 @@ class Pane(Vertical):
         raise NotImplementedError
 
 
-def sync_table(table: DataTable, columns: Sequence[tuple[str, str, int | None]],
-               rows: Sequence[tuple[str, Sequence[Any]]], signature: Sequence[Any] | None = None,
-               height: int = 1) -> bool:
+def sync_table(
+    table: DataTable,
+    columns: Sequence[tuple[str, str, int | None]],
+    rows: Sequence[tuple[str, Sequence[Any]]],
+    signature: Sequence[Any] | None = None,
+    height: int = 1,
+) -> bool:
     """Bring `table` to `columns` (key, label, width) and `rows` (key, cells) with as little work as possible:
     columns rebuilt only when their spec changed, rows rebuilt only when the row keys changed (cursor kept on
     the same key), otherwise only changed cells updated (no width recalculation: textual#6457).

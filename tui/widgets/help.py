@@ -1,4 +1,5 @@
 """The `?` help screen: every key from `tui.keys` (after the user's remapping), grouped by where it works."""
+
 from __future__ import annotations
 
 from rich.console import Group
@@ -19,8 +20,15 @@ def help_renderable(keymap: dict[str, str] | None, config_path: str | None = Non
     for scope_title, key, kid, text in keys.help_rows(keymap):
         table = tables.get(scope_title)
         if table is None:
-            table = Table(title=scope_title, title_justify="left", title_style="bold underline", box=None,
-                          pad_edge=False, show_header=False, expand=True)
+            table = Table(
+                title=scope_title,
+                title_justify="left",
+                title_style="bold underline",
+                box=None,
+                pad_edge=False,
+                show_header=False,
+                expand=True,
+            )
             table.add_column("key", style="bold cyan", no_wrap=True, width=14)
             table.add_column("what it does", ratio=1)
             table.add_column("id", style="dim", no_wrap=True, width=20)
@@ -29,8 +37,7 @@ def help_renderable(keymap: dict[str, str] | None, config_path: str | None = Non
         table.add_row(key, text, kid)
     footer = Text("\nRemap keys by id in the [keys] table of ", style="dim")
     footer.append(config_path or "the config file", style="dim italic")
-    footer.append(', e.g.  quit = "ctrl+q"  or  toggle_metrics = "f1".  Esc / q / ? closes this screen.',
-                  style="dim")
+    footer.append(', e.g.  quit = "ctrl+q"  or  toggle_metrics = "f1".  Esc / q / ? closes this screen.', style="dim")
     parts.append(footer)
     return Group(*parts)
 
@@ -59,6 +66,7 @@ class HelpScreen(ModalScreen):
         import io
 
         from rich.console import Console
+
         console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
         console.print(self.body)
         return console.export_text()

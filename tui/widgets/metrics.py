@@ -1,5 +1,6 @@
 """The Metrics pane: one row per metric (canonical names first) with latest value, min…max, trend, the
 z-score threshold band and a unicode sparkline bucketed to the pane's width; `/` filters by regex."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -65,8 +66,9 @@ class MetricsPane(Pane):
         self.border_title = "Metrics"
 
     def compose(self) -> ComposeResult:
-        yield FilterInput(placeholder="filter metrics: regular expression (Enter keep, Esc clear)", id="filter",
-                          compact=True)
+        yield FilterInput(
+            placeholder="filter metrics: regular expression (Enter keep, Esc clear)", id="filter", compact=True
+        )
         yield MetricsTable(cursor_type="row", zebra_stripes=False, id="metrics-table")
 
     @property
@@ -105,7 +107,7 @@ class MetricsPane(Pane):
         event.stop()
         self.post_message(self.FilterDone(keep=True))
 
-    def on_metrics_pane_filter_done(self, event: "MetricsPane.FilterDone") -> None:
+    def on_metrics_pane_filter_done(self, event: MetricsPane.FilterDone) -> None:
         box = self.query_one(FilterInput)
         if not event.keep:
             self.pattern, self.pattern_error = "", None
@@ -133,11 +135,14 @@ class MetricsPane(Pane):
         name_w = self._name_width(names, width)
         at_step = report.get("at_step")
         widths = self._widths(width)
-        columns = [("metric", "metric", name_w), ("last", "last" if at_step is None else f"@{at_step}", widths["last"]),
-                   ("range", "min…max", widths["range"]), ("trend", "↕", 1),
-                   ("band", f"band z±{short(report.get('thresholds', {}).get('anomaly_threshold'))}",
-                    widths["band"]),
-                   ("history", "history", self.spark_width(names))]
+        columns = [
+            ("metric", "metric", name_w),
+            ("last", "last" if at_step is None else f"@{at_step}", widths["last"]),
+            ("range", "min…max", widths["range"]),
+            ("trend", "↕", 1),
+            ("band", f"band z±{short(report.get('thresholds', {}).get('anomaly_threshold'))}", widths["band"]),
+            ("history", "history", self.spark_width(names)),
+        ]
         space = max(1, (self.size.height or 10) - 2 - (1 if self.pattern else 0))
         height = 3 if len(names) * 3 <= space else 2 if len(names) * 2 <= space else 1
         rows, sigs = [], []
@@ -147,8 +152,11 @@ class MetricsPane(Pane):
             value = row.get("at") if at_step is not None else row.get("last")
             label = ("● " if active else "") + fit(clean(name, 80), name_w - (2 if active else 0))
             buckets = row.get("buckets")
-            lines = spark_lines(np.asarray(buckets, dtype=float), height) if buckets is not None and height > 1 \
+            lines = (
+                spark_lines(np.asarray(buckets, dtype=float), height)
+                if buckets is not None and height > 1
                 else [row.get("spark") or ""]
+            )
             spark = Text("\n".join(lines), style="bold red" if active else "cyan", no_wrap=True, overflow="crop")
             marker = row.get("marker")
             if marker is not None:
@@ -156,16 +164,35 @@ class MetricsPane(Pane):
                     if 0 <= marker < len(line):
                         start = sum(len(x) + 1 for x in lines[:line_no]) + marker
                         spark.stylize("reverse bold", start, start + 1)
-            cells = [Text(label, style="bold red" if active else "", no_wrap=True, overflow="ellipsis"),
-                     Text(short(value), style="bold red" if row.get("out_of_band") else "", justify="right",
-                          no_wrap=True, overflow="ellipsis"),
-                     Text(range_text(row), style="dim", no_wrap=True, overflow="ellipsis"),
-                     Text(TREND_ARROWS.get(row.get("trend"), "?"), no_wrap=True),
-                     Text(band_text(row.get("band")), style="dim", no_wrap=True, overflow="ellipsis"),
-                     spark]
+            cells = [
+                Text(label, style="bold red" if active else "", no_wrap=True, overflow="ellipsis"),
+                Text(
+                    short(value),
+                    style="bold red" if row.get("out_of_band") else "",
+                    justify="right",
+                    no_wrap=True,
+                    overflow="ellipsis",
+                ),
+                Text(range_text(row), style="dim", no_wrap=True, overflow="ellipsis"),
+                Text(TREND_ARROWS.get(row.get("trend"), "?"), no_wrap=True),
+                Text(band_text(row.get("band")), style="dim", no_wrap=True, overflow="ellipsis"),
+                spark,
+            ]
             rows.append((name, cells))
-            sigs.append((label, short(value), range_text(row), row.get("trend"), band_text(row.get("band")),
-                         row.get("spark"), marker, active, row.get("out_of_band"), height))
+            sigs.append(
+                (
+                    label,
+                    short(value),
+                    range_text(row),
+                    row.get("trend"),
+                    band_text(row.get("band")),
+                    row.get("spark"),
+                    marker,
+                    active,
+                    row.get("out_of_band"),
+                    height,
+                )
+            )
         sync_table(self.table, columns, rows, sigs, height=height)
         self._update_title(len(names), len(all_names), at_step)
 

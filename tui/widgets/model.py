@@ -4,6 +4,7 @@ the anomaly feed). Pure numpy + stdlib: no Textual here, so the headless report 
 
 Callers hold `store.lock` while building (it reads the store's arrays); everything returned is a copy.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,12 +95,20 @@ def active_metrics(anomalies: list[dict], at_step: int | None = None) -> set[str
     return out
 
 
-KEEP_LOW = 1000      # the monitor keeps the newest low-severity episodes ...
-KEEP_OTHER = 2000    # ... and the newest medium+ ones (ongoing ones always); the counts stay exact
+KEEP_LOW = 1000  # the monitor keeps the newest low-severity episodes ...
+KEEP_OTHER = 2000  # ... and the newest medium+ ones (ongoing ones always); the counts stay exact
 
 
-def view_report(store: Store, thresholds=None, *, run_id: str | None = None, anomalies: list | None = None,
-                spark_width: int = 24, at_step: int | None = None, anomaly_counts: dict | None = None) -> dict:
+def view_report(
+    store: Store,
+    thresholds=None,
+    *,
+    run_id: str | None = None,
+    anomalies: list | None = None,
+    spark_width: int = 24,
+    at_step: int | None = None,
+    anomaly_counts: dict | None = None,
+) -> dict:
     """`build_report` plus per-metric `band`, a sparkline `spark_width` wide, `at` (value at `at_step`) and
     `marker` (which sparkline character is `at_step`), and `active` (an anomaly in progress)."""
     report = build_report(store, thresholds, run_id=run_id, anomalies=anomalies)
@@ -112,8 +121,10 @@ def view_report(store: Store, thresholds=None, *, run_id: str | None = None, ano
         report["run"]["max_steps"] = run.meta.get("max_steps")
         if run.last_step_time is not None:  # monotonic → wall clock, for "no new step since …"
             report["last_step_wall"] = time.time() - (time.monotonic() - run.last_step_time)
-    report["thresholds"] = {"anomaly_threshold": getattr(thresholds, "anomaly_threshold", 3.0),
-                            "muted": list(getattr(thresholds, "muted", []) or [])}
+    report["thresholds"] = {
+        "anomaly_threshold": getattr(thresholds, "anomaly_threshold", 3.0),
+        "muted": list(getattr(thresholds, "muted", []) or []),
+    }
     if run is None:
         return report
     row = _row_of_step(run, at_step)
@@ -158,10 +169,12 @@ def severity_counts(anomalies: list[dict]) -> dict[str, int]:
 
 def newest_first(anomalies: list[dict]) -> list[dict]:
     """The feed's order: newest first (by the step an anomaly began, then its latest step)."""
+
     def key(a: dict) -> tuple:
         first = a.get("step") if isinstance(a.get("step"), int) else -1
         last = a.get("last_step") if isinstance(a.get("last_step"), int) else first
         return (first, last)
+
     return sorted(anomalies, key=key, reverse=True)
 
 

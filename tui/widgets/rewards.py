@@ -1,5 +1,6 @@
 """The Rewards pane: stability, consistency, variance, mean, a score distribution (sparkline histogram), drift
 and the latest sample completions with their scores (escaped: no markup or control sequences)."""
+
 from __future__ import annotations
 
 from rich.text import Text
@@ -30,8 +31,11 @@ class RewardsPane(Pane):
     def show(self, report: dict) -> None:
         rewards = report.get("rewards") or {}
         width = self.size.width or 60
-        body = rewards_lines(report, width=width - 2, samples=3) if rewards.get("batches") else \
-            Text("no reward batches yet (wrap reward functions with monitor_rewards)", style="dim")
+        body = (
+            rewards_lines(report, width=width - 2, samples=3)
+            if rewards.get("batches")
+            else Text("no reward batches yet (wrap reward functions with monitor_rewards)", style="dim")
+        )
         if body.plain != self._last:
             self._last = body.plain
             self.query_one("#rewards-body", Static).update(body)

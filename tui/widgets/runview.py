@@ -6,6 +6,7 @@ when building gets expensive (long runs) so the screen stays responsive at any d
 on a worker thread over the whole history: at once after a threshold change, otherwise at most every ~1 s (longer
 for very long runs) when new data arrived.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,8 @@ from rlhf_tui.tui.widgets.rewards import RewardsPane
 from rlhf_tui.tui.widgets.system import SystemPane
 
 PANES = ("metrics", "anomalies", "system", "checkpoints", "rewards")
-DETECT_MIN_INTERVAL = 1.0   # seconds between live re-evaluations
-LOCK_WAIT = 0.02            # longest the screen waits for the store lock before trying next tick
+DETECT_MIN_INTERVAL = 1.0  # seconds between live re-evaluations
+LOCK_WAIT = 0.02  # longest the screen waits for the store lock before trying next tick
 
 
 def _libc():
@@ -47,7 +48,7 @@ def keep_large_arrays_off_the_heap() -> None:
     monitor's RSS creeps up with every detection pass. No-op where mallopt does not exist."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD (fixing it also stops the dynamic raise)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic raise)
 
 
 def release_memory() -> None:
@@ -67,11 +68,21 @@ _TRIM = None
 def header_info(store: Store) -> dict:
     """The few fields the header needs (cheap: used while paused). Caller holds the lock."""
     run = store.current_run
-    info: dict[str, Any] = {"connection": store.connection, "stale_since": store.stale_since,
-                            "source": store.source, "run": {}, "steps": 0, "last_step": None}
+    info: dict[str, Any] = {
+        "connection": store.connection,
+        "stale_since": store.stale_since,
+        "source": store.source,
+        "run": {},
+        "steps": 0,
+        "last_step": None,
+    }
     if run is not None:
-        info["run"] = {"run_id": run.run_id, "trainer": run.trainer, "model": run.meta.get("model"),
-                       "max_steps": run.meta.get("max_steps")}
+        info["run"] = {
+            "run_id": run.run_id,
+            "trainer": run.trainer,
+            "model": run.meta.get("model"),
+            "max_steps": run.meta.get("max_steps"),
+        }
         info["steps"], info["last_step"] = int(run.rows), run.last_step
         if run.last_step_time is not None:
             info["last_step_wall"] = time.time() - (time.monotonic() - run.last_step_time)
@@ -113,7 +124,7 @@ class RunView(Vertical):
         self._detect_thresholds = None
         self._detect_cache = None
         self.detect_count = 0
-        self.build_count = 0        # reports shown (tests and benchmarks wait on it)
+        self.build_count = 0  # reports shown (tests and benchmarks wait on it)
         self.pending_note: str | None = None
         self._building = False
 
@@ -160,22 +171,28 @@ class RunView(Vertical):
         if self._detect_running:
             return
         version = self.store.version
-        due = self._detect_force or (version != self._detected_version
-                                     and now - self._detect_done_at >= self._detect_interval)
+        due = self._detect_force or (
+            version != self._detected_version and now - self._detect_done_at >= self._detect_interval
+        )
         if not due:
             return
         self._detect_force = False
         self._detect_running = True
         thresholds = self.app.thresholds
         self._detect_thresholds = thresholds
-        self.run_worker(lambda: self._detect_thread(thresholds, version), thread=True, group=f"detect-{self.id}",
-                        exit_on_error=False, name="detect")
+        self.run_worker(
+            lambda: self._detect_thread(thresholds, version),
+            thread=True,
+            group=f"detect-{self.id}",
+            exit_on_error=False,
+            name="detect",
+        )
 
     def _detect_thread(self, thresholds, version: int) -> None:
         from rlhf_tui.analysis.detectors import DetectionCache, evaluate
 
         if self._detect_cache is None:
-            self._detect_cache = DetectionCache()   # baselines kept between passes: a key press recomputes little
+            self._detect_cache = DetectionCache()  # baselines kept between passes: a key press recomputes little
         started = time.perf_counter()
         store = self.store
         run_id, episodes, counts = None, [], {}
@@ -188,8 +205,9 @@ class RunView(Vertical):
                     run_id, thinned = run.run_id, run.thinned
                     # Views, not copies: rows below `rows` only change when the run is thinned (checked after).
                     arrays = (run.steps, run.metrics(), run.logged_masks(), dict(run.meta))
-                episodes, counts = evaluate(arrays, thresholds, cache=self._detect_cache, keep_low=KEEP_LOW,
-                                            keep_other=KEEP_OTHER)
+                episodes, counts = evaluate(
+                    arrays, thresholds, cache=self._detect_cache, keep_low=KEEP_LOW, keep_other=KEEP_OTHER
+                )
                 del arrays
                 with store.lock:
                     if run.thinned == thinned:
@@ -200,8 +218,7 @@ class RunView(Vertical):
             error = f"anomaly detection failed: {type(exc).__name__}: {exc}"
         cost = time.perf_counter() - started
         try:
-            self.app.call_from_thread(self._detect_done, thresholds, version, run_id, (episodes, counts), cost,
-                                      error)
+            self.app.call_from_thread(self._detect_done, thresholds, version, run_id, (episodes, counts), cost, error)
         except RuntimeError:
             pass  # the app is shutting down
 
@@ -213,7 +230,7 @@ class RunView(Vertical):
         if error:
             self.app.notify(error, severity="error", timeout=8)
         if thresholds is not self.app.thresholds:
-            self._detect_force = True   # settings changed while this ran: its result is stale
+            self._detect_force = True  # settings changed while this ran: its result is stale
             self._maybe_detect(time.monotonic())
             return
         self._detected_version = version
@@ -222,11 +239,12 @@ class RunView(Vertical):
         pane = self.pane("anomalies")
         pane.note = ""
         if self.pending_note:
-            self.app.notify(f"{self.pending_note} · re-evaluated {self.label}: {sum(counts.values())} anomalies",
-                            timeout=4)
+            self.app.notify(
+                f"{self.pending_note} · re-evaluated {self.label}: {sum(counts.values())} anomalies", timeout=4
+            )
             self.pending_note = None
         self.dirty = True
-        self.app.tick()   # redraw now, not at the next tick: a threshold key's effect shows at once
+        self.app.tick()  # redraw now, not at the next tick: a threshold key's effect shows at once
 
     @property
     def detecting(self) -> bool:
@@ -240,8 +258,14 @@ class RunView(Vertical):
     def build_report(self, spark_width: int | None = None, at_step: int | None = None) -> dict:
         """The report as shown (caller holds the store lock)."""
         width = spark_width if spark_width is not None else self._spark_width()
-        return view_report(self.store, self.app.thresholds, anomalies=self.current_anomalies(),
-                           spark_width=width, at_step=at_step, anomaly_counts=self.current_counts())
+        return view_report(
+            self.store,
+            self.app.thresholds,
+            anomalies=self.current_anomalies(),
+            spark_width=width,
+            at_step=at_step,
+            anomaly_counts=self.current_counts(),
+        )
 
     def current_counts(self) -> dict[str, int] | None:
         run = self.store.current_run
@@ -275,19 +299,25 @@ class RunView(Vertical):
         # Build the report on a worker thread (long histories take tens of ms), draw it on the screen's thread.
         self._building = True
         self._seen_version, self.dirty = version, False
-        args = (self.app.thresholds, self.current_anomalies(), self._spark_width(), self.at_step,
-                self.current_counts())
-        self.run_worker(lambda: self._build_thread(*args), thread=True, group=f"build-{self.id}",
-                        exit_on_error=False, name="build")
+        args = (self.app.thresholds, self.current_anomalies(), self._spark_width(), self.at_step, self.current_counts())
+        self.run_worker(
+            lambda: self._build_thread(*args), thread=True, group=f"build-{self.id}", exit_on_error=False, name="build"
+        )
 
     def _build_thread(self, thresholds, anomalies, spark_width, at_step, counts) -> None:
         report, error = None, None
         started = time.perf_counter()
         try:
             with self.store.lock:
-                started = time.perf_counter()   # the cost that counts is the work, not the wait for the lock
-                report = view_report(self.store, thresholds, anomalies=anomalies, spark_width=spark_width,
-                                     at_step=at_step, anomaly_counts=counts)
+                started = time.perf_counter()  # the cost that counts is the work, not the wait for the lock
+                report = view_report(
+                    self.store,
+                    thresholds,
+                    anomalies=anomalies,
+                    spark_width=spark_width,
+                    at_step=at_step,
+                    anomaly_counts=counts,
+                )
         except Exception as exc:  # a bug of ours must not freeze the screen
             error = f"view failed: {type(exc).__name__}: {exc}"
         cost = time.perf_counter() - started
@@ -317,8 +347,7 @@ class RunView(Vertical):
     def _draw_header(self, report: dict, paused: bool) -> None:
         th = self.app.thresholds
         width = self.size.width or 80
-        text = header_text(report, width) if report.get("metrics") is not None or not paused \
-            else _short_header(report)
+        text = header_text(report, width) if report.get("metrics") is not None or not paused else _short_header(report)
         text.append(f"  z≥{short(th.anomaly_threshold)}", style="dim")
         if paused:
             text.append("  ⏸ PAUSED (p: follow)", style="bold black on yellow")
@@ -370,8 +399,12 @@ class RunView(Vertical):
 
 def _short_header(info: dict) -> Text:
     run = info.get("run") or {}
-    text = Text.assemble(("rlhf-tui", "bold"), "  run ", (clean(run.get("run_id"), 60), "bold cyan"),
-                         f"  {clean(run.get('trainer'), 40)}  newest step {info.get('last_step')}  ")
+    text = Text.assemble(
+        ("rlhf-tui", "bold"),
+        "  run ",
+        (clean(run.get("run_id"), 60), "bold cyan"),
+        f"  {clean(run.get('trainer'), 40)}  newest step {info.get('last_step')}  ",
+    )
     text.append_text(connection_text(info))
     return text
 

@@ -1,5 +1,6 @@
 """The GPU / system pane: a memory gauge per device (grouped per rank when several report), peak, utilisation,
 process RSS; "no GPU" stated plainly on CPU-only runs."""
+
 from __future__ import annotations
 
 from rich.text import Text
@@ -35,6 +36,8 @@ class SystemPane(Pane):
         gpus = sum(len(r.get("gpus") or []) for r in ranks)
         title = Text("GPU / system", style="bold")
         if ranks:
-            title.append(f" · {len(ranks)} rank{'s' if len(ranks) != 1 else ''}, {gpus} GPU{'s' if gpus != 1 else ''}",
-                         style="dim")
+            title.append(
+                f" · {len(ranks)} rank{'s' if len(ranks) != 1 else ''}, {gpus} GPU{'s' if gpus != 1 else ''}",
+                style="dim",
+            )
         self.border_title = title

@@ -1,5 +1,6 @@
 """The threshold editor (`t`): every detector setting with its value, default and meaning, plus every detector
 with its mute state. Each change is applied at once by the app (history re-evaluated, config file saved)."""
+
 from __future__ import annotations
 
 from rich.text import Text
@@ -19,6 +20,7 @@ DETECTOR_PREFIX = "detector:"
 def _detectors() -> dict[str, str]:
     try:
         from rlhf_tui.analysis.detectors import DETECTORS
+
         return dict(DETECTORS)
     except ImportError:  # pragma: no cover
         return {}
@@ -84,23 +86,40 @@ class ThresholdEditor(ModalScreen):
                 continue
             value = getattr(th, spec["name"])
             changed = value != spec["default"]
-            table.add_row(Text(spec["name"], style="bold yellow" if changed else ""),
-                          Text(_value_text(value), style="bold yellow" if changed else "", justify="right"),
-                          Text(_value_text(spec["default"]), style="dim", justify="right"),
-                          Text(spec.get("help", ""), style="dim"), key=spec["name"])
+            table.add_row(
+                Text(spec["name"], style="bold yellow" if changed else ""),
+                Text(_value_text(value), style="bold yellow" if changed else "", justify="right"),
+                Text(_value_text(spec["default"]), style="dim", justify="right"),
+                Text(spec.get("help", ""), style="dim"),
+                key=spec["name"],
+            )
         for name, description in _detectors().items():
             muted = th.is_muted(name)
-            table.add_row(Text(f"{DETECTOR_PREFIX} {name}", style="dim strike" if muted else "cyan"),
-                          Text("muted" if muted else "active", style="bold red" if muted else "green"),
-                          Text("active", style="dim"), Text(clean(description, 200), style="dim"),
-                          key=f"{DETECTOR_PREFIX}{name}")
+            table.add_row(
+                Text(f"{DETECTOR_PREFIX} {name}", style="dim strike" if muted else "cyan"),
+                Text("muted" if muted else "active", style="bold red" if muted else "green"),
+                Text("active", style="dim"),
+                Text(clean(description, 200), style="dim"),
+                key=f"{DETECTOR_PREFIX}{name}",
+            )
         if table.row_count:
             table.move_cursor(row=min(max(keep, 0), table.row_count - 1), animate=False)
         muted = ", ".join(th.muted) or "none"
-        self.query_one("#editor-status", Static).update(Text.assemble(
-            ("+/-", "bold cyan"), " change · ", ("Enter", "bold cyan"), " type a value · ", ("r", "bold cyan"),
-            " default · ", ("m", "bold cyan"), " mute detector · ", ("Esc", "bold cyan"), " close    ",
-            (f"muted: {muted}", "dim")))
+        self.query_one("#editor-status", Static).update(
+            Text.assemble(
+                ("+/-", "bold cyan"),
+                " change · ",
+                ("Enter", "bold cyan"),
+                " type a value · ",
+                ("r", "bold cyan"),
+                " default · ",
+                ("m", "bold cyan"),
+                " mute detector · ",
+                ("Esc", "bold cyan"),
+                " close    ",
+                (f"muted: {muted}", "dim"),
+            )
+        )
 
     def _current(self) -> str | None:
         table = self.query_one(DataTable)
@@ -132,15 +151,17 @@ class ThresholdEditor(ModalScreen):
         default = next(s["default"] for s in THRESHOLD_FIELDS if s["name"] == name)
         old = getattr(self.thresholds, name)
         if old != default:
-            self._apply(self.thresholds.replace(**{name: default}), f"{name} {_value_text(old)} → default "
-                        f"{_value_text(default)}")
+            self._apply(
+                self.thresholds.replace(**{name: default}),
+                f"{name} {_value_text(old)} → default {_value_text(default)}",
+            )
 
     def action_mute(self) -> None:
         name = self._current()
         if not name or not name.startswith(DETECTOR_PREFIX):
             self.notify("m mutes a detector: move to a 'detector:' row", severity="warning")
             return
-        detector = name[len(DETECTOR_PREFIX):]
+        detector = name[len(DETECTOR_PREFIX) :]
         new = toggle_mute(self.thresholds, detector)
         self._apply(new, f"{detector} {'muted' if new.is_muted(detector) else 'unmuted'}")
 

@@ -5,6 +5,7 @@ nvidia-ml-py) for used/total/utilisation, and torch.cuda (only if torch is alrea
 initialised by training: we never create a CUDA context or synchronise) for allocated/reserved/peak.
 On a machine without a GPU the sample says so plainly: `gpus == []`, `gpu_available == False`.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ MB = 1024 * 1024
 def _load_nvml():
     try:
         import pynvml
+
         pynvml.nvmlInit()
         return pynvml
     except Exception:  # no library, no driver, no device: all mean "no NVML"
@@ -32,6 +34,7 @@ class SystemSampler:
         if process == "auto":
             try:
                 import psutil
+
                 process = psutil.Process(os.getpid())
             except Exception:
                 process = None

@@ -6,6 +6,7 @@ replayed as `block` envelopes: up to BLOCK_MESSAGES messages with their steps in
 metric), which decode several times faster than rows. Non-finite floats travel as the strings "NaN",
 "Infinity", "-Infinity" so the JSON stays strict.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,21 +14,28 @@ import math
 from typing import Any
 
 PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 4 << 20      # ZMQ MAXMSGSIZE on the monitor side: a peer cannot make us allocate more
-MAX_INBOUND_BYTES = 64 << 10     # ZMQ MAXMSGSIZE on the training side: hellos and forwarded samples are tiny
-MAX_BATCH = 2000                 # envelopes per batch frame
-MAX_BATCH_BYTES = 1 << 20        # soft bound when building a batch or a block
-BLOCK_MESSAGES = 512             # messages per history block
-MAX_BLOCK_ROWS = 4096            # rows a received block may hold
-MAX_METRICS = 512                # keys per step message
-MAX_STRING = 4096                # characters of any string we keep (sample completions are truncated)
-MAX_DEPTH = 6                    # nesting depth accepted in `data`
+MAX_MESSAGE_BYTES = 4 << 20  # ZMQ MAXMSGSIZE on the monitor side: a peer cannot make us allocate more
+MAX_INBOUND_BYTES = 64 << 10  # ZMQ MAXMSGSIZE on the training side: hellos and forwarded samples are tiny
+MAX_BATCH = 2000  # envelopes per batch frame
+MAX_BATCH_BYTES = 1 << 20  # soft bound when building a batch or a block
+BLOCK_MESSAGES = 512  # messages per history block
+MAX_BLOCK_ROWS = 4096  # rows a received block may hold
+MAX_METRICS = 512  # keys per step message
+MAX_STRING = 4096  # characters of any string we keep (sample completions are truncated)
+MAX_DEPTH = 6  # nesting depth accepted in `data`
 MAX_SEQ = 1 << 62
 NON_FINITE = frozenset({"NaN", "Infinity", "-Infinity"})
 
 # Kinds the training side publishes (seq-numbered, kept in history) ...
 STEP, RUN_START, SYSTEM, CHECKPOINT, REWARD, RUN_END, ANOMALY = (
-    "step", "run_start", "system", "checkpoint", "reward", "run_end", "anomaly")
+    "step",
+    "run_start",
+    "system",
+    "checkpoint",
+    "reward",
+    "run_end",
+    "anomaly",
+)
 HISTORY_KINDS = frozenset({STEP, RUN_START, SYSTEM, CHECKPOINT, REWARD, RUN_END, ANOMALY})
 # ... a history block (a seq range of the above, steps in columns) ...
 BLOCK = "block"
@@ -97,8 +105,9 @@ def dumps(obj: Any) -> bytes:
 
 def encode_clean(kind: str, run_id: str, seq: int, ts: float, clean_data: dict, rank: int = 0) -> bytes:
     """One envelope as bytes; `clean_data` has been through `to_json_safe` already."""
-    return dumps({"v": PROTOCOL_VERSION, "kind": kind, "run": run_id, "rank": rank, "seq": seq, "ts": ts,
-                  "data": clean_data})
+    return dumps(
+        {"v": PROTOCOL_VERSION, "kind": kind, "run": run_id, "rank": rank, "seq": seq, "ts": ts, "data": clean_data}
+    )
 
 
 def encode(kind: str, run_id: str, seq: int, ts: float, data: dict, rank: int = 0) -> bytes:
@@ -106,11 +115,19 @@ def encode(kind: str, run_id: str, seq: int, ts: float, data: dict, rank: int = 
     return encode_clean(kind, run_id, seq, ts, _clean(data), rank)
 
 
-def encode_step(run_id: str, seq: int, ts: float, step: int, metrics: "Clean", wall: Any, rank: int = 0) -> bytes:
+def encode_step(run_id: str, seq: int, ts: float, step: int, metrics: Clean, wall: Any, rank: int = 0) -> bytes:
     """A step envelope around metrics encoded once already (`metrics.encoded`): the same bytes as
     `encode_clean` would give, without turning the floats into text a second time."""
-    return (b'{"v":%d,"kind":"step","run":%s,"rank":%d,"seq":%d,"ts":%s,"data":{"step":%d,"metrics":%s,"wall":%s}}'
-            % (PROTOCOL_VERSION, dumps(run_id), rank, seq, dumps(ts), step, metrics.encoded, dumps(wall)))
+    return b'{"v":%d,"kind":"step","run":%s,"rank":%d,"seq":%d,"ts":%s,"data":{"step":%d,"metrics":%s,"wall":%s}}' % (
+        PROTOCOL_VERSION,
+        dumps(run_id),
+        rank,
+        seq,
+        dumps(ts),
+        step,
+        metrics.encoded,
+        dumps(wall),
+    )
 
 
 def encode_batch(frames: list[bytes]) -> bytes:
@@ -118,8 +135,9 @@ def encode_batch(frames: list[bytes]) -> bytes:
     return b"[" + b",".join(frames) + b"]"
 
 
-def encode_block(run_id: str, rank: int, first: int, last: int, ts: float, steps: list[tuple],
-                 others: list[bytes]) -> bytes:
+def encode_block(
+    run_id: str, rank: int, first: int, last: int, ts: float, steps: list[tuple], others: list[bytes]
+) -> bytes:
     """A history block: the messages with seq in [first, last]. `steps` are (seq, step, ts, clean metrics) of
     the step messages (sent as columns), `others` the encoded frames of every other message (sent as they
     are). A seq in the range that is in neither was thinned away on purpose (not a gap)."""
@@ -135,8 +153,13 @@ def encode_block(run_id: str, rank: int, first: int, last: int, ts: float, steps
                 cols[name] = [row[3][name] for row in steps]
             else:  # sparse: only the rows that logged it
                 cols[name] = {"i": present, "x": [steps[i][3][name] for i in present]}
-    data = {"last": last, "seq": [s[0] for s in steps], "step": [s[1] for s in steps],
-            "ts": [round(s[2], 4) for s in steps], "cols": cols}
+    data = {
+        "last": last,
+        "seq": [s[0] for s in steps],
+        "step": [s[1] for s in steps],
+        "ts": [round(s[2], 4) for s in steps],
+        "cols": cols,
+    }
     head = dumps({"v": PROTOCOL_VERSION, "kind": BLOCK, "run": run_id, "rank": rank, "seq": first, "ts": ts})
     return head[:-1] + b',"data":' + dumps(data)[:-1] + b',"other":[' + b",".join(others) + b"]}}"
 
@@ -269,8 +292,9 @@ def _validate_block(env: dict, data: dict) -> None:
         ts_arr = np.array(stamps, dtype=np.float64)
     except (OverflowError, ValueError):
         raise ProtocolError("bad block seq/step") from None
-    if n and (seq_arr[0] < first or seq_arr[-1] > last or (n > 1 and (np.diff(seq_arr) <= 0).any())
-              or (step_arr < 0).any()):
+    if n and (
+        seq_arr[0] < first or seq_arr[-1] > last or (n > 1 and (np.diff(seq_arr) <= 0).any()) or (step_arr < 0).any()
+    ):
         raise ProtocolError("bad block seq/step")
     columns = {}
     for name, col in cols.items():
@@ -306,8 +330,17 @@ def _validate_block(env: dict, data: dict) -> None:
 def hello(run_id: str | None, since: int, resync: bool = False) -> bytes:
     """What a monitor sends on connect and every second after: which run it has and the first seq it lacks.
     `resync` asks the server to (re)send from `since` even if it thinks it already did."""
-    return json.dumps({"v": PROTOCOL_VERSION, "kind": HELLO, "run": run_id or "", "rank": 0, "seq": -1,
-                       "ts": 0.0, "data": {"run": run_id, "since": since, "resync": resync}}).encode()
+    return json.dumps(
+        {
+            "v": PROTOCOL_VERSION,
+            "kind": HELLO,
+            "run": run_id or "",
+            "rank": 0,
+            "seq": -1,
+            "ts": 0.0,
+            "data": {"run": run_id, "since": since, "resync": resync},
+        }
+    ).encode()
 
 
 def forward(run_id: str, rank: int, kind: str, data: dict, ts: float) -> bytes:

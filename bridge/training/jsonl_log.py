@@ -4,13 +4,14 @@ Written only from the publisher thread. Non-finite floats are written as the str
 every line is strict JSON and `json.loads` reads it; a line is written whole with one write() call so a
 killed process leaves at most one truncated last line.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
-from rlhf_tui.bridge.protocol import to_json_safe
+from rlhf_tui.bridge.wire.protocol import to_json_safe
 
 
 class JsonlLog:
@@ -25,8 +26,7 @@ class JsonlLog:
             if self._fh is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)
-            line = json.dumps(event if clean else to_json_safe(event), separators=(",", ":"),
-                              allow_nan=False) + "\n"
+            line = json.dumps(event if clean else to_json_safe(event), separators=(",", ":"), allow_nan=False) + "\n"
             self._fh.write(line)
             self._fh.flush()
         except (OSError, ValueError, TypeError):

@@ -5,6 +5,7 @@ queue. Everything else (metric names, system samples, anomaly detection, checkpo
 the JSONL log, the sockets) happens on the publisher thread or a worker thread, so a slow disk, a stalled
 monitor or a bug of ours can never slow down or break training.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,11 +17,11 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from rlhf_tui.bridge import protocol
-from rlhf_tui.bridge.jsonl_log import JsonlLog
-from rlhf_tui.bridge.metrics import is_summary, normalise
-from rlhf_tui.bridge.publisher import Forwarder, Publisher
-from rlhf_tui.bridge.system import SystemSampler, memory_metrics
+from rlhf_tui.bridge.training.jsonl_log import JsonlLog
+from rlhf_tui.bridge.training.publisher import Forwarder, Publisher
+from rlhf_tui.bridge.training.system import SystemSampler, memory_metrics
+from rlhf_tui.bridge.wire import protocol
+from rlhf_tui.bridge.wire.metrics import is_summary, normalise
 
 try:  # the callback works without transformers for custom loops (log_step)
     from transformers import TrainerCallback as _Base
@@ -31,11 +32,33 @@ log = logging.getLogger("rlhf_tui.bridge")
 
 SYSTEM_PERIOD_S = 0.5  # at most 2 Hz
 REWARD_ANALYSIS_S = 1.0  # reward reliability analysis: at most once a second per reward function
-KEY_ARGS = ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "num_generations", "beta", "num_iterations", "epsilon",
-            "temperature", "max_completion_length", "max_prompt_length", "max_length", "lr_scheduler_type",
-            "warmup_steps", "seed", "output_dir", "logging_steps", "save_steps", "loss_type", "bf16", "fp16",
-            "gradient_checkpointing", "use_vllm", "scale_rewards")
+KEY_ARGS = (
+    "learning_rate",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_generations",
+    "beta",
+    "num_iterations",
+    "epsilon",
+    "temperature",
+    "max_completion_length",
+    "max_prompt_length",
+    "max_length",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "seed",
+    "output_dir",
+    "logging_steps",
+    "save_steps",
+    "loss_type",
+    "bf16",
+    "fp16",
+    "gradient_checkpointing",
+    "use_vllm",
+    "scale_rewards",
+)
 
 
 def new_run_id() -> str:
@@ -57,9 +80,9 @@ def _versions() -> dict:
 class _Recorder:
     """Runs on the publisher thread: turns queued items into published messages and JSONL events."""
 
-    def __init__(self, cb: "RLHFMonitorCallback", forwarding: bool = False):
+    def __init__(self, cb: RLHFMonitorCallback, forwarding: bool = False):
         self.cb = cb
-        self.forwarding = forwarding   # a non-main rank: only its system samples leave the process
+        self.forwarding = forwarding  # a non-main rank: only its system samples leave the process
         self.jsonl = JsonlLog(cb.log_dir, cb.run_id) if cb.log_dir and not forwarding else None
         self.sampler: SystemSampler | None = None
         self.last_sample_t = 0.0
@@ -108,6 +131,7 @@ class _Recorder:
         try:
             if self.detector is None:
                 from rlhf_tui.analysis.detectors import StreamingDetector
+
                 self.detector = StreamingDetector(self.cb.thresholds, meta=self.cb.meta)
             return list(self.detector.update(step, metrics))
         except Exception as exc:  # the analysis is optional on the training side; counted, logged once
@@ -132,8 +156,12 @@ class _Recorder:
         clean.encoded = protocol.dumps(clean)
         if self.jsonl is not None:
             head = protocol.dumps({"event": "step_end", "step": step, "timestamp": _iso(wall)})
-            tail = protocol.dumps({"anomalies": protocol.to_json_safe(anomalies) if anomalies else [],
-                                   "memory_usage": protocol.to_json_safe(self._seed_memory())})
+            tail = protocol.dumps(
+                {
+                    "anomalies": protocol.to_json_safe(anomalies) if anomalies else [],
+                    "memory_usage": protocol.to_json_safe(self._seed_memory()),
+                }
+            )
             self.jsonl.write_raw(head[:-1] + b',"ppo_metrics":' + clean.encoded + b"," + tail[1:])
         out.append((protocol.STEP, {"step": step, "metrics": clean, "wall": wall}, self.cb.rank))
         return out
@@ -183,13 +211,13 @@ class _Recorder:
             try:
                 if self.reward_monitor is None:
                     from rlhf_tui.analysis.rewards import RewardModelIntegrator
+
                     self.reward_monitor = RewardModelIntegrator(anomaly_threshold=self.cb.thresholds_z())
-                context = {"num_generations": self.cb.meta.get("args", {}).get("num_generations"),
-                           "reward_func": name}
+                context = {"num_generations": self.cb.meta.get("args", {}).get("num_generations"), "reward_func": name}
                 data["analysis"] = self.reward_monitor.monitor_reward_model(batch, step, context=context)
             except Exception as exc:
                 log.debug("reward analysis unavailable: %s", exc)
-        data = protocol.Clean(protocol.to_json_safe(data))   # cleaned once for the log and the wire
+        data = protocol.Clean(protocol.to_json_safe(data))  # cleaned once for the log and the wire
         self._event({"event": "reward_batch", "timestamp": _iso(time.time()), **data}, clean=True)
         return [(protocol.REWARD, data, self.cb.rank)]
 
@@ -230,12 +258,26 @@ class RLHFMonitorCallback(_Base):
         run_id: fixed run id (default: time + random).
     """
 
-    def __init__(self, address: str | None | bool = None, log_dir: str | None = "./logs/rlhf-tui",
-                 anomaly_threshold: float = 3.0, enable_detailed_logging: bool = True, *,
-                 insecure: bool = False, analyze_checkpoints: bool = True, publish_all_ranks: bool = False,
-                 run_id: str | None = None, thresholds: Any = None, queue_size: int = 10_000,
-                 curve: Any = None, keys_dir: str | None = None, trainer: Any = None,
-                 forward_ranks: bool = True, forward_address: str | None = None, detect_anomalies: bool = True):
+    def __init__(
+        self,
+        address: str | None | bool = None,
+        log_dir: str | None = "./logs/rlhf-tui",
+        anomaly_threshold: float = 3.0,
+        enable_detailed_logging: bool = True,
+        *,
+        insecure: bool = False,
+        analyze_checkpoints: bool = True,
+        publish_all_ranks: bool = False,
+        run_id: str | None = None,
+        thresholds: Any = None,
+        queue_size: int = 10_000,
+        curve: Any = None,
+        keys_dir: str | None = None,
+        trainer: Any = None,
+        forward_ranks: bool = True,
+        forward_address: str | None = None,
+        detect_anomalies: bool = True,
+    ):
         self.address = address
         self.log_dir = log_dir
         self.anomaly_threshold = anomaly_threshold
@@ -269,6 +311,7 @@ class RLHFMonitorCallback(_Base):
     def _default_thresholds(self):
         try:
             from rlhf_tui.analysis.thresholds import Thresholds
+
             return Thresholds(anomaly_threshold=self.anomaly_threshold)
         except Exception:
             return None
@@ -296,34 +339,54 @@ class RLHFMonitorCallback(_Base):
                         curve = self._server_curve()
                     except Exception as exc:  # fail closed: no socket at all, the JSONL log goes on
                         import warnings
-                        warnings.warn(f"rlhf-tui: CURVE keys unusable ({exc}); publishing disabled (fail "
-                                      "closed). Training continues unmonitored.", RuntimeWarning, stacklevel=3)
+
+                        warnings.warn(
+                            f"rlhf-tui: CURVE keys unusable ({exc}); publishing disabled (fail "
+                            "closed). Training continues unmonitored.",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
                         curve, address = None, False
                     forwarding = not self.is_main and not self.publish_all_ranks
                     self._recorder = _Recorder(self, forwarding=forwarding)
                     if forwarding:
-                        pub = Forwarder(False if address is False else (self.forward_address or address),
-                                        self.run_id, self._recorder, rank=self.rank, curve=curve,
-                                        insecure=self.insecure)
+                        pub = Forwarder(
+                            False if address is False else (self.forward_address or address),
+                            self.run_id,
+                            self._recorder,
+                            rank=self.rank,
+                            curve=curve,
+                            insecure=self.insecure,
+                        )
                     else:
-                        pub = Publisher(address, self.run_id, self._recorder, queue_size=self.queue_size,
-                                        insecure=self.insecure, curve=curve)
+                        pub = Publisher(
+                            address,
+                            self.run_id,
+                            self._recorder,
+                            queue_size=self.queue_size,
+                            insecure=self.insecure,
+                            curve=curve,
+                        )
                     pub.start()
                     self._publisher = pub
                 except Exception as exc:
                     self._active = False
                     log.warning("rlhf-tui: monitoring disabled: %s", exc)
                     import warnings
-                    warnings.warn(f"rlhf-tui: monitoring disabled: {exc}. Training continues unmonitored.",
-                                  RuntimeWarning, stacklevel=3)
+
+                    warnings.warn(
+                        f"rlhf-tui: monitoring disabled: {exc}. Training continues unmonitored.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
         return self._publisher
 
     def _server_curve(self):
         if self.curve is None and not self.keys_dir:
             return None
-        from rlhf_tui.bridge.security import server_from_options
+        from rlhf_tui.bridge.wire.security import server_from_options
 
-        return server_from_options(self.curve, self.keys_dir)   # SecurityError: fail closed, caller warns
+        return server_from_options(self.curve, self.keys_dir)  # SecurityError: fail closed, caller warns
 
     def _put(self, item: tuple) -> None:
         pub = self._publisher
@@ -337,9 +400,11 @@ class RLHFMonitorCallback(_Base):
             self.rank = int(getattr(args, "process_index", 0) or 0)
             if self.rank > 0:
                 self.is_main = False
-            self.rank_info = {"rank": self.rank,
-                              "local_rank": int(getattr(args, "local_process_index", 0) or 0),
-                              "hostname": os.uname().nodename if hasattr(os, "uname") else ""}
+            self.rank_info = {
+                "rank": self.rank,
+                "local_rank": int(getattr(args, "local_process_index", 0) or 0),
+                "hostname": os.uname().nodename if hasattr(os, "uname") else "",
+            }
             self._active = self.is_main or self.publish_all_ranks or self.forward_ranks
             if not self._active:
                 return
@@ -389,8 +454,13 @@ class RLHFMonitorCallback(_Base):
         try:
             if self._ensure_started() is not None:
                 if not self.meta:
-                    self.meta = {"run_id": self.run_id, "trainer": "custom", "pid": os.getpid(),
-                                 "started": time.time(), "versions": _versions()}
+                    self.meta = {
+                        "run_id": self.run_id,
+                        "trainer": "custom",
+                        "pid": os.getpid(),
+                        "started": time.time(),
+                        "versions": _versions(),
+                    }
                     self._put(("run_start", self.meta))
                 self._put(("log", int(step), time.time(), dict(metrics)))
         except Exception as exc:
@@ -414,8 +484,12 @@ class RLHFMonitorCallback(_Base):
 
     # -- helpers -------------------------------------------------------------------------------
     def _run_meta(self, args, state, kwargs) -> dict:
-        meta: dict[str, Any] = {"run_id": self.run_id, "pid": os.getpid(), "started": time.time(),
-                                "versions": _versions()}
+        meta: dict[str, Any] = {
+            "run_id": self.run_id,
+            "pid": os.getpid(),
+            "started": time.time(),
+            "versions": _versions(),
+        }
         trainer = self.trainer
         if trainer is not None:
             meta["trainer"] = type(trainer).__name__
@@ -424,8 +498,11 @@ class RLHFMonitorCallback(_Base):
             meta["trainer"] = name[:-6] + "Trainer" if name.endswith("Config") else "Trainer"
         model = kwargs.get("model")
         cfg = getattr(model, "config", None)
-        meta["model"] = (getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
-                         or (type(model).__name__ if model is not None else None))
+        meta["model"] = (
+            getattr(cfg, "_name_or_path", None)
+            or getattr(model, "name_or_path", None)
+            or (type(model).__name__ if model is not None else None)
+        )
         if args is not None:
             meta["args"] = {k: getattr(args, k) for k in KEY_ARGS if hasattr(args, k)}
             meta["world_size"] = int(getattr(args, "world_size", 1) or 1)
@@ -444,13 +521,19 @@ class RLHFMonitorCallback(_Base):
             with self._ckpt_lock:
                 try:
                     from rlhf_tui.analysis.checkpoint import CheckpointAnalyzer
+
                     ref = reference if reference and os.path.isdir(reference) else None
                     result = CheckpointAnalyzer().analyze_checkpoint(path, step, reference_checkpoint=ref)
                     result = {k: v for k, v in result.items() if k != "weight_stats"}
                     result.update({"step": step, "path": path, "status": "analysed", "reference": ref})
                 except Exception as exc:
-                    result = {"step": step, "path": path, "status": "failed", "issues": [str(exc)],
-                              "health_score": None}
+                    result = {
+                        "step": step,
+                        "path": path,
+                        "status": "failed",
+                        "issues": [str(exc)],
+                        "health_score": None,
+                    }
                 self._put(("checkpoint_result", result))
 
         thread = threading.Thread(target=work, name="rlhf-tui-checkpoint", daemon=True)

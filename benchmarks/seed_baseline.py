@@ -6,9 +6,11 @@ z = (x - mean) / std over the last `window` values INCLUDING the current one; an
 exceed sqrt(n - 1) (so z > 3 is impossible before 11 values), and a sustained shift inflates the std it is
 divided by. Do not use it for alarms.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +37,9 @@ def seed_zscores(x: np.ndarray, window: int = 100, min_count: int = 10) -> np.nd
     return z
 
 
-def seed_detect(steps: Any, metrics: Mapping[str, Any], threshold: float = 3.0, window: int = 100,
-                min_count: int = 10) -> list[dict]:
+def seed_detect(
+    steps: Any, metrics: Mapping[str, Any], threshold: float = 3.0, window: int = 100, min_count: int = 10
+) -> list[dict]:
     """Every step the seed rule flags, as alarms {step, metric, detector, severity, value, z}.
     Severity follows the seed: high when |z| > 2 x threshold, otherwise medium."""
     steps = np.asarray(steps)
@@ -50,8 +53,15 @@ def seed_detect(steps: Any, metrics: Mapping[str, Any], threshold: float = 3.0, 
             rows = np.flatnonzero(np.abs(z) > threshold)
         for r in rows.tolist():
             zz = float(z[r])
-            out.append({"step": int(steps[r]), "metric": name, "detector": "seed_zscore",
-                        "severity": "high" if abs(zz) > 2 * threshold else "medium",
-                        "value": float(x[r]), "z": zz})
+            out.append(
+                {
+                    "step": int(steps[r]),
+                    "metric": name,
+                    "detector": "seed_zscore",
+                    "severity": "high" if abs(zz) > 2 * threshold else "medium",
+                    "value": float(x[r]),
+                    "z": zz,
+                }
+            )
     out.sort(key=lambda a: (a["step"], a["metric"]))
     return out

@@ -3,6 +3,7 @@ config fields) and `TRLIntegrationManager` (sets up a trainer with our callback 
 
 The mapping table, the batch-size rule and the default reward are documented in docs/trl-integration.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,33 +17,56 @@ import time
 import warnings
 import weakref
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 try:  # the manager needs transformers; the config (and its mapping) does not
     from transformers import TrainerCallback as _CallbackBase
 except Exception:  # pragma: no cover - exercised only without transformers
     _CallbackBase = object
 
-log = logging.getLogger("rlhf_tui.bridge.integration")
+log = logging.getLogger("rlhf_tui.bridge.training.integration")
 
 __all__ = [
-    "TRLIntegrationConfig", "TRLIntegrationManager", "PhaseProfiler", "IntegrationError",
-    "AlgorithmUnavailableError", "DatasetSourceError", "TRLMappingWarning", "default_reward",
-    "load_prompt_dataset", "format_profile", "format_results", "ppo_support", "available_reporters", "MAPPING",
+    "TRLIntegrationConfig",
+    "TRLIntegrationManager",
+    "PhaseProfiler",
+    "IntegrationError",
+    "AlgorithmUnavailableError",
+    "DatasetSourceError",
+    "TRLMappingWarning",
+    "default_reward",
+    "load_prompt_dataset",
+    "format_profile",
+    "format_results",
+    "ppo_support",
+    "available_reporters",
+    "MAPPING",
     "PROFILE_KEYS",
     # the seed's single import place (`rlhf_core.trl_integration`) had these too
-    "PPOMonitoringCallback", "RLHFMonitorCallback", "CheckpointAnalyzer", "RewardModelIntegrator",
+    "PPOMonitoringCallback",
+    "RLHFMonitorCallback",
+    "CheckpointAnalyzer",
+    "RewardModelIntegrator",
 ]
 
 ALGORITHMS = ("grpo", "rloo", "ppo")
 DEVICES = ("auto", "cpu", "cuda")
 # log_with value -> importable packages (any one is enough)
 REPORTERS: dict[str, tuple[str, ...]] = {
-    "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",),
-    "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "swanlab": ("swanlab",),
-    "dvclive": ("dvclive",), "neptune": ("neptune",), "codecarbon": ("codecarbon",), "azure_ml": ("azureml",),
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "trackio": ("trackio",),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "clearml": ("clearml",),
+    "swanlab": ("swanlab",),
+    "dvclive": ("dvclive",),
+    "neptune": ("neptune",),
+    "codecarbon": ("codecarbon",),
+    "azure_ml": ("azureml",),
 }
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # Columns turned into prompts when a dataset has no `prompt` column: prompt-like ones are used whole,
@@ -70,8 +94,8 @@ class TRLMappingWarning(UserWarning):
 
 # -- the seed's names, importable from here as from `rlhf_core.trl_integration` --------------------------------
 _REEXPORTS = {
-    "PPOMonitoringCallback": "rlhf_tui.bridge.callback",
-    "RLHFMonitorCallback": "rlhf_tui.bridge.callback",
+    "PPOMonitoringCallback": "rlhf_tui.bridge.training.callback",
+    "RLHFMonitorCallback": "rlhf_tui.bridge.training.callback",
     "CheckpointAnalyzer": "rlhf_tui.analysis.checkpoint",
     "RewardModelIntegrator": "rlhf_tui.analysis.rewards",
 }
@@ -104,6 +128,7 @@ def ppo_support(version: str | None = None) -> str:
         return "missing"
     try:
         from packaging.version import Version
+
         v = Version(version)
         major_minor = (v.major, v.minor)
     except Exception:
@@ -116,15 +141,19 @@ def ppo_support(version: str | None = None) -> str:
     return "removed"
 
 
-PPO_VERSIONS = ("TRL 0.12–1.12 have a PPOTrainer that is a transformers Trainer (`from trl import PPOTrainer` "
-                "in 0.12–0.28, `from trl.experimental.ppo import PPOTrainer` in 0.26–1.12); TRL ≤ 0.11 has the "
-                "legacy one (`trainer.step(queries, responses, scores)`, no callbacks)")
+PPO_VERSIONS = (
+    "TRL 0.12–1.12 have a PPOTrainer that is a transformers Trainer (`from trl import PPOTrainer` "
+    "in 0.12–0.28, `from trl.experimental.ppo import PPOTrainer` in 0.26–1.12); TRL ≤ 0.11 has the "
+    "legacy one (`trainer.step(queries, responses, scores)`, no callbacks)"
+)
 
 
 def _ppo_unavailable_message(version: str | None) -> str:
-    return (f"algorithm='ppo' is not available: the installed TRL {version} has no PPOTrainer (removed in 1.13). "
-            f"{PPO_VERSIONS}. Use algorithm='grpo' or 'rloo' (same clipped objective, no value model), or "
-            "install 'trl>=0.12,<1.13' for PPO.")
+    return (
+        f"algorithm='ppo' is not available: the installed TRL {version} has no PPOTrainer (removed in 1.13). "
+        f"{PPO_VERSIONS}. Use algorithm='grpo' or 'rloo' (same clipped objective, no value model), or "
+        "install 'trl>=0.12,<1.13' for PPO."
+    )
 
 
 # -- the configuration ---------------------------------------------------------------------------------------
@@ -134,8 +163,12 @@ MAPPING: tuple[tuple[str, str, str], ...] = (
     ("model_name", "model", "hub id or local folder; default for setup_trl_trainer(model_name=...)"),
     ("learning_rate", "learning_rate", ""),
     ("batch_size", "per_device_train_batch_size", "completions per device per micro-step"),
-    ("mini_batch_size", "—", "no equivalent in GRPO/RLOO: every optimizer step uses the whole batch "
-                            "(PPO 0.12–1.12: num_mini_batches = batch_size / mini_batch_size)"),
+    (
+        "mini_batch_size",
+        "—",
+        "no equivalent in GRPO/RLOO: every optimizer step uses the whole batch "
+        "(PPO 0.12–1.12: num_mini_batches = batch_size / mini_batch_size)",
+    ),
     ("gradient_accumulation_steps", "gradient_accumulation_steps", ""),
     ("ppo_epochs", "num_iterations", "updates per generated batch (PPO 0.12–1.12: num_ppo_epochs)"),
     ("max_grad_norm", "max_grad_norm", ""),
@@ -150,8 +183,12 @@ MAPPING: tuple[tuple[str, str, str], ...] = (
     ("init_kl_coef", "beta", "fixed KL coefficient; 0 loads no reference model (PPO 0.12–1.12: kl_coef)"),
     ("adap_kl_ctrl", "—", "no adaptive KL controller in TRL ≥ 0.12: beta stays fixed"),
     ("log_with", "report_to", "tensorboard | wandb | trackio | none …; a missing package falls back to none"),
-    ("logging_dir", "TENSORBOARD_LOGGING_DIR", "transformers 5 dropped logging_dir: TensorBoard writes to "
-                                             "<logging_dir>/tensorboard/<run_id>, our JSONL to <logging_dir>/rlhf-tui"),
+    (
+        "logging_dir",
+        "TENSORBOARD_LOGGING_DIR",
+        "transformers 5 dropped logging_dir: TensorBoard writes to "
+        "<logging_dir>/tensorboard/<run_id>, our JSONL to <logging_dir>/rlhf-tui",
+    ),
     ("save_freq", "save_steps", "plus a final checkpoint at the last step"),
     ("eval_freq", "eval_steps", "used when setup_trl_trainer gets an eval_dataset"),
     ("project_name", "project / WANDB_PROJECT", "trackio project; W&B project (env) when log_with has wandb"),
@@ -164,15 +201,21 @@ MAPPING: tuple[tuple[str, str, str], ...] = (
     ("bf16", "bf16", ""),
     ("gradient_checkpointing", "activation_checkpointing", "transformers 5's name (gradient_checkpointing before)"),
     ("algorithm", "trainer class", "grpo → GRPOTrainer, rloo → RLOOTrainer, ppo → PPOTrainer (TRL 0.12–1.12)"),
-    ("num_generations", "num_generations",
-     "None: the largest of 8..2 dividing batch_size × gradient_accumulation_steps"),
+    (
+        "num_generations",
+        "num_generations",
+        "None: the largest of 8..2 dividing batch_size × gradient_accumulation_steps",
+    ),
     ("max_completion_length", "max_completion_length", ""),
     ("temperature", "temperature", ""),
     ("logging_steps", "logging_steps", ""),
     ("output_dir", "output_dir", "checkpoints go to <output_dir>/checkpoint-<step>"),
     ("seed", "seed", ""),
-    ("monitor_address", "—", "rlhf-tui: where live monitors connect (None: tcp://127.0.0.1:5555 or "
-                             "$RLHF_TUI_ADDRESS; False: no socket)"),
+    (
+        "monitor_address",
+        "—",
+        "rlhf-tui: where live monitors connect (None: tcp://127.0.0.1:5555 or $RLHF_TUI_ADDRESS; False: no socket)",
+    ),
     ("run_id", "run_name", "rlhf-tui run id (default: time + random)"),
     ("trl_args", "any", "extra GRPOConfig/RLOOConfig keyword arguments; they win over the mapping"),
 )
@@ -258,18 +301,27 @@ class TRLIntegrationConfig:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, not {self.algorithm!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
-        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "save_freq",
-                     "eval_freq", "logging_steps", "max_completion_length"):
+        for name in (
+            "batch_size",
+            "mini_batch_size",
+            "gradient_accumulation_steps",
+            "ppo_epochs",
+            "save_freq",
+            "eval_freq",
+            "logging_steps",
+            "max_completion_length",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        if self.num_generations is not None and (not isinstance(self.num_generations, int)
-                                                 or self.num_generations < 2):
+        if self.num_generations is not None and (not isinstance(self.num_generations, int) or self.num_generations < 2):
             raise ValueError(f"num_generations must be None or an integer >= 2, not {self.num_generations!r}")
         unknown = [r for r in self.reporters() if r not in REPORTERS and r != "all"]
         if unknown:
-            raise ValueError(f"log_with: unknown integration {unknown[0]!r}; use one of "
-                             f"{', '.join(sorted(REPORTERS))}, 'all' or 'none'")
+            raise ValueError(
+                f"log_with: unknown integration {unknown[0]!r}; use one of "
+                f"{', '.join(sorted(REPORTERS))}, 'all' or 'none'"
+            )
         if self.algorithm == "ppo" and ppo_support() == "removed":
             raise AlgorithmUnavailableError(_ppo_unavailable_message(_trl_version()))
 
@@ -300,8 +352,15 @@ class TRLIntegrationConfig:
             trl_value = kwargs.get(trl_field, kwargs.get(name))
             if name in UNMAPPED_REASONS and name in self.unmapped_fields(only_changed=False):
                 trl_field, trl_value = "—", None
-            rows.append({"field": name, "value": getattr(self, name), "trl_field": trl_field,
-                         "trl_value": trl_value, "note": note})
+            rows.append(
+                {
+                    "field": name,
+                    "value": getattr(self, name),
+                    "trl_field": trl_field,
+                    "trl_value": trl_value,
+                    "note": note,
+                }
+            )
         return rows
 
     def use_cpu(self) -> bool:
@@ -309,12 +368,15 @@ class TRLIntegrationConfig:
             return True
         try:
             import torch
+
             cuda = bool(torch.cuda.is_available())
         except Exception:
             cuda = False
         if self.device == "cuda" and not cuda:
-            raise IntegrationError("device='cuda' but torch.cuda.is_available() is False: use device='auto' "
-                                   "or 'cpu', or install a CUDA build of torch")
+            raise IntegrationError(
+                "device='cuda' but torch.cuda.is_available() is False: use device='auto' "
+                "or 'cpu', or install a CUDA build of torch"
+            )
         return not cuda
 
     def generation_layout(self) -> tuple[int, int | None]:
@@ -331,7 +393,8 @@ class TRLIntegrationConfig:
                 raise ValueError(
                     f"num_generations={self.num_generations} must divide batch_size × gradient_accumulation_steps "
                     f"= {per_round} (GRPO/RLOO generate whole groups per batch); pick a divisor, or leave "
-                    "num_generations=None to choose one")
+                    "num_generations=None to choose one"
+                )
             return self.num_generations, None
         if per_round == 1:
             return 2, 2
@@ -347,8 +410,11 @@ class TRLIntegrationConfig:
         fp16 = self.fp16
         if fp16 and use_cpu:
             if warn:
-                warnings.warn("fp16=True needs a GPU; training on CPU in fp32 instead (bf16=True works on CPU)",
-                              TRLMappingWarning, stacklevel=3)
+                warnings.warn(
+                    "fp16=True needs a GPU; training on CPU in fp32 instead (bf16=True works on CPU)",
+                    TRLMappingWarning,
+                    stacklevel=3,
+                )
             fp16 = False
         num_generations, steps_per_generation = self.generation_layout()
         kwargs: dict[str, Any] = {
@@ -403,8 +469,9 @@ class TRLIntegrationConfig:
         if has_eval:
             num_generations = kwargs["num_generations"]
             kwargs.setdefault("eval_strategy", "steps")
-            kwargs.setdefault("per_device_eval_batch_size",
-                              num_generations * math.ceil(self.batch_size / num_generations))
+            kwargs.setdefault(
+                "per_device_eval_batch_size", num_generations * math.ceil(self.batch_size / num_generations)
+            )
         config_cls = _config_class(self.algorithm)
         names = {f.name for f in dataclasses.fields(config_cls)}
         if "activation_checkpointing" in names and "activation_checkpointing" not in kwargs:
@@ -426,9 +493,12 @@ def available_reporters(names: list[str]) -> list[str]:
         if modules is None or any(importlib.util.find_spec(m) for m in modules):
             out.append(name)
             continue
-        warnings.warn(f"log_with={name!r} needs the {modules[0]} package (pip install {modules[0]}); "
-                      f"reporting to {name} is off for this run (rlhf-tui monitoring is unaffected)",
-                      TRLMappingWarning, stacklevel=4)
+        warnings.warn(
+            f"log_with={name!r} needs the {modules[0]} package (pip install {modules[0]}); "
+            f"reporting to {name} is off for this run (rlhf-tui monitoring is unaffected)",
+            TRLMappingWarning,
+            stacklevel=4,
+        )
     return out
 
 
@@ -441,7 +511,7 @@ def default_reward(completions, **kwargs) -> list[float]:
             − |words − 20| / 20, clipped to at most 1 (about 20 words is best)
             + 0.5 when the completion ends a sentence (. ! ?)
     """
-    from rlhf_tui.bridge.rewards import _text
+    from rlhf_tui.bridge.training.rewards import _text
 
     out = []
     for completion in completions:
@@ -479,8 +549,10 @@ def load_prompt_dataset(source: Any, split: str = "train", text_prompt_words: in
             raise DatasetSourceError(f"the dataset has no split {split!r} (it has {', '.join(dataset)})")
         dataset = dataset[split]
     if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
-        raise DatasetSourceError(f"cannot use {type(source).__name__} as a dataset: pass a hub id, a local "
-                                 ".json/.jsonl/.csv/.parquet file, a save_to_disk folder or a datasets.Dataset")
+        raise DatasetSourceError(
+            f"cannot use {type(source).__name__} as a dataset: pass a hub id, a local "
+            ".json/.jsonl/.csv/.parquet file, a save_to_disk folder or a datasets.Dataset"
+        )
     return _with_prompts(dataset, text_prompt_words)
 
 
@@ -497,8 +569,11 @@ def _load_dataset_source(name: str, split: str):
         except Exception as exc:
             raise DatasetSourceError(f"{name}: cannot read as {kind}: {_first_line(exc)}") from exc
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or \
-                (path / "state.json").is_file():
+        if (
+            (path / "dataset_info.json").is_file()
+            or (path / "dataset_dict.json").is_file()
+            or (path / "state.json").is_file()
+        ):
             try:
                 return datasets.load_from_disk(str(path))
             except Exception as exc:
@@ -516,7 +591,8 @@ def _load_dataset_source(name: str, split: str):
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
         raise DatasetSourceError(
             f"cannot load dataset {name!r} from the Hugging Face Hub{hint}: {_first_line(exc)}. Offline, pass a "
-            "local .json/.jsonl/.csv/.parquet file, a save_to_disk folder or a datasets.Dataset") from exc
+            "local .json/.jsonl/.csv/.parquet file, a save_to_disk folder or a datasets.Dataset"
+        ) from exc
 
 
 def _with_prompts(dataset, words: int | None):
@@ -537,8 +613,10 @@ def _with_prompts(dataset, words: int | None):
             column = next((c for c in columns if is_text(c)), None)
         cut = words
     if column is None:
-        raise DatasetSourceError(f"the dataset has no 'prompt' column and no text column to make prompts from "
-                                 f"(columns: {', '.join(columns) or 'none'})")
+        raise DatasetSourceError(
+            f"the dataset has no 'prompt' column and no text column to make prompts from "
+            f"(columns: {', '.join(columns) or 'none'})"
+        )
 
     def to_prompt(row):
         text = row[column] or ""
@@ -556,7 +634,7 @@ def _first_line(exc: BaseException) -> str:
 # TRL times its own phases with `trl.extras.profiling.ProfilingContext` but sends the numbers only to
 # wandb/mlflow/trackio. One hook (installed once, forwarding to the profilers of running trainers) lets us
 # use the same timings whatever `report_to` is.
-_profiling_listeners: "weakref.WeakSet[PhaseProfiler]" = weakref.WeakSet()
+_profiling_listeners: weakref.WeakSet[PhaseProfiler] = weakref.WeakSet()
 _hook_lock = threading.Lock()
 
 
@@ -587,6 +665,7 @@ def _install_trl_profiling_hook() -> bool:
 
 def _never_raise(hook: Callable) -> Callable:
     """Profiling runs inside training: a bug of ours is logged once and switches profiling off, never raised."""
+
     @functools.wraps(hook)
     def guarded(self, *args, **kwargs):
         if self.failed:
@@ -604,9 +683,14 @@ def _never_raise(hook: Callable) -> Callable:
 PHASES = ("generation", "reward", "scoring", "optimisation")
 # The metric each timing is logged under. "time/" like the callback's own time/step_s: the monitor plots them but
 # the generic z-score detector leaves them alone (timings are noisy by nature; step_time_regression covers them).
-PROFILE_KEYS = {"generation": "time/generation_s", "reward": "time/reward_s", "scoring": "time/scoring_s",
-                "optimisation": "time/optimisation_s", "optimizer_step": "time/optimizer_step_s",
-                "step": "time/step_total_s"}
+PROFILE_KEYS = {
+    "generation": "time/generation_s",
+    "reward": "time/reward_s",
+    "scoring": "time/scoring_s",
+    "optimisation": "time/optimisation_s",
+    "optimizer_step": "time/optimizer_step_s",
+    "step": "time/step_total_s",
+}
 
 
 class PhaseProfiler(_CallbackBase):
@@ -707,8 +791,14 @@ class PhaseProfiler(_CallbackBase):
         else:
             scoring = 0.0
             optimisation = max(0.0, step - generation - reward)
-        phases = {"generation": generation, "reward": reward, "scoring": scoring, "optimisation": optimisation,
-                  "optimizer_step": cur.get("optimizer_step", 0.0), "step": step}
+        phases = {
+            "generation": generation,
+            "reward": reward,
+            "scoring": scoring,
+            "optimisation": optimisation,
+            "optimizer_step": cur.get("optimizer_step", 0.0),
+            "step": step,
+        }
         for key, value in phases.items():
             self._window[key] += value
             self.totals[key] += value
@@ -719,7 +809,7 @@ class PhaseProfiler(_CallbackBase):
     def on_log(self, args=None, state=None, control=None, logs=None, **kwargs):
         if logs is None or not self._window_steps:
             return
-        from rlhf_tui.bridge.metrics import is_summary
+        from rlhf_tui.bridge.wire.metrics import is_summary
 
         if is_summary(logs):
             return
@@ -734,21 +824,34 @@ class PhaseProfiler(_CallbackBase):
         trl_timings {TRL context name: {total_s, calls, mean_s}}, sources}."""
         steps = max(1, self.steps)
         total = self.totals.get("step", 0.0)
-        phases = {p: {"total_s": self.totals.get(p, 0.0), "mean_s": self.totals.get(p, 0.0) / steps,
-                      "share": (self.totals.get(p, 0.0) / total) if total > 0 else None} for p in PHASES}
+        phases = {
+            p: {
+                "total_s": self.totals.get(p, 0.0),
+                "mean_s": self.totals.get(p, 0.0) / steps,
+                "share": (self.totals.get(p, 0.0) / total) if total > 0 else None,
+            }
+            for p in PHASES
+        }
         return {
             "steps": self.steps,
             "step_s": {"total_s": total, "mean_s": total / steps},
             "phases": phases,
-            "optimizer_step": {"total_s": self.totals.get("optimizer_step", 0.0),
-                               "mean_s": self.totals.get("optimizer_step", 0.0) / steps},
-            "trl_timings": {name: {"total_s": t, "calls": int(n), "mean_s": t / n if n else None}
-                            for name, (t, n) in sorted(self.trl_timings.items())},
-            "sources": {"generation": "TRL profiling: *.generate" if self.trl_hooked else "unavailable",
-                        "reward": "TRL profiling: _calculate_rewards" if self.trl_hooked
-                        else "rlhf-tui reward-function wrapper",
-                        "optimisation": "rlhf-tui step hooks (step − _prepare_inputs)",
-                        "scoring": "TRL profiling: _prepare_inputs − generation − reward"},
+            "optimizer_step": {
+                "total_s": self.totals.get("optimizer_step", 0.0),
+                "mean_s": self.totals.get("optimizer_step", 0.0) / steps,
+            },
+            "trl_timings": {
+                name: {"total_s": t, "calls": int(n), "mean_s": t / n if n else None}
+                for name, (t, n) in sorted(self.trl_timings.items())
+            },
+            "sources": {
+                "generation": "TRL profiling: *.generate" if self.trl_hooked else "unavailable",
+                "reward": "TRL profiling: _calculate_rewards"
+                if self.trl_hooked
+                else "rlhf-tui reward-function wrapper",
+                "optimisation": "rlhf-tui step hooks (step − _prepare_inputs)",
+                "scoring": "TRL profiling: _prepare_inputs − generation − reward",
+            },
         }
 
 
@@ -759,8 +862,10 @@ def format_profile(profile: dict) -> str:
     lines = [f"{'phase':<14}{'mean/step':>12}{'total':>10}{'share':>8}"]
     for name, row in profile["phases"].items():
         share = row.get("share")
-        lines.append(f"{name:<14}{row['mean_s'] * 1000:>10.1f}ms{row['total_s']:>9.2f}s"
-                     f"{'' if share is None else f'{share:>7.0%}':>8}")
+        lines.append(
+            f"{name:<14}{row['mean_s'] * 1000:>10.1f}ms{row['total_s']:>9.2f}s"
+            f"{'' if share is None else f'{share:>7.0%}':>8}"
+        )
     step = profile["step_s"]
     lines.append(f"{'step (total)':<14}{step['mean_s'] * 1000:>10.1f}ms{step['total_s']:>9.2f}s")
     if profile.get("trl_step_time_mean_s") is not None:
@@ -808,15 +913,28 @@ class TRLIntegrationManager:
         if not changed:
             return
         parts = [f"{n}={getattr(self.config, n)!r} ({UNMAPPED_REASONS[n]})" for n in changed]
-        warnings.warn(f"TRLIntegrationConfig: {trainer} in TRL {_trl_version()} has no equivalent for "
-                      f"{'; '.join(parts)}; these settings are ignored. See the configuration table in "
-                      "docs/trl-integration.md.", TRLMappingWarning, stacklevel=3)
+        warnings.warn(
+            f"TRLIntegrationConfig: {trainer} in TRL {_trl_version()} has no equivalent for "
+            f"{'; '.join(parts)}; these settings are ignored. See the configuration table in "
+            "docs/trl-integration.md.",
+            TRLMappingWarning,
+            stacklevel=3,
+        )
 
     # -- setup ---------------------------------------------------------------------------------------
-    def setup_trl_trainer(self, model_name: Any = None, dataset_name: Any = None,
-                          reward_funcs: Callable | str | Sequence | None = None, *, eval_dataset: Any = None,
-                          dataset_split: str = "train", processing_class: Any = None, peft_config: Any = None,
-                          callbacks: Sequence | None = None, text_prompt_words: int | None = TEXT_PROMPT_WORDS):
+    def setup_trl_trainer(
+        self,
+        model_name: Any = None,
+        dataset_name: Any = None,
+        reward_funcs: Callable | str | Sequence | None = None,
+        *,
+        eval_dataset: Any = None,
+        dataset_split: str = "train",
+        processing_class: Any = None,
+        peft_config: Any = None,
+        callbacks: Sequence | None = None,
+        text_prompt_words: int | None = TEXT_PROMPT_WORDS,
+    ):
         """Build the trainer for `config.algorithm` with the monitor callback (and, per the config, checkpoint
         analysis, reward monitoring and profiling) attached.
 
@@ -828,31 +946,46 @@ class TRLIntegrationManager:
         cfg = self.config
         model = model_name if model_name is not None else cfg.model_name
         if dataset_name is None:
-            raise ValueError("setup_trl_trainer needs dataset_name: a hub id, a local .json/.jsonl/.csv/.parquet "
-                             "file, a save_to_disk folder or a datasets.Dataset")
+            raise ValueError(
+                "setup_trl_trainer needs dataset_name: a hub id, a local .json/.jsonl/.csv/.parquet "
+                "file, a save_to_disk folder or a datasets.Dataset"
+            )
         if cfg.algorithm == "ppo":
-            return self._setup_ppo(model, dataset_name, reward_funcs, eval_dataset=eval_dataset,
-                                   dataset_split=dataset_split, processing_class=processing_class,
-                                   peft_config=peft_config, callbacks=callbacks,
-                                   text_prompt_words=text_prompt_words)
+            return self._setup_ppo(
+                model,
+                dataset_name,
+                reward_funcs,
+                eval_dataset=eval_dataset,
+                dataset_split=dataset_split,
+                processing_class=processing_class,
+                peft_config=peft_config,
+                callbacks=callbacks,
+                text_prompt_words=text_prompt_words,
+            )
         train_dataset = load_prompt_dataset(dataset_name, dataset_split, text_prompt_words)
-        eval_data = load_prompt_dataset(eval_dataset, dataset_split, text_prompt_words) \
-            if eval_dataset is not None else None
+        eval_data = (
+            load_prompt_dataset(eval_dataset, dataset_split, text_prompt_words) if eval_dataset is not None else None
+        )
         if processing_class is None:
             processing_class = _load_tokenizer(model)
         reward_funcs = self._reward_funcs(reward_funcs)
 
-        from rlhf_tui.bridge.callback import RLHFMonitorCallback
+        from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
-        cb = RLHFMonitorCallback(address=cfg.monitor_address, log_dir=os.path.join(cfg.logging_dir, "rlhf-tui"),
-                                 anomaly_threshold=cfg.anomaly_detection_threshold,
-                                 analyze_checkpoints=cfg.enable_checkpoint_analysis, run_id=cfg.run_id)
+        cb = RLHFMonitorCallback(
+            address=cfg.monitor_address,
+            log_dir=os.path.join(cfg.logging_dir, "rlhf-tui"),
+            anomaly_threshold=cfg.anomaly_detection_threshold,
+            analyze_checkpoints=cfg.enable_checkpoint_analysis,
+            run_id=cfg.run_id,
+        )
         funcs = reward_funcs
         self.profiler = PhaseProfiler() if cfg.enable_profiling else None
         if self.profiler is not None:
             funcs = [self.profiler.wrap_reward(f) for f in funcs]
         if cfg.enable_reward_monitoring:
-            from rlhf_tui.bridge.rewards import monitor_rewards
+            from rlhf_tui.bridge.training.rewards import monitor_rewards
+
             funcs = monitor_rewards(funcs, cb)
 
         args = cfg.to_trl_config(run_id=cb.run_id, has_eval=eval_data is not None)
@@ -861,18 +994,29 @@ class TRLIntegrationManager:
         ours = ([self.profiler] if self.profiler else []) + [cb, self._final_checkpoint]
         trainer_cls = _trainer_class(cfg.algorithm)
         extra = {"peft_config": peft_config} if peft_config is not None else {}
-        trainer = trainer_cls(model=model, reward_funcs=funcs, args=args, train_dataset=train_dataset,
-                              eval_dataset=eval_data, processing_class=processing_class,
-                              callbacks=ours + list(callbacks or []), **extra)
+        trainer = trainer_cls(
+            model=model,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_data,
+            processing_class=processing_class,
+            callbacks=ours + list(callbacks or []),
+            **extra,
+        )
         cb.trainer = trainer
         self.trainer, self.callback, self._trained, self.results = trainer, cb, False, None
         return trainer
 
     def _reward_funcs(self, reward_funcs) -> list:
         if reward_funcs is None:
-            warnings.warn("setup_trl_trainer: no reward_funcs given, using rlhf-tui's default_reward (distinct "
-                          "words, about 20 words, ends a sentence): a smoke-test reward that knows nothing about "
-                          "your task. Pass reward_funcs=[...] to train on yours.", TRLMappingWarning, stacklevel=3)
+            warnings.warn(
+                "setup_trl_trainer: no reward_funcs given, using rlhf-tui's default_reward (distinct "
+                "words, about 20 words, ends a sentence): a smoke-test reward that knows nothing about "
+                "your task. Pass reward_funcs=[...] to train on yours.",
+                TRLMappingWarning,
+                stacklevel=3,
+            )
             return [default_reward]
         if callable(reward_funcs) or isinstance(reward_funcs, str):
             return [reward_funcs]
@@ -881,8 +1025,19 @@ class TRLIntegrationManager:
             raise ValueError("reward_funcs is empty: pass at least one reward function or reward model id")
         return funcs
 
-    def _setup_ppo(self, model, dataset_name, reward_funcs, *, eval_dataset, dataset_split, processing_class,
-                   peft_config, callbacks, text_prompt_words):
+    def _setup_ppo(
+        self,
+        model,
+        dataset_name,
+        reward_funcs,
+        *,
+        eval_dataset,
+        dataset_split,
+        processing_class,
+        peft_config,
+        callbacks,
+        text_prompt_words,
+    ):
         """TRL 0.12–1.12: PPOTrainer with a reward model and a value model (not exercised on TRL ≥ 1.13)."""
         support = ppo_support()
         if support == "removed":
@@ -891,74 +1046,112 @@ class TRLIntegrationManager:
             raise AlgorithmUnavailableError(
                 f"TRL {_trl_version()}'s PPOTrainer (≤ 0.11) is not a transformers Trainer, so the manager cannot "
                 "drive it: in your own loop call RLHFMonitorCallback.log_step(step, stats) after each "
-                "ppo_trainer.step(...) (see examples/ppo_monitoring_demo.py), or use TRL 0.12–1.12.")
+                "ppo_trainer.step(...) (see examples/ppo_monitoring_demo.py), or use TRL 0.12–1.12."
+            )
         if support == "missing":
             raise AlgorithmUnavailableError("algorithm='ppo' needs TRL: pip install 'trl>=0.12,<1.13'")
         if not isinstance(reward_funcs, (str, os.PathLike)) and not _is_model(reward_funcs):
-            raise IntegrationError("PPO (TRL 0.12–1.12) needs a reward model (a sequence-classification model or "
-                                   "its id/path) as reward_funcs, not reward functions; use algorithm='grpo' or "
-                                   "'rloo' for reward functions")
+            raise IntegrationError(
+                "PPO (TRL 0.12–1.12) needs a reward model (a sequence-classification model or "
+                "its id/path) as reward_funcs, not reward functions; use algorithm='grpo' or "
+                "'rloo' for reward functions"
+            )
         try:
             from trl.experimental.ppo import PPOConfig, PPOTrainer
         except ImportError:
             from trl import PPOConfig, PPOTrainer
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        from rlhf_tui.bridge.callback import RLHFMonitorCallback
+        from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
         cfg = self.config
         tok = processing_class if processing_class is not None else _load_tokenizer(model)
         dataset = load_prompt_dataset(dataset_name, dataset_split, text_prompt_words)
-        dataset = dataset.map(lambda row: {"input_ids": tok(row["prompt"])["input_ids"]},
-                              remove_columns=dataset.column_names)
+        dataset = dataset.map(
+            lambda row: {"input_ids": tok(row["prompt"])["input_ids"]}, remove_columns=dataset.column_names
+        )
         policy = AutoModelForCausalLM.from_pretrained(model) if isinstance(model, (str, os.PathLike)) else model
-        ref = None if peft_config is not None else (
-            AutoModelForCausalLM.from_pretrained(model) if isinstance(model, (str, os.PathLike)) else None)
-        reward = AutoModelForSequenceClassification.from_pretrained(reward_funcs, num_labels=1) \
-            if isinstance(reward_funcs, (str, os.PathLike)) else reward_funcs
+        ref = (
+            None
+            if peft_config is not None
+            else (AutoModelForCausalLM.from_pretrained(model) if isinstance(model, (str, os.PathLike)) else None)
+        )
+        reward = (
+            AutoModelForSequenceClassification.from_pretrained(reward_funcs, num_labels=1)
+            if isinstance(reward_funcs, (str, os.PathLike))
+            else reward_funcs
+        )
         value = AutoModelForSequenceClassification.from_pretrained(
-            reward_funcs if isinstance(reward_funcs, (str, os.PathLike)) else reward.config._name_or_path,
-            num_labels=1)
-        cb = RLHFMonitorCallback(address=cfg.monitor_address, log_dir=os.path.join(cfg.logging_dir, "rlhf-tui"),
-                                 anomaly_threshold=cfg.anomaly_detection_threshold,
-                                 analyze_checkpoints=cfg.enable_checkpoint_analysis, run_id=cfg.run_id)
+            reward_funcs if isinstance(reward_funcs, (str, os.PathLike)) else reward.config._name_or_path, num_labels=1
+        )
+        cb = RLHFMonitorCallback(
+            address=cfg.monitor_address,
+            log_dir=os.path.join(cfg.logging_dir, "rlhf-tui"),
+            anomaly_threshold=cfg.anomaly_detection_threshold,
+            analyze_checkpoints=cfg.enable_checkpoint_analysis,
+            run_id=cfg.run_id,
+        )
         wanted = {
-            "output_dir": cfg.output_dir, "learning_rate": cfg.learning_rate,
+            "output_dir": cfg.output_dir,
+            "learning_rate": cfg.learning_rate,
             "per_device_train_batch_size": cfg.batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "num_mini_batches": max(1, cfg.batch_size // cfg.mini_batch_size),
-            "num_ppo_epochs": cfg.ppo_epochs, "max_grad_norm": cfg.max_grad_norm, "cliprange": cfg.cliprange,
-            "cliprange_value": cfg.cliprange_value, "vf_coef": cfg.vf_coef, "gamma": cfg.gamma, "lam": cfg.lam,
-            "kl_coef": cfg.init_kl_coef, "kl_estimator": "k1" if cfg.kl_penalty == "kl" else "k3",
-            "response_length": cfg.max_completion_length, "temperature": cfg.temperature,
-            "logging_steps": cfg.logging_steps, "save_steps": cfg.save_freq, "save_strategy": "no",
-            "report_to": available_reporters(cfg.reporters()) or "none", "use_cpu": cfg.use_cpu(),
-            "fp16": cfg.fp16 and not cfg.use_cpu(), "bf16": cfg.bf16,
-            "gradient_checkpointing": cfg.gradient_checkpointing, "seed": cfg.seed, "run_name": cb.run_id,
+            "num_ppo_epochs": cfg.ppo_epochs,
+            "max_grad_norm": cfg.max_grad_norm,
+            "cliprange": cfg.cliprange,
+            "cliprange_value": cfg.cliprange_value,
+            "vf_coef": cfg.vf_coef,
+            "gamma": cfg.gamma,
+            "lam": cfg.lam,
+            "kl_coef": cfg.init_kl_coef,
+            "kl_estimator": "k1" if cfg.kl_penalty == "kl" else "k3",
+            "response_length": cfg.max_completion_length,
+            "temperature": cfg.temperature,
+            "logging_steps": cfg.logging_steps,
+            "save_steps": cfg.save_freq,
+            "save_strategy": "no",
+            "report_to": available_reporters(cfg.reporters()) or "none",
+            "use_cpu": cfg.use_cpu(),
+            "fp16": cfg.fp16 and not cfg.use_cpu(),
+            "bf16": cfg.bf16,
+            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "seed": cfg.seed,
+            "run_name": cb.run_id,
         }
         wanted.update(cfg.trl_args)
         names = {f.name for f in dataclasses.fields(PPOConfig)}
         args = PPOConfig(**{k: v for k, v in wanted.items() if k in names})
         self._final_checkpoint = _FinalCheckpoint()
-        trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                             value_model=value, train_dataset=dataset,
-                             callbacks=[cb, self._final_checkpoint] + list(callbacks or []),
-                             **({"peft_config": peft_config} if peft_config is not None else {}))
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tok,
+            model=policy,
+            ref_model=ref,
+            reward_model=reward,
+            value_model=value,
+            train_dataset=dataset,
+            callbacks=[cb, self._final_checkpoint] + list(callbacks or []),
+            **({"peft_config": peft_config} if peft_config is not None else {}),
+        )
         cb.trainer = trainer
         self.trainer, self.callback, self.profiler, self._trained, self.results = trainer, cb, None, False, None
         return trainer
 
     # -- training ------------------------------------------------------------------------------------
-    def train_with_monitoring(self, num_steps: int, save_checkpoints: bool = True, *,
-                              analysis_timeout: float = 120.0) -> dict:
+    def train_with_monitoring(
+        self, num_steps: int, save_checkpoints: bool = True, *, analysis_timeout: float = 120.0
+    ) -> dict:
         """Train for `num_steps` optimizer steps (checkpoint every save_freq steps and at the end when
         `save_checkpoints`), then return {steps_completed, final_metrics, anomalies, checkpoints,
         reward_reliability, log_dir, log_path, output_dir, profiling, report}. Training errors are raised."""
         if self.trainer is None or self.callback is None:
             raise IntegrationError("call setup_trl_trainer(model_name, dataset_name) before train_with_monitoring")
         if self._trained:
-            raise IntegrationError("this trainer has already been trained and its monitor closed; call "
-                                   "setup_trl_trainer again for another run")
+            raise IntegrationError(
+                "this trainer has already been trained and its monitor closed; call "
+                "setup_trl_trainer again for another run"
+            )
         if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, not {num_steps!r}")
         trainer, cfg = self.trainer, self.config
@@ -998,7 +1191,7 @@ class TRLIntegrationManager:
     def _results(self) -> dict:
         from rlhf_tui.analysis.report import build_report
         from rlhf_tui.analysis.thresholds import Thresholds
-        from rlhf_tui.bridge.sources import load_file_source
+        from rlhf_tui.bridge.monitor.sources import load_file_source
 
         cb, cfg, trainer = self.callback, self.config, self.trainer
         thresholds = Thresholds(anomaly_threshold=cfg.anomaly_detection_threshold)
@@ -1084,16 +1277,21 @@ def _load_tokenizer(model: Any):
     """The model's tokenizer, left-padded for generation, with a pad token."""
     from transformers import AutoTokenizer
 
-    name = model if isinstance(model, (str, os.PathLike)) else getattr(getattr(model, "config", None),
-                                                                       "_name_or_path", None)
+    name = (
+        model
+        if isinstance(model, (str, os.PathLike))
+        else getattr(getattr(model, "config", None), "_name_or_path", None)
+    )
     if not name:
         raise IntegrationError("cannot find the tokenizer of an in-memory model: pass processing_class=...")
     try:
         tok = AutoTokenizer.from_pretrained(os.fspath(name))
     except Exception as exc:
         where = "local folder" if os.path.isdir(os.fspath(name)) else "local folder or reachable hub id"
-        raise IntegrationError(f"cannot load the tokenizer of {os.fspath(name)!r}: {_first_line(exc)}. Pass a "
-                               f"{where} (offline: HF_HUB_OFFLINE=1 uses only the local cache)") from exc
+        raise IntegrationError(
+            f"cannot load the tokenizer of {os.fspath(name)!r}: {_first_line(exc)}. Pass a "
+            f"{where} (offline: HF_HUB_OFFLINE=1 uses only the local cache)"
+        ) from exc
     tok.padding_side = "left"
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
@@ -1106,6 +1304,7 @@ SUMMARY_METRICS = ("reward", "reward_std", "kl", "entropy", "loss", "clip_ratio"
 
 def format_results(results: dict) -> str:
     """The results of `train_with_monitoring` as a few readable lines (what the examples print)."""
+
     def num(value):
         return "—" if value is None else (f"{value:.4g}" if isinstance(value, (int, float)) else str(value))
 
@@ -1121,11 +1320,14 @@ def format_results(results: dict) -> str:
     lines.append(f"checkpoints: {len(checkpoints)}")
     for c in checkpoints:
         issues = c.get("issues") or []
-        lines.append(f"  step {c.get('step')}: health_score={num(c.get('health_score'))} "
-                     f"issues={len(issues)} {c.get('path')}")
+        lines.append(
+            f"  step {c.get('step')}: health_score={num(c.get('health_score'))} issues={len(issues)} {c.get('path')}"
+        )
     rel = results.get("reward_reliability") or {}
-    lines.append("reward reliability: " + ", ".join(f"{k}={num(rel.get(k))}" for k in
-                                                   ("stability", "consistency", "variance", "mean_reward")))
+    lines.append(
+        "reward reliability: "
+        + ", ".join(f"{k}={num(rel.get(k))}" for k in ("stability", "consistency", "variance", "mean_reward"))
+    )
     if results.get("profiling"):
         lines.append("profiling:")
         lines.extend("  " + line for line in format_profile(results["profiling"]).splitlines())

@@ -3,18 +3,19 @@
 Pure standard library, shared by the training side (callback) and the monitor side (file sources), so a
 name means the same thing everywhere. Every numeric key is kept under its own name as well.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # Canonical name -> keys that carry it, in priority order (first present wins). Covers GRPO/RLOO,
 # DPO, Reward, OnlineDPO, PPO of TRL 0.12-1.12, legacy PPO (<= 0.11) and the seed's own names.
 CANONICAL_SOURCES: dict[str, tuple[str, ...]] = {
     "kl": ("kl", "objective/kl", "kl_div"),
     "entropy": ("entropy", "policy/entropy_avg", "ppo/policy/entropy", "objective/entropy"),
-    "reward": ("reward", "objective/scores", "ppo/mean_scores", "env/reward_mean", "rewards/margins",
-               "mean_reward"),
+    "reward": ("reward", "objective/scores", "ppo/mean_scores", "env/reward_mean", "rewards/margins", "mean_reward"),
     "reward_std": ("reward_std", "ppo/std_scores", "env/reward_std"),
     "policy_loss": ("policy_loss", "loss/policy_avg", "ppo/loss/policy"),
     "value_loss": ("value_loss", "loss/value_avg", "ppo/loss/value"),
@@ -27,8 +28,9 @@ CANONICAL_SOURCES: dict[str, tuple[str, ...]] = {
 CANONICAL: tuple[str, ...] = tuple(CANONICAL_SOURCES)
 
 # Keys of the end-of-training summary that TRL/transformers logs last; such an entry is not a step.
-SUMMARY_KEYS = frozenset({"train_runtime", "train_samples_per_second", "train_steps_per_second",
-                          "train_loss", "total_flos"})
+SUMMARY_KEYS = frozenset(
+    {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"}
+)
 # Bookkeeping keys that are not metrics.
 NON_METRIC_KEYS = frozenset({"step", "epoch_step"})
 
@@ -82,4 +84,3 @@ def normalise(logs: Mapping[str, Any]) -> dict[str, float | None]:
                 out[canonical] = out[source]
                 break
     return out
-

@@ -5,6 +5,7 @@ all heal by themselves), validates every frame, de-duplicates by sequence number
 received, rejected, lost (gaps) and dropped by the training side, and judges the connection:
 `connecting`, `live`, `stalled` (heartbeats but no new steps), `stale` (no heartbeat), `unreachable`.
 """
+
 from __future__ import annotations
 
 import threading
@@ -12,18 +13,18 @@ import time
 from dataclasses import dataclass, field
 
 from rlhf_tui.analysis.store import Store
-from rlhf_tui.bridge import protocol
-from rlhf_tui.bridge.ingest import _metrics, _select, add_rows, apply_block, apply_envelope, rows_to_columns
+from rlhf_tui.bridge.monitor.ingest import _metrics, _select, add_rows, apply_block, apply_envelope, rows_to_columns
+from rlhf_tui.bridge.wire import protocol
 
 HELLO_S = 1.0
-STALE_S = 3.5            # no heartbeat this long: stale
-UNREACHABLE_S = 5.0      # nothing at all this long after starting: unreachable
-STALLED_MIN_S = 30.0     # heartbeats but no step this long (or 10x the usual step interval): stalled
-HANDSHAKE_FAILED = 0x800 | 0x2000 | 0x4000   # EVENT_HANDSHAKE_FAILED_{NO_DETAIL,PROTOCOL,AUTH} (libzmq 4.3)
-MAX_RUNS = 8             # runs kept per monitor (a restarted training is a new run; the oldest go first)
-MAX_COLUMNS = protocol.MAX_METRICS   # metric names per run
-COLUMN_BUDGET_BYTES = 512 << 20   # all runs' metric columns together (older runs are dropped first)
-MAX_AHEAD = 100_000      # messages held past a gap while the resync comes
+STALE_S = 3.5  # no heartbeat this long: stale
+UNREACHABLE_S = 5.0  # nothing at all this long after starting: unreachable
+STALLED_MIN_S = 30.0  # heartbeats but no step this long (or 10x the usual step interval): stalled
+HANDSHAKE_FAILED = 0x800 | 0x2000 | 0x4000  # EVENT_HANDSHAKE_FAILED_{NO_DETAIL,PROTOCOL,AUTH} (libzmq 4.3)
+MAX_RUNS = 8  # runs kept per monitor (a restarted training is a new run; the oldest go first)
+MAX_COLUMNS = protocol.MAX_METRICS  # metric names per run
+COLUMN_BUDGET_BYTES = 512 << 20  # all runs' metric columns together (older runs are dropped first)
+MAX_AHEAD = 100_000  # messages held past a gap while the resync comes
 
 
 @dataclass
@@ -50,10 +51,10 @@ class Subscriber:
         self._last_message: float | None = None
         self._current_run: str | None = None
         self._resync_pending = True
-        self.stale_since: float | None = None   # wall time
+        self.stale_since: float | None = None  # wall time
         self.error: str | None = None
 
-    def start(self) -> "Subscriber":
+    def start(self) -> Subscriber:
         self._thread = threading.Thread(target=self._run, name=f"rlhf-tui-sub {self.address}", daemon=True)
         self._thread.start()
         return self
@@ -76,12 +77,12 @@ class Subscriber:
         # Exponential backoff up to 1 s: a monitor started before its training (imports take seconds) must
         # not sleep through a short run.
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        sock.setsockopt(zmq.IMMEDIATE, 1)               # hellos wait for a live connection
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # hellos wait for a live connection
         if self.address.startswith("tcp://"):
             sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
         try:
             if self._curve is not None:
-                self._curve.apply_client(sock)   # fails closed (raises) without CURVE support
+                self._curve.apply_client(sock)  # fails closed (raises) without CURVE support
             sock.connect(self.address)
             events = sock.get_monitor_socket(HANDSHAKE_FAILED)
         except Exception:
@@ -124,8 +125,10 @@ class Subscriber:
                     except zmq.ZMQError:
                         event = {}
                     if event.get("event") == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                        self.error = (f"{self.address} refused this monitor's key (is its public key in the run's "
-                                      "authorized/ folder?)")
+                        self.error = (
+                            f"{self.address} refused this monitor's key (is its public key in the run's "
+                            "authorized/ folder?)"
+                        )
                         refused_at = refused_at or time.monotonic()
                     elif self._last_message is None:  # libzmq retries these by itself
                         self.error = f"handshake with {self.address} failed (wrong server key or not rlhf-tui?)"
@@ -197,7 +200,7 @@ class Subscriber:
             return False
         changed = False
         with store.lock:
-            pending: list[dict] = []   # consecutive new step messages of one run, stored in one go
+            pending: list[dict] = []  # consecutive new step messages of one run, stored in one go
             for env in envelopes:
                 try:
                     if env["kind"] == protocol.STEP and (not pending or pending[0]["run"] == env["run"]):
@@ -238,7 +241,7 @@ class Subscriber:
                 self._seq.pop(oldest, None)
             state = self._seq[run_id] = _RunSeq()
         if run_id != self._current_run:
-            self._current_run = run_id   # a new run id: training restarted; the old run stays in the store
+            self._current_run = run_id  # a new run id: training restarted; the old run stays in the store
         return state
 
     def _columns_ok(self, run_id: str, names) -> bool:

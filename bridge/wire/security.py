@@ -10,6 +10,7 @@ copied anywhere; `NAME.key_secret` holds the key pair and must stay private. `rl
 
 Without CURVE support in libzmq nothing falls back to plain text: both sides refuse (fail closed).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,6 +34,7 @@ class SecurityError(Exception):
 def curve_available() -> bool:
     try:
         import zmq
+
         return bool(zmq.has("curve"))
     except Exception:
         return False
@@ -40,8 +42,10 @@ def curve_available() -> bool:
 
 def _require_curve() -> None:
     if not curve_available():
-        raise SecurityError("this libzmq has no CURVE support: refusing to run without encryption "
-                            "(install a pyzmq wheel built with libsodium/CURVE)")
+        raise SecurityError(
+            "this libzmq has no CURVE support: refusing to run without encryption "
+            "(install a pyzmq wheel built with libsodium/CURVE)"
+        )
 
 
 def keygen(directory: str | os.PathLike, *, client_name: str = CLIENT, overwrite: bool = False) -> dict[str, str]:
@@ -53,7 +57,7 @@ def keygen(directory: str | os.PathLike, *, client_name: str = CLIENT, overwrite
     root = Path(directory).expanduser()
     if not root.exists():
         root.mkdir(parents=True)
-        os.chmod(root, 0o700)   # a folder we create holds secrets: private (an existing one is left as it is)
+        os.chmod(root, 0o700)  # a folder we create holds secrets: private (an existing one is left as it is)
     authorized = root / AUTHORIZED
     authorized.mkdir(exist_ok=True)
     out = {}
@@ -141,15 +145,16 @@ class ServerCurve:
     pair for this run only and writes its public key file for monitors to use.
     """
 
-    def __init__(self, public: bytes, secret: bytes, authorized_dir: str | os.PathLike | None,
-                 *, allow_own_key: bool = True):
+    def __init__(
+        self, public: bytes, secret: bytes, authorized_dir: str | os.PathLike | None, *, allow_own_key: bool = True
+    ):
         self.public, self.secret = public, secret
         self.authorized_dir = Path(authorized_dir).expanduser() if authorized_dir else None
-        self.allow_own_key = allow_own_key   # other ranks of the run attach with the server's own pair
+        self.allow_own_key = allow_own_key  # other ranks of the run attach with the server's own pair
         self.provider: _AuthorizedKeys | None = None
 
     @classmethod
-    def from_keys_dir(cls, directory: str | os.PathLike, *, create: bool = True) -> "ServerCurve":
+    def from_keys_dir(cls, directory: str | os.PathLike, *, create: bool = True) -> ServerCurve:
         _require_curve()
         root = Path(directory).expanduser()
         secret_file = root / f"{SERVER}.key_secret"
@@ -161,8 +166,9 @@ class ServerCurve:
         return cls(public, secret, root / AUTHORIZED)
 
     @classmethod
-    def ephemeral(cls, authorized_dir: str | os.PathLike, public_key_path: str | os.PathLike | None = None
-                  ) -> "ServerCurve":
+    def ephemeral(
+        cls, authorized_dir: str | os.PathLike, public_key_path: str | os.PathLike | None = None
+    ) -> ServerCurve:
         _require_curve()
         import zmq
 
@@ -170,8 +176,7 @@ class ServerCurve:
         if public_key_path is not None:
             path = Path(public_key_path).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("#   rlhf-tui run server key (public)\ncurve\n"
-                            f'    public-key = "{public.decode()}"\n')
+            path.write_text(f'#   rlhf-tui run server key (public)\ncurve\n    public-key = "{public.decode()}"\n')
         return cls(public, secret, authorized_dir)
 
     def apply_server(self, sock) -> None:
@@ -194,7 +199,7 @@ class ServerCurve:
         auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self.provider)
         return auth
 
-    def rank_client(self) -> "ClientCurve":
+    def rank_client(self) -> ClientCurve:
         """What the run's other ranks use to forward their samples to this server."""
         return ClientCurve(self.public, self.public, self.secret)
 
@@ -206,7 +211,7 @@ class ClientCurve:
         self.server_public, self.public, self.secret = server_public, public, secret
 
     @classmethod
-    def from_files(cls, server_key: str | os.PathLike, client_key: str | os.PathLike) -> "ClientCurve":
+    def from_files(cls, server_key: str | os.PathLike, client_key: str | os.PathLike) -> ClientCurve:
         """`--server-key FILE` (the run's public key) and `--client-key FILE` (this monitor's .key_secret)."""
         _require_curve()
         server_public = load_public(server_key)
@@ -214,7 +219,7 @@ class ClientCurve:
         return cls(server_public, public, secret)
 
     @classmethod
-    def from_keys_dir(cls, directory: str | os.PathLike, client_name: str = CLIENT) -> "ClientCurve":
+    def from_keys_dir(cls, directory: str | os.PathLike, client_name: str = CLIENT) -> ClientCurve:
         """`--keys-dir DIR`: DIR/server.key and DIR/<client>.key_secret."""
         root = Path(directory).expanduser()
         return cls.from_files(root / f"{SERVER}.key", root / f"{client_name}.key_secret")
@@ -227,8 +232,9 @@ class ClientCurve:
         sock.curve_secretkey = self.secret
 
 
-def client_from_options(server_key: str | None = None, client_key: str | None = None,
-                        keys_dir: str | None = None) -> ClientCurve | None:
+def client_from_options(
+    server_key: str | None = None, client_key: str | None = None, keys_dir: str | None = None
+) -> ClientCurve | None:
     """The monitor's CLI options to a ClientCurve (None: plain, loopback/SSH-forward use). SecurityError with
     one clear line for a bad combination or an unreadable key."""
     if keys_dir and (server_key or client_key):
@@ -253,10 +259,12 @@ def server_from_options(curve=None, keys_dir: str | None = None):
 
 def format_keygen(paths: dict[str, str]) -> str:
     """What `rlhf-tui keygen DIR` prints."""
-    return (f"server key pair:  {paths[SERVER + '_secret']}  (training side; keep private)\n"
-            f"server public key: {paths[SERVER]}  (copy to each monitor: --server-key)\n"
-            f"client key pair:  {paths[CLIENT + '_secret']}  (monitor side: --client-key)\n"
-            f"authorised keys:  {paths[AUTHORIZED]}/  (put each monitor's public .key here)\n")
+    return (
+        f"server key pair:  {paths[SERVER + '_secret']}  (training side; keep private)\n"
+        f"server public key: {paths[SERVER]}  (copy to each monitor: --server-key)\n"
+        f"client key pair:  {paths[CLIENT + '_secret']}  (monitor side: --client-key)\n"
+        f"authorised keys:  {paths[AUTHORIZED]}/  (put each monitor's public .key here)\n"
+    )
 
 
 def cli_keygen(directory: str) -> int:

@@ -3,6 +3,7 @@
 File sources are read whole into a `Store`; a live source is handled by `subscriber.Subscriber`. Errors a user
 can cause raise `SourceError` with one clear line (the CLI prints it and exits 2).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_tui.analysis.store import RunHistory, Store
-from rlhf_tui.bridge.metrics import is_summary, normalise
+from rlhf_tui.bridge.wire.metrics import is_summary, normalise
 
 LIVE_PREFIXES = ("tcp://", "ipc://")
 MAX_FILE_BYTES = 4 << 30  # refuse absurd files rather than exhausting memory
@@ -101,8 +102,15 @@ def load_trainer_state(path: Path | str, store: Store | None = None) -> Store:
     run_id = f"file:{path.parent.name or path.stem}"
     with store.lock:
         run = store.run(run_id)
-        run.meta.update({"run_id": run_id, "source": str(path), "trainer": _guess_trainer(state["log_history"]),
-                         "max_steps": state.get("max_steps"), "logging_steps": state.get("logging_steps")})
+        run.meta.update(
+            {
+                "run_id": run_id,
+                "source": str(path),
+                "trainer": _guess_trainer(state["log_history"]),
+                "max_steps": state.get("max_steps"),
+                "logging_steps": state.get("logging_steps"),
+            }
+        )
         _ingest_log_history(run, state["log_history"])
         if isinstance(state.get("global_step"), int):
             run.meta["global_step"] = state["global_step"]
@@ -143,7 +151,7 @@ def _guess_trainer(entries: list[Any]) -> str:
 def load_jsonl(path: Path | str, store: Store | None = None) -> Store:
     """Read an rlhf-tui JSONL log. A truncated last line (training killed mid-write) is skipped;
     other unparseable lines are counted as rejected."""
-    from rlhf_tui.bridge.ingest import apply_jsonl_event  # local: keeps this module's import light
+    from rlhf_tui.bridge.monitor.ingest import apply_jsonl_event  # local: keeps this module's import light
 
     store = store or Store()
     path = Path(path)
@@ -178,5 +186,4 @@ def load_jsonl(path: Path | str, store: Store | None = None) -> Store:
     return store
 
 
-__all__ = ["SourceError", "is_live", "load_file_source", "load_trainer_state", "load_jsonl",
-           "resolve_file_source"]
+__all__ = ["SourceError", "is_live", "load_file_source", "load_trainer_state", "load_jsonl", "resolve_file_source"]

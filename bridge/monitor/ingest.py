@@ -1,6 +1,7 @@
 """Applying what arrives (wire envelopes or JSONL events) to a `Store`: the one place that knows how each
 message kind lands in a run's history. Pure Python; every value is re-checked so nothing can crash the store.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,12 +12,12 @@ import numpy as np
 
 from rlhf_tui.analysis import store as store_module
 from rlhf_tui.analysis.store import RunHistory, Store
-from rlhf_tui.bridge import protocol
-from rlhf_tui.bridge.metrics import to_float
+from rlhf_tui.bridge.wire import protocol
+from rlhf_tui.bridge.wire.metrics import to_float
 
 MAX_SAMPLES = 8
-MAX_ITEMS = 20_000          # values kept from one message (scores, samples, analysis ...)
-MAX_RANKS = 1024            # system samples kept per run (one per rank)
+MAX_ITEMS = 20_000  # values kept from one message (scores, samples, analysis ...)
+MAX_RANKS = 1024  # system samples kept per run (one per rank)
 MAX_CHECKPOINTS = 1000
 MAX_META_KEYS = 256
 _NONFINITE_FLOAT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -146,8 +147,10 @@ def rows_to_columns(metrics_list: list[dict]) -> dict:
                 entry = cols[name] = ([], [])
             entry[0].append(i)
             entry[1].append(value)
-    return {name: (None if len(idx) == n else np.array(idx, dtype=np.int64), np.array(vals, dtype=np.float64))
-            for name, (idx, vals) in cols.items()}
+    return {
+        name: (None if len(idx) == n else np.array(idx, dtype=np.int64), np.array(vals, dtype=np.float64))
+        for name, (idx, vals) in cols.items()
+    }
 
 
 def add_rows(run: RunHistory, steps: np.ndarray, times: np.ndarray, cols: dict) -> int:
@@ -167,15 +170,15 @@ def add_rows(run: RunHistory, steps: np.ndarray, times: np.ndarray, cols: dict) 
             run._thin()
         k = min(n - done, run.capacity - run.rows)
         r0 = run.rows
-        run._steps[r0:r0 + k] = steps[done:done + k]
-        run._times[r0:r0 + k] = times[done:done + k]
+        run._steps[r0 : r0 + k] = steps[done : done + k]
+        run._times[r0 : r0 + k] = times[done : done + k]
         for name, (index, values) in cols.items():
             col = run.columns.get(name)
             if col is None:
                 col = run.columns[name] = Column(run.capacity)
             if index is None:
-                col.values[r0:r0 + k] = values[done:done + k]
-                col.logged[r0:r0 + k] = True
+                col.values[r0 : r0 + k] = values[done : done + k]
+                col.logged[r0 : r0 + k] = True
             else:
                 sel = (index >= done) & (index < done + k)
                 where = index[sel] - done + r0
@@ -188,8 +191,9 @@ def add_rows(run: RunHistory, steps: np.ndarray, times: np.ndarray, cols: dict) 
 
 
 def _bulk_ok(run: RunHistory) -> bool:
-    return all(hasattr(run, a) for a in ("_steps", "_times", "_thin", "columns", "capacity")) and \
-        hasattr(store_module, "Column")
+    return all(hasattr(run, a) for a in ("_steps", "_times", "_thin", "columns", "capacity")) and hasattr(
+        store_module, "Column"
+    )
 
 
 def _add_rows_one_by_one(run: RunHistory, steps, times, cols) -> int:
@@ -243,8 +247,11 @@ def _apply_reward(run: RunHistory, data: Any) -> None:
     samples = data.get("samples")
     data["samples"] = [s for s in samples if isinstance(s, dict)][:MAX_SAMPLES] if isinstance(samples, list) else []
     scores = data.get("scores")
-    data["scores"] = [s if isinstance(s, (int, float)) and not isinstance(s, bool) else None
-                      for s in scores] if isinstance(scores, list) else []
+    data["scores"] = (
+        [s if isinstance(s, (int, float)) and not isinstance(s, bool) else None for s in scores]
+        if isinstance(scores, list)
+        else []
+    )
     run.rewards.append(data)
     analysis = data.get("analysis")
     if isinstance(analysis, dict):

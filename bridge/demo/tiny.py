@@ -4,16 +4,29 @@
 both with `save_pretrained`, so TRL can rebuild the reference model from the path. Cached: a folder that
 already holds a complete model is reused.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 PROMPTS = [
-    "The weather today is", "My favourite food is", "Once upon a time there was", "The best way to learn is",
-    "In the morning I like to", "The movie was", "A good friend always", "The city at night looks",
-    "When I was young I", "The secret of happiness is", "Yesterday the team", "The old house on the hill",
-    "Every summer we go to", "The scientist discovered", "My dog likes to", "The book I read was",
+    "The weather today is",
+    "My favourite food is",
+    "Once upon a time there was",
+    "The best way to learn is",
+    "In the morning I like to",
+    "The movie was",
+    "A good friend always",
+    "The city at night looks",
+    "When I was young I",
+    "The secret of happiness is",
+    "Yesterday the team",
+    "The old house on the hill",
+    "Every summer we go to",
+    "The scientist discovered",
+    "My dog likes to",
+    "The book I read was",
 ]
 CORPUS = [
     "the weather today is sunny and warm and everyone is happy",
@@ -33,17 +46,22 @@ CORPUS = [
 def default_cache_dir() -> Path:
     try:
         from platformdirs import user_cache_dir
+
         return Path(user_cache_dir("rlhf-tui"))
     except Exception:
         return Path.home() / ".cache" / "rlhf-tui"
 
 
-def build_tiny_model(path: str | os.PathLike | None = None, *, n_layer: int = 2,
-                     n_embd: int = 64, seed: int = 0) -> str:
+def build_tiny_model(
+    path: str | os.PathLike | None = None, *, n_layer: int = 2, n_embd: int = 64, seed: int = 0
+) -> str:
     """Build (once) and save a tiny GPT-2 + tokenizer; returns the folder path."""
     path = Path(path) if path is not None else default_cache_dir() / "tiny-gpt2-words"
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file() and \
-            (path / "tokenizer.json").is_file():
+    if (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and (path / "tokenizer.json").is_file()
+    ):
         return str(path)
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -58,12 +76,20 @@ def build_tiny_model(path: str | os.PathLike | None = None, *, n_layer: int = 2,
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>",
-                                   pad_token="<pad>", bos_token="<eos>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", bos_token="<eos>"
+    )
     fast.padding_side = "left"
-    config = GPT2Config(vocab_size=len(fast), n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=2,
-                        bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id,
-                        pad_token_id=fast.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(fast),
+        n_positions=128,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=2,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
     model = GPT2LMHeadModel(config)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -71,6 +97,7 @@ def build_tiny_model(path: str | os.PathLike | None = None, *, n_layer: int = 2,
     fast.save_pretrained(tmp)
     if path.exists():
         import shutil
+
         shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # atomic: a concurrent build never sees half a model
     return str(path)
@@ -106,6 +133,7 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     try:
         import datasets
+
         datasets.disable_progress_bars()
     except ImportError:
         pass

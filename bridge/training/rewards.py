@@ -4,12 +4,14 @@ One message per batch (not per sample) with the scores and a few sample completi
 random; truncated). The wrapper keeps `__name__`, so TRL's own `rewards/<name>/*` keys do not change, and it
 never lets monitoring raise into the reward computation.
 """
+
 from __future__ import annotations
 
 import functools
 import math
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 SAMPLE_CHARS = 300
 
@@ -40,8 +42,14 @@ def _samples(prompts: Sequence | None, completions: Sequence | None, scores: Seq
         seen.add(i)
         prompt = _text(prompts[i]) if prompts is not None and i < len(prompts) else ""
         score = scores[i] if i < len(scores) else None
-        out.append({"label": label, "score": score, "prompt": prompt[-SAMPLE_CHARS:],
-                    "completion": _text(completions[i])[:SAMPLE_CHARS]})
+        out.append(
+            {
+                "label": label,
+                "score": score,
+                "prompt": prompt[-SAMPLE_CHARS:],
+                "completion": _text(completions[i])[:SAMPLE_CHARS],
+            }
+        )
     return out
 
 

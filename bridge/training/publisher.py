@@ -5,6 +5,7 @@ turns queued items into envelopes (through a `handler`, see callback.py), keeps 
 and serves every connected monitor from that history with non-blocking sends: a monitor that joins late,
 falls behind or reconnects simply has an older cursor. See docs/protocol.md.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -16,31 +17,32 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from rlhf_tui.bridge import protocol
+from rlhf_tui.bridge.wire import protocol
 
 log = logging.getLogger("rlhf_tui.bridge")
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "RLHF_TUI_ADDRESS"
-CLIENT_TIMEOUT_S = 15.0     # a monitor silent this long is forgotten (killed without closing)
+CLIENT_TIMEOUT_S = 15.0  # a monitor silent this long is forgotten (killed without closing)
 HEARTBEAT_S = 1.0
-POLL_MS = 10                # retry interval while a monitor's pipe is full
-BATCH_S = 0.1               # the thread handles queued items at most this often, in one go: on a CPU-bound
-                            # run its CPU per step was 0.63 ms at 20 ms, 0.35 ms at 100 ms (fewer wake-ups,
-                            # warmer caches, less contention with training's own threads)
-IDLE_POLL_S = 0.05          # with nothing queued the thread looks this often (put() never wakes it)
-MAX_CLIENTS = 64            # monitors served at once; more hellos are refused (counted)
-RX_BUDGET_S = 0.001         # time per loop spent on what peers send; a flood is throttled, never served first
-RX_BACKOFF_S = 0.01         # ... and then the socket is not read for this long
-FORWARD_MIN_S = 0.1         # at most 10 forwarded samples a second per rank
+POLL_MS = 10  # retry interval while a monitor's pipe is full
+BATCH_S = 0.1  # the thread handles queued items at most this often, in one go: on a CPU-bound
+# run its CPU per step was 0.63 ms at 20 ms, 0.35 ms at 100 ms (fewer wake-ups,
+# warmer caches, less contention with training's own threads)
+IDLE_POLL_S = 0.05  # with nothing queued the thread looks this often (put() never wakes it)
+MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted)
+RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
+RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long
+FORWARD_MIN_S = 0.1  # at most 10 forwarded samples a second per rank
 MAX_FORWARD_RANKS = 4096
-RESYNC_MIN_S = 0.5          # a monitor may move its cursor back at most this often
-FORWARD_POLL_S = 0.2        # a non-main rank's thread looks for samples this often
+RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
+FORWARD_POLL_S = 0.2  # a non-main rank's thread looks for samples this often
 
-_active_by_address: dict[str, "Publisher"] = {}
+_active_by_address: dict[str, Publisher] = {}
 _fork_generation = 0  # bumped in a forked child: publishers made before the fork go quiet there
 
 
@@ -63,7 +65,7 @@ def is_loopback_address(address: str) -> bool:
         return True
     if not address.startswith("tcp://"):
         return False
-    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    host = address[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
         return True
     try:
@@ -77,24 +79,33 @@ class _Block:
     first: int
     last: int
     frame: bytes
-    level: int = 0           # times thinned
+    level: int = 0  # times thinned
 
 
 @dataclass
 class _Client:
-    cursor: int              # next seq this monitor needs
+    cursor: int  # next seq this monitor needs
     run: str | None
     last_seen: float
-    greeted: bool = False    # got a heartbeat (with thinned_upto) before any history
-    reset_at: float = 0.0    # last time a hello moved the cursor (resyncs are rate-limited)
+    greeted: bool = False  # got a heartbeat (with thinned_upto) before any history
+    reset_at: float = 0.0  # last time a hello moved the cursor (resyncs are rate-limited)
 
 
 class Publisher:
     """Queue + thread + socket. `handler(item) -> iterable of (kind, data, rank)` runs on the thread."""
 
-    def __init__(self, address: str | None, run_id: str, handler: Callable[[Any], Iterable[tuple]],
-                 *, queue_size: int = 10_000, history_bytes: int = 256 << 20, insecure: bool = False,
-                 curve: Any = None, idle: Callable[[], Iterable[tuple]] | None = None):
+    def __init__(
+        self,
+        address: str | None,
+        run_id: str,
+        handler: Callable[[Any], Iterable[tuple]],
+        *,
+        queue_size: int = 10_000,
+        history_bytes: int = 256 << 20,
+        insecure: bool = False,
+        curve: Any = None,
+        idle: Callable[[], Iterable[tuple]] | None = None,
+    ):
         self.address = resolve_address(address) if address is not False else ""
         self.run_id = run_id
         self._handler = handler
@@ -108,11 +119,11 @@ class Publisher:
         self._generation = _fork_generation
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._blocks: list[_Block] = []     # sealed history: blocks of BLOCK_MESSAGES messages, steps in columns
+        self._blocks: list[_Block] = []  # sealed history: blocks of BLOCK_MESSAGES messages, steps in columns
         self._block_lasts: list[int] = []
-        self._frames: list[bytes] = []      # the newest messages (not sealed yet), one frame each
+        self._frames: list[bytes] = []  # the newest messages (not sealed yet), one frame each
         self._seqs: list[int] = []
-        self._tail_steps: list[tuple | None] = []   # (seq, step, ts, clean metrics, rank) of tail steps
+        self._tail_steps: list[tuple | None] = []  # (seq, step, ts, clean metrics, rank) of tail steps
         self._tail_bytes = 0
         self._history_bytes = 0
         self._rx_backoff_until = 0.0
@@ -124,8 +135,19 @@ class Publisher:
         self._clients: dict[bytes, _Client] = {}
         self.bound = False
         self.bound_address: str | None = None
-        self.stats = {"queued": 0, "dropped": 0, "published": 0, "handler_errors": 0, "rejected": 0,
-                      "send_again": 0, "clients": 0, "refused_clients": 0, "forwarded": 0, "rx_throttled": 0, "cpu_s": 0.0}
+        self.stats = {
+            "queued": 0,
+            "dropped": 0,
+            "published": 0,
+            "handler_errors": 0,
+            "rejected": 0,
+            "send_again": 0,
+            "clients": 0,
+            "refused_clients": 0,
+            "forwarded": 0,
+            "rx_throttled": 0,
+            "cpu_s": 0.0,
+        }
         self._last_error: str | None = None
 
     # -- training thread ------------------------------------------------------------------------
@@ -197,8 +219,10 @@ class Publisher:
         import zmq
 
         if not is_loopback_address(self.address) and not self._insecure and self._curve is None:
-            return (f"refusing to {verb} non-loopback address {self.address} without CURVE keys; "
-                    "pass keys_dir=/curve= (or insecure=True to allow it)")
+            return (
+                f"refusing to {verb} non-loopback address {self.address} without CURVE keys; "
+                "pass keys_dir=/curve= (or insecure=True to allow it)"
+            )
         if self._curve is not None and not zmq.has("curve"):
             return f"CURVE keys were given but this libzmq has no CURVE support; {activity} disabled (fail closed)"
         return None
@@ -222,7 +246,7 @@ class Publisher:
         sock = ctx.socket(zmq.ROUTER)
         try:
             sock.linger = 0
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # unknown/full peer -> error instead of silent loss
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown/full peer -> error instead of silent loss
             sock.setsockopt(zmq.SNDHWM, 2000)
             sock.setsockopt(zmq.RCVHWM, 1000)
             sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_INBOUND_BYTES)  # peers only send hellos/samples
@@ -270,12 +294,12 @@ class Publisher:
                 ctx.term()
             for end in (self._wake_recv, self._wake_send):
                 try:
-                    end.close()   # a closed Python socket refuses send(): no stray writes to a reused fd
+                    end.close()  # a closed Python socket refuses send(): no stray writes to a reused fd
                 except OSError:
                     pass
 
     def _loop(self, sock) -> None:
-        import zmq  # noqa: F401 - present when sock is not None
+        import zmq
 
         poller = zmq.Poller()
         if sock is not None:
@@ -293,7 +317,8 @@ class Publisher:
                 # step on a fast run; no syscall in put()) ...
                 timeout = max(0.0, BATCH_S - since_drain)
             elif any(c.cursor < self._next_seq for c in self._clients.values()) or (
-                    self._history_bytes > self._history_bytes_max and self._thinnable()):
+                self._history_bytes > self._history_bytes_max and self._thinnable()
+            ):
                 timeout = POLL_MS / 1000
             else:
                 # ... after that it looks every IDLE_POLL_S: put() never makes a system call or wakes a thread
@@ -301,7 +326,7 @@ class Publisher:
                 timeout = IDLE_POLL_S
             if sock is not None:  # what peers send is not read while throttled
                 poller.register(sock, zmq.POLLIN if now >= self._rx_backoff_until else 0)
-            poller.register(wake, zmq.POLLIN)   # stop() wakes the thread at once
+            poller.register(wake, zmq.POLLIN)  # stop() wakes the thread at once
             ready = dict(poller.poll(timeout * 1000))
             if wake.fileno() in ready:
                 try:
@@ -322,7 +347,7 @@ class Publisher:
                     last_heartbeat = now
                     self._heartbeat(sock, now)
             if self._history_bytes > self._history_bytes_max:
-                deadline = time.monotonic() + 0.002   # a few blocks per loop: never a long pause
+                deadline = time.monotonic() + 0.002  # a few blocks per loop: never a long pause
                 while self._history_bytes > self._history_bytes_max and time.monotonic() < deadline:
                     if not self._thin_history():
                         break
@@ -357,10 +382,16 @@ class Publisher:
         ts = time.time()
         step_row = None
         metrics = data.get("metrics")
-        if kind == protocol.STEP and type(metrics) in (dict, protocol.Clean) and data.keys() <= {"step", "metrics", "wall"}:
-            clean = {"step": data["step"],
-                     "metrics": metrics if type(metrics) is protocol.Clean else protocol.clean_metrics(metrics),
-                     "wall": protocol.to_json_safe(data.get("wall"))}
+        if (
+            kind == protocol.STEP
+            and type(metrics) in (dict, protocol.Clean)
+            and data.keys() <= {"step", "metrics", "wall"}
+        ):
+            clean = {
+                "step": data["step"],
+                "metrics": metrics if type(metrics) is protocol.Clean else protocol.clean_metrics(metrics),
+                "wall": protocol.to_json_safe(data.get("wall")),
+            }
             if type(clean["step"]) is int:
                 step_row = (seq, clean["step"], ts, clean["metrics"], rank)
         else:
@@ -413,8 +444,9 @@ class Publisher:
         rows = list(range(0, len(data["seq"]), 2))
         removed = [s for i, s in enumerate(data["seq"]) if i % 2]
         dense = {name: col for name, col in data["cols"].items() if isinstance(col, list)}
-        sparse = {name: dict(zip(col["i"], col["x"])) for name, col in data["cols"].items()
-                  if not isinstance(col, list)}
+        sparse = {
+            name: dict(zip(col["i"], col["x"])) for name, col in data["cols"].items() if not isinstance(col, list)
+        }
         steps = []
         for i in rows:
             metrics = {name: col[i] for name, col in dense.items()}
@@ -429,8 +461,9 @@ class Publisher:
                     removed.append(inner["seq"])
                     continue
             others.append(protocol.dumps(inner))
-        frame = protocol.encode_block(self.run_id, env.get("rank", 0), block.first, block.last, env["ts"],
-                                      steps, others)
+        frame = protocol.encode_block(
+            self.run_id, env.get("rank", 0), block.first, block.last, env["ts"], steps, others
+        )
         self._history_bytes += len(frame) - len(block.frame)
         block.frame, block.level = frame, block.level + 1
         if removed:
@@ -484,8 +517,7 @@ class Publisher:
                     self.stats["refused_clients"] += 1
                     return
                 cursor = since if run == self.run_id else 0
-                self._clients[peer] = _Client(cursor=min(cursor, self._next_seq), run=run, last_seen=now,
-                                              reset_at=now)
+                self._clients[peer] = _Client(cursor=min(cursor, self._next_seq), run=run, last_seen=now, reset_at=now)
                 self.stats["clients"] = len(self._clients)
                 return
             client.last_seen = now
@@ -499,8 +531,9 @@ class Publisher:
             last = self._forward_last.get(rank)
             if inner != protocol.SYSTEM or not isinstance(data.get("data"), dict) or rank == 0:
                 self.stats["rejected"] += 1
-            elif (last is not None and now - last < FORWARD_MIN_S) or \
-                    (last is None and len(self._forward_last) >= MAX_FORWARD_RANKS):
+            elif (last is not None and now - last < FORWARD_MIN_S) or (
+                last is None and len(self._forward_last) >= MAX_FORWARD_RANKS
+            ):
                 self.stats["rejected"] += 1  # a rank may not flood the history
             else:
                 self._forward_last[rank] = now
@@ -558,11 +591,17 @@ class Publisher:
         return (chunk[0] if len(chunk) == 1 else protocol.encode_batch(chunk)), self._seqs[end - 1] + 1
 
     def _heartbeat_frame(self) -> bytes:
-        data = {"last_seq": self._next_seq - 1, "dropped": self.stats["dropped"],
-                "thinned_upto": self._thinned_upto, "queued": len(self._queue), "pid": self._pid,
-                "rejected": self.stats["rejected"], "clients": len(self._clients),
-                "cpu_s": round(self.stats["cpu_s"], 3),
-                "history_mb": round(self._history_bytes / (1 << 20), 2)}
+        data = {
+            "last_seq": self._next_seq - 1,
+            "dropped": self.stats["dropped"],
+            "thinned_upto": self._thinned_upto,
+            "queued": len(self._queue),
+            "pid": self._pid,
+            "rejected": self.stats["rejected"],
+            "clients": len(self._clients),
+            "cpu_s": round(self.stats["cpu_s"], 3),
+            "history_mb": round(self._history_bytes / (1 << 20), 2),
+        }
         return protocol.encode(protocol.HEARTBEAT, self.run_id, self._next_seq - 1, time.time(), data)
 
     def _send_heartbeat(self, sock, peer: bytes, frame: bytes | None = None) -> bool:
@@ -594,10 +633,11 @@ def forward_address(address: str) -> str:
     "this node": ranks on the main node connect over loopback, ranks on other nodes to MASTER_ADDR."""
     if not address.startswith("tcp://"):
         return address
-    host, _, port = address[len("tcp://"):].rpartition(":")
+    host, _, port = address[len("tcp://") :].rpartition(":")
     if host.strip("[]") in ("*", "0.0.0.0", "::"):
-        same_node = os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0") \
-            if "LOCAL_RANK" in os.environ else True
+        same_node = (
+            os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0") if "LOCAL_RANK" in os.environ else True
+        )
         master = os.environ.get("MASTER_ADDR")
         host = "127.0.0.1" if same_node or not master else master
         return f"tcp://{host}:{port}"
@@ -609,8 +649,17 @@ class Forwarder(Publisher):
     DEALER connected to the main process and sends each sample as a `forward` envelope (no history, no
     port of its own). A sample that cannot be sent at once (main not up yet, pipe full) is dropped, counted."""
 
-    def __init__(self, address: str | None, run_id: str, handler: Callable[[Any], Iterable[tuple]], *,
-                 rank: int, queue_size: int = 1000, curve: Any = None, insecure: bool = False):
+    def __init__(
+        self,
+        address: str | None,
+        run_id: str,
+        handler: Callable[[Any], Iterable[tuple]],
+        *,
+        rank: int,
+        queue_size: int = 1000,
+        curve: Any = None,
+        insecure: bool = False,
+    ):
         super().__init__(address, run_id, handler, queue_size=queue_size, curve=curve, insecure=insecure)
         self.address = forward_address(self.address) if self.address else ""
         self.rank = rank
@@ -642,7 +691,7 @@ class Forwarder(Publisher):
         try:
             sock.linger = 0
             sock.setsockopt(zmq.SNDHWM, 100)
-            sock.setsockopt(zmq.IMMEDIATE, 1)           # no queueing towards a main process that is not up
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a main process that is not up
             sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_INBOUND_BYTES)
             sock.setsockopt(zmq.RECONNECT_IVL, 200)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
@@ -684,7 +733,7 @@ class Forwarder(Publisher):
                     self.stats["handler_errors"] += 1
                     self._note_error(exc)
                     continue
-                for kind, data, rank in messages:
+                for kind, data, _rank in messages:
                     self._send(sock, kind, data)
         finally:
             self._busy = False
