@@ -34,6 +34,7 @@ from .safetensors_io import (
     tensor_drift,
     tensor_stats,
 )
+from .severity import Severity
 
 __all__ = [
     "CheckpointAnalyzer",
@@ -44,7 +45,6 @@ __all__ = [
     "SEVERITY_FACTORS",
 ]
 
-SEVERITIES = ("low", "medium", "high", "critical")
 SEVERITY_FACTORS = {"low": 0.95, "medium": 0.80, "high": 0.60, "critical": 0.35}
 CRITICAL_CAP = 0.5
 
@@ -334,7 +334,7 @@ def _health_score(findings: list[dict[str, Any]]) -> float:
         factor = SEVERITY_FACTORS[f["severity"]]
         if f["category"] == "nonfinite" and f.get("share", 0.0) >= 0.5:
             factor = 0.10
-        rank = SEVERITIES.index(f["severity"])
+        rank = int(Severity[f["severity"].upper()])
         prev = worst.get(f["category"])
         if prev is None or factor < prev[1]:
             worst[f["category"]] = (rank, factor)
@@ -577,7 +577,7 @@ class CheckpointAnalyzer:
     @staticmethod
     def _conclude(result: dict[str, Any], findings: _Findings) -> None:
         items = findings.items
-        items.sort(key=lambda f: -SEVERITIES.index(f["severity"]))
+        items.sort(key=lambda f: -Severity[f["severity"].upper()])
         result["findings"] = items
         result["issues"] = [f["message"] for f in items]
         recs: list[str] = []

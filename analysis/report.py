@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_tui.analysis.severity import Severity
 from rlhf_tui.analysis.store import RunHistory, Store
 
 # Display order: the canonical names of CONTRACT.md first, then everything else alphabetically.
@@ -26,7 +27,6 @@ CANONICAL_ORDER = (
     "learning_rate",
     "completion_length",
 )
-SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
 
 
 def ordered_metrics(names) -> list[str]:
@@ -36,8 +36,7 @@ def ordered_metrics(names) -> list[str]:
     return head + rest
 
 
-def severity_at_least(severity: str, level: str) -> bool:
-    return SEVERITY_RANK.get(severity, -1) >= SEVERITY_RANK.get(level, 99)
+severity_at_least = Severity.at_least
 
 
 def finite(value: Any) -> float | None:
@@ -213,9 +212,5 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
 
 
 def worst_severity(anomalies: list[dict]) -> str | None:
-    worst = None
-    for a in anomalies:
-        sev = a.get("severity")
-        if sev in SEVERITY_RANK and (worst is None or SEVERITY_RANK[sev] > SEVERITY_RANK[worst]):
-            worst = sev
-    return worst
+    worst = Severity.worst(a.get("severity") for a in anomalies)
+    return None if worst is None else str(worst)

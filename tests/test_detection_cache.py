@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_detectors import grpo_run
 
-from rlhf_tui.analysis import detectors
-from rlhf_tui.analysis.detectors import DetectionCache, detect, evaluate
+from rlhf_tui.analysis.detectors import DetectionCache, detect, engine, evaluate, rules
+from rlhf_tui.analysis.detectors.registry import series_wanted
 from rlhf_tui.analysis.store import RunHistory
 from rlhf_tui.analysis.thresholds import Thresholds
 
@@ -127,7 +127,7 @@ def test_large_histories_are_processed_in_chunks_with_the_same_result(monkeypatc
     m = faulty_run(900, seed=2)
     steps = np.arange(1, 901)
     whole = detect((steps, m, None, META))
-    monkeypatch.setattr(detectors, "_CHUNK_VALUES", 2000)  # one metric per chunk
+    monkeypatch.setattr(engine, "_CHUNK_VALUES", 2000)  # one metric per chunk
     assert detect((steps, m, None, META)) == whole
     cache = DetectionCache()
     detect((steps[:700], {k: v[:700] for k, v in m.items()}, None, META), cache=cache)
@@ -168,7 +168,7 @@ def test_evaluate_keeps_the_newest_episodes_and_counts_all_of_them(keep_low, kee
 
 
 def test_every_series_a_domain_detector_reads_is_built():
-    src = inspect.getsource(detectors._specific)
+    src = inspect.getsource(rules)
     read = set(re.findall(r'\bs\("([^"]+)"\)', src))
     read |= {"policy_loss", "step_time", "time/step_s", "memory/rss_mb", "memory/gpu_mb", "rewards/x/mean"}
-    assert detectors._series_wanted(sorted(read)) == read
+    assert series_wanted(sorted(read)) == read

@@ -1,10 +1,13 @@
 """Anomaly detectors: hand-built series that must fire and must not fire, alarm hygiene, unit invariance,
-streaming == batch, and the labelled real TRL traces."""
+a growing history re-evaluated through one cache == a cold pass, and the labelled real TRL traces."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +15,16 @@ from conftest import TRACES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf_tui.analysis.detectors import DETECTORS, SEVERITIES, StreamingDetector, detect, severity_at_least
+from rlhf_tui.analysis.detectors import (
+    DETECTORS,
+    REGISTRY,
+    SEVERITIES,
+    DetectionCache,
+    detect,
+    evaluate,
+    rules,
+    severity_at_least,
+)
 from rlhf_tui.analysis.store import steps_from_records
 from rlhf_tui.analysis.thresholds import Thresholds
 
@@ -89,19 +101,18 @@ def first_alarm(episodes: list[dict], detector: str | None = None) -> dict | Non
     return min(eps, key=lambda e: e["step"]) if eps else None
 
 
-def stream(metrics: dict, meta: dict | None = None, th: Thresholds = TH, steps=None) -> list[dict]:
+def grown(metrics: dict, meta: dict | None = None, th: Thresholds = TH, steps=None, chunk: int = 1) -> list[dict]:
+    """The episodes of the whole history, evaluated as it grows `chunk` rows at a time through one cache; every
+    pass must equal a cold pass over the same rows."""
     n = len(next(iter(metrics.values())))
-    steps = np.arange(1, n + 1) if steps is None else steps
-    sd = StreamingDetector(th, meta or {})
-    for i in range(n):
-        row = {}
-        for k, v in metrics.items():
-            x = v[i]
-            if isinstance(x, float) and math.isnan(x):
-                continue  # absent this step
-            row[k] = x
-        sd.update(int(steps[i]), row)
-    return sd.episodes
+    steps = np.arange(1, n + 1) if steps is None else np.asarray(steps)
+    cache, got = DetectionCache(), []
+    for end in [*range(chunk, n, chunk), n]:
+        part = (steps[:end], {k: np.asarray(v)[:end] for k, v in metrics.items()}, None, meta or {})
+        got = evaluate(part, th, cache=cache)[0]
+        if end % (7 * chunk) == 0 or end == n:  # a cold pass now and then (each costs a whole pass)
+            assert got == detect(part, th), f"after {end} rows"
+    return got
 
 
 # -- registry and severities --------------------------------------------------------------------------------
@@ -110,6 +121,18 @@ def test_severities_and_registry():
     assert severity_at_least("critical", "medium") and severity_at_least("medium", "medium")
     assert not severity_at_least("low", "medium") and not severity_at_least(None, "low")
     assert all(isinstance(v, str) and v for v in DETECTORS.values())
+    fields = {f.name for f in dataclasses.fields(Thresholds)}
+    for record in REGISTRY.values():
+        assert set(record.settings) <= fields and record.severities == tuple(sorted(record.severities))
+        assert DETECTORS[record.name] == record.means
+        message, recommendation = record.words("kl", 1.5, 2.0)
+        assert message and recommendation
+
+
+def test_every_detector_a_rule_raises_has_a_record():
+    src = inspect.getsource(rules)
+    raised = set(re.findall(r'yield "([a-z_]+)"', src))
+    assert raised and raised <= set(REGISTRY) and set(REGISTRY) - raised <= {"nonfinite", "zscore"}
 
 
 def test_episode_fields_and_contract_keys():
@@ -466,9 +489,9 @@ def test_threshold_change_reevaluates():
     assert first_alarm(run(m, th=TH.replace(kl_runaway_factor=500.0)), "kl_runaway") is None
 
 
-# -- streaming == batch ----------------------------------------------------------------------------------------------
+# -- a growing history == a cold pass -----------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1])
-def test_streaming_equals_batch_with_faults(seed):
+def test_growing_history_equals_cold_pass_with_faults(seed):
     m = grpo_run(260, seed)
     for k in ("kl", "reward", "reward_std"):
         m[k] = m[k].copy()
@@ -480,30 +503,22 @@ def test_streaming_equals_batch_with_faults(seed):
     steps = np.arange(1, 261) * 2  # steps need not be consecutive
     batch = run(m, {"trainer": "GRPOTrainer"}, steps=steps)
     assert alarms(batch)
-    assert stream(m, {"trainer": "GRPOTrainer"}, steps=steps) == batch
+    assert grown(m, {"trainer": "GRPOTrainer"}, steps=steps, chunk=1 + seed * 12) == batch
 
 
-def test_streaming_equals_batch_dpo():
+def test_growing_history_equals_cold_pass_dpo_muted_and_threshold_changes():
     m = dpo_run(220, 3)
     m["rewards/accuracies"] = m["rewards/accuracies"].copy()
     m["rewards/accuracies"][150:] = 0.25
-    assert stream(m, {"trainer": "DPOTrainer"}) == run(m, {"trainer": "DPOTrainer"})
-
-
-def test_streaming_update_returns_new_episodes_and_merges_repeated_steps():
-    sd = StreamingDetector(TH)
-    opened = []
-    for i in range(60):
-        opened += sd.update(i + 1, {"loss": 0.1 if i != 50 else None})
-    assert [(e["step"], e["detector"]) for e in opened] == [(51, "nonfinite")]
-    sd.update(60, {"eval_loss": float("nan")})  # same step again: merged into that row
-    sd.update(59, {"loss": 1.0})  # older step: ignored
-    assert [e["metric"] for e in sd.episodes] == ["loss", "eval_loss"]
+    meta = {"trainer": "DPOTrainer"}
+    assert grown(m, meta, chunk=5) == run(m, meta)
+    muted = TH.replace(muted=["dpo_accuracy_drop"], anomaly_threshold=2.5)
+    assert grown(m, meta, th=muted, chunk=9) == run(m, meta, th=muted)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, 10_000), st.integers(30, 160), st.floats(0.0, 0.3))
-def test_streaming_equals_batch_random(seed, n, missing):
+@given(st.integers(0, 10_000), st.integers(30, 160), st.floats(0.0, 0.3), st.integers(1, 40))
+def test_growing_history_equals_cold_pass_random(seed, n, missing, chunk):
     rng = np.random.default_rng(seed)
     m = {
         "kl": np.abs(rng.standard_cauchy(n)) * 0.01,
@@ -516,7 +531,8 @@ def test_streaming_equals_batch_random(seed, n, missing):
     for v in m.values():
         v[rng.random(n) < missing] = np.nan
     m["reward"][n // 2 :] += 5 * rng.random()
-    assert stream(m) == run(m)
+    m["other"][rng.random(n) < 0.02] = np.inf
+    assert grown(m, chunk=chunk) == run(m)
 
 
 # -- labelled real traces ----------------------------------------------------------------------------------------------
@@ -542,15 +558,9 @@ def test_real_traces_no_false_alarm_and_detected_within_25_steps(name, label):
     assert before == [], f"medium+ alarm before onset / on a healthy run at steps {before}"
     if onset is not None:
         assert raised and raised[0] - onset <= 25, f"first alarm {raised[:1]} vs onset {onset}"
-    # the same run fed step by step gives the same episodes
-    sd = StreamingDetector(TH, hist.meta)
-    state = json.loads((TRACES / name / "trainer_state.json").read_text())
-    from rlhf_tui.bridge.wire.metrics import is_summary, normalise
-
-    for entry in state["log_history"]:
-        if isinstance(entry.get("step"), int) and not is_summary(entry):
-            sd.update(entry["step"], normalise(entry))
-    assert sd.episodes == eps
+    # the same run re-evaluated as it grows, through one cache, gives the same episodes
+    steps, metrics = np.asarray(hist.steps), hist.metrics()
+    assert grown(metrics, hist.meta, steps=steps, chunk=17) == detect((steps, metrics, None, hist.meta), TH)
 
 
 def test_zscore_band_is_the_detectors_own_limit_including_the_fraction_floor():

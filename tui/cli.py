@@ -11,10 +11,10 @@ import os
 import sys
 import time
 
-from rlhf_tui.analysis.report import build_report, severity_at_least, worst_severity
+from rlhf_tui.analysis.report import build_report, worst_severity
+from rlhf_tui.analysis.severity import Severity
 
 EXIT_OK, EXIT_ANOMALY, EXIT_USAGE = 0, 1, 2
-SEVERITIES = ("low", "medium", "high", "critical")
 DEFAULT_SOURCE = "tcp://127.0.0.1:5555"
 
 MAIN_HELP = """\
@@ -127,7 +127,7 @@ def _report_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--fail-on",
-        choices=SEVERITIES,
+        choices=Severity.names(),
         metavar="LEVEL",
         default=None,
         help="exit 1 if an anomaly of LEVEL (low|medium|high|critical) or worse was found",
@@ -254,7 +254,7 @@ def cmd_report(argv: list[str]) -> int:
     _write(out, ns.output)
     if ns.fail_on:
         worst = worst_severity(report["anomalies"])
-        if worst is not None and severity_at_least(worst, ns.fail_on):
+        if worst is not None and Severity.at_least(worst, ns.fail_on):
             return EXIT_ANOMALY
     return EXIT_OK
 

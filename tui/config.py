@@ -11,38 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_tui.analysis.detectors import REGISTRY, setting_of
 from rlhf_tui.analysis.thresholds import THRESHOLD_FIELDS, Thresholds, read_toml
 
 APP_NAME = "rlhf-tui"
 
-# The setting that +/- changes when an anomaly of this detector has focus (z-score threshold otherwise).
-DETECTOR_SETTING: dict[str, str] = {
-    "zscore": "anomaly_threshold",
-    "kl_spike": "kl_spike_factor",
-    "kl_runaway": "kl_runaway_factor",
-    "entropy_collapse": "entropy_collapse_frac",
-    "reward_shift": "shift_h",
-    "reward_scale": "reward_scale_factor",
-    "reward_mismatch": "reward_mismatch_tol",
-    "reward_hacking": "hack_clipped_ratio",
-    "no_learning_signal": "no_signal_frac",
-    "policy_shift": "rise_h",
-    "grad_norm_spike": "spike_z",
-    "grad_norm_shift": "grad_norm_factor",
-    "loss_spike": "spike_z",
-    "loss_shift": "loss_persist_z",
-    "value_loss_blowup": "value_loss_factor",
-    "clip_ratio": "clip_ratio_high",
-    "lr_jump": "lr_jump_factor",
-    "dpo_accuracy_drop": "dpo_accuracy_drop",
-    "dpo_accuracy_pinned": "dpo_pinned_steps",
-    "dpo_margin_explosion": "dpo_margin_factor",
-    "dpo_logps_falling": "shift_h",
-    "dpo_loss": "dpo_loss_margin",
-    "memory_leak": "memory_leak_frac",
-    "memory_near_oom": "gpu_frac_high",
-    "step_time_regression": "step_time_factor",
-}
+# The setting that +/- changes when an anomaly of this detector has focus (z-score threshold otherwise): the first
+# setting of the detector's registry record.
+DETECTOR_SETTING: dict[str, str] = {name: d.settings[0] for name, d in REGISTRY.items() if d.settings}
 FIELD_SPECS = {spec["name"]: spec for spec in THRESHOLD_FIELDS}
 
 
@@ -117,7 +93,7 @@ def save_config(config: Config) -> Path:
 
 
 def setting_for(detector: str | None) -> str:
-    return DETECTOR_SETTING.get(detector or "", "anomaly_threshold")
+    return setting_of(detector)
 
 
 def step_setting(thresholds: Thresholds, name: str, direction: int) -> Thresholds:

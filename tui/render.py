@@ -20,9 +20,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from rlhf_tui.analysis.severity import Severity
+
 TREND_ARROWS = {"increasing": "↑", "decreasing": "↓", "stable": "→"}
 SEVERITY_STYLE = {"low": "cyan", "medium": "yellow", "high": "bold red", "critical": "bold white on red"}
 SEVERITY_SHORT = {"low": "low", "medium": "med", "high": "HIGH", "critical": "CRIT"}
+WORST_FIRST = tuple(str(s) for s in sorted(Severity, reverse=True))
 CONNECTION = {  # state → (glyph, words, style)
     "live": ("●", "live", "green"),
     "connecting": ("◌", "connecting…", "yellow"),
@@ -201,8 +204,7 @@ def _counts(anomalies: list[dict], counts: dict | None = None) -> dict[str, int]
 
 def severity_counts(anomalies: list[dict], counts: dict | None = None) -> str:
     counts = _counts(anomalies, counts)
-    order = ["critical", "high", "medium", "low"]
-    return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
+    return ", ".join(f"{counts[s]} {s}" for s in WORST_FIRST if counts.get(s))
 
 
 def severity_title(anomalies: list[dict], counts: dict | None = None) -> Text:
@@ -210,7 +212,7 @@ def severity_title(anomalies: list[dict], counts: dict | None = None) -> Text:
     the list was trimmed)."""
     text = Text("Anomalies", style="bold")
     counts = _counts(anomalies, counts)
-    parts = [(s, counts[s]) for s in ("critical", "high", "medium", "low") if counts.get(s)]
+    parts = [(s, counts[s]) for s in WORST_FIRST if counts.get(s)]
     if not parts:
         text.append("  none", style="dim")
     for i, (sev, count) in enumerate(parts):

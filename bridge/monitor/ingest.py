@@ -95,7 +95,29 @@ def apply_envelope(store: Store, env: dict) -> None:
     elif kind == protocol.RUN_END:
         run.ended = _plain(data) or {}
     elif kind == protocol.ANOMALY:
-        run.training_anomalies.append(_plain(data))
+        _apply_anomaly(run, _plain(data))
+
+
+def _apply_anomaly(run: RunHistory, episode: Any) -> None:
+    """A training-side episode, new or an update of one sent before (same detector, metric and overlapping
+    steps: the training side judges a bounded window, so an old episode's first step may move)."""
+    if not isinstance(episode, dict):
+        return
+    key = (episode.get("detector"), episode.get("metric"))
+    first, last = episode.get("first_step", episode.get("step")), episode.get("last_step", episode.get("step"))
+    kept = run.training_anomalies
+    for i in range(len(kept) - 1, max(-1, len(kept) - 200), -1):  # updates concern recent episodes
+        old = kept[i]
+        if (old.get("detector"), old.get("metric")) != key:
+            continue
+        try:
+            overlaps = first <= old.get("last_step", old.get("step")) and last >= old.get("step")
+        except TypeError:
+            overlaps = False
+        if overlaps:
+            kept[i] = {**episode, "step": min(old.get("step"), first), "first_step": min(old.get("step"), first)}
+            return
+    kept.append(episode)
 
 
 def apply_block(store: Store, env: dict, min_seq: int = 0) -> int:

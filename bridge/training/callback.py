@@ -125,19 +125,22 @@ class _Recorder:
         self._event({"event": "run_start", "timestamp": _iso(time.time()), **meta})
         return [(protocol.RUN_START, meta, self.cb.rank)] + self.sample_system(force=True)
 
-    def _detect(self, step: int, metrics: dict) -> list[dict]:
+    def _detect(self, step: int, metrics: dict) -> tuple[list[dict], list[tuple]]:
+        """(episodes new since the last pass, for the JSONL log; one ANOMALY message per new or changed one)."""
         if self._detector_failed or not self.cb.detect_anomalies:
-            return []
+            return [], []
         try:
             if self.detector is None:
-                from rlhf_tui.analysis.detectors import StreamingDetector
+                from rlhf_tui.bridge.training.anomalies import TrainingAnomalies
 
-                self.detector = StreamingDetector(self.cb.thresholds, meta=self.cb.meta)
-            return list(self.detector.update(step, metrics))
+                self.detector = TrainingAnomalies(self.cb.thresholds, meta=self.cb.meta)
+            self.detector.add(step, metrics)
+            new, changed = self.detector.poll()
+            return new, [(protocol.ANOMALY, protocol.to_json_safe(ep), self.cb.rank) for ep in changed]
         except Exception as exc:  # the analysis is optional on the training side; counted, logged once
             self._detector_failed = True
             log.warning("rlhf-tui: anomaly detection disabled on the training side: %s", exc)
-            return []
+            return [], []
 
     def _on_log(self, step: int, wall: float, logs: dict) -> list[tuple]:
         if is_summary(logs):
@@ -149,7 +152,8 @@ class _Recorder:
         self.last_log_t, self.last_log_step = wall, step
         out = self.sample_system()
         metrics.update(self.memory)
-        anomalies = self._detect(step, metrics)
+        anomalies, messages = self._detect(step, metrics)
+        out.extend(messages)
         # Cleaned (non-finite floats as strings) and encoded once, for both the JSONL log and the wire:
         # turning floats into text is most of what a step costs this thread.
         clean = protocol.Clean(protocol.clean_metrics(metrics))

@@ -17,12 +17,10 @@ MAX_ROWS = 300  # the feed shows the newest; the title counts all
 
 
 def detector_description(detector: str | None) -> str:
-    try:
-        from rlhf_tui.analysis.detectors import DETECTORS
+    from rlhf_tui.analysis.detectors import REGISTRY
 
-        return DETECTORS.get(detector or "", "")
-    except ImportError:  # pragma: no cover
-        return ""
+    record = REGISTRY.get(detector or "")
+    return record.means if record is not None else ""
 
 
 def anomaly_detail(a: dict) -> Text:

@@ -18,12 +18,9 @@ DETECTOR_PREFIX = "detector:"
 
 
 def _detectors() -> dict[str, str]:
-    try:
-        from rlhf_tui.analysis.detectors import DETECTORS
+    from rlhf_tui.analysis.detectors import REGISTRY
 
-        return dict(DETECTORS)
-    except ImportError:  # pragma: no cover
-        return {}
+    return {name: record.means for name, record in REGISTRY.items()}
 
 
 def _value_text(value) -> str:

@@ -1,0 +1,400 @@
+"""The detectors' rules, each written once and vectorised over a whole history: a rule reads row-level series
+and yields (detector, metric, level per row, score per row). Rules run in the order they are registered; a
+later rule may read what an earlier one left in `Context.shared` (reward hacking reads the KL and entropy rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rlhf_tui.analysis.detectors.kernels import (
+    count_last,
+    cusum,
+    early_level,
+    leak_growth,
+    lr_ratio,
+    recent_median,
+    reward_residual,
+)
+from rlhf_tui.analysis.detectors.plan import Plan
+from rlhf_tui.analysis.thresholds import Thresholds
+
+LN2 = float(np.log(2.0))
+Flags = Iterator[tuple[str, str, np.ndarray, np.ndarray]]  # (detector, metric, level int8 per row, score per row)
+
+
+class Series:
+    """Row-level views of one metric's baseline (batch path)."""
+
+    def __init__(
+        self,
+        xpad: np.ndarray,
+        center: np.ndarray,
+        scale: np.ndarray,
+        level: np.ndarray,
+        ok: np.ndarray,
+        block: int,
+        n: int,
+        med_blocks: np.ndarray,
+    ):
+        self.xpad = xpad  # the values padded with NaN to whole blocks
+        self.x = xpad[:n]
+        self._c, self._s, self._l, self._ok = center, scale, level, ok
+        self.block = block
+        self.n = n
+        self.med_blocks = med_blocks
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _rows(self, arr: np.ndarray) -> np.ndarray:
+        return np.repeat(arr, self.block)[: self.n]
+
+    @property
+    def center(self) -> np.ndarray:
+        if "c" not in self._cache:
+            self._cache["c"] = self._rows(self._c)
+        return self._cache["c"]
+
+    @property
+    def scale(self) -> np.ndarray:
+        if "s" not in self._cache:
+            self._cache["s"] = self._rows(self._s)
+        return self._cache["s"]
+
+    @property
+    def level(self) -> np.ndarray:
+        if "l" not in self._cache:
+            self._cache["l"] = self._rows(self._l)
+        return self._cache["l"]
+
+    @property
+    def ok(self) -> np.ndarray:
+        if "ok" not in self._cache:
+            self._cache["ok"] = self._rows(self._ok) & ~np.isnan(self.x)
+        return self._cache["ok"]
+
+    @property
+    def z(self) -> np.ndarray:
+        if "z" not in self._cache:
+            nb = self._c.shape[0]
+            with np.errstate(invalid="ignore"):
+                z = ((self.xpad.reshape(nb, self.block) - self._c[:, None]) / self._s[:, None]).reshape(-1)[: self.n]
+            z[~self.ok] = np.nan
+            self._cache["z"] = z
+        return self._cache["z"]
+
+    def recent(self, n: int) -> np.ndarray:
+        key = f"r{n}"
+        if key not in self._cache:
+            self._cache[key] = recent_median(self.x, n)
+        return self._cache[key]
+
+
+@dataclass
+class Context:
+    """What every rule reads: the row-level series by name, the run's plan, the thresholds, the row count."""
+
+    series: dict[str, Series]
+    plan: Plan
+    th: Thresholds
+    n: int
+    shared: dict[str, np.ndarray] = field(default_factory=dict)  # values a rule passes to a later one
+
+    def s(self, name: str) -> Series | None:
+        return self.series.get(name)
+
+    @property
+    def pn(self) -> int:  # "k of the last n steps": n
+        return int(self.th.persist_n)
+
+    @property
+    def k(self) -> int:
+        return min(int(self.th.persist_k), self.pn)
+
+    @property
+    def rn(self) -> int:  # rows of a recent median
+        return int(self.th.recent_steps)
+
+
+RULES: list[Callable[[Context], Flags]] = []
+
+
+def rule(fn: Callable[[Context], Flags]) -> Callable[[Context], Flags]:
+    """Register a rule (run in registration order)."""
+    RULES.append(fn)
+    return fn
+
+
+def flags(c: Context) -> Flags:
+    """Every registered rule's flags for one history."""
+    for fn in RULES:
+        yield from fn(c)
+
+
+def armed_row(rel: np.ndarray, th: Thresholds) -> int:
+    """Row after which the reward identity is trusted: its first `early_steps` valid rows all hold exactly."""
+    idx = np.flatnonzero(~np.isnan(rel))[: th.early_steps]
+    if idx.size < th.early_steps or np.any(rel[idx] > th.reward_mismatch_tol * 0.1):
+        return -1
+    return int(idx[-1])
+
+
+@rule
+def kl(c: Context) -> Flags:
+    """KL: isolated spikes (low) vs. runaway (k of the last n steps far above the baseline)."""
+    th, n, s, pn, k = c.th, c.n, c.s, c.pn, c.k
+    c.shared["kl_held"] = np.zeros(n, dtype=bool)
+    kl = s("kl")
+    if kl is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.abs(kl.x - kl.center) / np.maximum(kl.scale, np.abs(kl.center))
+        ratio[~kl.ok] = np.nan
+        yield "kl_spike", "kl", np.where(ratio >= th.kl_spike_factor, 1, 0).astype(np.int8), ratio
+        held = count_last(ratio >= th.kl_runaway_factor, pn) >= k
+        extreme = count_last(ratio >= th.kl_runaway_high, pn) >= k
+        lev = np.where(extreme, 3, np.where(held, 2, 0)).astype(np.int8)
+        yield "kl_runaway", "kl", lev, ratio
+        c.shared["kl_held"] = held
+
+
+@rule
+def entropy(c: Context) -> Flags:
+    """Entropy collapse (a fractional drop from the run's early level) and abrupt rises of entropy or length."""
+    th, n, s, rn = c.th, c.n, c.s, c.rn
+    ent = s("entropy")
+    ent_drop = np.full(n, np.nan)
+    if ent is not None:
+        early, row = early_level(ent.x, th.early_steps)
+        lowest_drop = min(th.entropy_collapse_frac, th.hack_entropy_drop)
+        # the recent median can only fall below a level some value fell below: skip the work otherwise
+        if early > 0 and np.any(ent.x <= (1.0 - lowest_drop) * early):
+            with np.errstate(invalid="ignore"):
+                ent_drop = 1.0 - ent.recent(rn) / early
+            ent_drop[: row + 1] = np.nan
+            lev = np.where(
+                ent_drop >= th.entropy_collapse_high, 3, np.where(ent_drop >= th.entropy_collapse_frac, 2, 0)
+            ).astype(np.int8)
+            yield "entropy_collapse", "entropy", lev, ent_drop
+        up = cusum(ent.z, th.rise_kref, th.shift_clip, 1.0)
+        yield "policy_shift", "entropy", np.where(up >= th.rise_h, 2, 0).astype(np.int8), up
+
+    c.shared["entropy_drop"] = ent_drop
+    length = s("completion_length")
+    if length is not None:
+        up = cusum(length.z, th.rise_kref, th.shift_clip, 1.0)
+        yield "policy_shift", "completion_length", np.where(up >= th.rise_h, 2, 0).astype(np.int8), up
+
+
+@rule
+def reward_level(c: Context) -> Flags:
+    """Reward level shifts (not for DPO, whose "reward" is the margin: see the DPO detectors)."""
+    th, s, plan = c.th, c.s, c.plan
+    for name in plan.reward_metrics:
+        ser = s(name)
+        up = cusum(ser.z, th.rise_kref, th.shift_clip, 1.0)
+        down = cusum(ser.z, th.shift_kref, th.shift_clip, -1.0)
+        lev = np.where((up >= th.rise_h) | (down >= th.shift_h), 2, 0).astype(np.int8)
+        score = np.where(up >= down, up, -down)
+        yield "reward_shift", name, lev, score
+        if name == "reward":
+            c.shared["reward_up"] = up
+
+
+@rule
+def reward_spread(c: Context) -> Flags:
+    """Reward spread jumping up (noisy rewards) and reward scale jumps; a drop is "no learning signal"."""
+    th, s, plan = c.th, c.s, c.plan
+    if not plan.dpo and s("reward_std") is not None:
+        up = cusum(s("reward_std").z, th.rise_kref, th.shift_clip, 1.0)
+        yield "reward_shift", "reward_std", np.where(up >= th.rise_h, 2, 0).astype(np.int8), up
+
+    # Reward scale jumps.
+    if not plan.dpo:
+        rs = s("reward_std")
+        if rs is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = np.where(rs.ok & (rs.center > 0), rs.x / rs.center, np.nan)
+            yield "reward_scale", "reward_std", np.where(ratio >= th.reward_scale_factor, 3, 0).astype(np.int8), ratio
+        rw = s("reward")
+        if rw is not None:
+            z = rw.z
+            yield "reward_scale", "reward", np.where(np.abs(z) >= th.reward_scale_z, 3, 0).astype(np.int8), z
+
+
+@rule
+def reward_identity(c: Context) -> Flags:
+    """TRL's reward is the (weighted) sum of per-function means; NaN rewards break it."""
+    th, s, plan = c.th, c.s, c.plan
+    if plan.reward_parts and s("reward") is not None:
+        rel, resid = reward_residual(s("reward").x, [s(p).x for p in plan.reward_parts])
+        armed = armed_row(rel, th)
+        if armed >= 0:
+            lev = np.where(rel > th.reward_mismatch_tol, 3, 0).astype(np.int8)
+            lev[: armed + 1] = 0
+            yield "reward_mismatch", "reward", lev, resid
+
+
+@rule
+def learning_signal(c: Context) -> Flags:
+    """No learning signal: groups with identical rewards, reward spread collapsing."""
+    th, n, s, rn, plan = c.th, c.n, c.s, c.rn, c.plan
+    fz = s("frac_reward_zero_std")
+    if fz is not None:
+        with np.errstate(invalid="ignore"):
+            zf = (fz.x - fz.level) / np.maximum(fz.scale, th.fraction_floor)
+        zf[~fz.ok] = np.nan
+        up = cusum(zf, th.shift_kref, th.shift_clip, 1.0)
+        cur = fz.recent(rn) if np.any(fz.x >= th.no_signal_frac) else np.full(n, np.nan)
+        lev = np.where(cur >= th.no_signal_frac, 3, np.where(up >= th.shift_h, 2, 0)).astype(np.int8)
+        yield "no_learning_signal", "frac_reward_zero_std", lev, np.where(cur >= th.no_signal_frac, cur, up)
+    rs = s("reward_std")
+    if rs is not None and not plan.dpo:
+        down = cusum(rs.z, th.shift_kref, th.shift_clip, -1.0)
+        early, row = early_level(rs.x, th.early_steps)
+        collapsed = np.zeros(n, dtype=bool)
+        if early > 0 and np.any(rs.x <= th.reward_std_collapse * early):
+            cur = rs.recent(rn)
+            collapsed = cur <= th.reward_std_collapse * early
+            collapsed[: row + 1] = False
+        lev = np.where(collapsed, 3, np.where(down >= th.shift_h, 2, 0)).astype(np.int8)
+        yield "no_learning_signal", "reward_std", lev, -down
+
+
+@rule
+def reward_hacking(c: Context) -> Flags:
+    """Reward hacking: a recent abnormal climb plus a hacking sign."""
+    th, s, rn, plan = c.th, c.s, c.rn, c.plan
+    reward_up, length = c.shared.get("reward_up"), s("completion_length")
+    if reward_up is not None:
+        climb = count_last(reward_up >= th.rise_h, max(1, int(th.hack_window))) > 0
+        if climb.any():  # the signs only matter where the reward climbed
+            sign = c.shared["kl_held"] | (c.shared["entropy_drop"] >= th.hack_entropy_drop)
+            cr = s("completions/clipped_ratio")
+            if cr is not None:
+                sign = sign | (cr.recent(rn) >= th.hack_clipped_ratio)
+            if length is not None and plan.max_len:
+                sign = sign | (length.recent(rn) >= th.hack_length_frac * plan.max_len)
+            climb &= sign
+        yield "reward_hacking", "reward", np.where(climb, 3, 0).astype(np.int8), reward_up
+
+
+@rule
+def loss_and_gradients(c: Context) -> Flags:
+    """Loss and gradient spikes and held shifts, PPO value loss blow-ups."""
+    th, s, pn, k = c.th, c.s, c.pn, c.k
+    gn = s("grad_norm")
+    if gn is not None:
+        z = gn.z
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(gn.ok & (gn.center > 0), gn.x / gn.center, np.nan)
+        held = count_last(ratio >= th.grad_norm_factor, pn) >= k
+        yield "grad_norm_spike", "grad_norm", np.where(z >= th.spike_z, 1, 0).astype(np.int8), z
+        yield "grad_norm_shift", "grad_norm", np.where(held, 2, 0).astype(np.int8), ratio
+    for name in ("loss", "policy_loss"):
+        ls = s(name)
+        if ls is None:
+            continue
+        az = np.abs(ls.z)
+        held = count_last(az >= th.loss_persist_z, pn) >= k
+        yield "loss_spike", name, np.where(az >= th.spike_z, 1, 0).astype(np.int8), ls.z
+        yield "loss_shift", name, np.where(held, 2, 0).astype(np.int8), ls.z
+    vl = s("value_loss")
+    if vl is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(vl.ok & (vl.center > 0), vl.x / vl.center, np.nan)
+        held = count_last(ratio >= th.value_loss_factor, pn) >= max(1, k - 1)
+        yield "value_loss_blowup", "value_loss", np.where(held, 3, 0).astype(np.int8), ratio
+
+
+@rule
+def clip_fraction(c: Context) -> Flags:
+    """Clip fraction: only meaningful off-policy (GRPO with num_iterations=1 logs 0 by design)."""
+    th, n, s, rn, plan = c.th, c.n, c.s, c.rn, c.plan
+    cl = s("clip_ratio")
+    if cl is not None:
+        armed = np.full(n, plan.off_policy)
+        if not plan.off_policy:
+            nz = np.flatnonzero(np.nan_to_num(cl.x) > 0)
+            if nz.size:
+                armed[nz[0] :] = True
+        cur = cl.recent(rn) if np.any(cl.x >= th.clip_ratio_high) else np.full(n, np.nan)
+        yield "clip_ratio", "clip_ratio", np.where(armed & (cur >= th.clip_ratio_high), 2, 0).astype(np.int8), cur
+
+
+@rule
+def learning_rate(c: Context) -> Flags:
+    """Learning-rate jumps."""
+    th, s = c.th, c.s
+    lr = s("learning_rate")
+    if lr is not None:
+        ratio = lr_ratio(lr.x)
+        yield "lr_jump", "learning_rate", np.where(ratio >= th.lr_jump_factor, 2, 0).astype(np.int8), ratio
+
+
+@rule
+def dpo(c: Context) -> Flags:
+    """DPO: accuracy dropping or pinned, margins exploding, log-probs falling, loss back above ln 2."""
+    th, n, s, pn, k, rn, plan = c.th, c.n, c.s, c.pn, c.k, c.rn, c.plan
+    if plan.dpo:
+        acc = s("rewards/accuracies")
+        if acc is not None:
+            with np.errstate(invalid="ignore"):
+                gap = acc.level - acc.x
+                need = np.maximum(th.dpo_accuracy_drop, 4.0 * acc.scale)
+            gap[~acc.ok] = np.nan
+            big = gap >= 2 * need
+            held = count_last(gap >= need, 3) >= 2  # one dip of a small batch is not enough
+            lev = np.where(count_last(big, 3) >= 2, 3, np.where(big | held, 2, 0)).astype(np.int8)
+            yield "dpo_accuracy_drop", "rewards/accuracies", lev, -gap
+            ps = max(1, int(th.dpo_pinned_steps))
+            pinned = count_last(acc.x >= 0.999, ps) >= ps
+            pinned[5 * ps :] = False
+            yield "dpo_accuracy_pinned", "rewards/accuracies", np.where(pinned, 1, 0).astype(np.int8), acc.x
+        mg = s("rewards/margins")
+        if mg is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = (mg.x - mg.center) / np.maximum(mg.scale, np.abs(mg.center))
+            r[~mg.ok] = np.nan
+            held = count_last(r >= th.dpo_margin_factor, pn) >= max(1, k - 1)
+            yield "dpo_margin_explosion", "rewards/margins", np.where(held, 2, 0).astype(np.int8), r
+        lc, lrj = s("logps/chosen"), s("logps/rejected")
+        if lc is not None and lrj is not None:
+            dc = cusum(lc.z, th.shift_kref, th.shift_clip, -1.0)
+            dr = cusum(lrj.z, th.shift_kref, th.shift_clip, -1.0)
+            both = (dc >= th.shift_h) & (dr >= th.shift_h)
+            yield "dpo_logps_falling", "logps/chosen", np.where(both, 2, 0).astype(np.int8), np.minimum(dc, dr)
+        ls = s("loss")
+        if ls is not None:
+            cur = ls.recent(rn)
+            below = count_last(cur < LN2 - th.dpo_loss_margin, n) > 0
+            prev_below = np.concatenate([[False], below[:-1]])
+            lev = np.where(prev_below & (cur > LN2 + th.dpo_loss_margin), 2, 0).astype(np.int8)
+            yield "dpo_loss", "loss", lev, cur
+
+
+@rule
+def system(c: Context) -> Flags:
+    """Memory growing or near OOM, step time regressing."""
+    th, n, s, rn, plan = c.th, c.n, c.s, c.rn, c.plan
+    for name in plan.memory:
+        ser = s(name)
+        growth = leak_growth(ser.med_blocks, int(th.memory_leak_blocks), B=ser.block, n=n)
+        lev = np.where(growth >= 3 * th.memory_leak_frac, 3, np.where(growth >= th.memory_leak_frac, 2, 0)).astype(
+            np.int8
+        )
+        yield "memory_leak", name, lev, growth
+    gf = s("memory/gpu_frac")
+    if gf is not None:
+        lev = np.where(gf.x >= th.gpu_frac_critical, 4, np.where(gf.x >= th.gpu_frac_high, 3, 0)).astype(np.int8)
+        yield "memory_near_oom", "memory/gpu_frac", lev, gf.x
+    for name in plan.step_time:
+        ser = s(name)
+        pos = ser.ok & (ser.center > 0)
+        if not pos.any() or not np.nanmax(ser.x) >= th.step_time_factor * np.min(ser.center[pos]):
+            ratio = np.full(n, np.nan)  # no value reaches factor x the smallest baseline: nothing to flag
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = np.where(pos, ser.recent(rn) / ser.center, np.nan)
+        yield "step_time_regression", name, np.where(ratio >= th.step_time_factor, 2, 0).astype(np.int8), ratio

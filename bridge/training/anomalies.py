@@ -1,0 +1,130 @@
+"""Anomaly detection on the training side: a bounded recent history of the run's metrics, judged by the same
+engine as the monitor (`evaluate` with a `DetectionCache`) at most once a period, on the publisher thread.
+
+A pass returns the episodes that are new or changed since the previous pass; the JSONL log's per-step
+`anomalies` holds the new ones, the wire gets one `anomaly` message per new or changed episode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from rlhf_tui.analysis.detectors import DetectionCache, evaluate
+from rlhf_tui.analysis.thresholds import Thresholds
+
+ROWS = 2048  # the recent history kept (rows); older rows are dropped half a window at a time
+PERIOD_S = 1.0  # at most one pass per this many seconds
+_SAME = ("severity", "last_step", "count", "peak_step", "ongoing")  # what makes a known episode "changed"
+
+
+def _number(v: Any) -> float:
+    try:
+        return math.nan if v is None else float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+class TrainingAnomalies:
+    """Feed every logged step with `add`; call `poll` as often as you like: it runs a pass when one is due and
+    returns (new episodes, new or changed episodes) of that pass, ([], []) otherwise.
+
+    The engine judges the newest `rows` rows only (their baselines and early levels are those of that window),
+    with the grace period counted from the run's first step. An episode cut by the window's start keeps its
+    identity (same detector and metric, overlapping steps), so it is not reported as new again.
+    """
+
+    def __init__(
+        self,
+        thresholds: Thresholds | None = None,
+        meta: Mapping[str, Any] | None = None,
+        rows: int = ROWS,
+        period_s: float = PERIOD_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.th = thresholds or Thresholds()
+        self.meta = dict(meta or {})
+        self.rows, self.period_s, self.clock = max(16, int(rows)), float(period_s), clock
+        self.steps = np.zeros(self.rows, dtype=np.int64)
+        self.values: dict[str, np.ndarray] = {}
+        self.logged: dict[str, np.ndarray] = {}
+        self.n = 0
+        self.first_step: int | None = None
+        self.cache = DetectionCache()
+        self.known: dict[tuple[str, str], list[dict]] = {}  # episodes of the last pass, by detector and metric
+        self.last_pass = -math.inf
+        self.dirty = False
+
+    def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """One logged step; the same step again merges into its row, an older step is ignored."""
+        step = int(step)
+        if self.n and step < self.steps[self.n - 1]:
+            return
+        if not self.n or step != self.steps[self.n - 1]:
+            if self.n == self.rows:
+                self._drop(self.rows // 2)
+            self.steps[self.n] = step
+            for col in self.values.values():
+                col[self.n] = math.nan
+            for mask in self.logged.values():
+                mask[self.n] = False
+            self.n += 1
+            self.first_step = step if self.first_step is None else self.first_step
+        row = self.n - 1
+        for name, v in metrics.items():
+            col = self.values.get(name)
+            if col is None:
+                col = self.values[name] = np.full(self.rows, math.nan)
+                self.logged[name] = np.zeros(self.rows, dtype=bool)
+            col[row] = _number(v)
+            self.logged[name][row] = True
+        self.dirty = True
+
+    def _drop(self, k: int) -> None:
+        keep = self.n - k
+        self.steps[:keep] = self.steps[k : self.n]
+        for arrays in (self.values, self.logged):
+            for col in arrays.values():
+                col[:keep] = col[k : self.n]
+        self.n = keep
+
+    def poll(self, force: bool = False) -> tuple[list[dict], list[dict]]:
+        """Run a pass when one is due (or `force`): (new episodes, new or changed episodes)."""
+        now = self.clock()
+        if not self.dirty or not self.n or (not force and now - self.last_pass < self.period_s):
+            return [], []
+        self.last_pass, self.dirty = now, False
+        n = self.n
+        history = (
+            self.steps[:n].copy(),
+            {k: v[:n].copy() for k, v in self.values.items()},
+            {k: m[:n].copy() for k, m in self.logged.items()},
+            self.meta,
+        )
+        episodes, _counts = evaluate(history, self.th, cache=self.cache, first_step=self.first_step)
+        new: list[dict] = []
+        changed: list[dict] = []
+        known: dict[tuple[str, str], list[dict]] = {}
+        for ep in episodes:
+            key = (ep["detector"], ep["metric"])
+            before = self._match(key, ep)
+            if before is None:
+                new.append(ep)
+                changed.append(ep)
+            elif any(before.get(f) != ep.get(f) for f in _SAME):
+                changed.append(ep)
+            known.setdefault(key, []).append(ep)
+        self.known = known
+        return new, changed
+
+    def _match(self, key: tuple[str, str], ep: dict) -> dict | None:
+        """The last pass's episode that this one continues (same detector and metric, overlapping steps)."""
+        cooldown = int(self.th.cooldown_steps)
+        for old in self.known.get(key, ()):
+            if ep["first_step"] <= old["last_step"] + cooldown and ep["last_step"] >= old["first_step"]:
+                return old
+        return None
