@@ -196,12 +196,14 @@ def evaluate(
             c = cache.metrics.get(names[i]) if reusing else None
             if c is not None and c.rows <= frozen * B:
                 same_rows = sums is not None and c.rows == frozen * B
-                if int(sums[j] if same_rows else _checksum(X[j : j + 1, : c.rows])[0]) != c.checksum:
+                got = sums[j] if sums is not None and same_rows else _checksum(X[j : j + 1, : c.rows])[0]
+                if int(got) != c.checksum:
                     c = None
             else:
                 c = None
             old.append(c)
         start = min((c.center.shape[0] if c is not None else 0) for c in old)
+        held = [c for c in old if c is not None]  # when start > 0: every metric of the chunk has its cache
         reused += start * k
         s0 = max(0, start - m)  # the baselines from `start` on need the m blocks before it
         blocks = X[:, s0 * B :].reshape(k * (nb - s0), B)
@@ -218,15 +220,16 @@ def evaluate(
             windows(med, np.nan), windows(spread, np.nan), None, windows(cnt, 0), th.min_history
         )
         level = None
-        if frac:  # block means only where a mean level is used (fractions), same kernel as streaming
+        if frac:  # block means only where a mean level is used (fractions), the kernel of zscore_band
             mean = block_stats(X[frac, s0 * B :].reshape(len(frac) * (nb - s0), B))[2].reshape(len(frac), -1)
             level = median_last(windows(mean, np.nan))
         if start:
-            center = np.concatenate([np.stack([c.center[:start] for c in old]), center], axis=1)
-            scale = np.concatenate([np.stack([c.scale[:start] for c in old]), scale], axis=1)
-            ok = np.concatenate([np.stack([c.ok[:start] for c in old]), ok], axis=1)
+            center = np.concatenate([np.stack([c.center[:start] for c in held]), center], axis=1)
+            scale = np.concatenate([np.stack([c.scale[:start] for c in held]), scale], axis=1)
+            ok = np.concatenate([np.stack([c.ok[:start] for c in held]), ok], axis=1)
             if level is not None:
-                level = np.concatenate([np.stack([old[j].level[:start] for j in frac]), level], axis=1)
+                levels = [held[j].level for j in frac]
+                level = np.concatenate([np.stack([lv[:start] for lv in levels if lv is not None]), level], axis=1)
 
         # Generic robust z-score (low): |x - center| > threshold * scale, z computed for the hits only.
         gen = [j for j, i in enumerate(idx) if generic(names[i], aliases)] if "zscore" not in muted else []
@@ -255,10 +258,11 @@ def evaluate(
         data_sig.extend((fsum + _checksum(X[:, frozen * B : n])).tolist())  # every row (wrapping int64 sum)
         for j, i in enumerate(idx):
             name = names[i]
-            lv = level[frac.index(j)] if j in frac else None
+            lv = level[frac.index(j)] if level is not None and j in frac else None
             md = None
             if name in _BLOCK_MEDIANS:
-                md = med[j] if not s0 else np.concatenate([old[j].med[:s0], med[j]])
+                before = held[j].med if s0 else None
+                md = med[j] if before is None else np.concatenate([before[:s0], med[j]])
             fresh[name] = _Cached(frozen * B, int(fsum[j]), center[j], scale[j], ok[j], lv, md)
             if name in need_x:
                 base[name] = (

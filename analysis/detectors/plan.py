@@ -72,8 +72,8 @@ def is_off_policy(meta: Mapping[str, Any]) -> bool:
 def max_completion_length(meta: Mapping[str, Any]) -> float | None:
     args = meta.get("args") or {}
     try:
-        v = float(args.get("max_completion_length"))
-    except (TypeError, ValueError, AttributeError):
+        v = float(args["max_completion_length"])
+    except (TypeError, ValueError, AttributeError, KeyError):
         return None
     return v if v > 0 else None
 

@@ -190,9 +190,9 @@ def entropy(c: Context) -> Flags:
 @rule
 def reward_level(c: Context) -> Flags:
     """Reward level shifts (not for DPO, whose "reward" is the margin: see the DPO detectors)."""
-    th, s, plan = c.th, c.s, c.plan
+    th, plan = c.th, c.plan
     for name in plan.reward_metrics:
-        ser = s(name)
+        ser = c.series[name]
         up = cusum(ser.z, th.rise_kref, th.shift_clip, 1.0)
         down = cusum(ser.z, th.shift_kref, th.shift_clip, -1.0)
         lev = np.where((up >= th.rise_h) | (down >= th.shift_h), 2, 0).astype(np.int8)
@@ -207,7 +207,7 @@ def reward_spread(c: Context) -> Flags:
     """Reward spread jumping up (noisy rewards) and reward scale jumps; a drop is "no learning signal"."""
     th, s, plan = c.th, c.s, c.plan
     if not plan.dpo and s("reward_std") is not None:
-        up = cusum(s("reward_std").z, th.rise_kref, th.shift_clip, 1.0)
+        up = cusum(c.series["reward_std"].z, th.rise_kref, th.shift_clip, 1.0)
         yield "reward_shift", "reward_std", np.where(up >= th.rise_h, 2, 0).astype(np.int8), up
 
     # Reward scale jumps.
@@ -228,7 +228,7 @@ def reward_identity(c: Context) -> Flags:
     """TRL's reward is the (weighted) sum of per-function means; NaN rewards break it."""
     th, s, plan = c.th, c.s, c.plan
     if plan.reward_parts and s("reward") is not None:
-        rel, resid = reward_residual(s("reward").x, [s(p).x for p in plan.reward_parts])
+        rel, resid = reward_residual(c.series["reward"].x, [c.series[p].x for p in plan.reward_parts])
         armed = armed_row(rel, th)
         if armed >= 0:
             lev = np.where(rel > th.reward_mismatch_tol, 3, 0).astype(np.int8)
@@ -379,7 +379,7 @@ def system(c: Context) -> Flags:
     """Memory growing or near OOM, step time regressing."""
     th, n, s, rn, plan = c.th, c.n, c.s, c.rn, c.plan
     for name in plan.memory:
-        ser = s(name)
+        ser = c.series[name]
         growth = leak_growth(ser.med_blocks, int(th.memory_leak_blocks), B=ser.block, n=n)
         lev = np.where(growth >= 3 * th.memory_leak_frac, 3, np.where(growth >= th.memory_leak_frac, 2, 0)).astype(
             np.int8
@@ -390,7 +390,7 @@ def system(c: Context) -> Flags:
         lev = np.where(gf.x >= th.gpu_frac_critical, 4, np.where(gf.x >= th.gpu_frac_high, 3, 0)).astype(np.int8)
         yield "memory_near_oom", "memory/gpu_frac", lev, gf.x
     for name in plan.step_time:
-        ser = s(name)
+        ser = c.series[name]
         pos = ser.ok & (ser.center > 0)
         if not pos.any() or not np.nanmax(ser.x) >= th.step_time_factor * np.min(ser.center[pos]):
             ratio = np.full(n, np.nan)  # no value reaches factor x the smallest baseline: nothing to flag
