@@ -4,23 +4,13 @@ episode, with its severity, peak, first step at each severity and its words; the
 
 from __future__ import annotations
 
-import math
 import operator
-from typing import Any
 
 import numpy as np
 
 from rlhf_tui.analysis.detectors.registry import ZSCORE_ADVICE, describe, zscore_message
 from rlhf_tui.analysis.severity import SEVERITIES
 from rlhf_tui.analysis.thresholds import Thresholds
-
-
-def finite_or_none(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def new_episode(
