@@ -101,3 +101,19 @@ def test_monitor_folds_an_updated_episode_into_the_one_it_has():
     apply_envelope(store, {**env, "seq": 3, "data": {**ep, "step": 400, "first_step": 400, "last_step": 400}})
     run = store.runs["r"]
     assert [(a["step"], a["last_step"]) for a in run.training_anomalies] == [(150, 170), (400, 400)]
+
+
+def test_the_callbacks_recorder_sends_each_new_or_changed_episode_once(tmp_path):
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback, _Recorder
+
+    cb = RLHFMonitorCallback(address=False, log_dir=str(tmp_path))
+    rec, clock = _Recorder(cb), Clock()
+    rec.detector = TrainingAnomalies(cb.thresholds, cb.meta, clock=clock)
+    sent = []
+    for step in range(1, 61):
+        clock.t += 1.0
+        out = rec(("log", step, float(step), {"loss": float("nan") if step == 51 else 0.1, "kl": 0.01}))
+        sent += [data for kind, data, _rank in out if kind == protocol.ANOMALY]
+    opened = [a for a in sent if a["detector"] == "nonfinite" and a["metric"] == "loss"]
+    assert opened and opened[0]["step"] == 51 and opened[0]["severity"] == "critical"
+    assert len(opened) <= 3  # new, then only when it changed (it ends after the cooldown)
