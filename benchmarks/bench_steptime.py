@@ -108,13 +108,11 @@ def step_time_table(steps: int = 50, repeats: int = 7, warmup: int = 10) -> list
     import logging
     import warnings
 
+    from callback_overhead import free_address
     from transformers import TrainerCallback
     from transformers.utils import logging as hf_logging
 
     from rlhf_tui.bridge.demo.tiny import build_tiny_model
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from callback_overhead import free_address
 
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()

@@ -14,9 +14,9 @@ import textwrap
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from callback_overhead import GRPO_LOGS, free_address
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def realistic_rows(n: int, seed: int = 0) -> list[dict]:
@@ -88,7 +88,6 @@ def ingest(n: int) -> list[tuple]:
 
 SERVER = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, {bench!r})
     from bench_wire import realistic_rows
     from rlhf_tui.bridge.training.publisher import Publisher
     pub = Publisher({address!r}, "late-join-run", handler=lambda item: [])
@@ -106,8 +105,12 @@ def late_join(n: int, repeats: int = 3) -> list[float]:
     from rlhf_tui.bridge.monitor.subscriber import Subscriber
 
     address = free_address()
-    code = SERVER.format(bench=os.path.dirname(os.path.abspath(__file__)), address=address, n=n)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    code = SERVER.format(address=address, n=n)
+    # The child imports its sibling bench_wire: the benchmarks folder goes on its PYTHONPATH.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("ready"), line

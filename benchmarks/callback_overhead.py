@@ -165,7 +165,6 @@ def main() -> int:
     print_on_log_tables(ns.calls)
     if ns.skip_training:
         return 0
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_steptime
 
     print()

@@ -12,22 +12,14 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 try:
     from rlhf_tui.analysis.detectors import DetectionCache, StreamingDetector, detect, evaluate
     from rlhf_tui.analysis.thresholds import Thresholds
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from rlhf_tui.analysis.detectors import (
-        DetectionCache,
-        StreamingDetector,
-        detect,  # type: ignore
-        evaluate,
-    )
-    from rlhf_tui.analysis.thresholds import Thresholds  # type: ignore
+except ImportError:  # pragma: no cover - checkout without `pip install -e .`
+    sys.exit("install the package first: pip install -e .")
 
 
 def synthetic_run(n: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -20,8 +20,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 
 def main() -> int:
     parser = argparse.ArgumentParser()

@@ -53,7 +53,6 @@ fill_s = time.perf_counter() - t0
 result = {"mode": mode, "rows": run.rows, "thinned": run.thinned, "fill_s": fill_s, "baseline_mb": base}
 result.update({"after_fill_" + k: v for k, v in rss().items()})
 if mode == "app":
-    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
     async def show():
         app = MonitorApp([], stores=[store], labels=["long"])
         async with app.run_test(size=(160, 48)) as pilot:
