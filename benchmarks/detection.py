@@ -414,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"    {fault:18s} detected within {horizon:3d} steps {len(det):2d}/{len(ss):2d}  "
                         f"median delay {d:5.1f}  false alarms before onset {fa}"
                     )
+    # The goal docs/anomaly-detection.md reports: every faulty run alarmed in time, no false-alarm run.
+    score = overall(runs, ours)
+    if score["recall"] < 1 or score["false_alarm_runs"] > 0:
+        print(f"\nGOAL MISSED: recall {score['recall']:.2f}, false-alarm runs {score['false_alarm_runs']}")
+        return 1
     return 0
 
 

@@ -90,7 +90,7 @@ print(json.dumps(result))
 """
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=1_000_000)
     parser.add_argument("--metrics", type=int, default=30)
@@ -127,7 +127,11 @@ def main() -> None:
         f"{a['key_screen_s'] * 1000:.0f} ms, median of 4; peak RSS before the key presses "
         f"{a['first_pass_peak_mb']:.0f} MB)"
     )
+    if a["with_app_VmRSS"] >= 150:
+        print(f"GOAL MISSED: the monitor app holds {a['with_app_VmRSS']:.0f} MB (goal under ~150 MB)")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
