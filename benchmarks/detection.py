@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/detection.py [--traces DIR] [--no-holdout] [--no-variations]
 
-For every run in DIR (default `../shared/traces` next to the repository, or env RLHF_TUI_TRACES) it prints the
+For every run in DIR (default `tests/data/traces` in the repository, or env RLHF_TUI_TRACES) it prints the
 first alarm of severity >= medium against the fault onset, for our detectors and for the seed rule (window of
 100 including the point, n >= 10, |z| > 3 on kl/policy_loss/value_loss/reward/clip_ratio). Overall:
   recall        faulty runs alarmed within 25 steps after the onset
@@ -80,7 +80,7 @@ class Run:
 def traces_dir(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    return Path(os.environ.get("RLHF_TUI_TRACES") or ROOT.parent / "shared" / "traces")
+    return Path(os.environ.get("RLHF_TUI_TRACES") or ROOT / "tests" / "data" / "traces")
 
 
 def load_runs(folder: Path) -> list[Run]:
