@@ -454,7 +454,7 @@ class CheckpointAnalyzer:
         result["step"] = step
         result["learning_rate"] = state.get("learning_rate")
         weight_stats: dict[str, dict[str, Any]] = {}
-        skipped = []
+        skipped: list[dict[str, Any]] = []
         for ref in ckpt.tensors:
             if not ref.supported:
                 skipped.append({"name": ref.name, "dtype": ref.dtype, "shape": list(ref.shape)})

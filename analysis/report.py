@@ -98,7 +98,7 @@ def metric_table(run: RunHistory) -> dict[str, dict]:
                 }
             continue
         summary = summarise(data)
-        row = {k: (v if k == "trend" else finite(v)) for k, v in summary.items()}
+        row: dict[str, Any] = {k: (v if k == "trend" else finite(v)) for k, v in summary.items()}
         row["count"] = int(data.size)
         row["spark"] = sparkline(data)
         out[name] = row

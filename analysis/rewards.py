@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -169,13 +169,14 @@ class RewardModelIntegrator:
 
     def reset(self) -> None:
         with self._lock:
-            self.__init__(
+            type(self).__init__(
+                self,
                 self.log_dir,
                 self.window,
                 self.anomaly_threshold,
                 self.expected_range,
                 warmup_batches=self.warmup_batches,
-                window_scores=self._recent.maxlen,
+                window_scores=cast(int, self._recent.maxlen),
                 reference_scores=self.reference_scores,
                 reference_batches=self.reference_batches,
                 num_bins=self.num_bins,
@@ -237,10 +238,11 @@ class RewardModelIntegrator:
                 "invalid",
             )
 
-        batch_mean = float(scores.mean()) if n_valid else None
-        batch_std = float(scores.std()) if n_valid else None
-
+        batch_mean: float | None = None
+        batch_std: float | None = None
         if n_valid:
+            batch_mean = float(scores.mean())
+            batch_std = float(scores.std())
             self._detect_batch_anomalies(anomalies, step, scores, batch_mean, batch_std)
             self._means.append(batch_mean)
             self._vars.append(batch_std**2)

@@ -213,7 +213,7 @@ _FIELD_SPECS: list[dict[str, Any]] = [
 ]
 
 for _f in dataclasses.fields(Thresholds):
-    _FIELD_TYPES[_f.name] = list if _f.name == "muted" else type(_f.default)  # type: ignore[assignment]
+    _FIELD_TYPES[_f.name] = list if _f.name == "muted" else type(_f.default)
 
 _DEFAULTS = Thresholds()
 THRESHOLD_FIELDS: list[dict[str, Any]] = []

@@ -108,13 +108,11 @@ def step_time_table(steps: int = 50, repeats: int = 7, warmup: int = 10) -> list
     import logging
     import warnings
 
+    from callback_overhead import free_address
     from transformers import TrainerCallback
     from transformers.utils import logging as hf_logging
 
     from rlhf_tui.bridge.demo.tiny import build_tiny_model
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from callback_overhead import free_address
 
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
@@ -204,7 +202,17 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=7)
     ns = parser.parse_args()
-    print_table(step_time_table(ns.steps, ns.repeats), ns.steps, ns.repeats)
+    rows = step_time_table(ns.steps, ns.repeats)
+    print_table(rows, ns.steps, ns.repeats)
+    return goal_missed(rows)
+
+
+def goal_missed(rows) -> int:
+    """1 when the monitored run costs more than the goal (ratio <= 1.01 of the unmonitored step time)."""
+    ratio = next((r for variant, ms, r in rows if variant == "RLHFMonitorCallback" and ms is not None), None)
+    if ratio is None or ratio > 1.01:
+        print(f"GOAL MISSED: RLHFMonitorCallback step time ratio {ratio} > 1.01")
+        return 1
     return 0
 
 

@@ -3,6 +3,8 @@
 Writes a synthetic ≥ 1 GB safetensors file (fp32 + bf16, many tensors, largest 256 MB) into a temp dir, then runs
 the baseline (np.memmap per tensor, bf16 widened with a shift, sum + dot) and CheckpointAnalyzer alternately,
 3 repetitions each in one process, from the page cache. Peak RSS of each is measured in a child process.
+Goal (docs/checkpoint-health.md): faster than the baseline over the whole file, with a peak RSS growth below the
+largest tensor (memory stays near one window); the script exits 1 when either is missed.
 
     python benchmarks/checkpoint_throughput.py [--dir /tmp] [--reps 3] [--layers 14]
 """
@@ -124,7 +126,6 @@ def peak_rss_child(which: str, path: str) -> float:
     """
     code = f"""
 import resource, sys
-sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import checkpoint_throughput as bench
 import rlhf_tui.analysis.checkpoint  # imports first: they are not the analysis
 def status(key):
@@ -139,11 +140,14 @@ before = status('VmRSS')
 bench.{which}({path!r})
 print((status('VmHWM') - before) / 1024)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # The child imports this file as a module: its folder goes on the child's PYTHONPATH.
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=None, help="where to write the temporary checkpoint")
     parser.add_argument("--reps", type=int, default=3)
@@ -212,10 +216,20 @@ def main() -> None:
             f"\nmedian of {args.reps} alternating runs; our peak RSS growth is {rss_ours / (largest / 2**20):.2f}× "
             f"the largest tensor ({largest / 2**20:.0f} MB). F32/BF16 columns time per-tensor statistics only."
         )
+        missed = [
+            what
+            for what, ok in (
+                (f"throughput ratio {ratio:.2f} < 1", ratio >= 1.0),
+                (f"peak RSS growth {rss_ours:.0f} MB >= largest tensor", rss_ours < largest / 2**20),
+            )
+            if not ok
+        ]
+        print("goal met" if not missed else "GOAL MISSED: " + "; ".join(missed))
+        return 1 if missed else 0
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/detection.py [--traces DIR] [--no-holdout] [--no-variations]
 
-For every run in DIR (default `../shared/traces` next to the repository, or env RLHF_TUI_TRACES) it prints the
+For every run in DIR (default `tests/data/traces` in the repository, or env RLHF_TUI_TRACES) it prints the
 first alarm of severity >= medium against the fault onset, for our detectors and for the seed rule (window of
 100 including the point, n >= 10, |z| > 3 on kl/policy_loss/value_loss/reward/clip_ratio). Overall:
   recall        faulty runs alarmed within 25 steps after the onset
@@ -80,7 +80,7 @@ class Run:
 def traces_dir(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    return Path(os.environ.get("RLHF_TUI_TRACES") or ROOT.parent / "shared" / "traces")
+    return Path(os.environ.get("RLHF_TUI_TRACES") or ROOT / "tests" / "data" / "traces")
 
 
 def load_runs(folder: Path) -> list[Run]:
@@ -414,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"    {fault:18s} detected within {horizon:3d} steps {len(det):2d}/{len(ss):2d}  "
                         f"median delay {d:5.1f}  false alarms before onset {fa}"
                     )
+    # The goal docs/anomaly-detection.md reports: every faulty run alarmed in time, no false-alarm run.
+    score = overall(runs, ours)
+    if score["recall"] < 1 or score["false_alarm_runs"] > 0:
+        print(f"\nGOAL MISSED: recall {score['recall']:.2f}, false-alarm runs {score['false_alarm_runs']}")
+        return 1
     return 0
 
 

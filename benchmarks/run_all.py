@@ -8,6 +8,8 @@
    threshold change, checkpoint read throughput, the monitor app's ingest, memory and idle CPU.
    (`gpu_check.py` needs an NVIDIA GPU and is run by hand there.)
 
+Exits 1 when any table misses its goal (each script's own exit code for part 4), after printing them all.
+
 Run: .venv/bin/python benchmarks/run_all.py [--quick]
 """
 
@@ -19,8 +21,6 @@ import platform
 import subprocess
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> int:
@@ -45,10 +45,13 @@ def main() -> int:
     )
 
     print(f"1. on_log on the training thread ({calls} calls, {len(callback_overhead.GRPO_LOGS)} keys)")
-    callback_overhead.print_on_log_tables(calls)
+    missed = [] if callback_overhead.print_on_log_tables(calls) else ["1. on_log p99"]
 
     print()
-    bench_steptime.print_table(bench_steptime.step_time_table(steps, repeats), steps, repeats)
+    rows = bench_steptime.step_time_table(steps, repeats)
+    bench_steptime.print_table(rows, steps, repeats)
+    if bench_steptime.goal_missed(rows):
+        missed.append("2. step time")
 
     print(
         f"\n3a. monitor ingest: Subscriber.feed (decode + validate + store), then detect() over the run, "
@@ -56,11 +59,15 @@ def main() -> int:
     )
     print(f"{'frames':<32}{'stored msg/s':>14}{'+analysed msg/s':>17}{'goal':>10}")
     for label, stored, analysed, _, has_detect in bench_wire.ingest(ingest_n):
+        if not label.startswith("live frames, feed() each") and (analysed if has_detect else stored) < 50_000:
+            missed.append(f"3a. {label}")
         print(f"{label:<32}{stored:>14,.0f}{analysed if has_detect else float('nan'):>17,.0f}{'50,000':>10}")
     times = bench_wire.late_join(late_n)
     print(f"\n3b. late join: {late_n} steps in the training's history, a fresh monitor, until every row is in")
     print(f"{'runs':<8}{'median s':>10}{'max s':>8}{'goal s':>8}")
     print(f"{len(times):<8}{float(np.median(times)):>10.3f}{max(times):>8.3f}{'< 1':>8}")
+    if float(np.median(times)) >= 1:
+        missed.append("3b. late join")
     bench_wire.print_latency(latency_n, "3c. ")
     here = os.path.dirname(os.path.abspath(__file__))
     for script in (
@@ -76,8 +83,12 @@ def main() -> int:
         print(f"\n4. {script}", flush=True)
         done = subprocess.run([sys.executable, os.path.join(here, script)], text=True, capture_output=True)
         print(done.stdout.rstrip() or done.stderr.rstrip()[-2000:], flush=True)
+        if done.returncode != 0:
+            missed.append(f"4. {script} (exit {done.returncode})")
     print(f"\n(all benchmarks: {time.time() - t0:.0f} s)")
-    return 0
+    if missed:
+        print("GOALS MISSED: " + "; ".join(missed))
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def in_tmux(path: str, seconds: float) -> float | None:
         subprocess.run(tmux + ["kill-server"], capture_output=True)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
     ns = parser.parse_args()
@@ -107,7 +107,11 @@ def main() -> None:
     print(f"{'process':<52}{'% of one core':>14}")
     for name, share in rows:
         print(f"{name:<52}{100 * share:>14.2f}")
+    missed = [name for name, share in rows if share >= 0.02]
+    if missed:
+        print("GOAL MISSED (< 2 % of one core): " + "; ".join(missed))
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

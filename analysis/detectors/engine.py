@@ -221,7 +221,9 @@ def evaluate(
         )
         level = None
         if frac:  # block means only where a mean level is used (fractions), the kernel of zscore_band
-            mean = block_stats(X[frac, s0 * B :].reshape(len(frac) * (nb - s0), B))[2].reshape(len(frac), -1)
+            block_means = block_stats(X[frac, s0 * B :].reshape(len(frac) * (nb - s0), B))[2]
+            assert block_means is not None  # with_mean defaults to True
+            mean = block_means.reshape(len(frac), -1)
             level = median_last(windows(mean, np.nan))
         if start:
             center = np.concatenate([np.stack([c.center[:start] for c in held]), center], axis=1)

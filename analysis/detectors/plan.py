@@ -133,6 +133,7 @@ def zscore_band(
     x = np.array(values[start * block : current * block], dtype=np.float64).reshape(current - start, block)
     x[~np.isfinite(x)] = np.nan
     med, spread, mean, cnt = block_stats(x)
+    assert mean is not None  # asked for (with_mean defaults to True)
     center, scale, _, ok = baseline(med[None, :], spread[None, :], mean[None, :], cnt[None, :], int(th.min_history))
     c, s = float(center[0]), float(scale[0])
     if not bool(ok[0]) or not (math.isfinite(c) and math.isfinite(s)):

@@ -389,12 +389,12 @@ def system(c: Context) -> Flags:
     if gf is not None:
         lev = np.where(gf.x >= th.gpu_frac_critical, 4, np.where(gf.x >= th.gpu_frac_high, 3, 0)).astype(np.int8)
         yield "memory_near_oom", "memory/gpu_frac", lev, gf.x
-    for name in plan.step_time:
-        ser = c.series[name]
+    for timer in plan.step_time:
+        ser = c.series[timer]
         pos = ser.ok & (ser.center > 0)
         if not pos.any() or not np.nanmax(ser.x) >= th.step_time_factor * np.min(ser.center[pos]):
             ratio = np.full(n, np.nan)  # no value reaches factor x the smallest baseline: nothing to flag
         else:
             with np.errstate(invalid="ignore", divide="ignore"):
                 ratio = np.where(pos, ser.recent(rn) / ser.center, np.nan)
-        yield "step_time_regression", name, np.where(ratio >= th.step_time_factor, 2, 0).astype(np.int8), ratio
+        yield "step_time_regression", timer, np.where(ratio >= th.step_time_factor, 2, 0).astype(np.int8), ratio

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, cast
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4 << 20  # ZMQ MAXMSGSIZE on the monitor side: a peer cannot make us allocate more
@@ -49,6 +49,9 @@ _NUMBER_TYPES = frozenset({float, int, _NoneType})
 class Clean(dict):
     """A payload already made JSON-safe (`to_json_safe`): encoders skip the cleaning pass."""
 
+    # Set by the training side once the payload is encoded, so `encode_step` does not encode it again.
+    encoded: bytes
+
 
 class ProtocolError(ValueError):
     """A message that is not a valid envelope; the text says why (for the rejected counter)."""
@@ -84,7 +87,7 @@ def _clean(value: Any, depth: int = 0) -> Any:
 
 def clean_metrics(metrics: dict) -> dict:
     """`_clean` for a flat {name: float | None} dict (the hot path of every step)."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in metrics.items():
         if type(value) is float:
             out[key] = value if math.isfinite(value) else _non_finite(value)
@@ -239,7 +242,7 @@ def validate(env: Any, _inner: bool = False) -> dict:
     if not _is_int(rank, 0, (1 << 20) - 1):
         raise ProtocolError("bad rank")
     ts = env.get("ts")
-    if type(ts) not in (int, float) or not math.isfinite(ts):
+    if type(ts) not in (int, float) or not math.isfinite(cast(float, ts)):
         raise ProtocolError("bad timestamp")
     data = env.get("data")
     if type(data) is not dict:

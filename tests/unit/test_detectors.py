@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import TRACES
+from conftest import TRACES, grpo_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,33 +32,6 @@ TH = Thresholds()
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def grpo_run(n: int = 300, seed: int = 0, kl: bool = True) -> dict[str, np.ndarray]:
-    """A healthy GRPO-like history: noisy, slowly learning, KL with isolated x100 spikes."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(n) / n
-    a = 0.6 + 0.3 * t + 0.3 * rng.standard_normal(n)
-    b = 0.14 + 0.03 * rng.standard_normal(n)
-    m = {
-        "rewards/sentiment/mean": a,
-        "rewards/format/mean": b,
-        "reward": a + b,
-        "reward_std": 0.8 + 0.1 * rng.standard_normal(n),
-        "frac_reward_zero_std": rng.choice([0.0, 0.25, 0.5], n, p=[0.7, 0.25, 0.05]),
-        "entropy": 1.0 - 0.2 * t + 0.12 * rng.standard_normal(n),
-        "loss": 0.05 * rng.standard_normal(n),
-        "grad_norm": np.exp(0.35 * rng.standard_normal(n)),
-        "learning_rate": np.full(n, 5e-5),
-        "completion_length": 7 + 1.5 * rng.standard_normal(n),
-        "completions/clipped_ratio": np.zeros(n),
-        "clip_ratio": np.zeros(n),
-        "step_time": 0.1 * np.exp(0.1 * rng.standard_normal(n)),
-    }
-    if kl:
-        spikes = np.where(rng.random(n) < 0.02, rng.uniform(30, 150, n), 1.0)
-        m["kl"] = 0.02 * np.exp(0.4 * rng.standard_normal(n)) * spikes
-    return m
-
-
 def dpo_run(n: int = 300, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     t = np.arange(n)

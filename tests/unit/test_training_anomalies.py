@@ -4,7 +4,7 @@ episodes reported once, and the monitor's ingest folding updates into the episod
 from __future__ import annotations
 
 import numpy as np
-from test_detectors import grpo_run
+from conftest import grpo_run
 
 from rlhf_tui.analysis.detectors import detect
 from rlhf_tui.analysis.store import Store

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from test_detectors import grpo_run
+from conftest import grpo_run
 
 from rlhf_tui.analysis.detectors import DetectionCache, detect, engine, evaluate, rules
 from rlhf_tui.analysis.detectors.registry import series_wanted
