@@ -10,8 +10,9 @@ from textual.widgets import DataTable, Static
 
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.render import SEVERITY_SHORT, SEVERITY_STYLE, clean, fmt, severity_title, short
+from rlhf_tui.tui.view import newest_first
 from rlhf_tui.tui.widgets.common import Pane, cursor_key, sync_table
-from rlhf_tui.tui.widgets.model import anomaly_key, newest_first
+from rlhf_tui.tui.widgets.model import anomaly_key
 
 MAX_ROWS = 300  # the feed shows the newest; the title counts all
 

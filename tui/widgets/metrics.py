@@ -11,8 +11,9 @@ from textual.widgets import DataTable, Input
 
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.render import TREND_ARROWS, band_text, clean, fit, range_text, short
+from rlhf_tui.tui.view import spark_lines
 from rlhf_tui.tui.widgets.common import Pane, cursor_key, sync_table
-from rlhf_tui.tui.widgets.model import filter_metrics, spark_lines
+from rlhf_tui.tui.widgets.model import filter_metrics
 
 MIN_SPARK = 8
 
