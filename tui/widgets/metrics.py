@@ -3,7 +3,6 @@ z-score threshold band and a unicode sparkline bucketed to the pane's width; `/`
 
 from __future__ import annotations
 
-import numpy as np
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.message import Message
@@ -152,12 +151,7 @@ class MetricsPane(Pane):
             active = bool(row.get("active"))
             value = row.get("at") if at_step is not None else row.get("last")
             label = ("● " if active else "") + fit(clean(name, 80), name_w - (2 if active else 0))
-            buckets = row.get("buckets")
-            lines = (
-                spark_lines(np.asarray(buckets, dtype=float), height)
-                if buckets is not None and height > 1
-                else [row.get("spark") or ""]
-            )
+            lines = spark_lines(row.get("buckets") or [], height)
             spark = Text("\n".join(lines), style="bold red" if active else "cyan", no_wrap=True, overflow="crop")
             marker = row.get("marker")
             if marker is not None:
