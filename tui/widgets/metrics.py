@@ -181,7 +181,7 @@ class MetricsPane(Pane):
                     range_text(row),
                     row.get("trend"),
                     band_text(row.get("band")),
-                    row.get("spark"),
+                    tuple(lines),
                     marker,
                     active,
                     row.get("out_of_band"),
