@@ -11,13 +11,13 @@ from textual.widgets import DataTable, Input
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.render import TREND_ARROWS, band_text, clean, fit, range_text, short
 from rlhf_tui.tui.view import spark_lines
-from rlhf_tui.tui.widgets.common import Pane, cursor_key, sync_table
+from rlhf_tui.tui.widgets.common import Pane, SyncedTable
 from rlhf_tui.tui.widgets.model import filter_metrics
 
 MIN_SPARK = 8
 
 
-class MetricsTable(DataTable):
+class MetricsTable(SyncedTable):
     BINDINGS = keys.bindings("metrics")
 
     def action_follow(self) -> None:
@@ -119,7 +119,7 @@ class MetricsPane(Pane):
 
     # -- data ----------------------------------------------------------------------------------------
     def highlighted(self) -> str | None:
-        return cursor_key(self.table)
+        return self.table.cursor_key
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
@@ -188,7 +188,7 @@ class MetricsPane(Pane):
                     height,
                 )
             )
-        sync_table(self.table, columns, rows, sigs, height=height)
+        self.table.sync(columns, rows, sigs, height=height)
         self._update_title(len(names), len(all_names), at_step)
 
     def _update_title(self, shown: int, total: int, at_step: int | None) -> None:
