@@ -94,6 +94,9 @@ def in_tmux(path: str, seconds: float) -> float | None:
         subprocess.run(tmux + ["kill-server"], capture_output=True)
 
 
+TARGET_PERCENT = 2.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -107,6 +110,9 @@ def main() -> None:
     print(f"{'process':<52}{'% of one core':>14}")
     for name, share in rows:
         print(f"{name:<52}{100 * share:>14.2f}")
+    worst = max(share for _, share in rows)
+    if worst * 100 > TARGET_PERCENT:
+        raise SystemExit(f"MISSED: idle CPU {100 * worst:.2f} % of one core (target < {TARGET_PERCENT} %)")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ fill_s = time.perf_counter() - t0
 result = {"mode": mode, "rows": run.rows, "thinned": run.thinned, "fill_s": fill_s, "baseline_mb": base}
 result.update({"after_fill_" + k: v for k, v in rss().items()})
 if mode == "app":
-    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
     async def show():
         app = MonitorApp([], stores=[store], labels=["long"])
         async with app.run_test(size=(160, 48)) as pilot:
@@ -89,6 +88,8 @@ if mode == "app":
     asyncio.run(show())
 print(json.dumps(result))
 """
+
+TARGET_MB = 150
 
 
 def main() -> None:
@@ -128,6 +129,8 @@ def main() -> None:
         f"{a['key_screen_s'] * 1000:.0f} ms, median of 4; peak RSS before the key presses "
         f"{a['first_pass_peak_mb']:.0f} MB)"
     )
+    if a["with_app_VmRSS"] > TARGET_MB:
+        raise SystemExit(f"MISSED: the monitor's RSS {a['with_app_VmRSS']:.0f} MB is over the {TARGET_MB} MB target")
 
 
 if __name__ == "__main__":
