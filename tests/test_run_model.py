@@ -59,9 +59,9 @@ def test_a_pass_started_before_a_threshold_change_is_discarded(tui_store):
 
 def test_redraws_follow_the_store_version_and_the_throttle(tui_store):
     model, clock = _model(tui_store)
-    job = model.build_due(spark_width=20)
+    job = model.build_due(lambda: 20)
     assert job is not None and model.busy
-    assert model.build_due(spark_width=20) is None  # one build at a time
+    assert model.build_due(lambda: 20) is None  # one build at a time
     result = model.build(job)
     report = model.finish_build(result)
     assert report is model.report and report["last_step"] == 200
@@ -69,23 +69,23 @@ def test_redraws_follow_the_store_version_and_the_throttle(tui_store):
     model.drawn(0.5)  # an expensive draw: the next one waits 3x its cost
     assert not model.busy and model.build_count == 1
     tui_store.touch()
-    assert model.build_due(spark_width=20) is None
+    assert model.build_due(lambda: 20) is None
     clock.now += 1.6
-    assert model.build_due(spark_width=20) is not None
+    assert model.build_due(lambda: 20) is not None
 
 
 def test_invalidate_and_navigation_ask_for_a_redraw(tui_store):
     model, clock = _model(tui_store)
-    model.finish_build(model.build(model.build_due(20)))
+    model.finish_build(model.build(model.build_due(lambda: 20)))
     model.drawn(10.0)
-    assert model.build_due(20) is None
+    assert model.build_due(lambda: 20) is None
     model.invalidate()  # layout or settings changed: the throttle does not hold it back
-    job = model.build_due(20)
+    job = model.build_due(lambda: 20)
     assert job is not None
     model.finish_build(model.build(job))
     model.drawn(0.0)
     model.go_to_step(120)
-    job = model.build_due(20)
+    job = model.build_due(lambda: 20)
     assert job is not None and job.at_step == 120
     assert model.finish_build(model.build(job))["at_step"] == 120
 
@@ -97,15 +97,15 @@ def test_a_failed_build_is_retried_a_second_later(tui_store, monkeypatch):
         raise ValueError("a bug of ours")
 
     model, clock = _model(tui_store)
-    job = model.build_due(20)
+    job = model.build_due(lambda: 20)
     monkeypatch.setattr(run_model, "view_report", broken)
     result = model.build(job)
     assert result.error == "view failed: ValueError: a bug of ours"
     assert result.error and model.finish_build(result) is None and not model.busy
     tui_store.touch()
-    assert model.build_due(20) is None
+    assert model.build_due(lambda: 20) is None
     clock.now += 1.0
-    assert model.build_due(20) is not None
+    assert model.build_due(lambda: 20) is not None
 
 
 def test_paused_header_follows_the_store_once_per_version(tui_store):
@@ -116,3 +116,14 @@ def test_paused_header_follows_the_store_once_per_version(tui_store):
     assert model.header_due() is None
     tui_store.touch()
     assert model.header_due() == tui_store.version
+
+
+def test_a_new_spark_width_after_a_draw_asks_for_another_redraw(tui_store):
+    model, _ = _model(tui_store)
+    model.finish_build(model.build(model.build_due(lambda: 23)))  # built before the pane knew its names
+    model.drawn(10.0, spark_width=12)
+    job = model.build_due(lambda: 12)
+    assert job is not None and job.spark_width == 12
+    model.finish_build(model.build(job))
+    model.drawn(0.0, spark_width=12)
+    assert not model.busy and model.build_due(lambda: 12) is None

@@ -113,6 +113,7 @@ class BuildResult:
     report: dict | None
     cost: float
     error: str | None = None
+    spark_width: int = 0
 
 
 class RunModel:
@@ -136,7 +137,7 @@ class RunModel:
         self.detect_interval = DETECT_MIN_INTERVAL
         self._dirty = True
         self._seen_version = -1
-        self._spark_width = -1
+        self._built_width = 0
         self._next_build = 0.0
         self._building = False
         self._detect_running = False
@@ -255,16 +256,15 @@ class RunModel:
     def header_drawn(self, version: int) -> None:
         self._seen_version = version
 
-    def build_due(self, spark_width: int) -> BuildJob | None:
-        """The report to build now, if the store changed or a redraw was asked for and the throttle allows."""
+    def build_due(self, spark_width: Callable[[], int]) -> BuildJob | None:
+        """The report to build now, if the store changed or a redraw was asked for and the throttle allows.
+        `spark_width`: asked only when a build is due (the pane's layout is not free to query at 10 Hz)."""
         version = self.store.version
-        # A new width is a change too: the first report is built before the pane knows its metrics' names.
-        same = version == self._seen_version and spark_width == self._spark_width and not self._dirty
-        if self._building or same or self.clock() < self._next_build:
+        if self._building or (version == self._seen_version and not self._dirty) or self.clock() < self._next_build:
             return None
         self._building = True
-        self._seen_version, self._spark_width, self._dirty = version, spark_width, False
-        return BuildJob(self._thresholds, self.current_anomalies(), spark_width, self.at_step, self.current_counts())
+        self._seen_version, self._dirty = version, False
+        return BuildJob(self._thresholds, self.current_anomalies(), spark_width(), self.at_step, self.current_counts())
 
     def build(self, job: BuildJob) -> BuildResult:
         """Build the report (any thread; takes the store lock)."""
@@ -279,7 +279,7 @@ class RunModel:
                     at_step=job.at_step,
                     anomaly_counts=job.counts,
                 )
-            return BuildResult(report, time.perf_counter() - started)
+            return BuildResult(report, time.perf_counter() - started, spark_width=job.spark_width)
         except Exception as exc:  # a bug of ours must not freeze the screen
             return BuildResult(None, 0.0, f"view failed: {type(exc).__name__}: {exc}")
 
@@ -300,13 +300,17 @@ class RunModel:
         if result.error or result.report is None:
             self._next_build = self.clock() + 1.0
             return None
-        self.report = result.report
+        self.report, self._built_width = result.report, result.spark_width
         return result.report
 
-    def drawn(self, cost: float) -> None:
-        """The report was drawn; `cost`: building plus drawing, seconds. Throttles the next redraw."""
+    def drawn(self, cost: float, spark_width: int | None = None) -> None:
+        """The report was drawn; `cost`: building plus drawing, seconds. Throttles the next redraw.
+        `spark_width`: the width the pane wants now; a new one (the first report is built before the pane
+        knows its metrics' names) asks for a redraw at once."""
         self.build_count += 1
         self._next_build = self.clock() + BUILD_SHARE * cost
+        if spark_width is not None and spark_width != self._built_width:
+            self.invalidate()
 
     # -- navigation ----------------------------------------------------------------------------------------
     def go_to_step(self, step: int | None) -> None:

@@ -141,7 +141,7 @@ class RunView(Vertical):
         if paused:
             self._tick_paused()
             return
-        job = self.model.build_due(self._spark_width())
+        job = self.model.build_due(self._spark_width)
         if job is not None:  # long histories take tens of ms: build on a worker, draw on the screen's thread
             self.run_worker(lambda: self._build_thread(job), thread=True, group=f"build-{self.id}", exit_on_error=False)
 
@@ -174,7 +174,7 @@ class RunView(Vertical):
             if pane.display:
                 pane.show(report)
         self._draw_header(report, paused=False)
-        self.model.drawn(result.cost + time.perf_counter() - started)
+        self.model.drawn(result.cost + time.perf_counter() - started, self._spark_width())
 
     def _draw_header(self, report: dict, paused: bool) -> None:
         th = self.model.thresholds
