@@ -57,6 +57,13 @@ def test_a_pass_started_before_a_threshold_change_is_discarded(tui_store):
     assert model.take_note() == "z 3 → 5" and model.take_note() is None
 
 
+def _new_data_redrawn_only_after(model: RunModel, clock: FakeClock, seconds: float) -> None:
+    model.store.touch()
+    assert model.build_due(lambda: 20) is None
+    clock.now += seconds
+    assert model.build_due(lambda: 20) is not None
+
+
 def test_redraws_follow_the_store_version_and_the_throttle(tui_store):
     model, clock = _model(tui_store)
     job = model.build_due(lambda: 20)
@@ -68,10 +75,7 @@ def test_redraws_follow_the_store_version_and_the_throttle(tui_store):
     assert len(report["metrics"]["kl"]["buckets"]) == 20
     model.drawn(0.5)  # an expensive draw: the next one waits 3x its cost
     assert not model.busy and model.build_count == 1
-    tui_store.touch()
-    assert model.build_due(lambda: 20) is None
-    clock.now += 1.6
-    assert model.build_due(lambda: 20) is not None
+    _new_data_redrawn_only_after(model, clock, 1.6)
 
 
 def test_invalidate_and_navigation_ask_for_a_redraw(tui_store):
@@ -101,11 +105,8 @@ def test_a_failed_build_is_retried_a_second_later(tui_store, monkeypatch):
     monkeypatch.setattr(run_model, "view_report", broken)
     result = model.build(job)
     assert result.error == "view failed: ValueError: a bug of ours"
-    assert result.error and model.finish_build(result) is None and not model.busy
-    tui_store.touch()
-    assert model.build_due(lambda: 20) is None
-    clock.now += 1.0
-    assert model.build_due(lambda: 20) is not None
+    assert model.finish_build(result) is None and not model.busy
+    _new_data_redrawn_only_after(model, clock, 1.0)
 
 
 def test_paused_header_follows_the_store_once_per_version(tui_store):
