@@ -147,3 +147,26 @@ async def test_layout_shows_all_five_panes_at_80x24_and_puts_metrics_beside_the_
             message="wide layout",
         )
         assert app.view.pane("metrics").region.height > 40
+
+
+async def test_picking_an_anomaly_posts_selected_then_follow_posts_closed(make_store, settle):
+    """The feed talks to the view by messages only: Enter posts Selected (the view moves to its step), Esc posts
+    Closed (the view follows the newest step again)."""
+    from rlhf_tui.tui.widgets.anomalies import AnomaliesPane
+
+    posted = []
+    app = MonitorApp([], stores=[make_store()], labels=["messages"])
+    async with app.run_test(size=(120, 36), message_hook=posted.append) as pilot:
+        await settle(pilot, app)
+        feed = app.view.pane("anomalies")
+        feed.table.focus()
+        feed.table.move_cursor(row=next(i for i, a in enumerate(feed.anomalies) if a["step"] == 120))
+        await pilot.press("enter")
+        await pilot_wait_for(pilot, lambda: app.view.at_step == 120, message="the view at the picked step")
+        selected = {id(m): m for m in posted if isinstance(m, AnomaliesPane.Selected)}  # seen at each bubble hop
+        assert [m.anomaly["step"] for m in selected.values()] == [120]
+        await settle(pilot, app)
+        assert app.view.report["at_step"] == 120
+        await pilot.press("escape")
+        await pilot_wait_for(pilot, lambda: app.view.at_step is None, message="following again")
+        assert any(isinstance(m, AnomaliesPane.Closed) for m in posted)
