@@ -57,25 +57,6 @@ def run_anomalies(run: RunHistory, thresholds=None) -> list[dict]:
     return detect(run, thresholds or Thresholds())
 
 
-SPARK_CHARS = "▁▂▃▄▅▆▇█"
-
-
-def sparkline(values: np.ndarray, width: int = 24) -> str:
-    """A unicode sparkline of the finite values, bucketed (mean per bucket) to `width` characters."""
-    ok = np.isfinite(values)
-    data = values if ok.all() else values[ok]
-    if data.size == 0:
-        return ""
-    if data.size > width:
-        edges = np.linspace(0, data.size, width + 1).astype(int)
-        data = np.add.reduceat(data, edges[:-1]) / np.diff(edges)
-    lo, hi = float(data.min()), float(data.max())
-    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-        return SPARK_CHARS[3] * data.size
-    idx = np.clip(((data - lo) / (hi - lo) * (len(SPARK_CHARS) - 1)).round().astype(int), 0, len(SPARK_CHARS) - 1)
-    return "".join(SPARK_CHARS[i] for i in idx)
-
-
 def metric_table(run: RunHistory) -> dict[str, dict]:
     from rlhf_tui.analysis.trends import summarise
 
@@ -94,13 +75,11 @@ def metric_table(run: RunHistory) -> dict[str, dict]:
                     "max": None,
                     "trend": "stable",
                     "count": 0,
-                    "spark": "",
                 }
             continue
         summary = summarise(data)
         row: dict[str, Any] = {k: (v if k == "trend" else finite(v)) for k, v in summary.items()}
         row["count"] = int(data.size)
-        row["spark"] = sparkline(data)
         out[name] = row
     return out
 

@@ -64,7 +64,7 @@ if mode == "app":
                 await pilot.pause(0.05)
             result["anomalies"] = sum((app.view.anomaly_counts or {}).values())
             result["kept"] = len(app.view.anomalies)
-            result["detect_s"] = app.view._detect_interval / 4
+            result["detect_s"] = app.view.model.detect_interval / 4
             result["first_pass_peak_mb"] = rss()["VmHWM"]
             # The threshold key's action ("+"), timed until the re-evaluated feed is in (cached baselines), and
             # until the screen's report is rebuilt with it. (pilot.press itself waits for the toast and the

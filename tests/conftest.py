@@ -104,3 +104,219 @@ def traces_dir() -> Path:
     if not (TRACES / "labels.json").is_file():
         pytest.skip(f"traces not found at {TRACES}")
     return TRACES
+
+
+# ======================================================================================================
+# TUI test helpers (the monitor's tests): deterministic monitor data (fixed run id, no clocks), waits for the
+# app to settle, pane text, and a stand-in `ssh`. Tests ask for them as fixtures.
+# ======================================================================================================
+import math  # noqa: E402
+import stat  # noqa: E402
+import sys  # noqa: E402
+
+from rlhf_tui.analysis.store import Store  # noqa: E402
+
+TUI_RUN_ID = "grpo-demo-0001"
+TUI_INJECTION = "The answer is [red]forty-two[/red]\x1b[31m!\x1b]0;pwned\x07 done"
+
+
+def make_tui_store(
+    steps: int = 200,
+    *,
+    run_id: str = TUI_RUN_ID,
+    gpu: bool = True,
+    ranks: int = 1,
+    kl_jump_at: int = 170,
+    connection: str = "live",
+) -> Store:
+    """A GRPO-like run with a KL spike at step 120 and a KL level jump from `kl_jump_at`, a grad_norm spike,
+    two checkpoints (one unhealthy), a reward batch with hostile sample text and GPU samples."""
+    store = Store()
+    store.source = "tcp://127.0.0.1:5555"
+    store.connection = connection
+    with store.lock:
+        run = store.run(run_id)
+        run.meta.update(
+            {
+                "run_id": run_id,
+                "trainer": "GRPOTrainer",
+                "model": "tiny-gpt2",
+                "max_steps": 300,
+                "args": {"beta": 0.04, "num_generations": 4, "max_completion_length": 16},
+            }
+        )
+        for s in range(1, steps + 1):
+            kl = 0.01 + 0.002 * math.sin(s / 7) + (0.8 if s == 120 else 0.0) + (0.3 if s >= kl_jump_at else 0)
+            reward = 0.2 + 0.003 * s + 0.05 * math.sin(s / 5)
+            run.add_step(
+                s,
+                {
+                    "reward": reward,
+                    "reward_std": 0.3 + 0.02 * math.cos(s / 3),
+                    "kl": kl,
+                    "entropy": 2.0 - 0.004 * s + 0.02 * math.sin(s),
+                    "loss": 0.05 * math.sin(s / 4),
+                    "grad_norm": 1.0 + 0.1 * math.cos(s / 2) + (8.0 if s == 150 else 0),
+                    "learning_rate": 5e-5,
+                    "completion_length": 12 + 2 * math.sin(s / 9),
+                    "completions/clipped_ratio": 0.1,
+                    "rewards/length_reward/mean": reward,
+                },
+            )
+        run.checkpoints.append(
+            {
+                "step": 100,
+                "path": "/runs/out/checkpoint-100",
+                "health_score": 0.93,
+                "issues": [],
+                "recommendations": [],
+                "drift": None,
+                "file_size_mb": 4.2,
+                "status": "analysed",
+            }
+        )
+        run.checkpoints.append(
+            {
+                "step": 200,
+                "path": "/runs/out/checkpoint-200",
+                "health_score": 0.41,
+                "issues": ["3 tensors with exploding weight norm [bold]x[/bold]"],
+                "recommendations": ["roll back to checkpoint-100 and lower the learning rate"],
+                "drift": {"overall": 0.081},
+                "file_size_mb": 4.2,
+                "status": "analysed",
+            }
+        )
+        run.rewards.append(
+            {
+                "step": 200,
+                "scores": [0.1, 0.5, 0.9, 0.3],
+                "samples": [
+                    {"label": "best", "score": 0.9, "prompt": "p", "completion": TUI_INJECTION},
+                    {"label": "worst", "score": 0.1, "prompt": "p", "completion": "no\nnewline\ttab"},
+                ],
+            }
+        )
+        run.reward_report = {
+            "reliability_metrics": {"stability": 0.91, "consistency": 0.97, "variance": 0.02, "mean_reward": 0.62},
+            "drift": {"psi": 0.03, "level": "none"},
+            "histogram": {"counts": [1, 3, 7, 12, 9, 4, 1], "edges": [-0.1, 0.1, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3]},
+        }
+        for rank in range(ranks):
+            run.system[rank] = {
+                "rank": rank,
+                "rss_mb": 812.0 + rank,
+                "gpu_available": gpu,
+                "gpus": [
+                    {
+                        "index": i,
+                        "name": "NVIDIA H100 80GB HBM3",
+                        "used_mb": 41200.0 + 1000 * i,
+                        "total_mb": 81559.0,
+                        "util": 87.0,
+                        "peak_used_mb": 60100.0,
+                    }
+                    for i in range(2 if ranks > 1 else 1)
+                ]
+                if gpu
+                else [],
+            }
+        store.transport["received"] = steps
+        store.touch()
+    return store
+
+
+async def settle_views(pilot, app, detections: int = 1, timeout: float = 10.0) -> None:
+    """Wait until every view ran anomaly detection and drew the result."""
+
+    def ready():
+        view = app.view  # only the active tab draws
+        return (
+            all(v.detect_count >= detections and not v.detecting for v in app.views)
+            and not view.busy
+            and bool(view.report)
+        )
+
+    await pilot_wait_for(pilot, ready, timeout=timeout, message="views settled")
+    await pilot.pause()
+
+
+def pane_title(widget) -> str:
+    """A pane's border title as plain text (Textual keeps it as Content)."""
+    content = widget._border_title
+    return content.plain if content is not None else ""
+
+
+def table_cell(table, row_key: str, column: int) -> str:
+    return str(table.get_row(row_key)[column])
+
+
+FAKE_SSH = """#!{python}
+import json, os, signal, sys, time
+sys.path.insert(0, {tests!r})
+args = sys.argv[1:]
+with open(os.environ["FAKE_SSH_LOG"], "a") as fh:
+    fh.write(json.dumps({{"pid": os.getpid(), "args": args}}) + "\\n")
+if os.environ.get("FAKE_SSH_FAIL"):
+    print("ssh: connect to host nowhere port 22: Connection refused", file=sys.stderr)
+    sys.exit(255)
+local, host, port = args[args.index("-L") + 1].split(":")
+from tcp_proxy import TcpProxy
+proxy = TcpProxy(int(local), int(port), host=host).start()
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+if os.environ.get("FAKE_SSH_IGNORE_HUP"):  # only the monitor's own cleanup can stop it
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+while True:
+    time.sleep(0.2)
+"""
+
+
+def install_fake_ssh_script(bindir: Path) -> Path:
+    """Write the stand-in `ssh` into `bindir`; returns its path."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    script = bindir / "ssh"
+    script.write_text(FAKE_SSH.format(python=sys.executable, tests=str(REPO / "tests")))
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+@pytest.fixture
+def make_store():
+    """A factory of deterministic monitor stores (`make_store(steps=..., gpu=..., ranks=..., ...)`)."""
+    return make_tui_store
+
+
+@pytest.fixture
+def tui_store():
+    return make_tui_store()
+
+
+@pytest.fixture
+def settle():
+    """`await settle(pilot, app)`: every view ran anomaly detection and drew the result."""
+    return settle_views
+
+
+@pytest.fixture
+def title():
+    return pane_title
+
+
+@pytest.fixture
+def cell():
+    return table_cell
+
+
+@pytest.fixture
+def run_id() -> str:
+    return TUI_RUN_ID
+
+
+@pytest.fixture
+def injection() -> str:
+    return TUI_INJECTION
+
+
+@pytest.fixture
+def install_fake_ssh():
+    return install_fake_ssh_script

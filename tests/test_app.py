@@ -106,10 +106,8 @@ async def test_hangup_stops_the_subscribers_and_exits(tmp_path, address):
     assert app.return_code == 0
 
 
-async def test_connection_states_in_the_header():
+async def test_connection_states_in_the_header(make_store):
     import time as _time
-
-    from test_tui_data import make_store
 
     store = make_store(connection="live")
     app = MonitorApp([], stores=[store], labels=["states"])

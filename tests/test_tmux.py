@@ -97,7 +97,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_real_app_in_tmux_shows_the_recorded_run_snapshots_and_quits(tmux, tmp_path, recorded_run):
+def test_real_app_in_tmux_shows_the_recorded_run_snapshots_and_quits(tmux, tmp_path, recorded_run, title):
     tmux.start(_command(tmp_path, recorded_run))
     screen = wait_for(
         lambda: (lambda s: s if RUN_ID in s and "entropy" in s and "Rewards" in s else "")(tmux.screen()),
@@ -134,10 +134,9 @@ def test_app_exits_when_its_terminal_goes_away(tmux, tmp_path, recorded_run):
     assert time.monotonic() - started < 10
 
 
-def test_terminal_gone_with_ssh_forward_closes_the_forward_too(tmux, tmp_path):
+def test_terminal_gone_with_ssh_forward_closes_the_forward_too(tmux, tmp_path, install_fake_ssh):
     """`--ssh` through a stand-in ssh that ignores SIGHUP: only the monitor's hangup handler can stop it."""
     from conftest import free_port
-    from test_tui_ssh import install_fake_ssh
 
     from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 
@@ -161,9 +160,8 @@ def test_terminal_gone_with_ssh_forward_closes_the_forward_too(tmux, tmp_path):
         cb.close()
 
 
-def test_quit_closes_the_ssh_forward(tmux, tmp_path):
+def test_quit_closes_the_ssh_forward(tmux, tmp_path, install_fake_ssh):
     from conftest import free_port
-    from test_tui_ssh import install_fake_ssh
 
     from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import tomllib
 from conftest import pilot_wait_for
-from test_tui_data import RUN_ID, cell, make_store, settle, title
 
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.app import MonitorApp
@@ -22,7 +21,7 @@ def uses(*ids):
     TESTED.update(ids)
 
 
-def _app(**kwargs) -> MonitorApp:
+def _app(make_store, **kwargs) -> MonitorApp:
     return MonitorApp([], stores=[make_store()], labels=["demo"], **kwargs)
 
 
@@ -30,9 +29,9 @@ def _saved() -> dict:
     return tomllib.loads(config_path().read_text())
 
 
-async def test_quit_and_help():
+async def test_quit_and_help(make_store, settle):
     uses("quit", "help", "dialog_close")
-    app = _app()
+    app = _app(make_store)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
         await pilot.press("question_mark")
@@ -46,9 +45,9 @@ async def test_quit_and_help():
     assert app.return_code == 0
 
 
-async def test_pane_keys_hide_and_show_each_pane_and_tab_moves_focus():
+async def test_pane_keys_hide_and_show_each_pane_and_tab_moves_focus(make_store, settle):
     uses("toggle_metrics", "toggle_anomalies", "toggle_system", "toggle_checkpoints", "toggle_rewards", "focus_next")
-    app = _app()
+    app = _app(make_store)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
         view = app.view
@@ -65,9 +64,9 @@ async def test_pane_keys_hide_and_show_each_pane_and_tab_moves_focus():
         assert app.focused is view.pane("anomalies").table
 
 
-async def test_filter_by_regular_expression():
+async def test_filter_by_regular_expression(make_store, settle, title):
     uses("filter", "filter_keep", "filter_clear")
-    app = _app()
+    app = _app(make_store)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
         pane = app.view.pane("metrics")
@@ -84,7 +83,7 @@ async def test_filter_by_regular_expression():
         assert app.focused is pane.table
 
 
-async def test_enter_opens_a_chart_with_step_axis_zoom_and_pan_keys():
+async def test_enter_opens_a_chart_with_step_axis_zoom_and_pan_keys(make_store, settle):
     uses(
         "open_chart",
         "chart_zoom_in",
@@ -97,7 +96,7 @@ async def test_enter_opens_a_chart_with_step_axis_zoom_and_pan_keys():
         "chart_prev_metric",
         "chart_close",
     )
-    app = _app()
+    app = _app(make_store)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
         pane = app.view.pane("metrics")
@@ -132,7 +131,7 @@ async def test_enter_opens_a_chart_with_step_axis_zoom_and_pan_keys():
         await pilot_wait_for(pilot, lambda: not isinstance(app.screen, ChartScreen), message="closed")
 
 
-async def test_pause_freezes_the_view_and_follow_resumes():
+async def test_pause_freezes_the_view_and_follow_resumes(cell, make_store, settle):
     uses("pause")
     store = make_store()
     app = MonitorApp([], stores=[store], labels=["demo"])
@@ -153,15 +152,15 @@ async def test_pause_freezes_the_view_and_follow_resumes():
         assert "PAUSED" not in str(header.render())
 
 
-async def test_snapshot_writes_the_text_report_and_svg_screenshot(tmp_path):
+async def test_snapshot_writes_the_text_report_and_svg_screenshot(tmp_path, make_store, run_id, settle):
     uses("snapshot", "screenshot")
-    app = _app(snapshot_dir=str(tmp_path / "snaps"))
+    app = _app(make_store, snapshot_dir=str(tmp_path / "snaps"))
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
         await pilot.press("s")
         await pilot_wait_for(pilot, lambda: app.last_snapshot is not None, message="snapshot")
         path = Path(app.last_snapshot)
-        assert path.parent == tmp_path / "snaps" and path.name.startswith(f"rlhf-tui-snapshot-{RUN_ID}-step200-")
+        assert path.parent == tmp_path / "snaps" and path.name.startswith(f"rlhf-tui-snapshot-{run_id}-step200-")
         text = path.read_text()
         for section in (
             "Metrics",
@@ -171,7 +170,7 @@ async def test_snapshot_writes_the_text_report_and_svg_screenshot(tmp_path):
             "Rewards",
             "Reward samples",
             "Transport",
-            RUN_ID,
+            run_id,
             "GRPOTrainer",
             "kl_spike",
             "checkpoint-200",
@@ -187,9 +186,9 @@ async def test_snapshot_writes_the_text_report_and_svg_screenshot(tmp_path):
         assert svg.lstrip().startswith("<svg") and "Metrics" in svg
 
 
-async def test_plus_minus_change_the_z_threshold_reevaluate_the_history_and_save_it():
+async def test_plus_minus_change_the_z_threshold_reevaluate_the_history_and_save_it(make_store, settle):
     uses("threshold_up", "threshold_down")
-    app = _app()
+    app = _app(make_store)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
         view = app.view
@@ -209,16 +208,18 @@ async def test_plus_minus_change_the_z_threshold_reevaluate_the_history_and_save
         await pilot.press("minus")
         await pilot_wait_for(pilot, lambda: _saved()["thresholds"] == {"anomaly_threshold": 4.5}, message="saved")
     # survives a restart
-    again = _app()
+    again = _app(make_store)
     assert again.thresholds.anomaly_threshold == 4.5
 
 
-async def test_threshold_keys_reuse_the_runs_baselines_and_the_feed_keeps_the_newest_with_exact_counts(monkeypatch):
+async def test_threshold_keys_reuse_the_runs_baselines_and_the_feed_keeps_the_newest_with_exact_counts(
+    monkeypatch, make_store, settle, title
+):
     import numpy as np
 
-    from rlhf_tui.tui.widgets import runview
+    from rlhf_tui.tui import run_model
 
-    monkeypatch.setattr(runview, "KEEP_LOW", 3)
+    monkeypatch.setattr(run_model, "KEEP_LOW", 3)
     store = make_store(steps=600, kl_jump_at=10_000)
     with store.lock:  # a heavy-tailed extra metric: many low z-score episodes
         run = store.current_run
@@ -229,20 +230,20 @@ async def test_threshold_keys_reuse_the_runs_baselines_and_the_feed_keeps_the_ne
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
         view = app.view
-        cache, flags = view._detect_cache, view._detect_cache.specific
+        cache, flags = view.model.cache, view.model.cache.specific
         lows = [a for a in view.anomalies if a["severity"] == "low"]
         assert view.anomaly_counts["low"] > 10 and len(lows) <= 3 + sum(a["ongoing"] for a in lows)
         assert f"{view.anomaly_counts['low']} low" in title(view.pane("anomalies"))  # counts cover all
         newest = max(a["step"] for a in lows)
         await pilot.press("plus")
         await settle(pilot, app, detections=2)
-        assert view._detect_cache is cache and cache.reused_blocks == 60  # every block's baseline reused
+        assert view.model.cache is cache and cache.reused_blocks == 60  # every block's baseline reused
         assert cache.specific is flags  # +/-: domain flags reused
         assert max(a["step"] for a in view.anomalies if a["severity"] == "low") <= newest
 
 
-async def test_plus_on_a_focused_anomaly_changes_its_detector_setting():
-    app = _app()
+async def test_plus_on_a_focused_anomaly_changes_its_detector_setting(make_store, settle):
+    app = _app(make_store)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
         feed = app.view.pane("anomalies")
@@ -254,9 +255,9 @@ async def test_plus_on_a_focused_anomaly_changes_its_detector_setting():
         assert _saved()["thresholds"] == {"kl_spike_factor": 25.0}
 
 
-async def test_m_mutes_the_focused_detector_and_m_again_unmutes_it():
+async def test_m_mutes_the_focused_detector_and_m_again_unmutes_it(make_store, settle, title):
     uses("mute")
-    app = _app()
+    app = _app(make_store)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
         view, feed = app.view, app.view.pane("anomalies")
@@ -275,7 +276,7 @@ async def test_m_mutes_the_focused_detector_and_m_again_unmutes_it():
         assert any(a["detector"] == "kl_spike" for a in feed.anomalies)
 
 
-async def test_threshold_editor_changes_resets_types_and_mutes():
+async def test_threshold_editor_changes_resets_types_and_mutes(make_store, settle):
     uses(
         "thresholds",
         "editor_up",
@@ -287,7 +288,7 @@ async def test_threshold_editor_changes_resets_types_and_mutes():
         "value_apply",
         "value_cancel",
     )
-    app = _app()
+    app = _app(make_store)
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app)
         await pilot.press("t")
@@ -318,11 +319,11 @@ async def test_threshold_editor_changes_resets_types_and_mutes():
         await pilot_wait_for(pilot, lambda: not isinstance(app.screen, ThresholdEditor), message="closed")
 
 
-async def test_keys_remapped_in_the_config_file_drive_dispatch_footer_and_help():
+async def test_keys_remapped_in_the_config_file_drive_dispatch_footer_and_help(make_store, settle):
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('[keys]\nquit = "x"\nsnapshot = "f5"\nno_such_binding = "z"\n')
-    app = _app()
+    app = _app(make_store)
     async with app.run_test(size=(120, 30)) as pilot:
         await settle(pilot, app)
         assert any("no_such_binding" in n.message for n in app._notifications)
@@ -339,9 +340,9 @@ async def test_keys_remapped_in_the_config_file_drive_dispatch_footer_and_help()
     assert app.return_code == 0
 
 
-async def test_follow_key_leaves_the_picked_step():
+async def test_follow_key_leaves_the_picked_step(make_store, settle):
     uses("follow", "anomaly_details", "anomaly_close", "checkpoint_details", "checkpoint_close")
-    app = _app()
+    app = _app(make_store)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot, app)
         feed = app.view.pane("anomalies")

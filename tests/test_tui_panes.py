@@ -1,7 +1,6 @@
 """Each pane under Pilot with deterministic data: what it shows, what selecting a row does, the layout."""
 
 from conftest import pilot_wait_for
-from test_tui_data import cell, make_store, settle, title
 
 from rlhf_tui.tui.app import MonitorApp
 
@@ -10,7 +9,7 @@ def _text(widget) -> str:
     return str(widget.render())
 
 
-async def test_metrics_pane_rows_values_band_trend_and_active_anomaly():
+async def test_metrics_pane_rows_values_band_trend_and_active_anomaly(cell, make_store, settle, title):
     app = MonitorApp([], stores=[make_store()], labels=["demo"])
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app)
@@ -31,7 +30,9 @@ async def test_metrics_pane_rows_values_band_trend_and_active_anomaly():
         assert "Metrics 10" in title(pane)
 
 
-async def test_anomaly_feed_newest_first_with_counts_and_details_that_move_the_metrics_view():
+async def test_anomaly_feed_newest_first_with_counts_and_details_that_move_the_metrics_view(
+    cell, make_store, settle, title
+):
     app = MonitorApp([], stores=[make_store()], labels=["demo"])
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app)
@@ -60,7 +61,7 @@ async def test_anomaly_feed_newest_first_with_counts_and_details_that_move_the_m
         )
 
 
-async def test_system_pane_gauge_per_device_and_no_gpu_stated_plainly():
+async def test_system_pane_gauge_per_device_and_no_gpu_stated_plainly(make_store, settle, title):
     app = MonitorApp(
         [], stores=[make_store(), make_store(gpu=False), make_store(ranks=2)], labels=["gpu", "cpu", "ranks"]
     )
@@ -83,7 +84,7 @@ async def test_system_pane_gauge_per_device_and_no_gpu_stated_plainly():
         assert "2 ranks, 4 GPUs" in title(app.view.pane("system"))
 
 
-async def test_checkpoints_table_and_details_of_the_selected_checkpoint():
+async def test_checkpoints_table_and_details_of_the_selected_checkpoint(cell, make_store, settle, title):
     app = MonitorApp([], stores=[make_store()], labels=["demo"])
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app)
@@ -106,7 +107,7 @@ async def test_checkpoints_table_and_details_of_the_selected_checkpoint():
         await pilot_wait_for(pilot, lambda: not detail.has_class("-shown"), message="details closed")
 
 
-async def test_rewards_pane_numbers_distribution_and_escaped_samples():
+async def test_rewards_pane_numbers_distribution_and_escaped_samples(make_store, settle):
     app = MonitorApp([], stores=[make_store()], labels=["demo"])
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(pilot, app)
@@ -129,7 +130,7 @@ async def test_rewards_pane_numbers_distribution_and_escaped_samples():
         assert "no newline tab" in text
 
 
-async def test_layout_shows_all_five_panes_at_80x24_and_puts_metrics_beside_the_feed_when_wide():
+async def test_layout_shows_all_five_panes_at_80x24_and_puts_metrics_beside_the_feed_when_wide(make_store, settle):
     app = MonitorApp([], stores=[make_store()], labels=["demo"])
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot, app)
@@ -146,3 +147,26 @@ async def test_layout_shows_all_five_panes_at_80x24_and_puts_metrics_beside_the_
             message="wide layout",
         )
         assert app.view.pane("metrics").region.height > 40
+
+
+async def test_picking_an_anomaly_posts_selected_then_follow_posts_closed(make_store, settle):
+    """The feed talks to the view by messages only: Enter posts Selected (the view moves to its step), Esc posts
+    Closed (the view follows the newest step again)."""
+    from rlhf_tui.tui.widgets.anomalies import AnomaliesPane
+
+    posted = []
+    app = MonitorApp([], stores=[make_store()], labels=["messages"])
+    async with app.run_test(size=(120, 36), message_hook=posted.append) as pilot:
+        await settle(pilot, app)
+        feed = app.view.pane("anomalies")
+        feed.table.focus()
+        feed.table.move_cursor(row=next(i for i, a in enumerate(feed.anomalies) if a["step"] == 120))
+        await pilot.press("enter")
+        await pilot_wait_for(pilot, lambda: app.view.at_step == 120, message="the view at the picked step")
+        selected = {id(m): m for m in posted if isinstance(m, AnomaliesPane.Selected)}  # seen at each bubble hop
+        assert [m.anomaly["step"] for m in selected.values()] == [120]
+        await settle(pilot, app)
+        assert app.view.report["at_step"] == 120
+        await pilot.press("escape")
+        await pilot_wait_for(pilot, lambda: app.view.at_step is None, message="following again")
+        assert any(isinstance(m, AnomaliesPane.Closed) for m in posted)

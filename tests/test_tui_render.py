@@ -2,7 +2,6 @@
 
 import pytest
 from conftest import pilot_wait_for
-from test_tui_data import INJECTION, RUN_ID, make_store, settle
 
 from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 from rlhf_tui.tui.app import MonitorApp
@@ -31,7 +30,7 @@ def test_clean_clips_long_text():
     assert clean("x" * 500, limit=10) == "x" * 10 + "…"
 
 
-def test_text_report_has_every_section_and_no_escape_sequences():
+def test_text_report_has_every_section_and_no_escape_sequences(make_store, run_id):
     store = make_store()
     with store.lock:
         report = view_report(store, None, spark_width=20)
@@ -44,24 +43,24 @@ def test_text_report_has_every_section_and_no_escape_sequences():
         "Rewards",
         "Reward samples",
         "Transport",
-        RUN_ID,
+        run_id,
         "▁",
     ):
         assert section in text, section
     assert "[red]forty-two[/red]" in text and "\x1b" not in text and "pwned" not in text
     assert "(snapshot" not in text
     markdown = render_markdown(report)
-    assert markdown.startswith(f"# rlhf-tui report: {RUN_ID}") and "```text" in markdown
+    assert markdown.startswith(f"# rlhf-tui report: {run_id}") and "```text" in markdown
 
 
-def test_no_gpu_and_empty_sections_are_stated():
+def test_no_gpu_and_empty_sections_are_stated(make_store):
     store = make_store(gpu=False)
     with store.lock:
         report = view_report(store, None)
     assert "no GPU (CPU-only run)" in render_text(report)
 
 
-async def test_snapshot_key_writes_the_same_view_as_the_report_command(tmp_path, capsys):
+async def test_snapshot_key_writes_the_same_view_as_the_report_command(tmp_path, capsys, injection, settle):
     cb = RLHFMonitorCallback(
         address=False, log_dir=str(tmp_path / "logs"), analyze_checkpoints=False, run_id="same-view"
     )
@@ -75,7 +74,7 @@ async def test_snapshot_key_writes_the_same_view_as_the_report_command(tmp_path,
                 "entropy": 2.0 - 0.01 * step,
             },
         )
-    cb.log_rewards(60, [0.1, 0.4, 0.9], [{"label": "best", "score": 0.9, "prompt": "q", "completion": INJECTION}])
+    cb.log_rewards(60, [0.1, 0.4, 0.9], [{"label": "best", "score": 0.9, "prompt": "q", "completion": injection}])
     cb.close()
     assert main(["report", cb.log_path]) == 0
     printed = capsys.readouterr().out

@@ -2,8 +2,6 @@
 forwards like `ssh -L` and records its arguments), waited for, used end to end, and closed."""
 
 import os
-import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,39 +12,9 @@ from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 from rlhf_tui.tui import ssh
 from rlhf_tui.tui.cli import CliError, _open_ssh
 
-TESTS = Path(__file__).resolve().parent
-
-FAKE_SSH = """#!{python}
-import json, os, signal, sys, time
-sys.path.insert(0, {tests!r})
-args = sys.argv[1:]
-with open(os.environ["FAKE_SSH_LOG"], "a") as fh:
-    fh.write(json.dumps({{"pid": os.getpid(), "args": args}}) + "\\n")
-if os.environ.get("FAKE_SSH_FAIL"):
-    print("ssh: connect to host nowhere port 22: Connection refused", file=sys.stderr)
-    sys.exit(255)
-local, host, port = args[args.index("-L") + 1].split(":")
-from tcp_proxy import TcpProxy
-proxy = TcpProxy(int(local), int(port), host=host).start()
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-if os.environ.get("FAKE_SSH_IGNORE_HUP"):  # only the monitor's own cleanup can stop it
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-while True:
-    time.sleep(0.2)
-"""
-
-
-def install_fake_ssh(bindir: Path) -> Path:
-    """Write the stand-in `ssh` into `bindir`; returns its path."""
-    bindir.mkdir(parents=True, exist_ok=True)
-    script = bindir / "ssh"
-    script.write_text(FAKE_SSH.format(python=sys.executable, tests=str(TESTS)))
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return script
-
 
 @pytest.fixture
-def fake_ssh(tmp_path, monkeypatch):
+def fake_ssh(tmp_path, monkeypatch, install_fake_ssh):
     bindir = tmp_path / "bin"
     install_fake_ssh(bindir)
     log = tmp_path / "ssh.log"

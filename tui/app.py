@@ -25,11 +25,12 @@ from rlhf_tui.analysis.store import Store
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.config import Config, ConfigError, load_config, save_config, setting_for, step_setting, toggle_mute
 from rlhf_tui.tui.render import CONNECTION, clean, render_text, short, spark_width_for
+from rlhf_tui.tui.run_model import keep_large_arrays_off_the_heap
 from rlhf_tui.tui.widgets.chart import ChartScreen
 from rlhf_tui.tui.widgets.help import HelpScreen
 from rlhf_tui.tui.widgets.metrics import MetricsPane
 from rlhf_tui.tui.widgets.model import series as metric_series
-from rlhf_tui.tui.widgets.runview import PANES, RunView, keep_large_arrays_off_the_heap
+from rlhf_tui.tui.widgets.runview import PANES, RunView
 from rlhf_tui.tui.widgets.thresholds import ThresholdEditor
 
 REFRESH_HZ = 10
@@ -164,9 +165,9 @@ class MonitorApp(App):
             with TabbedContent(id="runs"):
                 for i, (store, label) in enumerate(zip(self.stores, self.labels)):
                     with TabPane(label, id=f"tab-{i}"):
-                        yield RunView(store, label, id=f"view-{i}")
+                        yield RunView(store, label, self.thresholds, id=f"view-{i}")
         else:
-            yield RunView(self.stores[0], self.labels[0], id="view-0")
+            yield RunView(self.stores[0], self.labels[0], self.thresholds, id="view-0")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -212,8 +213,7 @@ class MonitorApp(App):
         if state != self._training_state:
             self._training_state = state
             for view in self.views:
-                view.dirty = True
-                view._header_key = None
+                view.invalidate()
             if code not in (None, 0):
                 self.notify(
                     f"training process exited with code {code}; log: {self.training_log}", severity="error", timeout=15
@@ -241,8 +241,7 @@ class MonitorApp(App):
             except OSError as exc:
                 where = f" · NOT saved: {exc.strerror or exc}"
         for view in self.views:
-            view.request_detect(message)
-            view._header_key = None
+            view.set_thresholds(thresholds, message)
         self.notify(message + where, timeout=4)
 
     def focused_detector(self) -> str | None:
@@ -306,12 +305,12 @@ class MonitorApp(App):
             for v in self.views:
                 v.go_to_step(None)
                 v.pane("anomalies").close_detail()
-                v._header_key = None
+                v.invalidate()
             self.notify("following the newest step", timeout=1.5)
         else:
             self.paused = True
             for v in self.views:
-                v._seen_version = -1
+                v.invalidate()
             self.notify("paused: the view is frozen, data keeps arriving (p: follow)", timeout=2)
         self.tick()
 
@@ -325,7 +324,7 @@ class MonitorApp(App):
 
     def on_tabbed_content_tab_activated(self, event) -> None:
         for view in self.views:
-            view.dirty = True
+            view.invalidate()
         self.call_after_refresh(self.tick)
 
     # -- charts --------------------------------------------------------------------------------------------
@@ -468,12 +467,12 @@ class MonitorApp(App):
             self._hangup_timer.cancel()
 
     def stop_sources(self) -> None:
-        for sub in self.subscribers:  # signal them all first, then wait: stopping is parallel
-            stop_event = getattr(sub, "_stop", None)
-            if stop_event is not None:
-                stop_event.set()
-        for sub in self.subscribers:
-            sub.stop(0.5)
+        # All at once (each waits up to 0.5 s for its thread), through the subscriber's public stop().
+        stoppers = [threading.Thread(target=sub.stop, args=(0.5,), daemon=True) for sub in self.subscribers]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join(1.0)
 
     def on_unmount(self) -> None:
         self.stop_sources()

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rlhf_tui.analysis.severity import Severity
+from rlhf_tui.tui.view import SPARK_CHARS, newest_first, severity_counts, spark_lines
 
 TREND_ARROWS = {"increasing": "↑", "decreasing": "↓", "stable": "→"}
 SEVERITY_STYLE = {"low": "cyan", "medium": "yellow", "high": "bold red", "critical": "bold white on red"}
@@ -35,7 +36,6 @@ CONNECTION = {  # state → (glyph, words, style)
     "ended": ("■", "run ended", "cyan"),
     "offline": ("▣", "recorded", "cyan"),
 }
-SPARK_CHARS = "▁▂▃▄▅▆▇█"
 # C0/C1 controls and ANSI escape sequences (CSI first, so a whole sequence goes, not just its ESC),
 # plus bidirectional overrides that could disguise text.
 _CONTROL = re.compile(
@@ -186,7 +186,7 @@ def metrics_table(report: dict, names: list[str] | None = None) -> Table:
         cells = [label, short(value), range_text(row), TREND_ARROWS.get(row.get("trend"), "?")]
         if has_band:
             cells.append(band_text(row.get("band")))
-        cells.append(row.get("spark") or "")
+        cells.append(spark_lines(row.get("buckets") or [])[0])
         table.add_row(*cells, style="bold red" if active else None)
     if not metrics:
         table.add_row("—", "", "", "", *([""] if has_band else []), "no steps yet")
@@ -194,15 +194,11 @@ def metrics_table(report: dict, names: list[str] | None = None) -> Table:
 
 
 def _counts(anomalies: list[dict], counts: dict | None = None) -> dict[str, int]:
-    if counts is not None:
-        return counts
-    out: dict[str, int] = {}
-    for a in anomalies:
-        out[a.get("severity", "?")] = out.get(a.get("severity", "?"), 0) + 1
-    return out
+    return counts if counts is not None else severity_counts(anomalies)
 
 
-def severity_counts(anomalies: list[dict], counts: dict | None = None) -> str:
+def severity_summary(anomalies: list[dict], counts: dict | None = None) -> str:
+    """ "1 critical, 2 high" (severities with none left out)."""
     counts = _counts(anomalies, counts)
     return ", ".join(f"{counts[s]} {s}" for s in WORST_FIRST if counts.get(s))
 
@@ -221,20 +217,11 @@ def severity_title(anomalies: list[dict], counts: dict | None = None) -> Text:
     return text
 
 
-def _newest_first(anomalies: list[dict]) -> list[dict]:
-    def key(a: dict) -> tuple:
-        first = a.get("step") if isinstance(a.get("step"), int) else -1
-        last = a.get("last_step") if isinstance(a.get("last_step"), int) else first
-        return (first, last)
-
-    return sorted(anomalies, key=key, reverse=True)
-
-
 def anomalies_table(report: dict, limit: int = 50) -> Table:
-    anomalies = _newest_first(report.get("anomalies") or [])
+    anomalies = newest_first(report.get("anomalies") or [])
     totals = report.get("anomaly_counts")
     total = sum(totals.values()) if totals else len(anomalies)
-    counts = severity_counts(anomalies, totals)
+    counts = severity_summary(anomalies, totals)
     table = Table(
         title=f"Anomalies ({total}{': ' + counts if counts else ''})",
         box=box.SIMPLE_HEAD,

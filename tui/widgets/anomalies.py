@@ -10,8 +10,9 @@ from textual.widgets import DataTable, Static
 
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.render import SEVERITY_SHORT, SEVERITY_STYLE, clean, fmt, severity_title, short
-from rlhf_tui.tui.widgets.common import Pane, cursor_key, sync_table
-from rlhf_tui.tui.widgets.model import anomaly_key, newest_first
+from rlhf_tui.tui.view import newest_first
+from rlhf_tui.tui.widgets.common import Pane, SyncedTable
+from rlhf_tui.tui.widgets.model import anomaly_key
 
 MAX_ROWS = 300  # the feed shows the newest; the title counts all
 
@@ -44,7 +45,7 @@ def anomaly_detail(a: dict) -> Text:
     return text
 
 
-class AnomalyTable(DataTable):
+class AnomalyTable(SyncedTable):
     BINDINGS = keys.bindings("anomalies")
     user_moved = False  # the user picked a row since the last mute (m then unmutes nothing by surprise)
 
@@ -113,7 +114,7 @@ class AnomaliesPane(Pane):
         return self.query_one(AnomalyTable)
 
     def highlighted(self) -> dict | None:
-        key = cursor_key(self.table)
+        key = self.table.cursor_key
         return self.by_key.get(key) if key else None
 
     def focused_detector(self) -> str | None:
@@ -157,7 +158,7 @@ class AnomaliesPane(Pane):
                 cells.append(Text(clean(a.get("recommendation"), 300), style="dim"))
             rows.append((key, cells))
             sigs.append((sev, a.get("message"), a.get("last_step"), a.get("count"), wide, narrow))
-        sync_table(self.table, columns, rows, sigs)
+        self.table.sync(columns, rows, sigs)
         title = severity_title(anomalies, report.get("anomaly_counts"))
         muted = (report.get("thresholds") or {}).get("muted") or []
         if muted:

@@ -9,7 +9,7 @@ from textual.widgets import DataTable, Static
 
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.render import clean, fit_left, fmt, health_style, health_text, short
-from rlhf_tui.tui.widgets.common import Pane, sync_table
+from rlhf_tui.tui.widgets.common import Pane, SyncedTable
 
 
 def checkpoint_detail(c: dict) -> Text:
@@ -30,7 +30,7 @@ def checkpoint_detail(c: dict) -> Text:
     return text
 
 
-class CheckpointTable(DataTable):
+class CheckpointTable(SyncedTable):
     BINDINGS = keys.bindings("checkpoints")
 
     def action_close_detail(self) -> None:
@@ -92,7 +92,7 @@ class CheckpointsPane(Pane):
             sigs.append(
                 (c.get("health_score"), c.get("status"), n_issues, c.get("drift"), c.get("file_size_mb"), c.get("path"))
             )
-        sync_table(self.table, columns, rows, sigs)
+        self.table.sync(columns, rows, sigs)
         title = Text(f"Checkpoints {len(ckpts)}", style="bold")
         if ckpts:
             title.append(" · latest health ")

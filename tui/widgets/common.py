@@ -1,4 +1,4 @@
-"""Shared pieces of the panes: the pane frame (titled top border) and a batched DataTable update."""
+"""Shared pieces of the panes: the pane frame (titled top border) and a table that updates its rows in place."""
 
 from __future__ import annotations
 
@@ -34,65 +34,64 @@ class Pane(Vertical):
         raise NotImplementedError
 
 
-def sync_table(
-    table: DataTable,
-    columns: Sequence[tuple[str, str, int | None]],
-    rows: Sequence[tuple[str, Sequence[Any]]],
-    signature: Sequence[Any] | None = None,
-    height: int = 1,
-) -> bool:
-    """Bring `table` to `columns` (key, label, width) and `rows` (key, cells) with as little work as possible:
-    columns rebuilt only when their spec changed, rows rebuilt only when the row keys changed (cursor kept on
-    the same key), otherwise only changed cells updated (no width recalculation: textual#6457).
-    `signature`: per row, a cheap value that says whether the row changed (default: the cells).
-    Returns True when rows were rebuilt."""
-    spec = tuple(columns)
-    state = getattr(table, "_rlhf_sync", None)
-    if state is None:
-        state = {"columns": None, "keys": None, "sig": {}}
-        table._rlhf_sync = state
-    rebuilt = False
-    spec = spec + ((("__height__", "", height),) if height != 1 else ())
-    if state["columns"] != spec:
-        table.clear(columns=True)
-        for key, label, width in spec:
-            if key != "__height__":
-                table.add_column(label, key=key, width=width)
-        state.update(columns=spec, keys=None, sig={})
-    keys = tuple(key for key, _ in rows)
-    sigs = list(signature) if signature is not None else [tuple(str(c) for c in cells) for _, cells in rows]
-    if state["keys"] != keys:
-        cursor_key = None
-        if table.row_count and 0 <= table.cursor_row < table.row_count:
-            try:
-                cursor_key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-            except Exception:
-                cursor_key = None
-        old_row = table.cursor_row
-        table.clear()
-        for key, cells in rows:
-            table.add_row(*cells, key=key, height=height)
-        if keys:
-            target = keys.index(cursor_key) if cursor_key in keys else min(max(old_row, 0), len(keys) - 1)
-            table.move_cursor(row=target, animate=False, scroll=False)
-        state.update(keys=keys, sig=dict(zip(keys, sigs)))
-        rebuilt = True
-    else:
-        col_keys = [key for key, _, _ in spec if key != "__height__"]
+class SyncedTable(DataTable):
+    """A DataTable that keeps its own row keys and per-row signatures, so a pane hands it whole rows on every
+    redraw and only what changed is touched: columns rebuilt only when their spec changed, rows rebuilt only
+    when the row keys changed (cursor kept on the same key), otherwise only changed cells updated in place (no
+    width recalculation: textual#6457)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._spec: tuple | None = None
+        self._keys: tuple | None = None
+        self._signatures: dict[str, Any] = {}
+
+    @property
+    def cursor_key(self) -> str | None:
+        """The key of the highlighted row (None when empty)."""
+        if not self.row_count:
+            return None
+        try:
+            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+
+    def sync(
+        self,
+        columns: Sequence[tuple[str, str, int | None]],
+        rows: Sequence[tuple[str, Sequence[Any]]],
+        signature: Sequence[Any] | None = None,
+        height: int = 1,
+    ) -> bool:
+        """Bring the table to `columns` (key, label, width) and `rows` (key, cells), each `height` lines tall.
+        `signature`: per row, a cheap value that says whether the row changed (default: the cells).
+        Returns True when rows were rebuilt."""
+        spec = (tuple(columns), height)
+        if self._spec != spec:
+            self.clear(columns=True)
+            for key, label, width in columns:
+                self.add_column(label, key=key, width=width)
+            self._spec, self._keys, self._signatures = spec, None, {}
+        keys = tuple(key for key, _ in rows)
+        sigs = list(signature) if signature is not None else [tuple(str(c) for c in cells) for _, cells in rows]
+        if self._keys != keys:
+            self._rebuild(rows, keys, height)
+            self._keys, self._signatures = keys, dict(zip(keys, sigs))
+            return True
+        col_keys = [key for key, _, _ in columns]
         for (key, cells), sig in zip(rows, sigs):
-            if state["sig"].get(key) == sig:
+            if self._signatures.get(key) == sig:
                 continue
             for col, cell in zip(col_keys, cells):
-                table.update_cell(key, col, cell)
-            state["sig"][key] = sig
-    return rebuilt
+                self.update_cell(key, col, cell)
+            self._signatures[key] = sig
+        return False
 
-
-def cursor_key(table: DataTable) -> str | None:
-    """The key of the highlighted row (None when empty)."""
-    if not table.row_count:
-        return None
-    try:
-        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-    except Exception:
-        return None
+    def _rebuild(self, rows: Sequence[tuple[str, Sequence[Any]]], keys: tuple, height: int) -> None:
+        kept, old_row = self.cursor_key, self.cursor_row
+        self.clear()
+        for key, cells in rows:
+            self.add_row(*cells, key=key, height=height)
+        if keys:
+            target = keys.index(kept) if kept in keys else min(max(old_row, 0), len(keys) - 1)
+            self.move_cursor(row=target, animate=False, scroll=False)

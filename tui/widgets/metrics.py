@@ -3,7 +3,6 @@ z-score threshold band and a unicode sparkline bucketed to the pane's width; `/`
 
 from __future__ import annotations
 
-import numpy as np
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.message import Message
@@ -11,13 +10,14 @@ from textual.widgets import DataTable, Input
 
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.render import TREND_ARROWS, band_text, clean, fit, range_text, short
-from rlhf_tui.tui.widgets.common import Pane, cursor_key, sync_table
-from rlhf_tui.tui.widgets.model import filter_metrics, spark_lines
+from rlhf_tui.tui.view import spark_lines
+from rlhf_tui.tui.widgets.common import Pane, SyncedTable
+from rlhf_tui.tui.widgets.model import filter_metrics
 
 MIN_SPARK = 8
 
 
-class MetricsTable(DataTable):
+class MetricsTable(SyncedTable):
     BINDINGS = keys.bindings("metrics")
 
     def action_follow(self) -> None:
@@ -119,7 +119,7 @@ class MetricsPane(Pane):
 
     # -- data ----------------------------------------------------------------------------------------
     def highlighted(self) -> str | None:
-        return cursor_key(self.table)
+        return self.table.cursor_key
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
@@ -151,12 +151,7 @@ class MetricsPane(Pane):
             active = bool(row.get("active"))
             value = row.get("at") if at_step is not None else row.get("last")
             label = ("● " if active else "") + fit(clean(name, 80), name_w - (2 if active else 0))
-            buckets = row.get("buckets")
-            lines = (
-                spark_lines(np.asarray(buckets, dtype=float), height)
-                if buckets is not None and height > 1
-                else [row.get("spark") or ""]
-            )
+            lines = spark_lines(row.get("buckets") or [], height)
             spark = Text("\n".join(lines), style="bold red" if active else "cyan", no_wrap=True, overflow="crop")
             marker = row.get("marker")
             if marker is not None:
@@ -186,14 +181,14 @@ class MetricsPane(Pane):
                     range_text(row),
                     row.get("trend"),
                     band_text(row.get("band")),
-                    row.get("spark"),
+                    tuple(lines),
                     marker,
                     active,
                     row.get("out_of_band"),
                     height,
                 )
             )
-        sync_table(self.table, columns, rows, sigs, height=height)
+        self.table.sync(columns, rows, sigs, height=height)
         self._update_title(len(names), len(all_names), at_step)
 
     def _update_title(self, shown: int, total: int, at_step: int | None) -> None:

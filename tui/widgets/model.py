@@ -17,60 +17,7 @@ import numpy as np
 from rlhf_tui.analysis.detectors import generic_metrics, zscore_band
 from rlhf_tui.analysis.report import build_report
 from rlhf_tui.analysis.store import RunHistory, Store
-
-SEVERITY_ORDER = ("critical", "high", "medium", "low")
-
-
-def spark_marker(values: np.ndarray, width: int, row: int | None) -> int | None:
-    """Which character of `sparkline(values, width)` holds row `row` (None if not shown)."""
-    if row is None:
-        return None
-    finite = np.flatnonzero(np.isfinite(values))
-    if finite.size == 0:
-        return None
-    pos = int(np.searchsorted(finite, row, side="right")) - 1
-    if pos < 0:
-        return None
-    if finite.size <= width:
-        return pos
-    edges = np.linspace(0, finite.size, width + 1).astype(int)
-    return int(np.searchsorted(edges, pos, side="right")) - 1
-
-
-SPARK_CHARS = "▁▂▃▄▅▆▇█"
-EIGHTHS = " ▁▂▃▄▅▆▇█"
-
-
-def bucket_means(values: np.ndarray, width: int) -> np.ndarray:
-    """The finite values averaged into at most `width` buckets (the same buckets as `report.sparkline`)."""
-    ok = np.isfinite(values)
-    data = values if ok.all() else values[ok]
-    if data.size > width:
-        edges = np.linspace(0, data.size, width + 1).astype(int)
-        data = np.add.reduceat(data, edges[:-1]) / np.diff(edges)
-    return data
-
-
-def spark_lines(buckets: np.ndarray, rows: int = 1) -> list[str]:
-    """A sparkline `rows` characters tall (top line first). One row is exactly `report.sparkline`."""
-    if buckets.size == 0:
-        return [""] * rows
-    lo, hi = float(buckets.min()), float(buckets.max())
-    if rows == 1:
-        if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-            return [SPARK_CHARS[3] * buckets.size]
-        idx = np.clip(((buckets - lo) / (hi - lo) * 7).round().astype(int), 0, 7)
-        return ["".join(SPARK_CHARS[i] for i in idx)]
-    levels = rows * 8
-    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-        height = np.full(buckets.size, levels // 2)
-    else:
-        height = 1 + ((buckets - lo) / (hi - lo) * (levels - 1)).round().astype(int)
-    lines = []
-    for r in range(rows - 1, -1, -1):  # top row first
-        part = np.clip(height - 8 * r, 0, 8)
-        lines.append("".join(EIGHTHS[p] for p in part))
-    return lines
+from rlhf_tui.tui.view import bucket_means, spark_marker
 
 
 def _row_of_step(run: RunHistory, step: int | None) -> int | None:
@@ -134,7 +81,6 @@ def view_report(
         values = run.values(name)
         buckets = bucket_means(values, spark_width)
         entry["buckets"] = buckets.tolist()
-        entry["spark"] = spark_lines(buckets)[0]
         entry["band"] = zscore_band(values, thresholds, name) if name in generic and thresholds is not None else None
         entry["active"] = name in active
         if row is not None:
@@ -156,26 +102,6 @@ def filter_metrics(names: list[str], pattern: str) -> tuple[list[str], str | Non
     except re.error as exc:
         return names, str(exc)
     return [n for n in names if rx.search(n)], None
-
-
-def severity_counts(anomalies: list[dict]) -> dict[str, int]:
-    counts = {s: 0 for s in SEVERITY_ORDER}
-    for a in anomalies:
-        sev = a.get("severity")
-        if sev in counts:
-            counts[sev] += 1
-    return counts
-
-
-def newest_first(anomalies: list[dict]) -> list[dict]:
-    """The feed's order: newest first (by the step an anomaly began, then its latest step)."""
-
-    def key(a: dict) -> tuple:
-        first = a.get("step") if isinstance(a.get("step"), int) else -1
-        last = a.get("last_step") if isinstance(a.get("last_step"), int) else first
-        return (first, last)
-
-    return sorted(anomalies, key=key, reverse=True)
 
 
 def series(run: RunHistory, name: str) -> tuple[np.ndarray, np.ndarray]:
