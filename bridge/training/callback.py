@@ -22,7 +22,7 @@ from rlhf_tui.bridge.training.publisher import Publisher
 from rlhf_tui.bridge.training.rewards import MAX_SAMPLES, _samples
 from rlhf_tui.bridge.training.system import SystemSampler, memory_metrics
 from rlhf_tui.bridge.wire import events, protocol
-from rlhf_tui.bridge.wire.metrics import is_summary, normalise
+from rlhf_tui.bridge.wire.metrics import CANONICAL_SOURCES, is_summary, normalise
 
 try:  # the callback works without transformers for custom loops (log_step)
     from transformers import TrainerCallback as _Base
@@ -89,6 +89,7 @@ class _Recorder:
         self.sampler: SystemSampler | None = None
         self.last_sample_t = 0.0
         self.memory: dict[str, float] = {}
+        self.memory_json = protocol.dumps(self._seed_memory())
         self.last_log_t: float | None = None
         self.last_log_step: int | None = None
         self.detector = None
@@ -100,6 +101,7 @@ class _Recorder:
         self.reward_published = 0.0
         self.reward_analysed: dict[str, float] = {}
         self._detector_failed = False
+        self._plans: dict[tuple, tuple] = {}
         self._handlers = {
             events.LoggedStep: self._on_log,
             events.RunStarted: self._on_run_start,
@@ -130,6 +132,7 @@ class _Recorder:
             self.jsonl.write(event, clean)
 
     def _on_run_start(self, event: events.RunStarted) -> list[events.Message]:
+        self._reward_integrator()  # imported now, not in the middle of the run
         self._event({"event": "run_start", "timestamp": _iso(time.time()), **event.meta})
         return [events.Message(protocol.RUN_START, event.meta, self.cb.rank)] + self.sample_system(force=True)
 
@@ -152,7 +155,7 @@ class _Recorder:
         if is_summary(logs):
             self.summary = {k: v for k, v in logs.items() if isinstance(v, (int, float, str))}
             return []
-        metrics = normalise(logs)
+        metrics = self._normalise(logs)
         if self.last_log_t is not None and self.last_log_step is not None and step > self.last_log_step:
             metrics["time/step_s"] = (wall - self.last_log_t) / (step - self.last_log_step)
         self.last_log_t, self.last_log_step = wall, step
@@ -171,10 +174,37 @@ class _Recorder:
                     _iso(wall).encode(),
                     clean.encoded,
                     protocol.dumps(protocol.to_json_safe(anomalies)) if anomalies else b"[]",
-                    protocol.dumps(self._seed_memory()),
+                    self.memory_json,
                 )
             )
         out.append(events.Message(protocol.STEP, {"step": step, "metrics": clean, "wall": wall}, self.cb.rank))
+        return out
+
+    def _normalise(self, logs: dict) -> dict:
+        """`normalise(logs)` through a plan per set of keys (a trainer logs the same keys every step): which keys
+        to keep and which canonical names to copy. Values that are not all floats take the general path."""
+        keys = tuple(logs)
+        plan = self._plans.get(keys)
+        if plan is None:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            out = normalise(logs)
+            kept = [k for k in keys if k in out]
+            present, aliases = set(kept), []
+            for name, sources in CANONICAL_SOURCES.items():  # normalise()'s own rule, in its order
+                source = next((k for k in sources if k in present), None) if name not in present else None
+                if source is not None:
+                    aliases.append((name, source))
+                    present.add(name)
+            plan = self._plans[keys] = (kept, aliases)
+            return out
+        values = logs.values()
+        if not all(type(v) is float for v in values):
+            return normalise(logs)
+        kept, aliases = plan
+        out = {k: logs[k] for k in kept}
+        for name, source in aliases:
+            out[name] = out[source]
         return out
 
     def _seed_memory(self) -> dict:
@@ -191,6 +221,7 @@ class _Recorder:
         sample["step"] = self.last_log_step
         sample.update(self.cb.rank_info)
         self.memory = memory_metrics(sample)
+        self.memory_json = protocol.dumps(self._seed_memory())  # encoded once per sample, not per step
         self._event({"event": "system", "timestamp": _iso(time.time()), **sample})
         return [events.Message(protocol.SYSTEM, sample, self.cb.rank)]
 
@@ -226,7 +257,7 @@ class _Recorder:
             scores = self.reward_scores.setdefault(name, [])
             for batch in batches:
                 scores.extend(batch.scores[:4096])
-            if now - self.reward_analysed.get(name, -1e9) >= REWARD_ANALYSIS_S or self.ended:
+            if now - self.reward_analysed.get(name, -1e9) >= REWARD_ANALYSIS_S:  # none forced at the end
                 self.reward_analysed[name], self.reward_scores[name] = now, []
                 analysis = self._analyse_rewards(name, scores, data["step"])
                 if analysis is not None:
@@ -239,15 +270,22 @@ class _Recorder:
 
     def _analyse_rewards(self, name: str, scores: list, step: int) -> dict | None:
         try:
-            if self.reward_monitor is None:
-                from rlhf_tui.analysis.rewards import RewardModelIntegrator
-
-                self.reward_monitor = RewardModelIntegrator(anomaly_threshold=self.cb.thresholds_z())
+            monitor = self._reward_integrator()
             context = {"num_generations": self.cb.meta.get("args", {}).get("num_generations"), "reward_func": name}
-            return self.reward_monitor.monitor_reward_model(scores, step, context=context)
+            return monitor.monitor_reward_model(scores, step, context=context)
         except Exception as exc:
             log.debug("reward analysis unavailable: %s", exc)
             return None
+
+    def _reward_integrator(self):
+        if self.reward_monitor is None:
+            try:
+                from rlhf_tui.analysis.rewards import RewardModelIntegrator
+
+                self.reward_monitor = RewardModelIntegrator(anomaly_threshold=self.cb.thresholds_z())
+            except Exception as exc:  # the analysis is optional; the scores are still published
+                log.debug("reward analysis unavailable: %s", exc)
+        return self.reward_monitor
 
     def _on_run_end(self, event: events.RunEnded) -> list[events.Message]:
         if self.ended:

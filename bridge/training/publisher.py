@@ -487,6 +487,8 @@ class Publisher(History):
             return False
 
     def _heartbeat(self, sock, now: float) -> None:
+        if not self._clients:
+            return
         frame = self._heartbeat_frame()
         for peer in list(self._clients):
             self._send_heartbeat(sock, peer, frame)
