@@ -48,7 +48,7 @@ def _available(variant: str) -> bool:
     return True
 
 
-def _trainer(model: str, steps: int, variant: str, free_address):
+def _trainer(model: str, steps: int, variant: str, free_address, reward_funcs: list | None = None):
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
@@ -81,7 +81,7 @@ def _trainer(model: str, steps: int, variant: str, free_address):
         temperature=1.0,
         run_name="rlhf-tui-bench",
     )
-    callbacks, rewards, cb = [], [length_reward], None
+    callbacks, rewards, cb = [], list(reward_funcs or [length_reward]), None
     if variant.startswith("RLHFMonitorCallback"):
         cb = RLHFMonitorCallback(
             address=free_address(),
@@ -89,7 +89,7 @@ def _trainer(model: str, steps: int, variant: str, free_address):
             analyze_checkpoints=False,
             detect_anomalies="detect_anomalies=False" not in variant,
         )
-        callbacks, rewards = [cb], monitor_rewards([length_reward], cb)
+        callbacks, rewards = [cb], monitor_rewards(rewards, cb)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=rewards,

@@ -12,7 +12,7 @@ import numpy as np
 
 from rlhf_tui.analysis import store as store_module
 from rlhf_tui.analysis.store import RunHistory, Store
-from rlhf_tui.bridge.wire import protocol
+from rlhf_tui.bridge.wire import events, protocol
 from rlhf_tui.bridge.wire.metrics import to_float
 
 MAX_SAMPLES = 8
@@ -71,31 +71,42 @@ def _plain(value: Any, depth: int = 0, budget: list | None = None) -> Any:
 
 def apply_envelope(store: Store, env: dict) -> None:
     """Land one validated envelope in the store (caller holds store.lock)."""
-    kind, data = env["kind"], env["data"]
+    kind = env["kind"]
     run = store.run(env["run"])
     run.last_heartbeat = time.monotonic()
     if kind == protocol.HEARTBEAT:
-        run.server_status = _plain(data) or {}
+        run.server_status = _plain(env["data"]) or {}
         return
     if env["seq"] > run.last_seq:
         run.last_seq = env["seq"]
     if kind == protocol.BLOCK:
         apply_block(store, env)
-    elif kind == protocol.STEP:
-        if run.add_step(data["step"], _metrics(data["metrics"]), env.get("ts")):
+    else:
+        apply_message(run, events.Message(kind, env["data"], env.get("rank", 0)), env.get("ts"))
+
+
+def apply_message(run: RunHistory, message: events.Message, ts: float | None = None) -> bool:
+    """Land one message (from the wire or a JSONL log) in a run: the one place that knows how each kind is
+    stored. Returns True when a new step row was written."""
+    kind, data = message.kind, message.data
+    if kind == protocol.STEP:
+        if run.add_step(data["step"], _metrics(data["metrics"]), ts):
             run.last_step_time = time.monotonic()
+            return True
     elif kind == protocol.RUN_START:
         _update_meta(run, _plain(data))
     elif kind == protocol.SYSTEM:
-        _apply_system(run, data, env.get("rank", 0))
+        _apply_system(run, data, message.rank)
     elif kind == protocol.CHECKPOINT:
         _apply_checkpoint(run, _plain(data))
     elif kind == protocol.REWARD:
-        _apply_reward(run, _plain(data))
+        for batch in events.split_rewards(_plain(data)):
+            _apply_reward(run, batch)
     elif kind == protocol.RUN_END:
         run.ended = _plain(data) or {}
     elif kind == protocol.ANOMALY:
         _apply_anomaly(run, _plain(data))
+    return False
 
 
 def _apply_anomaly(run: RunHistory, episode: Any) -> None:
@@ -282,44 +293,22 @@ def _apply_reward(run: RunHistory, data: Any) -> None:
 
 def apply_jsonl_event(store: Store, event: dict, default_run: str = "file") -> bool:
     """Land one JSONL event; returns True if it was an rlhf-tui event."""
-    kind = event.get("event")
+    try:
+        messages = events.from_jsonl(event)
+    except ValueError as exc:
+        store.reject(str(exc))
+        return False
+    if not messages:
+        return False
     run_id = event.get("run_id") if isinstance(event.get("run_id"), str) else None
-    if kind == "run_start":
+    if messages[0].kind == protocol.RUN_START:
         run = store.run(run_id or default_run)
-        _update_meta(run, _plain({k: v for k, v in event.items() if k != "event"}))
-        return True
-    run = store.current_run or store.run(default_run)
-    if kind == "step_end":
-        step = event.get("step")
-        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < protocol.MAX_SEQ:
-            store.reject("step_end without a valid step")
-            return False
-        metrics = event.get("ppo_metrics")
-        if not isinstance(metrics, dict):
-            store.reject("step_end without ppo_metrics")
-            return False
-        if run.add_step(step, _metrics(metrics)):
+    else:
+        run = store.current_run or store.run(default_run)
+    for message in messages:
+        if apply_message(run, message):
             store.transport["received"] += 1
-        anomalies = event.get("anomalies")
-        if isinstance(anomalies, list):
-            for a in anomalies[:100]:
-                if isinstance(a, dict):
-                    run.training_anomalies.append(_plain(a))
-        return True
-    if kind == "system":
-        rank = event.get("rank", 0)
-        _apply_system(run, event, rank if type(rank) is int and 0 <= rank < 1 << 20 else 0)
-        return True
-    if kind in ("checkpoint", "checkpoint_analysis"):
-        _apply_checkpoint(run, _plain({k: v for k, v in event.items() if k != "event"}))
-        return True
-    if kind == "reward_batch":
-        _apply_reward(run, _plain({k: v for k, v in event.items() if k != "event"}))
-        return True
-    if kind == "run_end":
-        run.ended = _plain({k: v for k, v in event.items() if k != "event"}) or {}
-        return True
-    return False
+    return True
 
 
 def finite_or_none(value: Any) -> float | None:

@@ -9,7 +9,6 @@ falls behind or reconnects simply has an older cursor. See docs/protocol.md.
 from __future__ import annotations
 
 import atexit
-import bisect
 import ipaddress
 import logging
 import os
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_tui.bridge.training.history import History
 from rlhf_tui.bridge.wire import protocol
 
 log = logging.getLogger("rlhf_tui.bridge")
@@ -30,17 +30,16 @@ ADDRESS_ENV = "RLHF_TUI_ADDRESS"
 CLIENT_TIMEOUT_S = 15.0  # a monitor silent this long is forgotten (killed without closing)
 HEARTBEAT_S = 1.0
 POLL_MS = 10  # retry interval while a monitor's pipe is full
-BATCH_S = 0.1  # the thread handles queued items at most this often, in one go: on a CPU-bound
-# run its CPU per step was 0.63 ms at 20 ms, 0.35 ms at 100 ms (fewer wake-ups,
-# warmer caches, less contention with training's own threads)
-IDLE_POLL_S = 0.05  # with nothing queued the thread looks this often (put() never wakes it)
+BATCH_S = 0.25  # the thread handles queued items at most this often, in one go. Every wake-up of a thread
+# costs ~0.1-0.2 ms of CPU on this VM whatever it does (measured: a bare 50 ms sleep loop, 0.1 ms a turn), so
+# the thread wakes ~4 times a second: 0.1 s batches cost 1.0 ms per step of a tiny GRPO run, see performance.md
+IDLE_POLL_S = 0.25  # with nothing queued the thread looks this often (put() never wakes it)
 MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted)
 RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
 RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long
 FORWARD_MIN_S = 0.1  # at most 10 forwarded samples a second per rank
 MAX_FORWARD_RANKS = 4096
 RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
-FORWARD_POLL_S = 0.2  # a non-main rank's thread looks for samples this often
 
 _active_by_address: dict[str, Publisher] = {}
 _fork_generation = 0  # bumped in a forked child: publishers made before the fork go quiet there
@@ -75,14 +74,6 @@ def is_loopback_address(address: str) -> bool:
 
 
 @dataclass
-class _Block:
-    first: int
-    last: int
-    frame: bytes
-    level: int = 0  # times thinned
-
-
-@dataclass
 class _Client:
     cursor: int  # next seq this monitor needs
     run: str | None
@@ -91,7 +82,7 @@ class _Client:
     reset_at: float = 0.0  # last time a hello moved the cursor (resyncs are rate-limited)
 
 
-class Publisher:
+class Publisher(History):
     """Queue + thread + socket. `handler(item) -> iterable of (kind, data, rank)` runs on the thread."""
 
     def __init__(
@@ -106,32 +97,22 @@ class Publisher:
         curve: Any = None,
         idle: Callable[[], Iterable[tuple]] | None = None,
     ):
+        super().__init__(run_id, history_bytes)
         self.address = resolve_address(address) if address is not False else ""
-        self.run_id = run_id
         self._handler = handler
         self._idle = idle
         self._queue: deque = deque()
         self._queue_size = queue_size
-        self._history_bytes_max = history_bytes
         self._insecure = insecure
         self._curve = curve
         self._pid = os.getpid()
         self._generation = _fork_generation
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._blocks: list[_Block] = []  # sealed history: blocks of BLOCK_MESSAGES messages, steps in columns
-        self._block_lasts: list[int] = []
-        self._frames: list[bytes] = []  # the newest messages (not sealed yet), one frame each
-        self._seqs: list[int] = []
-        self._tail_steps: list[tuple | None] = []  # (seq, step, ts, clean metrics, rank) of tail steps
-        self._tail_bytes = 0
-        self._history_bytes = 0
         self._rx_backoff_until = 0.0
         self._wake_send = self._wake_recv = None
         self._forward_last: dict[int, float] = {}
         self._auth = None
-        self._thinned_upto = -1
-        self._next_seq = 0
         self._clients: dict[bytes, _Client] = {}
         self.bound = False
         self.bound_address: str | None = None
@@ -376,102 +357,6 @@ class Publisher:
         for kind, data, rank in messages:
             self.publish(kind, data, rank)
 
-    def publish(self, kind: str, data: dict, rank: int = 0) -> int:
-        """Number, encode and keep a message in history (background thread only)."""
-        seq = self._next_seq
-        ts = time.time()
-        step_row = None
-        metrics = data.get("metrics")
-        if (
-            kind == protocol.STEP
-            and type(metrics) in (dict, protocol.Clean)
-            and data.keys() <= {"step", "metrics", "wall"}
-        ):
-            clean = {
-                "step": data["step"],
-                "metrics": metrics if type(metrics) is protocol.Clean else protocol.clean_metrics(metrics),
-                "wall": protocol.to_json_safe(data.get("wall")),
-            }
-            if type(clean["step"]) is int:
-                step_row = (seq, clean["step"], ts, clean["metrics"], rank)
-        else:
-            clean = protocol.to_json_safe(data)
-        encoded = getattr(clean.get("metrics"), "encoded", None) if step_row is not None else None
-        if encoded is not None:
-            frame = protocol.encode_step(self.run_id, seq, ts, clean["step"], clean["metrics"], clean["wall"], rank)
-        else:
-            frame = protocol.encode_clean(kind, self.run_id, seq, ts, clean, rank)
-        self._next_seq += 1
-        self._frames.append(frame)
-        self._seqs.append(seq)
-        self._tail_steps.append(step_row)
-        self._tail_bytes += len(frame)
-        self._history_bytes += len(frame)
-        self.stats["published"] += 1
-        if len(self._frames) >= protocol.BLOCK_MESSAGES or self._tail_bytes >= protocol.MAX_BATCH_BYTES:
-            self._seal()
-        return seq
-
-    def _seal(self) -> None:
-        """Turn the tail into one history block (steps as columns): a late joiner decodes it several times
-        faster than rows, and it takes about half the memory."""
-        frames, seqs, rows = self._frames, self._seqs, self._tail_steps
-        rank = next((r[4] for r in rows if r is not None), 0)
-        steps = [r[:4] for r in rows if r is not None and r[4] == rank]
-        others = [f for f, r in zip(frames, rows) if r is None or r[4] != rank]
-        block = protocol.encode_block(self.run_id, rank, seqs[0], seqs[-1], time.time(), steps, others)
-        self._blocks.append(_Block(seqs[0], seqs[-1], block))
-        self._block_lasts.append(seqs[-1])
-        self._history_bytes += len(block) - self._tail_bytes
-        self._frames, self._seqs, self._tail_steps, self._tail_bytes = [], [], [], 0
-
-    def _thinnable(self) -> bool:
-        return any(b.level < 100 for b in self._blocks[:-1] or self._blocks)
-
-    def _thin_history(self) -> bool:
-        """Over the history bound: halve the least-thinned block (the oldest first; the newest block last):
-        every other step row, system sample and reward batch goes. Late joiners still see the whole run, at
-        lower resolution. Returns False when nothing is left to thin."""
-        if not self._blocks or not self._thinnable():
-            return False
-        import json
-
-        candidates = range(max(1, len(self._blocks) - 1))
-        index = min(candidates, key=lambda i: (self._blocks[i].level, i))
-        block = self._blocks[index]
-        env = json.loads(block.frame)
-        data = env["data"]
-        rows = list(range(0, len(data["seq"]), 2))
-        removed = [s for i, s in enumerate(data["seq"]) if i % 2]
-        dense = {name: col for name, col in data["cols"].items() if isinstance(col, list)}
-        sparse = {
-            name: dict(zip(col["i"], col["x"])) for name, col in data["cols"].items() if not isinstance(col, list)
-        }
-        steps = []
-        for i in rows:
-            metrics = {name: col[i] for name, col in dense.items()}
-            metrics.update({name: col[i] for name, col in sparse.items() if i in col})
-            steps.append((data["seq"][i], data["step"][i], data["ts"][i], metrics))
-        others, counts = [], {}
-        for inner in data["other"]:
-            kind = inner.get("kind")
-            if kind in (protocol.SYSTEM, protocol.REWARD):
-                counts[kind] = counts.get(kind, 0) + 1
-                if counts[kind] % 2 == 0:
-                    removed.append(inner["seq"])
-                    continue
-            others.append(protocol.dumps(inner))
-        frame = protocol.encode_block(
-            self.run_id, env.get("rank", 0), block.first, block.last, env["ts"], steps, others
-        )
-        self._history_bytes += len(frame) - len(block.frame)
-        block.frame, block.level = frame, block.level + 1
-        if removed:
-            self._thinned_upto = max(self._thinned_upto, max(removed))
-        if not removed:
-            block.level += 100  # nothing left to thin here; prefer other blocks
-        return True
-
     def _receive(self, sock) -> None:
         import zmq
 
@@ -575,21 +460,6 @@ class Publisher:
                 client.cursor = next_cursor
         self.stats["clients"] = len(self._clients)
 
-    def _next_payload(self, cursor: int) -> tuple[bytes | None, int]:
-        """The frame that serves `cursor` next, and the cursor after it."""
-        if self._blocks and cursor <= self._block_lasts[-1]:
-            block = self._blocks[bisect.bisect_left(self._block_lasts, cursor)]
-            return block.frame, block.last + 1
-        start = bisect.bisect_left(self._seqs, cursor)
-        if start >= len(self._seqs):
-            return None, cursor
-        end, size = start, 0
-        while end < len(self._frames) and end - start < protocol.MAX_BATCH and size < protocol.MAX_BATCH_BYTES:
-            size += len(self._frames[end])
-            end += 1
-        chunk = self._frames[start:end]
-        return (chunk[0] if len(chunk) == 1 else protocol.encode_batch(chunk)), self._seqs[end - 1] + 1
-
     def _heartbeat_frame(self) -> bytes:
         data = {
             "last_seq": self._next_seq - 1,
@@ -617,6 +487,8 @@ class Publisher:
             return False
 
     def _heartbeat(self, sock, now: float) -> None:
+        if not self._clients:
+            return
         frame = self._heartbeat_frame()
         for peer in list(self._clients):
             self._send_heartbeat(sock, peer, frame)
@@ -628,123 +500,10 @@ class Publisher:
             log.warning("rlhf-tui publisher: %s", message)
 
 
-def forward_address(address: str) -> str:
-    """Where a non-main rank sends its samples: the main process's address. A wildcard bind host means
-    "this node": ranks on the main node connect over loopback, ranks on other nodes to MASTER_ADDR."""
-    if not address.startswith("tcp://"):
-        return address
-    host, _, port = address[len("tcp://") :].rpartition(":")
-    if host.strip("[]") in ("*", "0.0.0.0", "::"):
-        same_node = (
-            os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0") if "LOCAL_RANK" in os.environ else True
-        )
-        master = os.environ.get("MASTER_ADDR")
-        host = "127.0.0.1" if same_node or not master else master
-        return f"tcp://{host}:{port}"
-    return address
+def __getattr__(name: str):
+    # Kept importable from here: a non-main rank's publisher lives in forwarder.py (it builds on Publisher).
+    if name in ("Forwarder", "forward_address"):
+        from rlhf_tui.bridge.training import forwarder
 
-
-class Forwarder(Publisher):
-    """A non-main rank's side: the same queue and thread discipline as Publisher, but the thread owns a
-    DEALER connected to the main process and sends each sample as a `forward` envelope (no history, no
-    port of its own). A sample that cannot be sent at once (main not up yet, pipe full) is dropped, counted."""
-
-    def __init__(
-        self,
-        address: str | None,
-        run_id: str,
-        handler: Callable[[Any], Iterable[tuple]],
-        *,
-        rank: int,
-        queue_size: int = 1000,
-        curve: Any = None,
-        insecure: bool = False,
-    ):
-        super().__init__(address, run_id, handler, queue_size=queue_size, curve=curve, insecure=insecure)
-        self.address = forward_address(self.address) if self.address else ""
-        self.rank = rank
-        self.stats["sent"] = 0
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._start_thread("rlhf-tui-forwarder")
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self._thread is None or os.getpid() != self._pid:
-            return
-        self._stop.set()
-        self._wake()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
-    def _bind(self):
-        if not self.address:
-            return None, None
-        refusal = self._refusal("forward to", "forwarding")
-        if refusal:
-            return self._refuse(refusal)
-        import zmq
-
-        ctx = zmq.Context()
-        ctx.linger = 0
-        sock = ctx.socket(zmq.DEALER)
-        try:
-            sock.linger = 0
-            sock.setsockopt(zmq.SNDHWM, 100)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a main process that is not up
-            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_INBOUND_BYTES)
-            sock.setsockopt(zmq.RECONNECT_IVL, 200)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-            if self._curve is not None:
-                client = self._curve.rank_client() if hasattr(self._curve, "rank_client") else self._curve
-                client.apply_client(sock)
-            sock.connect(self.address)
-        except Exception as exc:
-            sock.close(0)
-            ctx.term()
-            return self._refuse(f"cannot forward to {self.address} ({exc})")
-        self.bound = True
-        self.bound_address = self.address
-        return ctx, sock
-
-    def _loop(self, sock) -> None:
-        import select
-
-        while True:
-            stopping = self._stop.is_set()
-            if not stopping:  # samples are at most 2 Hz: look a few times a second (stop() wakes it at once)
-                select.select([self._wake_recv], [], [], FORWARD_POLL_S)
-                try:
-                    self._wake_recv.recv(4096)
-                except OSError:
-                    pass
-            self._drain_to(sock)
-            if stopping and not self._queue:
-                return
-
-    def _drain_to(self, sock) -> None:
-        self._busy = True
-        try:
-            for _ in range(len(self._queue)):
-                item = self._queue.popleft()
-                try:
-                    messages = self._handler(item) or []
-                except Exception as exc:
-                    self.stats["handler_errors"] += 1
-                    self._note_error(exc)
-                    continue
-                for kind, data, _rank in messages:
-                    self._send(sock, kind, data)
-        finally:
-            self._busy = False
-
-    def _send(self, sock, kind: str, data: dict) -> None:
-        if sock is None or kind != protocol.SYSTEM:
-            return  # metrics come from the main process only
-        import zmq
-
-        try:
-            sock.send(protocol.forward(self.run_id, self.rank, kind, data, time.time()), zmq.NOBLOCK)
-            self.stats["sent"] += 1
-        except zmq.ZMQError:
-            self.stats["dropped"] += 1
+        return getattr(forwarder, name)
+    raise AttributeError(name)

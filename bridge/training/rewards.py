@@ -1,8 +1,8 @@
 """`monitor_rewards`: wrap GRPO/RLOO reward functions so each batch of scores reaches the monitor.
 
-One message per batch (not per sample) with the scores and a few sample completions (best, worst, one at
-random; truncated). The wrapper keeps `__name__`, so TRL's own `rewards/<name>/*` keys do not change, and it
-never lets monitoring raise into the reward computation.
+Each batch's scores (and references to its prompts and completions) are queued; the publisher thread gathers
+batches and picks a few sample completions (best, worst, one at random; truncated) for those it publishes. The
+wrapper keeps `__name__`, so TRL's `rewards/<name>/*` keys do not change, and never raises into the reward.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 SAMPLE_CHARS = 300
+MAX_SAMPLES = 3  # sample completions published per reward message
 
 
 def _text(value: Any) -> str:
@@ -66,7 +67,7 @@ def _wrap(fn: Callable, cb: Any) -> Callable:
                 state = kwargs.get("trainer_state")
                 step = int(getattr(state, "global_step", 0) or 0)
                 values = [None if s is None else float(s) for s in scores]
-                cb.log_rewards(step, values, _samples(prompts, completions, values), name=name)
+                cb.log_rewards(step, values, name=name, prompts=prompts, completions=completions)
         except Exception:
             pass  # monitoring must never change what the reward function returns
         return scores

@@ -14,7 +14,7 @@ import pytest
 from conftest import free_port, wait_for
 
 from rlhf_tui.bridge.monitor.subscriber import Subscriber
-from rlhf_tui.bridge.training.publisher import forward_address
+from rlhf_tui.bridge.training.forwarder import forward_address
 
 WORKER = textwrap.dedent("""
     import os, sys, time

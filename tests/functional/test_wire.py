@@ -11,6 +11,7 @@ from conftest import free_address, wait_for
 from rlhf_tui.bridge.monitor.subscriber import Subscriber
 from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 from rlhf_tui.bridge.training.publisher import is_loopback_address
+from rlhf_tui.bridge.wire import events
 
 
 def _cb(address, tmp_path, **kw):
@@ -150,7 +151,7 @@ def test_forked_child_publishes_nothing(address, tmp_path):
     cb.log_step(1, {"loss": 1.0})
     pid = os.fork()
     if pid == 0:  # child: enqueue must be a no-op and must not touch the parent's socket
-        ok = cb.publisher.put(("log", 2, 0.0, {"loss": 2.0}))
+        ok = cb.publisher.put(events.LoggedStep(2, 0.0, {"loss": 2.0}))
         os._exit(0 if ok is False else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -166,7 +167,7 @@ def test_full_queue_drops_and_counts_without_blocking(tmp_path):
     pub._stop.set()  # freeze the consumer side so the queue fills
     pub._thread.join(2)
     pub._stop.clear()
-    accepted = sum(pub.put(("log", i, 0.0, {})) for i in range(100))
+    accepted = sum(pub.put(events.LoggedStep(i, 0.0, {})) for i in range(100))
     assert accepted <= 10 and pub.stats["dropped"] >= 90
 
 

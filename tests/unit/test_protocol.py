@@ -112,3 +112,25 @@ def test_bad_blocks_are_rejected(change, reason):
     frame = json.dumps({"v": 1, "kind": "block", "run": "r", "seq": 0, "ts": 0.0, "data": data}).encode()
     with pytest.raises(ProtocolError, match=reason):
         decode_frame(frame)
+
+
+def test_gathered_reward_batches_land_as_one_record_per_batch():
+    from rlhf_tui.analysis.store import Store
+    from rlhf_tui.bridge.monitor.ingest import apply_envelope, apply_jsonl_event
+    from rlhf_tui.bridge.wire import events
+
+    batches = [events.RewardBatch(s, "length", [1.0, float("nan"), 2.0]) for s in (3, 4, 5)]
+    data = events.coalesced_rewards("length", batches)
+    assert data["steps"] == [3, 4, 5] and data["sizes"] == [3, 3, 3] and data["num_invalid"] == 3
+    data["samples"] = [{"label": "best", "score": 2.0, "prompt": "p", "completion": "c"}]
+    frame = protocol.encode("reward", "r1", 0, 1.0, data)
+    wire, jsonl = Store(), Store()
+    with wire.lock:
+        for env in protocol.decode_frame(frame):
+            apply_envelope(wire, env)
+    apply_jsonl_event(jsonl, {"event": "run_start", "run_id": "r1"})
+    apply_jsonl_event(jsonl, {"event": "reward_batch", **json.loads(protocol.dumps(protocol.to_json_safe(data)))})
+    for store in (wire, jsonl):
+        rewards = list(store.run("r1").rewards)
+        assert [r["step"] for r in rewards] == [3, 4, 5] and [r["num_invalid"] for r in rewards] == [1, 1, 1]
+        assert rewards[-1]["samples"] and not rewards[0]["samples"]
