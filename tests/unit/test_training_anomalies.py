@@ -11,7 +11,7 @@ from rlhf_tui.analysis.store import Store
 from rlhf_tui.analysis.thresholds import Thresholds
 from rlhf_tui.bridge.monitor.ingest import apply_envelope
 from rlhf_tui.bridge.training.anomalies import TrainingAnomalies
-from rlhf_tui.bridge.wire import protocol
+from rlhf_tui.bridge.wire import events, protocol
 
 
 class Clock:
@@ -104,15 +104,16 @@ def test_monitor_folds_an_updated_episode_into_the_one_it_has():
 
 
 def test_the_callbacks_recorder_sends_each_new_or_changed_episode_once(tmp_path):
-    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback, _Recorder
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.training.recorder import Recorder
 
     cb = RLHFMonitorCallback(address=False, log_dir=str(tmp_path))
-    rec, clock = _Recorder(cb), Clock()
+    rec, clock = Recorder(cb), Clock()
     rec.detector = TrainingAnomalies(cb.thresholds, cb.meta, clock=clock)
     sent = []
     for step in range(1, 61):
         clock.t += 1.0
-        out = rec(("log", step, float(step), {"loss": float("nan") if step == 51 else 0.1, "kl": 0.01}))
+        out = rec(events.LoggedStep(step, float(step), {"loss": float("nan") if step == 51 else 0.1, "kl": 0.01}))
         sent += [data for kind, data, _rank in out if kind == protocol.ANOMALY]
     opened = [a for a in sent if a["detector"] == "nonfinite" and a["metric"] == "loss"]
     assert opened and opened[0]["step"] == 51 and opened[0]["severity"] == "critical"

@@ -1,0 +1,251 @@
+"""The recorder: runs on the publisher thread and turns the callback's queued events into published messages and
+JSONL events (metric names, system samples, training-side anomalies, reward batches gathered and analysed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from rlhf_tui.bridge.training.jsonl_log import JsonlLog
+from rlhf_tui.bridge.training.rewards import MAX_SAMPLES, _samples
+from rlhf_tui.bridge.training.system import SystemSampler, memory_metrics
+from rlhf_tui.bridge.wire import events, protocol
+from rlhf_tui.bridge.wire.metrics import CANONICAL_SOURCES, is_summary, normalise
+
+if TYPE_CHECKING:
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+
+log = logging.getLogger("rlhf_tui.bridge")
+
+SYSTEM_PERIOD_S = 0.5  # at most 2 Hz
+REWARD_ANALYSIS_S = 5.0  # reward reliability analysis (1.5-5 ms a pass on this VM): at most every 5 s per function
+REWARD_PUBLISH_S = 0.5  # reward batches are gathered and published together at most this often
+
+
+class Recorder:
+    """Runs on the publisher thread: turns queued events into published messages and JSONL events."""
+
+    def __init__(self, cb: RLHFMonitorCallback, forwarding: bool = False):
+        self.cb = cb
+        self.forwarding = forwarding  # a non-main rank: only its system samples leave the process
+        self.jsonl = JsonlLog(cb.log_dir, cb.run_id, autoflush=False) if cb.log_dir and not forwarding else None
+        self.sampler: SystemSampler | None = None
+        self.last_sample_t = 0.0
+        self.memory: dict[str, float] = {}
+        self.memory_json = protocol.dumps(self._seed_memory())
+        self.last_log_t: float | None = None
+        self.last_log_step: int | None = None
+        self.detector = None
+        self.summary: dict = {}
+        self.ended = False
+        self.reward_monitor = None
+        self.reward_pending: dict[str, list[events.RewardBatch]] = {}  # batches not published yet, per function
+        self.reward_scores: dict[str, list] = {}  # scores not analysed yet, per function
+        self.reward_published = 0.0
+        self.reward_analysed: dict[str, float] = {}
+        self._detector_failed = False
+        self._plans: dict[tuple, tuple] = {}
+        self._handlers = {
+            events.LoggedStep: self._on_log,
+            events.RunStarted: self._on_run_start,
+            events.CheckpointSaved: self._on_checkpoint,
+            events.CheckpointAnalysed: self._on_checkpoint_result,
+            events.RewardBatch: self._on_rewards,
+            events.RunEnded: self._on_run_end,
+        }
+
+    def __call__(self, event: Any) -> list[events.Message]:
+        if self.forwarding:
+            return self.sample_system(force=isinstance(event, (events.RunStarted, events.RunEnded)))
+        handler = self._handlers.get(type(event))
+        return handler(event) if handler is not None else []
+
+    def tick(self) -> list[events.Message]:
+        """After each drain of the queue: publish the reward batches gathered (at most every REWARD_PUBLISH_S)
+        and flush the JSONL log once for everything written since the last tick."""
+        out = []
+        if self.reward_pending and (self.ended or time.monotonic() - self.reward_published >= REWARD_PUBLISH_S):
+            out = self._publish_rewards()
+        if self.jsonl is not None:
+            self.jsonl.flush()
+        return out
+
+    def _event(self, event: dict, clean: bool = False) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(event, clean)
+
+    def _on_run_start(self, event: events.RunStarted) -> list[events.Message]:
+        self._reward_integrator()  # imported now, not in the middle of the run
+        self._event({"event": "run_start", "timestamp": _iso(time.time()), **event.meta})
+        return [events.Message(protocol.RUN_START, event.meta, self.cb.rank)] + self.sample_system(force=True)
+
+    def _detect(self, step: int, metrics: dict) -> tuple[list[dict], list[events.Message]]:
+        """(episodes new since the last pass, for the JSONL log; one ANOMALY message per new or changed one)."""
+        if self._detector_failed or not self.cb.detect_anomalies:
+            return [], []
+        try:
+            if self.detector is None:
+                from rlhf_tui.bridge.training.anomalies import TrainingAnomalies
+
+                self.detector = TrainingAnomalies(self.cb.thresholds, meta=self.cb.meta)
+            self.detector.add(step, metrics)
+            new, changed = self.detector.poll()
+            return new, [events.Message(protocol.ANOMALY, protocol.to_json_safe(ep), self.cb.rank) for ep in changed]
+        except Exception as exc:  # the analysis is optional on the training side; counted, logged once
+            self._detector_failed = True
+            log.warning("rlhf-tui: anomaly detection disabled on the training side: %s", exc)
+            return [], []
+
+    def _on_log(self, event: events.LoggedStep) -> list[events.Message]:
+        step, wall, logs = event.step, event.wall, event.logs
+        if is_summary(logs):
+            self.summary = {k: v for k, v in logs.items() if isinstance(v, (int, float, str))}
+            return []
+        metrics = self._normalise(logs)
+        if self.last_log_t is not None and self.last_log_step is not None and step > self.last_log_step:
+            metrics["time/step_s"] = (wall - self.last_log_t) / (step - self.last_log_step)
+        self.last_log_t, self.last_log_step = wall, step
+        out = self.sample_system()
+        metrics.update(self.memory)
+        anomalies, messages = self._detect(step, metrics)
+        out.extend(messages)
+        # Cleaned (non-finite floats as strings) and encoded once, for both the JSONL log and the wire:
+        # turning floats into text is most of what a step costs this thread.
+        clean = protocol.Clean(protocol.clean_metrics(metrics))
+        clean.encoded = protocol.dumps(clean)
+        if self.jsonl is not None:
+            self.jsonl.write_raw(
+                b'{"event":"step_end","step":%d,"timestamp":"%s","ppo_metrics":%s,"anomalies":%s,"memory_usage":%s}'
+                % (
+                    step,
+                    _iso(wall).encode(),
+                    clean.encoded,
+                    protocol.dumps(protocol.to_json_safe(anomalies)) if anomalies else b"[]",
+                    self.memory_json,
+                )
+            )
+        out.append(events.Message(protocol.STEP, {"step": step, "metrics": clean, "wall": wall}, self.cb.rank))
+        return out
+
+    def _normalise(self, logs: dict) -> dict:
+        """`normalise(logs)` through a plan per set of keys (a trainer logs the same keys every step): which keys
+        to keep and which canonical names to copy. Values that are not all floats take the general path."""
+        keys = tuple(logs)
+        plan = self._plans.get(keys)
+        if plan is None:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            out = normalise(logs)
+            kept = [k for k in keys if k in out]
+            present, aliases = set(kept), []
+            for name, sources in CANONICAL_SOURCES.items():  # normalise()'s own rule, in its order
+                source = next((k for k in sources if k in present), None) if name not in present else None
+                if source is not None:
+                    aliases.append((name, source))
+                    present.add(name)
+            plan = self._plans[keys] = (kept, aliases)
+            return out
+        values = logs.values()
+        if not all(type(v) is float for v in values):
+            return normalise(logs)
+        kept, aliases = plan
+        out = {k: logs[k] for k in kept}
+        for name, source in aliases:
+            out[name] = out[source]
+        return out
+
+    def _seed_memory(self) -> dict:
+        return {"rss_mb": self.memory.get("memory/rss_mb"), "gpu_memory_mb": self.memory.get("memory/gpu_mb")}
+
+    def sample_system(self, force: bool = False) -> list[events.Message]:
+        now = time.monotonic()
+        if not force and now - self.last_sample_t < SYSTEM_PERIOD_S:
+            return []
+        self.last_sample_t = now
+        if self.sampler is None:
+            self.sampler = SystemSampler()
+        sample = self.sampler.sample()
+        sample["step"] = self.last_log_step
+        sample.update(self.cb.rank_info)
+        self.memory = memory_metrics(sample)
+        self.memory_json = protocol.dumps(self._seed_memory())  # encoded once per sample, not per step
+        self._event({"event": "system", "timestamp": _iso(time.time()), **sample})
+        return [events.Message(protocol.SYSTEM, sample, self.cb.rank)]
+
+    def _on_checkpoint(self, event: events.CheckpointSaved) -> list[events.Message]:
+        data = {"step": event.step, "path": event.path, "status": "saved"}
+        self._event({"event": "checkpoint", "timestamp": _iso(time.time()), **data})
+        if self.cb.analyze_checkpoints:
+            self.cb._analyze_checkpoint_async(event.step, event.path)
+        return [events.Message(protocol.CHECKPOINT, data, self.cb.rank)]
+
+    def _on_checkpoint_result(self, event: events.CheckpointAnalysed) -> list[events.Message]:
+        self._event({"event": "checkpoint_analysis", "timestamp": _iso(time.time()), **event.result})
+        return [events.Message(protocol.CHECKPOINT, event.result, self.cb.rank)]
+
+    def _on_rewards(self, event: events.RewardBatch) -> list[events.Message]:
+        # Gathered, then published together by tick(): one message per reward function every
+        # REWARD_PUBLISH_S instead of one per batch (cleaning, encoding and writing them was ~0.7 ms a batch).
+        self.reward_pending.setdefault(event.reward_func, []).append(event)
+        return []
+
+    def _publish_rewards(self) -> list[events.Message]:
+        self.reward_published = now = time.monotonic()
+        out = []
+        for name, batches in self.reward_pending.items():
+            data = events.coalesced_rewards(name, batches)
+            newest = batches[-1]
+            samples = newest.samples
+            if samples is None:
+                samples = _samples(newest.prompts, newest.completions, newest.scores)
+            data["samples"] = protocol.to_json_safe(samples[:MAX_SAMPLES])
+            # The reliability analysis runs on the scores gathered since the last one, at most every
+            # REWARD_ANALYSIS_S per reward function (the first batch is analysed at once).
+            scores = self.reward_scores.setdefault(name, [])
+            for batch in batches:
+                scores.extend(batch.scores[:4096])
+            if now - self.reward_analysed.get(name, -1e9) >= REWARD_ANALYSIS_S:  # none forced at the end
+                self.reward_analysed[name], self.reward_scores[name] = now, []
+                analysis = self._analyse_rewards(name, scores, data["step"])
+                if analysis is not None:
+                    data["analysis"] = protocol.to_json_safe(analysis)
+            data = protocol.Clean(data)  # cleaned once for the log and the wire
+            self._event({"event": "reward_batch", "timestamp": _iso(time.time()), **data}, clean=True)
+            out.append(events.Message(protocol.REWARD, data, self.cb.rank))
+        self.reward_pending = {}
+        return out
+
+    def _analyse_rewards(self, name: str, scores: list, step: int) -> dict | None:
+        try:
+            monitor = self._reward_integrator()
+            context = {"num_generations": self.cb.meta.get("args", {}).get("num_generations"), "reward_func": name}
+            return monitor.monitor_reward_model(scores, step, context=context)
+        except Exception as exc:
+            log.debug("reward analysis unavailable: %s", exc)
+            return None
+
+    def _reward_integrator(self):
+        if self.reward_monitor is None:
+            try:
+                from rlhf_tui.analysis.rewards import RewardModelIntegrator
+
+                self.reward_monitor = RewardModelIntegrator(anomaly_threshold=self.cb.thresholds_z())
+            except Exception as exc:  # the analysis is optional; the scores are still published
+                log.debug("reward analysis unavailable: %s", exc)
+        return self.reward_monitor
+
+    def _on_run_end(self, event: events.RunEnded) -> list[events.Message]:
+        if self.ended:
+            return []
+        self.ended = True
+        data = {"global_step": event.global_step, "summary": self.summary}
+        out = self.sample_system(force=True) + (self._publish_rewards() if self.reward_pending else [])
+        self._event({"event": "run_end", "timestamp": _iso(time.time()), **data})
+        return out + [events.Message(protocol.RUN_END, data, self.cb.rank)]
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="milliseconds")
