@@ -512,13 +512,23 @@ class RLHFMonitorCallback(_Base):
         return protocol.to_json_safe(meta)
 
     def _analyze_checkpoint_async(self, step: int, path: str) -> None:
-        """Analyse on a worker thread with the previous checkpoint as reference; result goes back through
-        the publisher queue. One analysis at a time; never on the training thread."""
+        """Analyse on a worker thread with the previous checkpoint as reference; the result goes back through
+        the publisher queue and into a bounded in-memory list (newest last), then `wait_for_checkpoints` is
+        woken. One analysis at a time; never on the training thread."""
+        from collections import deque
+
         reference = self._last_checkpoint
         self._last_checkpoint = path
+        # Made on the first checkpoint rather than in __init__: setdefault is atomic, so a waiter racing us
+        # gets the same condition. The list keeps the newest 256 analyses (a long run saves many).
+        done = self.__dict__.setdefault("_ckpt_done", threading.Condition())
+        with done:
+            self._ckpt_pending = getattr(self, "_ckpt_pending", 0) + 1
+            results = self.__dict__.setdefault("_ckpt_results", deque(maxlen=256))
 
         def work():
             with self._ckpt_lock:
+                result = {"step": step, "path": path, "status": "failed", "issues": [], "health_score": None}
                 try:
                     from rlhf_tui.analysis.checkpoint import CheckpointAnalyzer
 
@@ -527,25 +537,30 @@ class RLHFMonitorCallback(_Base):
                     result = {k: v for k, v in result.items() if k != "weight_stats"}
                     result.update({"step": step, "path": path, "status": "analysed", "reference": ref})
                 except Exception as exc:
-                    result = {
-                        "step": step,
-                        "path": path,
-                        "status": "failed",
-                        "issues": [str(exc)],
-                        "health_score": None,
-                    }
-                self._put(("checkpoint_result", result))
+                    result["issues"] = [str(exc)]
+                try:
+                    self._put(("checkpoint_result", result))
+                finally:
+                    with done:  # published (queued for the log and the wire) and kept: the waiter may go on
+                        results.append(result)
+                        self._ckpt_pending -= 1
+                        done.notify_all()
 
         thread = threading.Thread(target=work, name="rlhf-tui-checkpoint", daemon=True)
         self._ckpt_thread = thread
         thread.start()
 
-    def wait_for_checkpoints(self, timeout: float = 30.0) -> None:
-        """Block until pending checkpoint analyses are done (tests and the integration manager)."""
-        if self._ckpt_thread is not None:
-            self._ckpt_thread.join(timeout)
+    def wait_for_checkpoints(self, timeout: float = 30.0) -> list[dict]:
+        """Block (at most `timeout` seconds) until the checkpoint analyses started so far are done and written;
+        returns the analysed results kept in memory (the newest 256), oldest first."""
+        deadline = time.monotonic() + timeout
+        done = self.__dict__.setdefault("_ckpt_done", threading.Condition())
+        with done:
+            done.wait_for(lambda: getattr(self, "_ckpt_pending", 0) == 0, timeout)
+            results = list(self.__dict__.get("_ckpt_results", ()))
         if self._publisher is not None:
-            self._publisher.flush(timeout)
+            self._publisher.flush(max(0.0, deadline - time.monotonic()))
+        return results
 
 
 PPOMonitoringCallback = RLHFMonitorCallback
