@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 import time
+from collections import deque
 from datetime import datetime
 from typing import Any
 
@@ -146,6 +147,11 @@ class RLHFMonitorCallback(_Base):
         self._ckpt_lock = threading.Lock()
         self._last_checkpoint: str | None = None
         self._ckpt_thread: threading.Thread | None = None
+        # Analyses in flight and the newest 256 results (a long run saves many); `wait_for_checkpoints` waits on
+        # the condition instead of polling.
+        self._ckpt_done = threading.Condition()
+        self._ckpt_pending = 0
+        self._ckpt_results: deque[dict] = deque(maxlen=256)
         if self.thresholds is None:
             self.thresholds = self._default_thresholds()
 
@@ -233,8 +239,6 @@ class RLHFMonitorCallback(_Base):
     def _put(self, event: Any) -> None:
         pub = self._publisher
         if pub is not None:
-            if type(event) is tuple and event[:1] == ("checkpoint_result",):
-                event = events.CheckpointAnalysed(event[1])  # the checkpoint worker's result
             pub.put(event)
 
     # -- TrainerCallback hooks -----------------------------------------------------------------
@@ -368,13 +372,18 @@ class RLHFMonitorCallback(_Base):
         return protocol.to_json_safe(meta)
 
     def _analyze_checkpoint_async(self, step: int, path: str) -> None:
-        """Analyse on a worker thread with the previous checkpoint as reference; result goes back through
-        the publisher queue. One analysis at a time; never on the training thread."""
+        """Analyse on a worker thread with the previous checkpoint as reference; the result goes back through
+        the publisher queue and into a bounded in-memory list (newest last), then `wait_for_checkpoints` is
+        woken. One analysis at a time; never on the training thread."""
         reference = self._last_checkpoint
         self._last_checkpoint = path
+        done, results = self._ckpt_done, self._ckpt_results
+        with done:
+            self._ckpt_pending += 1
 
         def work():
             with self._ckpt_lock:
+                result = {"step": step, "path": path, "status": "failed", "issues": [], "health_score": None}
                 try:
                     from rlhf_tui.analysis.checkpoint import CheckpointAnalyzer
 
@@ -383,25 +392,29 @@ class RLHFMonitorCallback(_Base):
                     result = {k: v for k, v in result.items() if k != "weight_stats"}
                     result.update({"step": step, "path": path, "status": "analysed", "reference": ref})
                 except Exception as exc:
-                    result = {
-                        "step": step,
-                        "path": path,
-                        "status": "failed",
-                        "issues": [str(exc)],
-                        "health_score": None,
-                    }
-                self._put(("checkpoint_result", result))
+                    result["issues"] = [str(exc)]
+                try:
+                    self._put(events.CheckpointAnalysed(result))
+                finally:
+                    with done:  # published (queued for the log and the wire) and kept: the waiter may go on
+                        results.append(result)
+                        self._ckpt_pending -= 1
+                        done.notify_all()
 
         thread = threading.Thread(target=work, name="rlhf-tui-checkpoint", daemon=True)
         self._ckpt_thread = thread
         thread.start()
 
-    def wait_for_checkpoints(self, timeout: float = 30.0) -> None:
-        """Block until pending checkpoint analyses are done (tests and the integration manager)."""
-        if self._ckpt_thread is not None:
-            self._ckpt_thread.join(timeout)
+    def wait_for_checkpoints(self, timeout: float = 30.0) -> list[dict]:
+        """Block (at most `timeout` seconds) until the checkpoint analyses started so far are done and written;
+        returns the analysed results kept in memory (the newest 256), oldest first."""
+        deadline = time.monotonic() + timeout
+        with self._ckpt_done:
+            self._ckpt_done.wait_for(lambda: self._ckpt_pending == 0, timeout)
+            results = list(self._ckpt_results)
         if self._publisher is not None:
-            self._publisher.flush(timeout)
+            self._publisher.flush(max(0.0, deadline - time.monotonic()))
+        return results
 
 
 PPOMonitoringCallback = RLHFMonitorCallback

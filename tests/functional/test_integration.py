@@ -344,13 +344,23 @@ def test_grpo_end_to_end_with_checkpoints_rewards_and_profiling(tiny_model, tmp_
     for key in ("time/generation_s", "time/reward_s", "time/optimisation_s", "time/step_total_s", "step_time"):
         assert metrics[key]["count"] == 7, key
 
-    # The numbers are those of `rlhf-tui report` on the same log.
+    # The numbers are those of `rlhf-tui report` on the same log. The results are built from memory, so what
+    # each side measures itself (memory, the wall time between logs) is close but not identical.
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli_main(["report", results["log_path"], "--format", "json"]) == 0
     report = json.loads(out.getvalue())
-    assert report["anomalies"] == results["anomalies"]
-    assert {k: v["last"] for k, v in report["metrics"].items()} == final
+
+    def measured(name):
+        return name.startswith("memory/") or name == "time/step_s"
+
+    assert set(report["metrics"]) == set(final)
+    assert {k: v["last"] for k, v in report["metrics"].items() if not measured(k)} == {
+        k: v for k, v in final.items() if not measured(k)
+    }
+    assert [a for a in report["anomalies"] if not measured(a["metric"])] == [
+        a for a in results["anomalies"] if not measured(a["metric"])
+    ]
     assert [c["health_score"] for c in report["checkpoints"]] == [c["health_score"] for c in results["checkpoints"]]
 
     with pytest.raises(IntegrationError, match="already been trained"):
@@ -390,3 +400,16 @@ def test_training_errors_reach_the_caller(tiny_model, tmp_path, prompts_file):
     # the log is still complete, so `rlhf-tui report` can show what happened
     events = [json.loads(line)["event"] for line in open(manager.callback.log_path)]
     assert events[0] == "run_start" and events[-1] == "run_end"
+
+
+def test_the_integration_does_not_import_the_monitor_side():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rlhf_tui.bridge.training.integration as i\n"
+        "from rlhf_tui.bridge.training.integration import manager, results, ppo\n"
+        "bad = [m for m in sys.modules if m.startswith(('rlhf_tui.bridge.monitor', 'rlhf_tui.tui'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
