@@ -17,8 +17,6 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 GOAL_MS = 0.15
 WARMUP = 10
 

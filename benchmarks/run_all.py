@@ -4,7 +4,7 @@
 2. Step-time overhead on the tiny GRPO run: our callback and TRL's TensorBoard / W&B offline peers.
 3. Monitor ingest throughput (decode + validate + store + analyse), late join of 10^5 steps, end-to-end
    latency on loopback.
-4. The other scripts, each in its own process: detection quality on the shared traces, re-evaluation after a
+4. The other scripts, each in its own process: the publisher thread's CPU per step, detection quality on the shared traces, re-evaluation after a
    threshold change, checkpoint read throughput, the monitor app's ingest, memory and idle CPU.
    (`gpu_check.py` needs an NVIDIA GPU and is run by hand there.)
 
@@ -71,6 +71,7 @@ def main() -> int:
     bench_wire.print_latency(latency_n, "3c. ")
     here = os.path.dirname(os.path.abspath(__file__))
     for script in (
+        "publisher_cpu.py",
         "detection.py",
         "reevaluate.py",
         "checkpoint_throughput.py",
