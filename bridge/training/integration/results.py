@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Any
 
 from rlhf_tui.analysis.store import RunHistory
 from rlhf_tui.bridge.training.integration.profiling import format_profile
@@ -61,9 +62,19 @@ class RunCollector(_CallbackBase):
             {"step": step, "path": os.path.join(args.output_dir, f"checkpoint-{step}"), "status": "saved"}
         )
 
-    def log_rewards(self, step: int, scores: list, samples: list | None = None, name: str = "reward") -> None:
+    def log_rewards(
+        self,
+        step: int,
+        scores: list,
+        samples: list | None = None,
+        name: str = "reward",
+        *,
+        prompts: Any = None,
+        completions: Any = None,
+    ) -> None:
+        """`RLHFMonitorCallback.log_rewards`'s signature: kept here, then forwarded to the monitor callback."""
         self.run.rewards.append({"step": int(step), "reward_func": name, "scores": list(scores), "samples": samples})
-        self.monitor.log_rewards(step, scores, samples, name=name)
+        self.monitor.log_rewards(step, scores, samples, name=name, prompts=prompts, completions=completions)
 
     def _sample_memory(self) -> dict[str, float]:
         now = time.monotonic()
