@@ -498,12 +498,3 @@ class Publisher(History):
         if message != self._last_error:  # logged once per distinct error, never raised into training
             self._last_error = message
             log.warning("rlhf-tui publisher: %s", message)
-
-
-def __getattr__(name: str):
-    # Kept importable from here: a non-main rank's publisher lives in forwarder.py (it builds on Publisher).
-    if name in ("Forwarder", "forward_address"):
-        from rlhf_tui.bridge.training import forwarder
-
-        return getattr(forwarder, name)
-    raise AttributeError(name)

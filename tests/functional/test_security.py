@@ -185,7 +185,7 @@ def test_cli_options_to_a_client_config(tmp_path):
 
 
 def test_other_ranks_forward_over_curve_with_the_runs_own_key(tmp_path):
-    from rlhf_tui.bridge.training.publisher import Forwarder
+    from rlhf_tui.bridge.training.forwarder import Forwarder
 
     keys = tmp_path / "keys"
     keygen(keys)
