@@ -416,7 +416,10 @@ class MonitorApp(App):
             directory = self._snapshot_dir()
             directory.mkdir(parents=True, exist_ok=True)
             path = _unique(directory / self._snapshot_name(view, ".txt"))
-            path.write_text(self.snapshot_text(view), encoding="utf-8")
+            # Written whole, then renamed: whoever watches the folder never reads a half-written report.
+            part = path.with_name(f".{path.name}.part")
+            part.write_text(self.snapshot_text(view), encoding="utf-8")
+            os.replace(part, path)
         except OSError as exc:
             self.notify(f"snapshot failed: {exc.strerror or exc}", severity="error")
             return
