@@ -129,6 +129,11 @@ class RunHistory:
         self.rows = n
 
     @property
+    def revision(self) -> tuple[int, int]:
+        """Changes whenever rows other than the newest may have changed (thinning): the detector cache's token."""
+        return (id(self), self.thinned)
+
+    @property
     def trainer(self) -> str:
         return str(self.meta.get("trainer") or "unknown")
 

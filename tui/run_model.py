@@ -191,18 +191,24 @@ class RunModel:
                     run = store.current_run
                     if run is None:
                         break
-                    run_id, thinned = run.run_id, run.thinned
+                    run_id, thinned, revision = run.run_id, run.thinned, run.revision
                     # Views, not copies: rows below `rows` only change when the run is thinned (checked after).
                     arrays = (run.steps, run.metrics(), run.logged_masks(), dict(run.meta))
                 episodes, counts = evaluate(
-                    arrays, job.thresholds, cache=self.cache, keep_low=KEEP_LOW, keep_other=KEEP_OTHER
+                    arrays,
+                    job.thresholds,
+                    cache=self.cache,
+                    keep_low=KEEP_LOW,
+                    keep_other=KEEP_OTHER,
+                    revision=revision,  # the cache then trusts the earlier rows instead of checksumming them
                 )
                 del arrays
                 result.run_id, result.episodes, result.counts = run_id, episodes, counts
                 with store.lock:
                     if run.thinned == thinned:
                         break
-            release_memory()
+            if time.perf_counter() - started > 0.05:  # a pass over the whole history: its temporaries were large
+                release_memory()
         except Exception as exc:  # a detector bug must not take the monitor down
             result.error = f"anomaly detection failed: {type(exc).__name__}: {exc}"
         result.cost = time.perf_counter() - started

@@ -1,22 +1,33 @@
-"""The detector engine: `evaluate` / `detect` run every rule over a whole history, vectorised, with a
-`DetectionCache` that keeps the threshold-independent block baselines between calls (the monitor keeps one per
-run) so a threshold key or a few new steps only recompute the blocks at the end.
+"""The detector engine: `evaluate` / `detect` run every rule over a history, vectorised, and a `DetectionCache`
+(the monitor keeps one per run, the training side one per run) makes the next pass cost time in the new rows,
+not in the history.
+
+A pass over a history that grew since the last one recomputes only from the chunk (a fixed grid of rows) that
+holds the last row seen before: block baselines from the blocks after those known, z-scores and flags of those
+rows, the rules over those rows plus their lookback (what the rules carry across chunk boundaries is in
+`carry.py`), and the episodes that may still change (`episodes.EpisodeBook`). The result is bit-identical to a
+pass over the whole history. Settings that change the baselines, the domain rules, the z-score or the episodes
+recompute that part over the whole history (the +/- keys on the z-score recompute its flags and the episodes
+only). Every pass checks that the earlier rows are unchanged — a caller's `revision` token, or the steps and a
+checksum of every metric — so a wrong reuse costs time, never correctness.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
-from rlhf_tui.analysis.detectors.episodes import episodes
-from rlhf_tui.analysis.detectors.kernels import baseline, block_stats, median_last
+from rlhf_tui.analysis.detectors.buffers import Flags, Grow
+from rlhf_tui.analysis.detectors.carry import Carry, MissingCarry, Pass
+from rlhf_tui.analysis.detectors.episodes import EpisodeBook
+from rlhf_tui.analysis.detectors.kernels import baseline, block_stats, median_last, windows_last
 from rlhf_tui.analysis.detectors.plan import FRACTION_METRICS, Plan, canonical_copies, generic, z_floor
-from rlhf_tui.analysis.detectors.registry import block_median_series, series_wanted
+from rlhf_tui.analysis.detectors.registry import series_wanted
 from rlhf_tui.analysis.detectors.rules import Context, Series, flags
 from rlhf_tui.analysis.thresholds import Thresholds
 
@@ -55,58 +66,99 @@ def _unpack(run_or_arrays: Any, context: Mapping[str, Any] | None):
     return steps, metrics, logged, meta
 
 
-_CHUNK_VALUES = 1 << 19  # values per chunk of metrics: bounds the temporaries of one pass (4 MB per array)
-_BLOCK_MEDIANS = block_median_series()  # series whose block medians a rule reads
+_CHUNK_VALUES = 1 << 19  # values per chunk of metrics in a pass over a long history (4 MB per array)
+GRID_ROWS = 64  # a pass resumes at a multiple of this many rows (rounded up to whole blocks)
 
 
-class _Cached:
-    """One metric's block-level baselines, valid while its first `rows` values are unchanged."""
+def grid_rows(block: int) -> int:
+    """The chunk grid: passes start, and CUSUMs restart from their carried value, at multiples of this."""
+    return block * max(1, -(-GRID_ROWS // block))
 
-    __slots__ = ("rows", "checksum", "center", "scale", "ok", "level", "med")
 
-    def __init__(
-        self,
-        rows: int,
-        checksum: int,
-        center: np.ndarray,
-        scale: np.ndarray,
-        ok: np.ndarray,
-        level: np.ndarray | None,
-        med: np.ndarray | None,
-    ):
-        self.rows, self.checksum = rows, checksum
-        self.center, self.scale, self.ok, self.level, self.med = center, scale, ok, level, med
+def lookback(th: Thresholds) -> int:
+    """Rows before a row that a rule reads directly (everything older it carries): its k-of-n, recent-median,
+    pinned and reward-climb windows."""
+    return max(int(th.persist_n), 3, int(th.dpo_pinned_steps), int(th.hack_window), int(th.recent_steps))
+
+
+def _checksums(metrics: Mapping[str, Any], names: tuple[str, ...], lo: int, hi: int) -> list[int]:
+    """Per metric: wrapping sum of the bit patterns of rows lo..hi-1 (exact, NaN-safe, one pass)."""
+    out = []
+    for name in names:
+        v = np.ascontiguousarray(_as_floats(metrics[name])[lo:hi])
+        out.append(int(v.view(np.int64).sum()))
+    return out
 
 
 class DetectionCache:
-    """Threshold-independent statistics of one growing history, kept between `detect` calls.
+    """What one growing history's passes keep between calls (the monitor keeps one per run).
 
-    Baselines do not depend on the alarm thresholds, and the baseline of a block depends only on the blocks
-    before it, so re-evaluating after a threshold change (or after a few new steps) only recomputes the blocks
-    at the end. Meant for one append-only history (the monitor keeps one per run); every call still checks the
-    steps and a checksum of each metric's earlier rows, and recomputes whatever changed (another run, a thinned
-    history, other block settings), so a wrong reuse costs time, never correctness.
-    """
+    Meant for one append-only history whose newest row may still change (a repeated step merges into it).
+    Every call checks that the rows before it are those of the last call — by the caller's `revision` token
+    when it gives one (the store's, which changes when a run is thinned), else by the steps and a checksum of
+    every metric — and starts over when they are not or the metric names changed, so a wrong reuse costs time,
+    never correctness."""
 
     def __init__(self) -> None:
-        self.config: tuple | None = None
-        self.steps = np.empty(0, dtype=np.int64)
-        self.metrics: dict[str, _Cached] = {}
-        self.specific: tuple | None = None  # (signature, flags) of the domain detectors' last pass
+        self.key: tuple | None = None  # (metric names, block settings) the baselines were built for
+        self.n = 0  # rows of the last pass
+        self.revision: Any = None
+        self.steps = np.empty(0, dtype=np.int64)  # the last pass's steps and checksums (when no revision)
+        self.sums: list[int] | None = None
+        self.domain_key: tuple | None = None
+        self.z_key: tuple | None = None
+        self.book_key: tuple | None = None
+        self.book: EpisodeBook | None = None
         self.reused_blocks = 0  # blocks of baselines reused by the last call (for tests and benchmarks)
+        self.rows_read = 0  # rows the domain rules read in the last call (for tests and benchmarks)
+        self._reset(None, 0)
 
-    def _start(self, steps: np.ndarray, config: tuple) -> bool:
-        """Whether anything cached can hold for `steps` under `config`; forgets everything otherwise."""
-        k = self.steps.shape[0]
-        if config == self.config and k <= steps.shape[0] and np.array_equal(self.steps, steps[:k]):
-            return True
-        self.config, self.metrics, self.specific = config, {}, None
-        return False
+    def _reset(self, key: tuple | None, metrics: int) -> None:
+        self.key = key
+        self.center = Grow(metrics, np.float64, np.nan)  # per metric and block
+        self.scale = Grow(metrics, np.float64, np.nan)
+        self.ok = Grow(metrics, np.bool_, False)
+        self.level = Grow(metrics, np.float64, np.nan)  # median of block means (fractions only)
+        self.med = Grow(metrics, np.float64, np.nan)  # block medians
+        self.zabs = Grow(metrics, np.float32, np.nan)  # |z| per metric and row, NaN where not judged
+        self.carry = Carry()
+        self.flags: dict[tuple[str, str], Flags] = {}
+        self.family: dict[tuple[str, str], str] = {}  # "nonfinite", "zscore" or "domain"
+        self.domain_key = self.z_key = self.book_key = None
+        self.book = None
+
+    def _stable(self, key: tuple, steps: np.ndarray, metrics: Mapping, revision: Any) -> int:
+        """Rows at the start known unchanged since the last pass (0: nothing can be reused); records what the
+        next pass checks."""
+        k, n, names = self.n, int(steps.shape[0]), key[0]
+        if key != self.key or k < 2 or n < k:
+            ok = False
+        elif revision is not None:
+            ok = revision == self.revision
+        else:
+            ok = self.sums is not None and np.array_equal(self.steps, steps[:k])
+            ok = ok and _checksums(metrics, names, 0, k - 1) == self.sums
+        before = self.sums if ok else None
+        self.revision, self.sums = revision, None
+        if revision is None:
+            self.steps = np.array(steps)
+            lo = k - 1 if before is not None else 0
+            tail = _checksums(metrics, names, lo, n - 1)
+            self.sums = tail if before is None else [(x + y + 2**63) % 2**64 - 2**63 for x, y in zip(before, tail)]
+        return k - 1 if ok else 0
 
 
-def _checksum(rows: np.ndarray) -> np.ndarray:
-    """Per row of a (k, r) float array: wrapping sum of the bit patterns (exact, NaN-safe, one pass)."""
-    return rows.view(np.int64).sum(axis=1)
+@functools.lru_cache(maxsize=64)
+def _wanted(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(series_wanted(names))
+
+
+@functools.lru_cache(maxsize=64)
+def _judged(names: tuple[str, ...], fraction_floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per metric: whether the generic z-score judges it, and its scale floor."""
+    aliases = canonical_copies(names)
+    floors = z_floor(list(names), Thresholds(fraction_floor=fraction_floor))
+    return np.array([generic(nm, aliases) for nm in names], dtype=bool), floors
 
 
 def detect(
@@ -135,185 +187,223 @@ def evaluate(
     keep_low: int | None = None,
     keep_other: int | None = None,
     first_step: int | None = None,
+    revision: Any = None,
 ) -> tuple[list[dict], dict[str, int]]:
     """`detect` for a monitor: (episodes, count of episodes per severity).
 
-    With `keep_low`/`keep_other`, only the newest that many low / medium-and-above episodes (and every ongoing
-    one) are built as dicts — a long noisy history has tens of thousands of low z-score blips — while the
-    counts still cover all of them. `first_step`: the run's first step when the history is only its newest rows
-    (the grace period counts from it, not from the first row given).
+    With `keep_low`/`keep_other`, only the newest that many low / medium-and-above episodes (in episode order:
+    first step, detector, metric) and every ongoing one are built as dicts — a long noisy history has tens of
+    thousands of low z-score blips — while the counts still cover all of them. `first_step`: the run's first
+    step when the history is only its newest rows (the grace period counts from it). `revision`: a token that
+    changes whenever rows other than the newest may have changed (e.g. the store's thinning count): given, the
+    cache trusts it instead of checksumming the history.
     """
     th = thresholds or Thresholds()
     steps, metrics, logged, meta = _unpack(run_or_arrays, context)
     n = int(steps.shape[0])
-    names = [k for k, v in metrics.items() if np.shape(v) == (n,)] if n else []
+    names = tuple(k for k, v in metrics.items() if np.shape(v) == (n,)) if n else ()
     if not names:
         return [], {}
+    cache = cache if cache is not None else DetectionCache()
+    try:
+        return _evaluate(cache, th, steps, metrics, logged, meta, names, keep_low, keep_other, first_step, revision)
+    except BaseException:
+        cache.key, cache.n = None, 0  # half-updated: the next call starts over
+        raise
+
+
+def _evaluate(cache, th, steps, metrics, logged, meta, names, keep_low, keep_other, first_step, revision):
+    n = int(steps.shape[0])
+    B, m = max(2, int(th.block_steps)), max(1, int(th.baseline_blocks))
+    L = grid_rows(B)
+    plan = Plan(names, meta, th)
+    grace_end = int(steps[0] if first_step is None else first_step) + int(th.grace_steps)
+    key = (names, B, m, int(th.min_history), float(th.fraction_floor))
+    stable = cache._stable(key, steps, metrics, revision)
+    if not stable:
+        cache._reset(key, len(names))
+    a = L * (stable // L)  # first row whose results are recomputed
+    start = -(-cache.n // B) if stable else 0  # blocks whose baselines are kept
+    cache.reused_blocks = start
+
+    nonfinite: list[tuple] = []
+    _blocks(cache, metrics, logged, names, n, B, m, th, start, a, nonfinite)
+    redo: set[tuple[str, str]] = set()
+    fresh: dict[str, dict[tuple[str, str], tuple]] = {"nonfinite": {}, "zscore": {}, "domain": {}}
+    for name, rows, values in nonfinite:
+        fresh["nonfinite"][("nonfinite", name)] = (
+            rows,
+            np.full(rows.size, 4, dtype=np.int8),
+            np.zeros(rows.size),
+            values,
+        )
+
+    z_key = (float(th.anomaly_threshold), grace_end)
+    z_from = a if z_key == cache.z_key else 0
+    fresh["zscore"] = _zscore_flags(cache, metrics, names, n, B, th, z_from, steps, grace_end)
+    cache.z_key = z_key
+
+    domain_key = (
+        dataclasses.replace(th, anomaly_threshold=0.0, muted=[]),
+        plan.dpo,
+        plan.off_policy,
+        plan.max_len,
+        grace_end,
+    )
+    dom_from = a if domain_key == cache.domain_key else 0
+    try:
+        fresh["domain"] = _domain_flags(cache, metrics, names, n, B, L, th, plan, dom_from, steps, grace_end)
+    except MissingCarry:  # a carried value is not kept (cannot happen in an append-only history): start over
+        dom_from = 0
+        fresh["domain"] = _domain_flags(cache, metrics, names, n, B, L, th, plan, 0, steps, grace_end)
+    cache.domain_key = domain_key
+
+    froms = {"nonfinite": a, "zscore": z_from, "domain": dom_from}
+    empty = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int8), np.empty(0), np.empty(0))
+    for family, new in fresh.items():
+        row = froms[family]
+        keys = set(new) | {k for k, f in cache.family.items() if f == family}
+        for k in keys:
+            fl = cache.flags.get(k)
+            if fl is None:
+                fl = cache.flags[k] = Flags()
+                cache.family[k] = family
+            if fl.replace_from(row, *new.get(k, empty)):
+                redo.add(k)
+
     muted = set(th.muted)
-    B = max(2, int(th.block_steps))
-    m = max(1, int(th.baseline_blocks))
+    book_key = (int(th.cooldown_steps), keep_low, keep_other, tuple(sorted(muted)))
+    if cache.book is None or book_key != cache.book_key or not stable or not z_from or not dom_from:
+        cache.book, cache.book_key = EpisodeBook(int(th.cooldown_steps), keep_low, keep_other), book_key
+        redo = set(cache.flags)
+    live = {k: f for k, f in cache.flags.items() if k[0] not in muted}
+    horizon = int(steps[L * ((n - 1) // L)])  # where the next pass starts: episodes ending well before it are final
+    out = cache.book.update(live, redo, steps, horizon)
+    cache.n = n
+    return out
+
+
+def _blocks(cache, metrics, logged, names, n, B, m, th, start, a, nonfinite):
+    """Block statistics and baselines from block `start` on, block medians, the non-finite rows and |z| from row
+    `a` on, written into the cache (metrics in chunks when the history is long)."""
     nb = -(-n // B)
     M = len(names)
-    cache = cache if cache is not None else DetectionCache()
-    reusing = cache._start(steps, (B, m, int(th.min_history)))
-    frozen = (n - 1) // B  # blocks wholly before the newest row (which may still be merged into)
-    # Grace period: no alarms in the first grace_steps steps except non-finite values.
-    in_grace = steps < int(steps[0] if first_step is None else first_step) + int(th.grace_steps)
-    flagged: list[tuple] = []  # (detector, metric, rows, level per row, score, value) -- sparse rows
-    dense: list[tuple] = []  # (detector, metric, level for every row, score, value)
-    base: dict[str, tuple] = {}  # name -> (center, scale, ok, level, med, xpad) at block level
-    fresh: dict[str, _Cached] = {}
-    data_sig: list[int] = []  # per metric, a checksum of all its rows
-    reused = 0
-    aliases = canonical_copies(names)
-    floors = z_floor(names, th)
-    need_x = series_wanted(names)
-
-    chunk = max(1, _CHUNK_VALUES // (nb * B))
+    s0 = max(0, start - m)  # the baselines from `start` on need the m blocks before it
+    r0 = min(s0 * B, a)
+    cols = nb * B - r0
+    judged, floors = _judged(names, float(th.fraction_floor))
+    chunk = max(1, _CHUNK_VALUES // max(1, cols))
     for c0 in range(0, M, chunk):
         idx = list(range(c0, min(M, c0 + chunk)))
-        k = len(idx)
-        X = np.full((k, nb * B), np.nan)
+        k, rows = len(idx), slice(c0, c0 + len(idx))
+        X = np.full((k, cols), np.nan)
         for j, i in enumerate(idx):
-            X[j, :n] = _as_floats(metrics[names[i]])
-        finite = np.isfinite(X[:, :n])
+            X[j, : n - r0] = _as_floats(metrics[names[i]])[r0:n]
+        finite = np.isfinite(X[:, : n - r0])
         for j in np.flatnonzero(~finite.all(axis=1)).tolist():
             # Non-finite values where the trainer logged the key (or +-Inf when no logged mask is known).
-            name, x, bad = names[idx[j]], X[j, :n], ~finite[j]
+            name, x, bad = names[idx[j]], X[j, : n - r0], ~finite[j]
             if logged is not None and name in logged:
-                bad &= np.asarray(logged[name], dtype=bool)
+                bad &= np.asarray(logged[name], dtype=bool)[r0:n]
             else:
                 bad &= np.isinf(x)
-            if bad.any() and "nonfinite" not in muted:
-                dense.append(("nonfinite", name, np.where(bad, 4, 0).astype(np.int8), np.zeros(n), x.copy()))
+            bad[: a - r0] = False
+            hit = bad.nonzero()[0]
+            if hit.size:
+                nonfinite.append((name, hit + r0, x[hit].copy()))
             x[~finite[j]] = np.nan
         del finite
 
-        # Which cached baselines still hold, per metric: the rows they were built from are unchanged.
-        sums = _checksum(X[:, : frozen * B]) if reusing and frozen else None
-        old: list[_Cached | None] = []
-        for j, i in enumerate(idx):
-            c = cache.metrics.get(names[i]) if reusing else None
-            if c is not None and c.rows <= frozen * B:
-                same_rows = sums is not None and c.rows == frozen * B
-                got = sums[j] if sums is not None and same_rows else _checksum(X[j : j + 1, : c.rows])[0]
-                if int(got) != c.checksum:
-                    c = None
-            else:
-                c = None
-            old.append(c)
-        start = min((c.center.shape[0] if c is not None else 0) for c in old)
-        held = [c for c in old if c is not None]  # when start > 0: every metric of the chunk has its cache
-        reused += start * k
-        s0 = max(0, start - m)  # the baselines from `start` on need the m blocks before it
-        blocks = X[:, s0 * B :].reshape(k * (nb - s0), B)
-        frac = [j for j, i in enumerate(idx) if names[i] in FRACTION_METRICS]
-        med, spread, _, cnt = block_stats(blocks, with_mean=False)
+        off = s0 * B - r0
+        med, spread, _, cnt = block_stats(X[:, off:].reshape(k * (nb - s0), B), with_mean=False)
         med, spread, cnt = med.reshape(k, nb - s0), spread.reshape(k, nb - s0), cnt.reshape(k, nb - s0)
-        del blocks
+        cache.med.put(s0, med, rows)
 
-        def windows(a: np.ndarray, fill: float, start: int = start, s0: int = s0) -> np.ndarray:
-            pad = np.concatenate([np.full((a.shape[0], m - (start - s0)), fill, dtype=a.dtype), a], axis=1)
-            return sliding_window_view(pad, m, axis=1)[:, : nb - start]
+        def windows(arr: np.ndarray, fill: float) -> np.ndarray:
+            pad = np.concatenate([np.full((arr.shape[0], m - (start - s0)), fill, dtype=arr.dtype), arr], axis=1)
+            return windows_last(pad, m)[:, : nb - start]
 
         center, scale, _, ok = baseline(
             windows(med, np.nan), windows(spread, np.nan), None, windows(cnt, 0), th.min_history
         )
-        level = None
+        level = np.full((k, nb - start), np.nan)
+        frac = [j for j, i in enumerate(idx) if names[i] in FRACTION_METRICS]
         if frac:  # block means only where a mean level is used (fractions), the kernel of zscore_band
-            block_means = block_stats(X[frac, s0 * B :].reshape(len(frac) * (nb - s0), B))[2]
-            assert block_means is not None  # with_mean defaults to True
-            mean = block_means.reshape(len(frac), -1)
-            level = median_last(windows(mean, np.nan))
-        if start:
-            center = np.concatenate([np.stack([c.center[:start] for c in held]), center], axis=1)
-            scale = np.concatenate([np.stack([c.scale[:start] for c in held]), scale], axis=1)
-            ok = np.concatenate([np.stack([c.ok[:start] for c in held]), ok], axis=1)
-            if level is not None:
-                levels = [held[j].level for j in frac]
-                level = np.concatenate([np.stack([lv[:start] for lv in levels if lv is not None]), level], axis=1)
+            means = block_stats(X[frac, off:].reshape(len(frac) * (nb - s0), B))[2]
+            assert means is not None  # with_mean defaults to True
+            level[frac] = median_last(windows(means.reshape(len(frac), -1), np.nan))
+        cache.center.put(start, center, rows)
+        cache.scale.put(start, scale, rows)
+        cache.ok.put(start, ok, rows)
+        cache.level.put(start, level, rows)
 
-        # Generic robust z-score (low): |x - center| > threshold * scale, z computed for the hits only.
-        gen = [j for j, i in enumerate(idx) if generic(names[i], aliases)] if "zscore" not in muted else []
-        if gen:
-            zscale = np.maximum(scale[gen], floors[[idx[j] for j in gen]][:, None])
-            limit = th.anomaly_threshold * zscale
-            limit[~ok[gen]] = np.inf
-            with np.errstate(invalid="ignore"):
-                dev = np.subtract(X[gen].reshape(len(gen), nb, B), center[gen][:, :, None])
-                np.abs(dev, out=dev)
-                hit = dev > limit[:, :, None]
-            del dev
-            g_arr, r_arr = np.nonzero(hit.reshape(len(gen), nb * B))  # padding rows are NaN: never hit
-            del hit
-            bounds = np.searchsorted(g_arr, np.arange(len(gen) + 1))
-            for q, j in enumerate(gen):
-                rows = r_arr[bounds[q] : bounds[q + 1]]
-                rows = rows[~in_grace[rows]]
-                if rows.size:
-                    blk = rows // B
-                    x = X[j, rows]
-                    z = (x - center[gen[q]][blk]) / zscale[q][blk]
-                    flagged.append(("zscore", names[idx[j]], rows, np.ones(rows.size, dtype=np.int8), z, x))
-
-        fsum = _checksum(X[:, : frozen * B]) if sums is None else sums
-        data_sig.extend((fsum + _checksum(X[:, frozen * B : n])).tolist())  # every row (wrapping int64 sum)
-        for j, i in enumerate(idx):
-            name = names[i]
-            lv = level[frac.index(j)] if level is not None and j in frac else None
-            md = None
-            if name in _BLOCK_MEDIANS:
-                before = held[j].med if s0 else None
-                md = med[j] if before is None else np.concatenate([before[:s0], med[j]])
-            fresh[name] = _Cached(frozen * B, int(fsum[j]), center[j], scale[j], ok[j], lv, md)
-            if name in need_x:
-                base[name] = (
-                    center[j],
-                    scale[j],
-                    ok[j],
-                    lv if lv is not None else np.full(nb, np.nan),
-                    md,
-                    X[j].copy(),
-                )
+        # |x - center| / scale per row from row `a` (a whole block), NaN where the z-score does not judge.
+        ab = a // B
+        cen = cache.center.data[rows, ab:nb]
+        sc = np.maximum(cache.scale.data[rows, ab:nb], floors[rows][:, None])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.abs(X[:, a - r0 :].reshape(k, nb - ab, B) - cen[:, :, None]) / sc[:, :, None]
+        z[~cache.ok.data[rows, ab:nb]] = np.nan
+        z[~judged[rows]] = np.nan
+        cache.zabs.put(a, z.reshape(k, -1)[:, : n - a].astype(np.float32), rows)
         del X
 
-    cache.metrics, cache.steps, cache.reused_blocks = fresh, np.array(steps), reused // max(M, 1)
-    plan = Plan(names, meta, th)
-    # The domain detectors read every setting but the z-score's threshold: when only that changed (the +/- keys)
-    # and no value did, their flags are the cached ones (same row count: `_start` checked the steps).
-    signature = (
-        dataclasses.replace(th, anomaly_threshold=0.0, muted=[]),
-        tuple(names),
-        plan.dpo,
-        plan.off_policy,
-        plan.max_len,
-        tuple(data_sig),
-        n,
-    )
-    if cache.specific is not None and cache.specific[0] == signature:
-        specific = cache.specific[1]
-    else:
-        series = {name: Series(xpad, c, s, lv, ok, B, n, md) for name, (c, s, ok, lv, md, xpad) in base.items()}
-        specific = []
-        for det, metric, lev, score in flags(Context(series, plan, th, n)):
-            if lev.any():
-                value = series[metric].x if metric in series else np.full(n, np.nan)
-                specific.append(_sparse(det, metric, lev, score, value, in_grace))
-        cache.specific = (signature, specific)
-        del series
-    del base
-    for det, metric, lev, score, value in dense:  # non-finite values
-        flagged.append(_sparse(det, metric, lev, score, value, in_grace))
-    flagged.extend(f for f in specific if f[0] not in muted and f[2].size)
-    return episodes(flagged, steps, th, keep_low, keep_other)
+
+def _zscore_flags(cache, metrics, names, n, B, th, z_from, steps, grace_end) -> dict:
+    """The generic robust z-score (low): |z| above the threshold, from row `z_from` on."""
+    out: dict[tuple[str, str], tuple] = {}
+    if z_from >= n:
+        return out
+    zabs = cache.zabs.data[:, z_from:n]
+    g_arr, r_arr = np.nonzero(zabs > np.float32(th.anomaly_threshold))
+    bounds = np.searchsorted(g_arr, np.arange(len(names) + 1))
+    floors = _judged(names, float(th.fraction_floor))[1]
+    for i in np.unique(g_arr).tolist():
+        rows = r_arr[bounds[i] : bounds[i + 1]] + z_from
+        rows = rows[steps[rows] >= grace_end]
+        if rows.size:
+            blk = rows // B
+            x = _as_floats(metrics[names[i]])[rows]
+            zscale = np.maximum(cache.scale.data[i, blk], floors[i])
+            z = (x - cache.center.data[i, blk]) / zscale
+            out[("zscore", names[i])] = (rows, np.ones(rows.size, dtype=np.int8), z, x)
+    return out
 
 
-def _sparse(
-    det: str, metric: str, lev: np.ndarray, score: np.ndarray, value: np.ndarray, in_grace: np.ndarray
-) -> tuple:
-    """(detector, metric, rows, level, score, value) of the flagged rows (none in the grace period, except
-    non-finite values)."""
-    if det != "nonfinite":
-        lev = np.where(in_grace, 0, lev)
-    rows = np.flatnonzero(lev)
-    return det, metric, rows, lev[rows], score[rows], value[rows]
+def _domain_flags(cache, metrics, names, n, B, L, th, plan, dom_from, steps, grace_end) -> dict:
+    """Every rule over rows w .. n-1 (w: `dom_from` less the rules' lookback, on the grid); flags from
+    `dom_from` on."""
+    if not dom_from:
+        cache.carry = Carry()
+    w = max(0, dom_from - L * -(-lookback(th) // L))
+    nb, wb = -(-n // B), w // B
+    wn = n - w
+    leak = int(th.memory_leak_blocks)
+    series: dict[str, Series] = {}
+    wanted = [(i, name) for i, name in enumerate(names) if name in _wanted(names)]
+    xs = np.full((len(wanted), (nb - wb) * B), np.nan)  # the rows padded to whole blocks, NaN = missing
+    for j, (_i, name) in enumerate(wanted):
+        xs[j, :wn] = _as_floats(metrics[name])[w:n]
+    xs[~np.isfinite(xs)] = np.nan
+    before = min(leak, wb)
+    center, scale = cache.center.data[:, wb:nb], cache.scale.data[:, wb:nb]
+    level, ok, med = cache.level.data[:, wb:nb], cache.ok.data[:, wb:nb], cache.med.data[:, wb - before : nb]
+    for j, (i, name) in enumerate(wanted):
+        series[name] = Series(xs[j], center[i], scale[i], level[i], ok[i], B, wn, med[i], before)
+    cache.rows_read = wn
+    ctx = Context(series, plan, th, wn, Pass(cache.carry, w, wn, n - 1, L))
+    out: dict[tuple[str, str], tuple] = {}
+    grace = steps[dom_from:] < grace_end
+    grace = grace if grace.any() else None
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN = missing, everywhere in the rules
+        produced = list(flags(ctx))
+    for det, metric, lev, score in produced:
+        lev = lev[dom_from - w :]
+        if grace is not None and det != "nonfinite":
+            lev = np.where(grace, 0, lev)
+        hit = lev.nonzero()[0]
+        if hit.size:
+            value = series[metric].x[dom_from - w :] if metric in series else np.full(lev.size, np.nan)
+            out[(det, metric)] = (hit + dom_from, lev[hit], score[dom_from - w :][hit], value[hit])
+    cache.carry.prune(L * ((n - 1) // L) - L * -(-lookback(th) // L))
+    return out

@@ -4,13 +4,13 @@ episode, with its severity, peak, first step at each severity and its words; the
 
 from __future__ import annotations
 
+import bisect
 import operator
 
 import numpy as np
 
 from rlhf_tui.analysis.detectors.registry import ZSCORE_ADVICE, describe, zscore_message
 from rlhf_tui.analysis.severity import SEVERITIES
-from rlhf_tui.analysis.thresholds import Thresholds
 
 
 def new_episode(
@@ -42,6 +42,9 @@ def new_episode(
         "ongoing": True,
         "severity_steps": sev_steps,
     }
+
+
+EPISODE_ORDER = operator.itemgetter("step", "detector", "metric")
 
 
 class Spans:
@@ -133,40 +136,160 @@ def episode_dicts(
     return out
 
 
-def episodes(
-    flagged: list[tuple], steps: np.ndarray, th: Thresholds, keep_low: int | None, keep_other: int | None
-) -> tuple[list[dict], dict[str, int]]:
-    """Flagged rows -> episodes (only the newest kept ones built) and counts per severity."""
-    latest, cooldown = int(steps[-1]), int(th.cooldown_steps)
-    spans: list[tuple] = []
-    for det, metric, rows, lev, score, value in flagged:
-        if rows.size:
-            st = steps[rows]
-            score = np.nan_to_num(score, nan=0.0)
-            spans.append((det, metric, Spans(st, lev, score, cooldown), st, score, value))
-    if not spans:
-        return [], {}
-    counts: dict[str, int] = {}
-    for _d, _m, sp, *_ in spans:
-        for L, c in zip(*np.unique(sp.sev, return_counts=True)):
-            counts[SEVERITIES[L - 1]] = counts.get(SEVERITIES[L - 1], 0) + int(c)
-    which: list[np.ndarray | None] = [None] * len(spans)
-    if keep_low is not None or keep_other is not None:
-        first_all = np.concatenate([st[sp.starts] for _d, _m, sp, st, *_ in spans])
-        last_all = np.concatenate([st[sp.last] for _d, _m, sp, st, *_ in spans])
-        low_all = np.concatenate([sp.sev == 1 for _d, _m, sp, *_ in spans])
-        keep = latest - last_all <= cooldown  # ongoing episodes always stay
-        order = np.lexsort((last_all, first_all))[::-1]  # newest first
-        for is_low, limit in ((True, keep_low), (False, keep_other)):
-            chosen = order[low_all[order] == is_low]
-            keep[chosen if limit is None else chosen[: max(0, int(limit))]] = True
-        sizes = [sp.starts.shape[0] for _d, _m, sp, *_ in spans]
-        which = [np.flatnonzero(k) for k in np.split(keep, np.cumsum(sizes)[:-1])]
-    out: list[dict] = []
-    for (det, metric, sp, st, score, value), w in zip(spans, which):
-        out.extend(episode_dicts(det, metric, sp, st, score, value, cooldown, latest, w))
-    out.sort(key=EPISODE_ORDER)
-    return out, counts
+class _KeyEpisodes:
+    """One detector+metric's episodes that may still change: those from flag `closed_upto` on."""
+
+    __slots__ = ("closed_upto", "open")
+
+    def __init__(self) -> None:
+        self.closed_upto = 0
+        self.open: list[dict] = []
 
 
-EPISODE_ORDER = operator.itemgetter("step", "detector", "metric")
+class EpisodeBook:
+    """The episodes of a growing history, kept between passes.
+
+    An episode whose last flag is more than `cooldown_steps` before the step where the next pass starts can no
+    longer change: it is closed, built once, and (when the monitor keeps only the newest `keep_low` low and
+    `keep_other` other episodes) kept only while it is among the newest of its kind. The other episodes are
+    rebuilt from their flags whenever those change."""
+
+    def __init__(self, cooldown: int, keep_low: int | None, keep_other: int | None):
+        self.cooldown, self.keep = cooldown, {True: keep_low, False: keep_other}
+        self.keys: dict[tuple[str, str], _KeyEpisodes] = {}
+        self.closed: dict[bool, list[dict]] = {True: [], False: []}  # by kind (low?), in EPISODE_ORDER
+        self.closed_counts: dict[str, int] = {}
+
+    def update(
+        self,
+        flags: dict,
+        redo: set[tuple[str, str]],
+        steps: np.ndarray,
+        horizon: int,
+    ) -> tuple[list[dict], dict[str, int]]:
+        """Rebuild the episodes of the keys in `redo` (their flags changed), close what ends before step
+        `horizon`, and return the selection and counts of every episode. `flags`: {(detector, metric): Flags}."""
+        latest, cooldown = int(steps[-1]), self.cooldown
+        closing: list[tuple] = []  # (detector, metric, spans, steps, score, value, span indices) newly closed
+        for key, fl in flags.items():
+            state = self.keys.get(key)
+            if state is None:
+                state = self.keys[key] = _KeyEpisodes()
+            if key in redo:
+                rows, lev, score, value = fl.tail(state.closed_upto)
+                state.open = []
+                if not rows.size:
+                    continue
+                st = steps[rows]
+                score = np.nan_to_num(score, nan=0.0)
+                sp = Spans(st, lev, score, cooldown)
+                ends = st[sp.last]
+                done = int(np.searchsorted(ends + cooldown >= horizon, True))  # closed spans are a prefix
+                if done:
+                    closing.append((key[0], key[1], sp, st, score, value, np.arange(done)))
+                    state.closed_upto += int(sp.last[done - 1]) + 1
+                if done < sp.starts.shape[0]:
+                    state.open = episode_dicts(
+                        key[0], key[1], sp, st, score, value, cooldown, latest, np.arange(done, sp.starts.shape[0])
+                    )
+            elif state.open:  # same flags: episodes close, or stop being ongoing, as time passes
+                still = []
+                for ep in state.open:
+                    ongoing = latest - ep["last_step"] <= cooldown
+                    if ongoing != ep["ongoing"]:
+                        ep = dict(ep, ongoing=ongoing)  # a new dict: callers compare passes by value
+                    if ep["last_step"] + cooldown < horizon:
+                        self._close([ep])
+                        state.closed_upto += ep["count"]
+                    else:
+                        still.append(ep)
+                state.open = still
+        if closing:
+            self._close_spans(closing, latest)
+        return self._select()
+
+    def _close(self, eps: list[dict]) -> None:
+        """Count closed episodes and keep them (the newest of each kind)."""
+        for ep in eps:
+            sev = ep["severity"]
+            self.closed_counts[sev] = self.closed_counts.get(sev, 0) + 1
+        self._keep(eps)
+
+    def _keep(self, eps: list[dict]) -> None:
+        for low in (True, False):
+            mine = [ep for ep in eps if (ep["severity"] == "low") == low]
+            if not mine:
+                continue
+            kept = self.closed[low]
+            if len(mine) < 8:
+                for ep in mine:
+                    bisect.insort(kept, ep, key=EPISODE_ORDER)
+            else:
+                kept.extend(mine)
+                kept.sort(key=EPISODE_ORDER)
+            limit = self.keep[low]
+            if limit is not None and len(kept) > limit:
+                del kept[: len(kept) - max(0, int(limit))]
+
+    def _close_spans(self, closing: list[tuple], latest: int) -> None:
+        """Count every newly closed episode; build only those that can be among the kept newest."""
+        for _det, _metric, sp, _st, _sc, _v, which in closing:
+            for L, c in zip(*np.unique(sp.sev[which], return_counts=True)):
+                name = SEVERITIES[L - 1]
+                self.closed_counts[name] = self.closed_counts.get(name, 0) + int(c)
+        order = sorted(range(len(closing)), key=lambda i: (closing[i][0], closing[i][1]))
+        rank = np.empty(len(closing), dtype=np.int64)
+        rank[order] = np.arange(len(closing))
+        first = np.concatenate([c[3][c[2].starts[c[6]]] for c in closing])
+        low = np.concatenate([c[2].sev[c[6]] == 1 for c in closing])
+        owner = np.concatenate([np.full(c[6].shape[0], i) for i, c in enumerate(closing)])
+        index = np.concatenate([c[6] for c in closing])
+        newest = np.lexsort((rank[owner], first))  # EPISODE_ORDER, oldest first
+        chosen = []
+        for is_low in (True, False):
+            mine = newest[low[newest] == is_low]
+            limit = self.keep[is_low]
+            chosen.append(mine if limit is None else mine[mine.shape[0] - min(mine.shape[0], max(0, int(limit))) :])
+        pick = np.concatenate(chosen)
+        built: list[dict] = []
+        for i, c in enumerate(closing):
+            which = np.sort(index[pick[owner[pick] == i]])
+            if which.size:
+                det, metric, sp, st, score, value, _w = c
+                built.extend(episode_dicts(det, metric, sp, st, score, value, self.cooldown, latest, which))
+        self._keep(built)
+
+    def _select(self) -> tuple[list[dict], dict[str, int]]:
+        counts = dict(self.closed_counts)
+        out: list[dict] = []
+        for low in (True, False):
+            opens = [ep for st in self.keys.values() for ep in st.open if (ep["severity"] == "low") == low]
+            opens.sort(key=EPISODE_ORDER)
+            for ep in opens:
+                counts[ep["severity"]] = counts.get(ep["severity"], 0) + 1
+            limit = self.keep[low]
+            if limit is None:
+                out = merge_sorted(out, merge_sorted(self.closed[low], opens))
+                continue
+            limit = max(0, int(limit))
+            if not limit:
+                out = merge_sorted(out, [ep for ep in opens if ep["ongoing"]])
+                continue
+            pool = merge_sorted(self.closed[low][-limit:], opens)
+            top = pool[max(0, len(pool) - limit) :]
+            cut = EPISODE_ORDER(top[0]) if top else None
+            late = [ep for ep in opens if ep["ongoing"] and cut is not None and EPISODE_ORDER(ep) < cut]
+            out = merge_sorted(out, merge_sorted(top, late))
+        return out, {k: v for k, v in counts.items() if v}
+
+
+def merge_sorted(a: list[dict], b: list[dict]) -> list[dict]:
+    """Two lists in EPISODE_ORDER as one new list in that order (cheap when one of them is short)."""
+    if len(a) < len(b):
+        a, b = b, a
+    if len(b) > 16:
+        return sorted(a + b, key=EPISODE_ORDER)
+    out = list(a)
+    for ep in b:
+        bisect.insort(out, ep, key=EPISODE_ORDER)
+    return out

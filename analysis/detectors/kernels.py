@@ -8,11 +8,18 @@ import math
 from statistics import NormalDist
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 
 _MAD = 1.4826
 
 _RANGE_CACHE: dict[int, np.ndarray] = {}
+
+
+def windows_last(a: np.ndarray, width: int) -> np.ndarray:
+    """Read-only sliding windows of `width` along the last axis (numpy's sliding_window_view without its
+    checks, which cost more than the work on the short arrays of an incremental pass)."""
+    count = a.shape[-1] - width + 1
+    return as_strided(a, (*a.shape[:-1], count, width), (*a.strides, a.strides[-1]), writeable=False)
 
 
 def range_table(width: int) -> np.ndarray:
@@ -150,18 +157,42 @@ def median_list(values: list[float]) -> float:
     return (v[(k - 1) // 2] + v[k // 2]) / 2.0
 
 
-def cusum(z: np.ndarray, kref: float, clip: float, sign: float) -> np.ndarray:
-    """One-sided CUSUM of clipped z-scores (sign +1: upward, -1: downward); NaN steps add nothing."""
-    inc = np.clip(z, -clip, clip)
-    if sign < 0:
-        np.negative(inc, out=inc)
-    inc -= kref
-    np.copyto(inc, 0.0, where=np.isnan(inc))
-    c = np.cumsum(inc)
-    low = np.minimum.accumulate(c)
-    np.minimum(low, 0.0, out=low)
-    c -= low
-    return c
+def cusum(
+    z: np.ndarray, kref: float, clip: float, sign: float, start: float = 0.0, chunk: int = 0
+) -> tuple[np.ndarray, list[float]]:
+    """One-sided CUSUM of clipped z-scores (sign +1: upward, -1: downward); NaN steps add nothing.
+
+    The sums restart every `chunk` rows (0: one chunk) from the value carried into that chunk, beginning with
+    `start`: a pass that resumes at a chunk boundary with the carried value gives bit-identical results to a
+    pass over the whole history. Returns (values, the value carried into each chunk)."""
+    n = z.shape[0]
+    if n == 0:
+        return np.zeros(0), [start]
+    width = n if chunk <= 0 else chunk
+    nc = -(-n // width)
+    inc = np.zeros(nc * width)  # the padding adds nothing
+    np.multiply(z, sign, out=inc[:n])
+    np.minimum(inc[:n], clip, out=inc[:n])  # (NaN stays NaN; np.clip costs more on short arrays)
+    np.maximum(inc[:n], -clip, out=inc[:n])
+    inc[:n] -= kref
+    inc[np.isnan(inc)] = 0.0
+    c = np.cumsum(inc.reshape(nc, width), axis=1)
+    # The value carried out of a chunk, in scalar arithmetic that equals the vector form below bit for bit:
+    # rounding is monotonic, so min over u of (s + c_u) is s + min over u of c_u.
+    carried = [start]
+    if nc > 1:
+        last, low = c[:-1, -1].tolist(), c[:-1].min(axis=1).tolist()
+        s = start
+        for k in range(nc - 1):
+            s = (s + last[k]) - min(0.0, s + low[k])
+            carried.append(s)
+        c += np.array(carried)[:, None]
+    else:
+        c += start
+    floor = np.minimum.accumulate(c, axis=1)
+    np.minimum(floor, 0.0, out=floor)
+    c -= floor
+    return c.reshape(-1)[:n], carried
 
 
 def count_last(flags: np.ndarray, n: int) -> np.ndarray:
@@ -175,18 +206,17 @@ def count_last(flags: np.ndarray, n: int) -> np.ndarray:
 def recent_median(x: np.ndarray, n: int) -> np.ndarray:
     """Median of the finite values among the last n rows; NaN unless at least half of them are finite."""
     pad = np.concatenate([np.full(n - 1, np.nan), x])
-    win = sliding_window_view(pad, n)
+    win = windows_last(pad, n)
     med = median_last(win)
     enough = (~np.isnan(win)).sum(axis=1) >= (n + 1) // 2
     return np.where(enough, med, np.nan)
 
 
-def early_level(x: np.ndarray, count: int) -> tuple[float, int]:
-    """Median of the first `count` finite values and the row of the last of them (nan, -1 if too few)."""
-    idx = np.flatnonzero(~np.isnan(x))[:count]
-    if idx.size < count:
+def early_level(values: list[float], rows: list[int], count: int) -> tuple[float, int]:
+    """Median of a series' first `count` finite values and the row of the last of them (nan, -1 if too few)."""
+    if len(values) < count:
         return math.nan, -1
-    return median_list([float(v) for v in x[idx]]), int(idx[-1])
+    return median_list(values[:count]), rows[count - 1]
 
 
 def reward_residual(reward: np.ndarray, parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -202,25 +232,28 @@ def reward_residual(reward: np.ndarray, parts: list[np.ndarray]) -> tuple[np.nda
     return rel, resid
 
 
-def lr_ratio(x: np.ndarray) -> np.ndarray:
-    """Ratio of each learning rate to the previous finite, positive one (NaN otherwise)."""
+def lr_ratio(x: np.ndarray, before: float = math.nan) -> np.ndarray:
+    """Ratio of each learning rate to the previous finite, positive one (NaN otherwise); `before` is the last
+    finite value ahead of these rows."""
     n = x.shape[0]
     prev = np.full(n, np.nan)
     idx = np.flatnonzero(~np.isnan(x))
-    if idx.size > 1:
+    if idx.size:
+        prev[idx[0]] = before
         prev[idx[1:]] = x[idx[:-1]]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(prev > 0, x / prev, np.nan)
 
 
-def leak_growth(med_blocks: np.ndarray, L: int, B: int, n: int) -> np.ndarray:
-    """Per row: fractional growth over the previous L block medians when it is steady (NaN otherwise)."""
+def leak_growth(med_blocks: np.ndarray, L: int, B: int, n: int, before: int = 0) -> np.ndarray:
+    """Per row: fractional growth over the previous L block medians when it is steady (NaN otherwise).
+    `med_blocks` holds `before` blocks ahead of the rows' first block (so the first rows see their window)."""
     nb = med_blocks.shape[0]
     out_blocks = np.full(nb, np.nan)
     if nb > L and L >= 2:
-        win = sliding_window_view(med_blocks, L)[: nb - L]  # blocks j-L .. j-1 for j = L .. nb-1
+        win = windows_last(med_blocks, L)[: nb - L]  # blocks j-L .. j-1 for j = L .. nb-1
         out_blocks[L:] = steady_growth(win)
-    return np.repeat(out_blocks, B)[:n]
+    return np.repeat(out_blocks[before:], B)[:n]
 
 
 def steady_growth(win: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The detectors' rules, each written once and vectorised over a whole history: a rule reads row-level series
+"""The detectors' rules, each written once and vectorised over a whole history (the engine runs them with
+invalid/divide floating-point warnings off: NaN means missing): a rule reads row-level series
 and yields (detector, metric, level per row, score per row). Rules run in the order they are registered; a
 later rule may read what an earlier one left in `Context.shared` (reward hacking reads the KL and entropy rules).
 """
@@ -10,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rlhf_tui.analysis.detectors.carry import Pass
 from rlhf_tui.analysis.detectors.kernels import (
     count_last,
-    cusum,
     early_level,
     leak_growth,
     lr_ratio,
@@ -38,7 +39,8 @@ class Series:
         ok: np.ndarray,
         block: int,
         n: int,
-        med_blocks: np.ndarray,
+        med_blocks: np.ndarray | None,
+        med_before: int = 0,
     ):
         self.xpad = xpad  # the values padded with NaN to whole blocks
         self.x = xpad[:n]
@@ -46,6 +48,7 @@ class Series:
         self.block = block
         self.n = n
         self.med_blocks = med_blocks
+        self.med_before = med_before  # blocks of `med_blocks` ahead of the rows' first block
         self._cache: dict[str, np.ndarray] = {}
 
     def _rows(self, arr: np.ndarray) -> np.ndarray:
@@ -79,8 +82,7 @@ class Series:
     def z(self) -> np.ndarray:
         if "z" not in self._cache:
             nb = self._c.shape[0]
-            with np.errstate(invalid="ignore"):
-                z = ((self.xpad.reshape(nb, self.block) - self._c[:, None]) / self._s[:, None]).reshape(-1)[: self.n]
+            z = ((self.xpad.reshape(nb, self.block) - self._c[:, None]) / self._s[:, None]).reshape(-1)[: self.n]
             z[~self.ok] = np.nan
             self._cache["z"] = z
         return self._cache["z"]
@@ -94,13 +96,26 @@ class Series:
 
 @dataclass
 class Context:
-    """What every rule reads: the row-level series by name, the run's plan, the thresholds, the row count."""
+    """What every rule reads: the row-level series by name, the run's plan, the thresholds, the row count and
+    `p`, what the rules carry between passes (a pass may cover only the newest rows: rows p.row0 ..; every
+    array a rule sees starts there, and a rule needing more history than its lookback reads it through `p`)."""
 
     series: dict[str, Series]
     plan: Plan
     th: Thresholds
     n: int
+    p: Pass
     shared: dict[str, np.ndarray] = field(default_factory=dict)  # values a rule passes to a later one
+
+    def cusum(self, key: str, z: np.ndarray, kref: float, sign: float) -> np.ndarray:
+        return self.p.cusum(key, z, kref, self.th.shift_clip, sign)
+
+    def early(self, key: str, x: np.ndarray) -> tuple[float, int]:
+        """The run's early level of a series (median of its first `early_steps` finite values) and its row,
+        as an index into this pass (clipped to 0; -1 while too few values)."""
+        count = int(self.th.early_steps)
+        level, row = early_level(*self.p.first_values(key, x, count), count)
+        return level, max(-1, row - self.p.row0) if row >= 0 else -1
 
     def s(self, name: str) -> Series | None:
         return self.series.get(name)
@@ -133,12 +148,14 @@ def flags(c: Context) -> Flags:
         yield from fn(c)
 
 
-def armed_row(rel: np.ndarray, th: Thresholds) -> int:
-    """Row after which the reward identity is trusted: its first `early_steps` valid rows all hold exactly."""
-    idx = np.flatnonzero(~np.isnan(rel))[: th.early_steps]
-    if idx.size < th.early_steps or np.any(rel[idx] > th.reward_mismatch_tol * 0.1):
-        return -1
-    return int(idx[-1])
+def armed_row(c: Context, rel: np.ndarray) -> int:
+    """Whole-run row after which the reward identity is trusted: its first `early_steps` valid rows all hold
+    exactly; None while they have not."""
+    th = c.th
+    values, rows = c.p.first_values("reward_identity", rel, th.early_steps)
+    if len(values) < th.early_steps or max(values[: th.early_steps]) > th.reward_mismatch_tol * 0.1:
+        return None
+    return rows[th.early_steps - 1]
 
 
 @rule
@@ -148,8 +165,7 @@ def kl(c: Context) -> Flags:
     c.shared["kl_held"] = np.zeros(n, dtype=bool)
     kl = s("kl")
     if kl is not None:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.abs(kl.x - kl.center) / np.maximum(kl.scale, np.abs(kl.center))
+        ratio = np.abs(kl.x - kl.center) / np.maximum(kl.scale, np.abs(kl.center))
         ratio[~kl.ok] = np.nan
         yield "kl_spike", "kl", np.where(ratio >= th.kl_spike_factor, 1, 0).astype(np.int8), ratio
         held = count_last(ratio >= th.kl_runaway_factor, pn) >= k
@@ -166,24 +182,23 @@ def entropy(c: Context) -> Flags:
     ent = s("entropy")
     ent_drop = np.full(n, np.nan)
     if ent is not None:
-        early, row = early_level(ent.x, th.early_steps)
+        early, row = c.early("entropy", ent.x)
         lowest_drop = min(th.entropy_collapse_frac, th.hack_entropy_drop)
         # the recent median can only fall below a level some value fell below: skip the work otherwise
         if early > 0 and np.any(ent.x <= (1.0 - lowest_drop) * early):
-            with np.errstate(invalid="ignore"):
-                ent_drop = 1.0 - ent.recent(rn) / early
+            ent_drop = 1.0 - ent.recent(rn) / early
             ent_drop[: row + 1] = np.nan
             lev = np.where(
                 ent_drop >= th.entropy_collapse_high, 3, np.where(ent_drop >= th.entropy_collapse_frac, 2, 0)
             ).astype(np.int8)
             yield "entropy_collapse", "entropy", lev, ent_drop
-        up = cusum(ent.z, th.rise_kref, th.shift_clip, 1.0)
+        up = c.cusum("entropy_up", ent.z, th.rise_kref, 1.0)
         yield "policy_shift", "entropy", np.where(up >= th.rise_h, 2, 0).astype(np.int8), up
 
     c.shared["entropy_drop"] = ent_drop
     length = s("completion_length")
     if length is not None:
-        up = cusum(length.z, th.rise_kref, th.shift_clip, 1.0)
+        up = c.cusum("length_up", length.z, th.rise_kref, 1.0)
         yield "policy_shift", "completion_length", np.where(up >= th.rise_h, 2, 0).astype(np.int8), up
 
 
@@ -193,8 +208,8 @@ def reward_level(c: Context) -> Flags:
     th, plan = c.th, c.plan
     for name in plan.reward_metrics:
         ser = c.series[name]
-        up = cusum(ser.z, th.rise_kref, th.shift_clip, 1.0)
-        down = cusum(ser.z, th.shift_kref, th.shift_clip, -1.0)
+        up = c.cusum(f"{name}:up", ser.z, th.rise_kref, 1.0)
+        down = c.cusum(f"{name}:down", ser.z, th.shift_kref, -1.0)
         lev = np.where((up >= th.rise_h) | (down >= th.shift_h), 2, 0).astype(np.int8)
         score = np.where(up >= down, up, -down)
         yield "reward_shift", name, lev, score
@@ -207,15 +222,14 @@ def reward_spread(c: Context) -> Flags:
     """Reward spread jumping up (noisy rewards) and reward scale jumps; a drop is "no learning signal"."""
     th, s, plan = c.th, c.s, c.plan
     if not plan.dpo and s("reward_std") is not None:
-        up = cusum(c.series["reward_std"].z, th.rise_kref, th.shift_clip, 1.0)
+        up = c.cusum("reward_std:up", c.series["reward_std"].z, th.rise_kref, 1.0)
         yield "reward_shift", "reward_std", np.where(up >= th.rise_h, 2, 0).astype(np.int8), up
 
     # Reward scale jumps.
     if not plan.dpo:
         rs = s("reward_std")
         if rs is not None:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ratio = np.where(rs.ok & (rs.center > 0), rs.x / rs.center, np.nan)
+            ratio = np.where(rs.ok & (rs.center > 0), rs.x / rs.center, np.nan)
             yield "reward_scale", "reward_std", np.where(ratio >= th.reward_scale_factor, 3, 0).astype(np.int8), ratio
         rw = s("reward")
         if rw is not None:
@@ -229,10 +243,10 @@ def reward_identity(c: Context) -> Flags:
     th, s, plan = c.th, c.s, c.plan
     if plan.reward_parts and s("reward") is not None:
         rel, resid = reward_residual(c.series["reward"].x, [c.series[p].x for p in plan.reward_parts])
-        armed = armed_row(rel, th)
-        if armed >= 0:
+        armed = armed_row(c, rel)
+        if armed is not None:
             lev = np.where(rel > th.reward_mismatch_tol, 3, 0).astype(np.int8)
-            lev[: armed + 1] = 0
+            lev[: c.p.rel(armed + 1)] = 0
             yield "reward_mismatch", "reward", lev, resid
 
 
@@ -242,17 +256,16 @@ def learning_signal(c: Context) -> Flags:
     th, n, s, rn, plan = c.th, c.n, c.s, c.rn, c.plan
     fz = s("frac_reward_zero_std")
     if fz is not None:
-        with np.errstate(invalid="ignore"):
-            zf = (fz.x - fz.level) / np.maximum(fz.scale, th.fraction_floor)
+        zf = (fz.x - fz.level) / np.maximum(fz.scale, th.fraction_floor)
         zf[~fz.ok] = np.nan
-        up = cusum(zf, th.shift_kref, th.shift_clip, 1.0)
+        up = c.cusum("zero_std:up", zf, th.shift_kref, 1.0)
         cur = fz.recent(rn) if np.any(fz.x >= th.no_signal_frac) else np.full(n, np.nan)
         lev = np.where(cur >= th.no_signal_frac, 3, np.where(up >= th.shift_h, 2, 0)).astype(np.int8)
         yield "no_learning_signal", "frac_reward_zero_std", lev, np.where(cur >= th.no_signal_frac, cur, up)
     rs = s("reward_std")
     if rs is not None and not plan.dpo:
-        down = cusum(rs.z, th.shift_kref, th.shift_clip, -1.0)
-        early, row = early_level(rs.x, th.early_steps)
+        down = c.cusum("reward_std:down", rs.z, th.shift_kref, -1.0)
+        early, row = c.early("reward_std", rs.x)
         collapsed = np.zeros(n, dtype=bool)
         if early > 0 and np.any(rs.x <= th.reward_std_collapse * early):
             cur = rs.recent(rn)
@@ -287,8 +300,7 @@ def loss_and_gradients(c: Context) -> Flags:
     gn = s("grad_norm")
     if gn is not None:
         z = gn.z
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.where(gn.ok & (gn.center > 0), gn.x / gn.center, np.nan)
+        ratio = np.where(gn.ok & (gn.center > 0), gn.x / gn.center, np.nan)
         held = count_last(ratio >= th.grad_norm_factor, pn) >= k
         yield "grad_norm_spike", "grad_norm", np.where(z >= th.spike_z, 1, 0).astype(np.int8), z
         yield "grad_norm_shift", "grad_norm", np.where(held, 2, 0).astype(np.int8), ratio
@@ -302,8 +314,7 @@ def loss_and_gradients(c: Context) -> Flags:
         yield "loss_shift", name, np.where(held, 2, 0).astype(np.int8), ls.z
     vl = s("value_loss")
     if vl is not None:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.where(vl.ok & (vl.center > 0), vl.x / vl.center, np.nan)
+        ratio = np.where(vl.ok & (vl.center > 0), vl.x / vl.center, np.nan)
         held = count_last(ratio >= th.value_loss_factor, pn) >= max(1, k - 1)
         yield "value_loss_blowup", "value_loss", np.where(held, 3, 0).astype(np.int8), ratio
 
@@ -316,9 +327,9 @@ def clip_fraction(c: Context) -> Flags:
     if cl is not None:
         armed = np.full(n, plan.off_policy)
         if not plan.off_policy:
-            nz = np.flatnonzero(np.nan_to_num(cl.x) > 0)
-            if nz.size:
-                armed[nz[0] :] = True
+            first = c.p.first_row("clip_ratio", np.nan_to_num(cl.x) > 0)
+            if first >= 0:
+                armed[c.p.rel(first) :] = True
         cur = cl.recent(rn) if np.any(cl.x >= th.clip_ratio_high) else np.full(n, np.nan)
         yield "clip_ratio", "clip_ratio", np.where(armed & (cur >= th.clip_ratio_high), 2, 0).astype(np.int8), cur
 
@@ -329,7 +340,7 @@ def learning_rate(c: Context) -> Flags:
     th, s = c.th, c.s
     lr = s("learning_rate")
     if lr is not None:
-        ratio = lr_ratio(lr.x)
+        ratio = lr_ratio(lr.x, c.p.last_finite_before("learning_rate", lr.x))
         yield "lr_jump", "learning_rate", np.where(ratio >= th.lr_jump_factor, 2, 0).astype(np.int8), ratio
 
 
@@ -340,9 +351,8 @@ def dpo(c: Context) -> Flags:
     if plan.dpo:
         acc = s("rewards/accuracies")
         if acc is not None:
-            with np.errstate(invalid="ignore"):
-                gap = acc.level - acc.x
-                need = np.maximum(th.dpo_accuracy_drop, 4.0 * acc.scale)
+            gap = acc.level - acc.x
+            need = np.maximum(th.dpo_accuracy_drop, 4.0 * acc.scale)
             gap[~acc.ok] = np.nan
             big = gap >= 2 * need
             held = count_last(gap >= need, 3) >= 2  # one dip of a small batch is not enough
@@ -350,26 +360,27 @@ def dpo(c: Context) -> Flags:
             yield "dpo_accuracy_drop", "rewards/accuracies", lev, -gap
             ps = max(1, int(th.dpo_pinned_steps))
             pinned = count_last(acc.x >= 0.999, ps) >= ps
-            pinned[5 * ps :] = False
+            pinned[c.p.rel(5 * ps) :] = False  # only early in the run
             yield "dpo_accuracy_pinned", "rewards/accuracies", np.where(pinned, 1, 0).astype(np.int8), acc.x
         mg = s("rewards/margins")
         if mg is not None:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                r = (mg.x - mg.center) / np.maximum(mg.scale, np.abs(mg.center))
+            r = (mg.x - mg.center) / np.maximum(mg.scale, np.abs(mg.center))
             r[~mg.ok] = np.nan
             held = count_last(r >= th.dpo_margin_factor, pn) >= max(1, k - 1)
             yield "dpo_margin_explosion", "rewards/margins", np.where(held, 2, 0).astype(np.int8), r
         lc, lrj = s("logps/chosen"), s("logps/rejected")
         if lc is not None and lrj is not None:
-            dc = cusum(lc.z, th.shift_kref, th.shift_clip, -1.0)
-            dr = cusum(lrj.z, th.shift_kref, th.shift_clip, -1.0)
+            dc = c.cusum("logps/chosen:down", lc.z, th.shift_kref, -1.0)
+            dr = c.cusum("logps/rejected:down", lrj.z, th.shift_kref, -1.0)
             both = (dc >= th.shift_h) & (dr >= th.shift_h)
             yield "dpo_logps_falling", "logps/chosen", np.where(both, 2, 0).astype(np.int8), np.minimum(dc, dr)
         ls = s("loss")
         if ls is not None:
             cur = ls.recent(rn)
-            below = count_last(cur < LN2 - th.dpo_loss_margin, n) > 0
-            prev_below = np.concatenate([[False], below[:-1]])
+            first = c.p.first_row("dpo_loss_below", cur < LN2 - th.dpo_loss_margin)
+            prev_below = np.zeros(n, dtype=bool)  # the loss was below ln 2 at some earlier row
+            if first >= 0:
+                prev_below[c.p.rel(first + 1) :] = True
             lev = np.where(prev_below & (cur > LN2 + th.dpo_loss_margin), 2, 0).astype(np.int8)
             yield "dpo_loss", "loss", lev, cur
 
@@ -380,7 +391,7 @@ def system(c: Context) -> Flags:
     th, n, s, rn, plan = c.th, c.n, c.s, c.rn, c.plan
     for name in plan.memory:
         ser = c.series[name]
-        growth = leak_growth(ser.med_blocks, int(th.memory_leak_blocks), B=ser.block, n=n)
+        growth = leak_growth(ser.med_blocks, int(th.memory_leak_blocks), B=ser.block, n=n, before=ser.med_before)
         lev = np.where(growth >= 3 * th.memory_leak_frac, 3, np.where(growth >= th.memory_leak_frac, 2, 0)).astype(
             np.int8
         )
@@ -395,6 +406,5 @@ def system(c: Context) -> Flags:
         if not pos.any() or not np.nanmax(ser.x) >= th.step_time_factor * np.min(ser.center[pos]):
             ratio = np.full(n, np.nan)  # no value reaches factor x the smallest baseline: nothing to flag
         else:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ratio = np.where(pos, ser.recent(rn) / ser.center, np.nan)
+            ratio = np.where(pos, ser.recent(rn) / ser.center, np.nan)
         yield "step_time_regression", timer, np.where(ratio >= th.step_time_factor, 2, 0).astype(np.int8), ratio

@@ -53,6 +53,7 @@ class TrainingAnomalies:
         self.values: dict[str, np.ndarray] = {}
         self.logged: dict[str, np.ndarray] = {}
         self.n = 0
+        self.drops = 0  # times the oldest rows were dropped (the engine's cache starts over then)
         self.first_step: int | None = None
         self.cache = DetectionCache()
         self.known: dict[tuple[str, str], list[dict]] = {}  # episodes of the last pass, by detector and metric
@@ -91,6 +92,7 @@ class TrainingAnomalies:
             for col in arrays.values():
                 col[:keep] = col[k : self.n]
         self.n = keep
+        self.drops += 1
 
     def poll(self, force: bool = False) -> tuple[list[dict], list[dict]]:
         """Run a pass when one is due (or `force`): (new episodes, new or changed episodes)."""
@@ -99,13 +101,16 @@ class TrainingAnomalies:
             return [], []
         self.last_pass, self.dirty = now, False
         n = self.n
+        # Views: nothing else writes these arrays while the pass runs (add and poll share the publisher thread).
         history = (
-            self.steps[:n].copy(),
-            {k: v[:n].copy() for k, v in self.values.items()},
-            {k: m[:n].copy() for k, m in self.logged.items()},
+            self.steps[:n],
+            {k: v[:n] for k, v in self.values.items()},
+            {k: m[:n] for k, m in self.logged.items()},
             self.meta,
         )
-        episodes, _counts = evaluate(history, self.th, cache=self.cache, first_step=self.first_step)
+        episodes, _counts = evaluate(
+            history, self.th, cache=self.cache, first_step=self.first_step, revision=(id(self), self.drops)
+        )
         new: list[dict] = []
         changed: list[dict] = []
         known: dict[tuple[str, str], list[dict]] = {}

@@ -86,7 +86,7 @@ def test_cache_follows_new_metrics_other_runs_and_block_settings():
     assert cache.reused_blocks == 0
 
 
-def test_the_zscore_keys_reuse_the_domain_detectors_flags_and_anything_else_recomputes_them():
+def test_the_zscore_keys_and_muting_rerun_the_domain_rules_on_the_newest_rows_only_and_other_settings_on_all():
     m = faulty_run(500, seed=6)
     hist = RunHistory("r")
     hist.meta.update(META)
@@ -94,22 +94,21 @@ def test_the_zscore_keys_reuse_the_domain_detectors_flags_and_anything_else_reco
     cache = DetectionCache()
     th = Thresholds()
     detect(hist, th, cache=cache)
-    kept = cache.specific
+    assert cache.rows_read == 500
     for changed in (
         th.replace(anomaly_threshold=2.5),
         th.replace(anomaly_threshold=4.5),
         th.replace(muted=["kl_runaway", "zscore"]),
     ):
         assert detect(hist, changed, cache=cache) == fresh(hist, changed)
-        assert cache.specific is kept  # the +/- keys and muting: flags reused
+        assert cache.rows_read < 100  # the +/- keys and muting: the domain rules' flags are kept
     assert not any(e["detector"] == "kl_runaway" for e in detect(hist, th.replace(muted=["kl_runaway"]), cache=cache))
     for changed in (th.replace(kl_runaway_factor=40.0), th.replace(grace_steps=100), th):
         assert detect(hist, changed, cache=cache) == fresh(hist, changed)
-        assert cache.specific is not kept  # another setting: flags recomputed
-        kept = cache.specific
+        assert cache.rows_read == 500  # another setting: every row again
     hist.add_step(500, {"memory/gpu_frac": 0.2})  # only the newest row changed
     assert detect(hist, th, cache=cache) == fresh(hist, th)
-    assert cache.specific is not kept
+    assert cache.rows_read < 100
 
 
 def test_same_values_at_other_steps_are_not_served_from_the_cache():
@@ -172,3 +171,78 @@ def test_every_series_a_domain_detector_reads_is_built():
     read = set(re.findall(r'\bs\("([^"]+)"\)', src))
     read |= {"policy_loss", "step_time", "time/step_s", "memory/rss_mb", "memory/gpu_mb", "rewards/x/mean"}
     assert series_wanted(sorted(read)) == read
+
+
+def mixed_run(n: int, seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Every kind of rule at once: faults, a learning rate logged every 7th row with a restart, a clip ratio
+    that turns non-zero late (arming the off-policy rule), a DPO-style loss dipping below ln 2 and back, NaN gaps."""
+    rng = np.random.default_rng(seed)
+    m = faulty_run(n, seed)
+    lr = np.full(n, np.nan)
+    lr[::7] = 1e-5 * (1 + 0.001 * np.arange(0, n, 7))
+    lr[7 * (n // 14)] *= 8  # a restart
+    m["learning_rate"] = lr
+    clip = np.zeros(n)
+    clip[n // 2 :] = np.clip(0.1 + 0.2 * rng.standard_normal(n - n // 2), 0, 1)
+    m["clip_ratio"] = clip
+    m["completions/clipped_ratio"] = np.where(np.arange(n) > 0.8 * n, 0.7, 0.05)
+    m["reward"] = m["reward"].copy()
+    m["reward"][int(0.7 * n) :] += np.linspace(0, 40, n - int(0.7 * n))  # a climb while lengths run out
+    m["entropy"] = m["entropy"].copy()
+    m["entropy"][int(0.6 * n) :] *= 0.02
+    m["grad_norm"] = m["grad_norm"].copy()
+    m["grad_norm"][rng.random(n) < 0.05] = np.nan
+    m["loss"] = m["loss"].copy()
+    m["loss"][n // 4] = np.inf
+    return m, {"trainer": "GRPOTrainer", "args": {"num_iterations": 1, "max_completion_length": 64}}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_history_grown_in_random_chunks_with_merged_rows_equals_a_pass_over_all_of_it(seed):
+    """The incremental engine against cold passes: random chunk sizes across the chunk grid, repeated steps
+    merged into the newest row, with and without a revision token, and a bounded episode list."""
+    rng = np.random.default_rng(100 + seed)
+    n = 900
+    m, meta = mixed_run(n, seed)
+    steps = np.arange(1, n + 1) * (1 + seed)
+    th = Thresholds().replace(cooldown_steps=3 + seed)
+    caches = {"revision": DetectionCache(), "checksums": DetectionCache()}
+    end, passes = 0, 0
+    while end < n:
+        end = min(n, end + int(rng.choice([1, 1, 2, 5, 13, 70, 151])))
+        part_m = {k: v[:end].copy() for k, v in m.items()}
+        if rng.random() < 0.3 and end > 1:  # the newest row changes later (a repeated step merged into it)
+            part_m["kl"][-1] = 0.0 if rng.random() < 0.5 else 1e3
+            part_m["entropy"][-1] = np.nan
+        part = (steps[:end], part_m, None, meta)
+        want = evaluate(part, th, keep_low=7, keep_other=50)
+        got_rev = evaluate(part, th, cache=caches["revision"], keep_low=7, keep_other=50, revision=("run", 0))
+        got_sum = evaluate(part, th, cache=caches["checksums"], keep_low=7, keep_other=50)
+        assert got_rev == want and got_sum == want, f"after {end} rows"
+        passes += 1
+    assert passes >= 12
+    everything = detect((steps, m, None, meta), th)
+    kinds = {e["detector"] for e in everything}
+    assert {
+        "kl_runaway",
+        "nonfinite",
+        "lr_jump",
+        "entropy_collapse",
+        "memory_leak",
+        "memory_near_oom",
+        "reward_hacking",
+    } <= kinds
+    assert caches["revision"].rows_read < 400  # the last passes read the newest rows, not the history
+
+
+def test_a_new_revision_token_or_a_thinned_store_starts_over():
+    m = faulty_run(600, seed=9)
+    hist = RunHistory("r", capacity=512)
+    hist.meta.update(META)
+    cache = DetectionCache()
+    grow(hist, m, 0, 500)
+    evaluate(hist, cache=cache, revision=hist.revision)
+    grow(hist, m, 500, 600)  # past capacity: thinned, so the token changes
+    assert hist.thinned > 0
+    assert evaluate(hist, cache=cache, revision=hist.revision) == evaluate(hist)
+    assert cache.reused_blocks == 0 and cache.rows_read == hist.rows
