@@ -39,7 +39,7 @@ class Series:
         ok: np.ndarray,
         block: int,
         n: int,
-        med_blocks: np.ndarray | None,
+        med_blocks: np.ndarray,
         med_before: int = 0,
     ):
         self.xpad = xpad  # the values padded with NaN to whole blocks
@@ -148,7 +148,7 @@ def flags(c: Context) -> Flags:
         yield from fn(c)
 
 
-def armed_row(c: Context, rel: np.ndarray) -> int:
+def armed_row(c: Context, rel: np.ndarray) -> int | None:
     """Whole-run row after which the reward identity is trusted: its first `early_steps` valid rows all hold
     exactly; None while they have not."""
     th = c.th
