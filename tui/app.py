@@ -280,6 +280,10 @@ class MonitorApp(App):
         table.user_moved = False
         self.apply_thresholds(new, f"{detector} {'muted (m again: unmute)' if muted else 'unmuted'}")
 
+    def action_toggle_lows(self) -> None:
+        for view in self.views:  # the feed's title says which (`13 low hidden`)
+            view.pane("anomalies").toggle_lows()
+
     def action_thresholds(self) -> None:
         self.push_screen(ThresholdEditor())
 

@@ -1,4 +1,4 @@
-"""`rlhf-tui` command line: the live monitor, `demo`, `report`, `analyze-checkpoint`.
+"""`rlhf-tui` command line: the live monitor, `demo`, `report`, `backtest` (tui/backtest.py), `analyze-checkpoint`.
 
 Errors a user can cause print one line on stderr and exit 2; never a traceback.
 """
@@ -24,6 +24,7 @@ usage:
   rlhf-tui [SOURCE ...] [options]    live monitor (default SOURCE tcp://127.0.0.1:5555)
   rlhf-tui demo [--steps N] [--headless]
   rlhf-tui report SOURCE [--format text|markdown|json] [-o FILE] [--wait-steps N] [--timeout S] [--fail-on LEVEL]
+  rlhf-tui backtest RUN... [--thresholds FILE] [--level LEVEL] [--format text|json] [-o FILE]
   rlhf-tui analyze-checkpoint PATH [--reference PATH] [--format text|json]
   rlhf-tui keygen DIR                CURVE keys for remote attach (docs/security.md)
 
@@ -377,7 +378,19 @@ def cmd_keygen(argv: list[str]) -> int:
         raise CliError(str(exc).splitlines()[0] if str(exc) else "cannot create keys") from None
 
 
-COMMANDS = {"report": cmd_report, "demo": cmd_demo, "analyze-checkpoint": cmd_analyze_checkpoint, "keygen": cmd_keygen}
+def cmd_backtest(argv: list[str]) -> int:
+    from rlhf_tui.tui.backtest import cmd_backtest as run
+
+    return run(argv)
+
+
+COMMANDS = {
+    "report": cmd_report,
+    "demo": cmd_demo,
+    "backtest": cmd_backtest,
+    "analyze-checkpoint": cmd_analyze_checkpoint,
+    "keygen": cmd_keygen,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

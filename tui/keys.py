@@ -85,6 +85,13 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("mute", "m", "app.mute", "Mute", help="mute / unmute the focused anomaly's detector (press again to undo)"),
     Key(
+        "show_lows",
+        "l",
+        "app.toggle_lows",
+        "Lows",
+        help="show / hide the low-severity anomalies in the feed (hidden by default; their metrics are still marked)",
+    ),
+    Key(
         "overlay",
         "o",
         "app.overlay",
@@ -148,6 +155,14 @@ KEYS: tuple[Key, ...] = (
         help="close the details and follow the newest step again",
     ),
     Key(
+        "anomaly_follow",
+        "end,f",
+        "follow",
+        "Follow",
+        scope="anomalies",
+        help="follow the feed again: the cursor on the newest anomaly, moving to each new one (a cursor key stops it)",
+    ),
+    Key(
         "checkpoint_details",
         "enter",
         "select_cursor",
@@ -156,6 +171,14 @@ KEYS: tuple[Key, ...] = (
         help="show the checkpoint's issues and recommendations",
     ),
     Key("checkpoint_close", "escape", "close_detail", "Close", scope="checkpoints", help="close the details"),
+    Key(
+        "checkpoint_follow",
+        "end,f",
+        "follow",
+        "Follow",
+        scope="checkpoints",
+        help="follow the newest checkpoint again (a cursor key stops it)",
+    ),
     # -- chart screen ----------------------------------------------------------------------------------
     Key(
         "chart_zoom_in",

@@ -187,3 +187,62 @@ def test_quit_closes_the_ssh_forward(tmux, tmp_path, install_fake_ssh):
         wait_for(lambda: _gone(ssh_pid), timeout=10, interval=0.05, message="the ssh forward to be closed")
     finally:
         cb.close()
+
+
+def _feed_rows(screen: str) -> list[str]:
+    """The Anomaly feed's rows on a 120-column screen (its left column, below its title and column headers)."""
+    lines = screen.splitlines()
+    top = next((i for i, line in enumerate(lines) if line.startswith("─Anomalies")), None)
+    if top is None:
+        return []
+    rows = []
+    for line in lines[top + 1 :]:
+        if line.startswith("─"):
+            break
+        rows.append(line[:60])
+    return [r for r in rows if r.strip() and not r.lstrip().startswith("step ")]
+
+
+def test_a_new_alarm_after_300_steps_is_visible_at_the_top_of_the_feed(tmux, tmp_path):
+    """A live run with 300 steps of history (a real healthy trace, a NaN reward at step 150): a NaN loss arrives
+    and its alarm is the top row of the feed, above the old one, on screen, without a key pressed."""
+    from conftest import free_port
+
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+
+    trace = TRACES / "grpo_p01" / "trainer_state.json"
+    history = [e for e in json.loads(trace.read_text())["log_history"] if "loss" in e and "step" in e]
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cb = RLHFMonitorCallback(address=address, log_dir=None, analyze_checkpoints=False, run_id="follow-run")
+    steps = 0
+    for entry in (history * 2)[:300]:  # 300 steps: the trace twice over, renumbered
+        steps += 1
+        metrics = {k: v for k, v in entry.items() if k not in ("step", "epoch")}
+        cb.log_step(steps, {**metrics, "reward": float("nan")} if steps == 150 else metrics)
+    try:
+        tmux.start(_command(tmp_path, address))
+        wait_for(
+            lambda: (
+                f"step {steps}" in tmux.screen() and (_feed_rows(tmux.screen()) or [""])[0].lstrip().startswith("150")
+            ),
+            timeout=30,
+            interval=0.2,
+            message="the monitor showing the 300 steps and the old alarm",
+        )
+        last = dict(history[-1])
+        cb.log_step(steps + 1, {**{k: v for k, v in last.items() if k not in ("step", "epoch")}, "loss": float("nan")})
+        screen = wait_for(
+            lambda: (lambda s: s if (_feed_rows(s) or [""])[0].lstrip().startswith(str(steps + 1)) else "")(
+                tmux.screen()
+            ),
+            timeout=20,
+            interval=0.2,
+            message="the new alarm at the top of the feed",
+        )
+        top, below = _feed_rows(screen)[:2]
+        assert "CRIT" in top and "loss" in top, top
+        assert below.lstrip().startswith("150") and "reward" in below, below
+        assert "loss is NaN/Inf/None where a value was expected" in screen  # its whole message below the rows
+        assert "new ↑" not in screen  # the feed followed: nothing waits above the cursor
+    finally:
+        cb.close()

@@ -40,7 +40,9 @@ async def test_anomaly_feed_newest_first_with_counts_and_details_that_move_the_m
         feed = view.pane("anomalies")
         feed_title = title(feed)
         counts = {s: sum(a["severity"] == s for a in view.anomalies) for s in ("medium", "low")}
-        assert f"{counts['medium']} medium" in feed_title and f"{counts['low']} low" in feed_title
+        assert f"{counts['medium']} medium" in feed_title and f"{counts['low']} low hidden" in feed_title
+        assert len(feed.anomalies) == counts["medium"]  # medium and worse by default
+        await pilot.press("l")  # the lows too
         steps = [a["step"] for a in feed.anomalies]
         assert steps == sorted(steps, reverse=True) and len(steps) == len(view.anomalies)
         feed.table.focus()
@@ -158,6 +160,7 @@ async def test_picking_an_anomaly_posts_selected_then_follow_posts_closed(make_s
     app = MonitorApp([], stores=[make_store()], labels=["messages"])
     async with app.run_test(size=(120, 36), message_hook=posted.append) as pilot:
         await settle(pilot, app)
+        await pilot.press("l")  # the step-120 episodes are lows
         feed = app.view.pane("anomalies")
         feed.table.focus()
         feed.table.move_cursor(row=next(i for i, a in enumerate(feed.anomalies) if a["step"] == 120))

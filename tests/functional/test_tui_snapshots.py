@@ -41,6 +41,7 @@ def test_anomaly_picked_moves_the_metrics_view(snap_compare, make_store, settle)
 
     async def run_before(pilot) -> None:
         await settle(pilot, app)
+        await pilot.press("l")  # the step-120 episodes are lows
         feed = app.view.pane("anomalies")
         feed.table.focus()
         feed.table.move_cursor(row=next(i for i, a in enumerate(feed.anomalies) if a["step"] == 120))

@@ -1,5 +1,6 @@
-"""The Checkpoints pane: step, health score (coloured), issue count, drift vs the previous checkpoint, size,
-path; Enter on a row shows its issues and recommendations."""
+"""The Checkpoints pane: newest first and following like the feed (tui/widgets/follow.py); step, health score
+(coloured), issue count, drift vs the previous checkpoint, size, path; Enter on a row shows its issues and
+recommendations."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from textual.widgets import DataTable, Static
 
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.render import clean, fit_left, fmt, health_style, health_text, short
-from rlhf_tui.tui.widgets.common import Pane, SyncedTable
+from rlhf_tui.tui.widgets.common import Pane
+from rlhf_tui.tui.widgets.follow import FollowingTable, follow_hint
 
 
 def checkpoint_detail(c: dict) -> Text:
@@ -30,7 +32,7 @@ def checkpoint_detail(c: dict) -> Text:
     return text
 
 
-class CheckpointTable(SyncedTable):
+class CheckpointTable(FollowingTable):
     BINDINGS = keys.bindings("checkpoints")
 
     def action_close_detail(self) -> None:
@@ -50,11 +52,15 @@ class CheckpointsPane(Pane):
         super().__init__(**kwargs)
         self.checkpoints: list[dict] = []
         self.selected_step: int | None = None
+        self._title = Text("Checkpoints", style="bold")
         self.border_title = "Checkpoints"
 
     def compose(self) -> ComposeResult:
         yield CheckpointTable(cursor_type="row", id="checkpoint-table")
         yield Static("", classes="detail", id="checkpoint-detail")
+
+    def on_mount(self) -> None:
+        self.table.on_follow_change = self._draw_title
 
     @property
     def table(self) -> CheckpointTable:
@@ -101,11 +107,20 @@ class CheckpointsPane(Pane):
                 short(health) if health is not None else (clean(ckpts[0].get("status"), 12) or "pending"),
                 style=health_style(health),
             )
-        self.border_title = title
+        self._title = title
+        self._draw_title()
         if self.selected_step is not None:
             c = next((c for c in ckpts if c.get("step") == self.selected_step), None)
             if c is not None:
                 self.query_one("#checkpoint-detail", Static).update(checkpoint_detail(c))
+
+    def _draw_title(self) -> None:
+        """The title with the "n new ↑" hint after the count (a narrow pane cuts the end, not the hint)."""
+        head = len(f"Checkpoints {len(self.checkpoints)}")
+        title = self._title[:head]
+        title.append_text(follow_hint(self.table))
+        title.append_text(self._title[head:])
+        self.border_title = title
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
@@ -113,6 +128,7 @@ class CheckpointsPane(Pane):
         if c is None:
             return
         self.selected_step = c.get("step")
+        self.table.stop_following()
         detail = self.query_one("#checkpoint-detail", Static)
         detail.update(checkpoint_detail(c))
         detail.add_class("-shown")
