@@ -17,6 +17,7 @@ from conftest import wait_for
 from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 from rlhf_tui.bridge.training.recorder import Recorder
 from rlhf_tui.bridge.wire import events, protocol
+from rlhf_tui.tui.cli import main
 
 
 def _events(path) -> list[dict]:
@@ -107,6 +108,25 @@ def test_a_fixed_run_id_gets_a_suffix_for_each_later_run(tmp_path):
         cb.close()
     assert ids == ["sweep", "sweep-2", "sweep-3"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-sweep-2.jsonl", "run-sweep-3.jsonl", "run-sweep.jsonl"]
+
+
+def test_the_run_summary_is_in_the_json_and_text_report(tmp_path, capsys):
+    with RLHFMonitorCallback(address=False, log_dir=str(tmp_path), analyze_checkpoints=False) as cb:
+        for step in range(1, 6):
+            cb.log_step(step, {"loss": 0.5, "reward": 0.1 * step})
+        cb.log_step(5, {"train_runtime": 12.5, "train_loss": 0.4321, "train_samples_per_second": 3.2, "epoch": 1.0})
+    assert main(["report", cb.log_path, "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["summary"] == {
+        "train_runtime": 12.5,
+        "train_loss": 0.4321,
+        "train_samples_per_second": 3.2,
+        "epoch": 1.0,
+    }
+    assert report["steps"] == 5  # the summary entry is not a step
+    assert main(["report", cb.log_path]) == 0
+    text = capsys.readouterr().out
+    assert "Run summary: train_runtime 12.5 · train_loss 0.4321 · train_samples_per_second 3.2" in text
 
 
 def test_default_log_dir_is_inside_the_trainers_output_dir(tmp_path, monkeypatch):
@@ -254,6 +274,7 @@ def test_each_train_call_is_its_own_complete_run(three_runs):
         assert list(run.steps) == steps and run.out_of_order == 0, info["run_id"]
         assert run.meta["run_id"] == info["run_id"] and run.meta["trainer"] == "GRPOTrainer"
         assert run.ended["global_step"] == 4
+        assert {"train_runtime", "train_loss"} <= set(run.summary)  # the run summary of each run is kept
         assert sorted({e["step"] for e in info["history"] if "train_runtime" not in e}) == steps
     assert store.current == runs[2]["run_id"]
     assert "Traceback" not in three_runs.stderr
@@ -266,3 +287,18 @@ def test_reward_batches_carry_the_step_of_their_log_history_row(three_runs):
         batches = [e for e in _events(info["log"]) if e["event"] == "reward_batch"]
         batch_steps = sorted({s for e in batches for s in e.get("steps", [e["step"]])})
         assert batch_steps == history_steps, info["run_id"]  # e.g. [1, 2, 3, 4], or [2, 4] with logging_steps=2
+
+
+@pytest.mark.slow
+def test_report_on_the_output_dir_finds_the_log_and_its_checkpoints(three_runs, capsys):
+    run2 = three_runs.runs[1]
+    assert Path(run2["log"]).parent == three_runs.work / "out1" / "rlhf-tui"
+    assert main(["report", str(three_runs.work / "out1"), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["run"]["run_id"] == run2["run_id"]  # the newest log of that output_dir: the second train()
+    assert report["source"] == run2["log"] and report["steps"] == 4
+    assert [c["step"] for c in report["checkpoints"]] == [2, 4]
+    assert all(c["status"] == "analysed" for c in report["checkpoints"])
+    assert report["summary"]["train_loss"] == pytest.approx(run2["history"][-1]["train_loss"])
+    assert main(["report", str(three_runs.work / "out2")]) == 0
+    assert "Run summary: train_runtime" in capsys.readouterr().out
