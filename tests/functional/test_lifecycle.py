@@ -30,7 +30,8 @@ def _run_script(script: str, *args: str, timeout: float) -> subprocess.Completed
             [sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the training process did not finish within {timeout} s (hung): {exc.stderr!r}")
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"the training process did not finish within {timeout} s (hung); stderr ends: {err[-1500:]}")
 
 
 def _subscriber(address: str):
@@ -167,10 +168,14 @@ def test_a_custom_loop_without_close_ends_its_run_at_exit(address, tmp_path):
     try:
         proc = _run_script(MANUAL_LOOP, address, str(tmp_path), timeout=60)
         assert proc.returncode == 0, proc.stderr
-        wait_for(lambda: sub.store.current_run is not None and sub.store.current_run.ended is not None, 10, "run_end")
+        wait_for(
+            lambda: sub.store.current_run is not None and sub.store.current_run.ended is not None,
+            timeout=10,
+            message="run_end",
+        )
         run = sub.store.current_run
         assert run.ended["global_step"] == 5 and list(run.steps) == [1, 2, 3, 4, 5]
-        wait_for(lambda: sub.store.connection == "ended", 10, "the monitor to say ended")
+        wait_for(lambda: sub.store.connection == "ended", timeout=10, message="the monitor to say ended")
     finally:
         sub.stop()
     log = _events(proc.stdout.strip())
