@@ -144,6 +144,12 @@ def _system(run: RunHistory) -> dict:
     return {"ranks": ranks, "gpu_available": any(r["gpu_available"] for r in ranks)}
 
 
+def run_summary(run: RunHistory) -> dict[str, Any]:
+    """The trainer's end-of-run summary (train_loss, train_runtime, train_samples_per_second, total_flos ...;
+    from run_end, or a trainer_state.json's last entry): {} while the run has not finished."""
+    return {k: v if isinstance(v, str) else finite(v) for k, v in run.summary.items()}
+
+
 def build_report(store: Store, thresholds=None, run_id: str | None = None, anomalies: list | None = None) -> dict:
     """The whole report for one run (default: the current one) as plain JSON-able data."""
     run = store.runs.get(run_id) if run_id else store.current_run
@@ -157,6 +163,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
             "anomalies": [],
             "checkpoints": [],
             "rewards": {"reliability_metrics": {}},
+            "summary": {},
             "transport": transport,
             "source": store.source,
             "connection": store.connection,
@@ -181,6 +188,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         "checkpoints": _checkpoints(run),
         "rewards": _rewards(run),
         "system": _system(run),
+        "summary": run_summary(run),
         "transport": transport,
         "source": store.source,
         "connection": store.connection,

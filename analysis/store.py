@@ -47,7 +47,8 @@ class RunHistory:
         self.reward_report: dict | None = None  # latest reliability analysis
         self.system: dict[int, dict] = {}  # latest system sample per rank
         self.training_anomalies: deque[dict] = deque(maxlen=1000)  # anomalies found by the training side
-        self.ended: dict | None = None  # run_end summary
+        self.ended: dict | None = None  # run_end data (global_step, summary)
+        self.summary: dict[str, float | str] = {}  # the trainer's end-of-run summary (train_loss, train_runtime ...)
         self.last_seq = -1
         self.last_heartbeat: float | None = None  # monotonic time of the last heartbeat/message
         self.last_step_time: float | None = None  # monotonic time the newest step arrived

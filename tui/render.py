@@ -479,9 +479,19 @@ def transport_text(report: dict) -> Text:
     )
 
 
+def summary_text(report: dict) -> Text | None:
+    """The trainer's end-of-run summary in one line (train_loss, train_runtime ...), or None before the end."""
+    summary = report.get("summary") or {}
+    if not summary:
+        return None
+    parts = [f"{clean(k, 40)} {fmt(v) if not isinstance(v, str) else clean(v, 40)}" for k, v in summary.items()]
+    return Text("Run summary: " + " · ".join(parts))
+
+
 def report_renderable(report: dict) -> Group:
     return Group(
         header_text(report),
+        *[t for t in [summary_text(report)] if t is not None],
         metrics_table(report),
         anomalies_table(report),
         system_table(report),

@@ -13,7 +13,7 @@ import numpy as np
 from rlhf_tui.analysis import store as store_module
 from rlhf_tui.analysis.store import RunHistory, Store
 from rlhf_tui.bridge.wire import events, protocol
-from rlhf_tui.bridge.wire.metrics import to_float
+from rlhf_tui.bridge.wire.metrics import summary_values, to_float
 
 MAX_SAMPLES = 8
 MAX_ITEMS = 20_000  # values kept from one message (scores, samples, analysis ...)
@@ -104,6 +104,8 @@ def apply_message(run: RunHistory, message: events.Message, ts: float | None = N
             _apply_reward(run, batch)
     elif kind == protocol.RUN_END:
         run.ended = _plain(data) or {}
+        if isinstance(run.ended, dict) and isinstance(run.ended.get("summary"), dict):
+            run.summary = summary_values(run.ended["summary"])
     elif kind == protocol.ANOMALY:
         _apply_anomaly(run, _plain(data))
     return False

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_tui.analysis.store import RunHistory, Store
-from rlhf_tui.bridge.wire.metrics import is_summary, normalise
+from rlhf_tui.bridge.wire.metrics import is_summary, normalise, summary_values
 
 LIVE_PREFIXES = ("tcp://", "ipc://")
 MAX_FILE_BYTES = 4 << 30  # refuse absurd files rather than exhausting memory
@@ -128,6 +128,7 @@ def _ingest_log_history(run: RunHistory, entries: list[Any]) -> None:
             continue
         if is_summary(entry):
             run.ended = {k: v for k, v in entry.items() if isinstance(v, (int, float, str))}
+            run.summary = summary_values(entry)
             continue
         run.add_step(step, normalise(entry))
 

@@ -8,11 +8,13 @@ monitor or a bug of ours can never slow down or break training.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import secrets
 import threading
 import time
+import weakref
 from collections import deque
 from datetime import datetime
 from typing import Any
@@ -75,6 +77,29 @@ def _versions() -> dict:
 
 
 _SYSTEM_CUE = events.SystemCue()
+AUTO_LOG_DIR = "auto"  # the default log_dir: OUTPUT_DIR/rlhf-tui when the trainer has an output_dir
+FALLBACK_LOG_DIR = "./logs/rlhf-tui"  # ... and this without one (a custom loop)
+EXIT_FLUSH_S = 3.0  # at interpreter exit, open runs get this long in all to send run_end
+CHECKPOINT_WAIT_S = 10.0  # close() / the next train() wait this long at most for checkpoint analyses running
+
+# Publishers whose run is open (run_start sent, no run_end yet). A publisher is kept alive by its thread, so
+# this holds even when the callback itself is gone (a custom loop in a function that returned).
+_open_runs: weakref.WeakSet[Publisher] = weakref.WeakSet()
+
+
+def _end_open_runs() -> None:
+    """At interpreter exit: run_end for every run still open (a custom loop without close()), flushed (bounded).
+    Registered after publisher.py's own exit hook (imported above), so it runs first: atexit is LIFO."""
+    pubs = list(_open_runs)
+    for pub in pubs:
+        pub.put(events.RunEnded(None))
+    deadline = time.monotonic() + EXIT_FLUSH_S
+    for pub in pubs:
+        pub.flush(max(0.0, deadline - time.monotonic()))
+    _open_runs.clear()
+
+
+atexit.register(_end_open_runs)
 
 
 class RLHFMonitorCallback(_Base):
@@ -82,7 +107,10 @@ class RLHFMonitorCallback(_Base):
 
     Args:
         address: where monitors connect (`tcp://127.0.0.1:5555`, env RLHF_TUI_ADDRESS). False: no socket.
-        log_dir: folder of the JSONL log (`run-<run_id>.jsonl`); None: no log.
+            Another callback of this process already publishing there hands the address over to this one.
+        log_dir: folder of the JSONL log (`run-<run_id>.jsonl`); None: no log. Default "auto":
+            OUTPUT_DIR/rlhf-tui inside the trainer's output_dir (so `rlhf-tui report OUTPUT_DIR` finds the log
+            beside the checkpoints), ./logs/rlhf-tui without one.
         anomaly_threshold: the z-score threshold of the anomaly detectors (the seed's argument).
         enable_detailed_logging: accepted for the seed's API; the JSONL log always has every step.
         insecure: allow a non-loopback address without CURVE keys.
@@ -97,13 +125,18 @@ class RLHFMonitorCallback(_Base):
             public keys in DIR/authorized/. A key problem disables monitoring (fail closed), never training.
         detect_anomalies: run the anomaly engine on the training side too, on its recent history at most once a
             second (the JSONL log's per-step `anomalies` and live `anomaly` messages); the monitor runs it anyway.
-        run_id: fixed run id (default: time + random).
+        run_id: fixed run id (default: time + random). Each `train()` is its own run: a second one with the
+            same callback gets a new id (`<run_id>-2`, ... for a fixed one).
+
+    Each `train()` sends run_start ... run_end. A custom loop (`log_step`) ends its run with `close()`, by
+    using the callback as a context manager (`with RLHFMonitorCallback(...) as cb:`), or at the latest when
+    the interpreter exits.
     """
 
     def __init__(
         self,
         address: str | None | bool = None,
-        log_dir: str | None = "./logs/rlhf-tui",
+        log_dir: str | None = AUTO_LOG_DIR,
         anomaly_threshold: float = 3.0,
         enable_detailed_logging: bool = True,
         *,
@@ -121,13 +154,19 @@ class RLHFMonitorCallback(_Base):
         detect_anomalies: bool = True,
     ):
         self.address = address
-        self.log_dir = log_dir
+        self.log_dir_option = log_dir
+        self.log_dir = FALLBACK_LOG_DIR if log_dir == AUTO_LOG_DIR else log_dir  # resolved at each run start
         self.anomaly_threshold = anomaly_threshold
         self.enable_detailed_logging = enable_detailed_logging
         self.insecure = insecure
         self.analyze_checkpoints = analyze_checkpoints
         self.publish_all_ranks = publish_all_ranks
+        self.run_id_option = run_id
         self.run_id = run_id or new_run_id()
+        self.runs = 0  # runs started by this callback (each train(), or a custom loop's log_step after close())
+        self._run_open = False  # run_start sent, run_end not yet
+        self._in_step = False  # between on_step_begin and on_step_end (a reward batch scored now is that step's)
+        self._logging_first_step = False
         self.thresholds = thresholds
         self.queue_size = queue_size
         self.curve = curve
@@ -143,6 +182,7 @@ class RLHFMonitorCallback(_Base):
         self._active = True
         self._publisher: Publisher | None = None
         self._recorder: Recorder | None = None
+        self._log_path: str | None = None
         self._start_lock = threading.Lock()
         self._ckpt_lock = threading.Lock()
         self._last_checkpoint: str | None = None
@@ -173,7 +213,8 @@ class RLHFMonitorCallback(_Base):
 
     @property
     def log_path(self) -> str | None:
-        return str(self._recorder.jsonl.path) if self._recorder and self._recorder.jsonl else None
+        """The JSONL log of the current run, or of the last one after close()."""
+        return self._log_path
 
     def _ensure_started(self) -> Publisher | None:
         if self._publisher is not None or not self._active:
@@ -196,6 +237,7 @@ class RLHFMonitorCallback(_Base):
                         curve, address = None, False
                     forwarding = not self.is_main and not self.publish_all_ranks
                     self._recorder = Recorder(self, forwarding=forwarding)
+                    self._log_path = str(self._recorder.jsonl.path) if self._recorder.jsonl else None
                     if forwarding:
                         pub = Forwarder(
                             False if address is False else (self.forward_address or address),
@@ -229,6 +271,97 @@ class RLHFMonitorCallback(_Base):
                     )
         return self._publisher
 
+    def _begin_run(self, meta) -> Publisher | None:
+        """Start this callback's next run: a previous one (open or ended) is finished first and this one gets a
+        new run id; then the publisher and JSONL log start under it and run_start is queued. `meta()` gives
+        the run_start data (it reads the run id)."""
+        if self.runs:
+            self._finish_run()
+            self.run_id = f"{self.run_id_option}-{self.runs + 1}" if self.run_id_option else new_run_id()
+        self.runs += 1
+        self._active = True
+        self.meta = meta()
+        pub = self._ensure_started()
+        if pub is not None:
+            pub.put(events.RunStarted(self.meta))
+            self._run_open = pub.run_open = True
+            _open_runs.add(pub)
+        return pub
+
+    def _end_run(self, global_step: int | None) -> None:
+        """Queue run_end for the open run (once) and flush it out (bounded); the socket stays up for late
+        joiners until the next run, close() or exit."""
+        pub = self._publisher
+        if pub is not None and self._run_open:
+            self._run_open = pub.run_open = False
+            _open_runs.discard(pub)
+            pub.put(events.RunEnded(global_step))
+            pub.flush(2.0)
+
+    def _finish_run(self) -> None:
+        """End the run (if open), let checkpoint analyses still running finish into its log (at most
+        CHECKPOINT_WAIT_S), stop its publisher (bounded) and close its JSONL log."""
+        self._end_run(None)
+        if self._ckpt_pending and self._publisher is not None:
+            self.wait_for_checkpoints(CHECKPOINT_WAIT_S)
+        pub, recorder = self._publisher, self._recorder
+        self._publisher = self._recorder = None
+        self.meta = {}
+        self._last_checkpoint = None
+        if pub is not None:
+            try:
+                pub.stop()
+            finally:
+                if recorder is not None and recorder.jsonl is not None:
+                    recorder.jsonl.close()
+
+    def _ensure_run(self, start: bool = True) -> Publisher | None:
+        """The open (or ended) run's publisher; without one, a custom loop's call starts a run (`start`)."""
+        if self._publisher is None and self._active and start:
+            self._resolve_log_dir(getattr(self.trainer, "args", None))
+            return self._begin_run(self._custom_meta)
+        return self._publisher
+
+    def _custom_meta(self) -> dict:
+        return {
+            "run_id": self.run_id,
+            "trainer": "custom",
+            "pid": os.getpid(),
+            "started": time.time(),
+            "versions": _versions(),
+        }
+
+    def _resolve_log_dir(self, args: Any) -> None:
+        option = self.log_dir_option
+        if option != AUTO_LOG_DIR:
+            self.log_dir = option
+            return
+        output_dir = getattr(args, "output_dir", None)
+        self.log_dir = os.path.join(str(output_dir), "rlhf-tui") if output_dir else FALLBACK_LOG_DIR
+
+    def reward_step(self, state: Any) -> int:
+        """The step TRL logs a reward batch under (the `monitor_rewards` wrapper asks): a batch scored inside a
+        training step is logged with that step's metrics (global_step + 1, or the next logged step when
+        logging_steps > 1, at most max_steps); one scored between steps (evaluation) at the current step."""
+        step = int(getattr(state, "global_step", 0) or 0)
+        if not self._in_step:
+            return step
+        step += 1
+        every = getattr(state, "logging_steps", 0)
+        every = int(every) if isinstance(every, (int, float)) and every >= 1 else 1
+        if step % every and not (step == 1 and self._logging_first_step):
+            step = -(-step // every) * every
+            max_steps = getattr(state, "max_steps", 0)
+            if isinstance(max_steps, int) and max_steps > 0:
+                step = min(step, max_steps)
+        return step
+
+    def __enter__(self) -> RLHFMonitorCallback:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     def _server_curve(self):
         if self.curve is None and not self.keys_dir:
             return None
@@ -253,13 +386,14 @@ class RLHFMonitorCallback(_Base):
                 "local_rank": int(getattr(args, "local_process_index", 0) or 0),
                 "hostname": os.uname().nodename if hasattr(os, "uname") else "",
             }
-            self._active = self.is_main or self.publish_all_ranks or self.forward_ranks
-            if not self._active:
+            self._logging_first_step = bool(getattr(args, "logging_first_step", False))
+            self._in_step = False
+            if not (self.is_main or self.publish_all_ranks or self.forward_ranks):
+                self._active = False
                 return
-            if self.is_main or self.publish_all_ranks:
-                self.meta = self._run_meta(args, state, kwargs)
-            if self._ensure_started():
-                self._put(events.RunStarted(self.meta))
+            self._resolve_log_dir(args)
+            publishes = self.is_main or self.publish_all_ranks
+            self._begin_run(lambda: self._run_meta(args, state, kwargs) if publishes else {})
         except Exception as exc:
             log.warning("rlhf-tui: on_train_begin failed: %s", exc)
 
@@ -272,45 +406,40 @@ class RLHFMonitorCallback(_Base):
                 pub.put(_SYSTEM_CUE)  # a non-main rank: a cue to sample (and forward) its system state
 
     def on_step_begin(self, args=None, state=None, control=None, **kwargs):
-        return None  # nothing to do per step; kept so the seed's manual `on_step_begin(step, {})` works
+        self._in_step = True  # (the seed's manual `on_step_begin(step, {})` works too)
+        return None
 
     def on_step_end(self, args=None, state=None, control=None, **kwargs):
+        self._in_step = False
         # The seed's manual loop calls on_step_end(step, logs).
         if isinstance(args, int) and not isinstance(args, bool) and isinstance(state, dict):
             self.log_step(args, state)
         return None
+
+    def on_evaluate(self, args=None, state=None, control=None, **kwargs):
+        if self._publisher is not None:  # marks the step: its time/step_s leaves the evaluation out
+            self._put(events.Evaluated(int(getattr(state, "global_step", 0) or 0), time.time()))
 
     def on_save(self, args=None, state=None, control=None, **kwargs):
         if self._publisher is None:
             return
         try:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            self._put(events.CheckpointSaved(int(state.global_step), path))
+            self._put(events.CheckpointSaved(int(state.global_step), path, time.time()))
         except Exception as exc:
             log.warning("rlhf-tui: on_save failed: %s", exc)
 
     def on_train_end(self, args=None, state=None, control=None, **kwargs):
-        if self._publisher is None:
-            return
-        step = int(getattr(state, "global_step", 0) or 0)
-        self._put(events.RunEnded(step))
-        self._publisher.flush(2.0)
+        self._in_step = False
+        self._end_run(int(getattr(state, "global_step", 0) or 0))
 
     # -- manual API for custom loops -----------------------------------------------------------
     def log_step(self, step: int, metrics: dict) -> None:
         """Publish one step of a custom loop (e.g. legacy PPO `stats`); never raises."""
         try:
-            if self._ensure_started() is not None:
-                if not self.meta:
-                    self.meta = {
-                        "run_id": self.run_id,
-                        "trainer": "custom",
-                        "pid": os.getpid(),
-                        "started": time.time(),
-                        "versions": _versions(),
-                    }
-                    self._put(events.RunStarted(self.meta))
-                self._put(events.LoggedStep(int(step), time.time(), dict(metrics)))
+            pub = self._ensure_run()
+            if pub is not None:
+                pub.put(events.LoggedStep(int(step), time.time(), dict(metrics)))
         except Exception as exc:
             log.warning("rlhf-tui: log_step failed: %s", exc)
 
@@ -326,21 +455,19 @@ class RLHFMonitorCallback(_Base):
     ) -> None:
         """Publish one batch of reward scores, and a few sample completions: `samples` as given, or picked
         from `prompts`/`completions` (best, worst, one at random) on the publisher thread."""
-        if self._publisher is not None or self._ensure_started() is not None:
+        if self._ensure_run(start=not self.runs) is not None:  # a batch after close() starts no run
             if samples is not None or completions is None:
                 samples = list(samples or [])
             self._put(events.RewardBatch(int(step), name, list(scores), samples, prompts, completions))
 
     def log_checkpoint(self, step: int, path: str) -> None:
-        if self._ensure_started() is not None:
-            self._put(events.CheckpointSaved(int(step), str(path)))
+        if self._ensure_run(start=not self.runs) is not None:
+            self._put(events.CheckpointSaved(int(step), str(path), time.time()))
 
     def close(self) -> None:
-        """Send run_end (if not yet), drain and close the socket."""
-        if self._publisher is not None:
-            self._put(events.RunEnded(None))
-            self._publisher.flush(2.0)
-            self._publisher.stop()
+        """Send run_end (if not yet), drain and close the socket and the JSONL log (bounded). Safe to call
+        twice; a later `log_step` starts a new run."""
+        self._finish_run()
 
     # -- helpers -------------------------------------------------------------------------------
     def _run_meta(self, args, state, kwargs) -> dict:
@@ -377,6 +504,7 @@ class RLHFMonitorCallback(_Base):
         woken. One analysis at a time; never on the training thread."""
         reference = self._last_checkpoint
         self._last_checkpoint = path
+        pub = self._publisher  # the result belongs to this run, even if another one has started since
         done, results = self._ckpt_done, self._ckpt_results
         with done:
             self._ckpt_pending += 1
@@ -394,7 +522,8 @@ class RLHFMonitorCallback(_Base):
                 except Exception as exc:
                     result["issues"] = [str(exc)]
                 try:
-                    self._put(events.CheckpointAnalysed(result))
+                    if pub is not None:
+                        pub.put(events.CheckpointAnalysed(result))
                 finally:
                     with done:  # published (queued for the log and the wire) and kept: the waiter may go on
                         results.append(result)

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,17 +42,36 @@ FORWARD_MIN_S = 0.1  # at most 10 forwarded samples a second per rank
 MAX_FORWARD_RANKS = 4096
 RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
 
+STOP_GRACE_S = 1.0  # on stop, connected monitors get at most this long to receive the rest of the history
+
+# The publisher that owns each address in this process. The lock only guards the dict: nothing that waits
+# (stopping a thread, binding) ever runs while it is held, so no order of starts and stops can deadlock.
 _active_by_address: dict[str, Publisher] = {}
+_registry_lock = threading.RLock()
+_live: weakref.WeakSet[Publisher] = weakref.WeakSet()  # started, not stopped: stopped by one exit hook
 _fork_generation = 0  # bumped in a forked child: publishers made before the fork go quiet there
 
 
 def _after_fork_in_child() -> None:
-    global _fork_generation
+    global _fork_generation, _registry_lock
     _fork_generation += 1
+    _registry_lock = threading.RLock()  # another thread may have held it at the fork
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-_registry_lock = threading.Lock()
+
+
+def _stop_all() -> None:
+    """At interpreter exit: stop every publisher still running (each bounded). Registered at import, so it runs
+    after the callback's own exit hook (atexit is last-in first-out), which sends run_end first."""
+    for pub in list(_live):
+        try:
+            pub.stop(2.0)
+        except Exception:  # exiting: nothing to report to
+            pass
+
+
+atexit.register(_stop_all)
 
 
 def resolve_address(address: str | None) -> str:
@@ -108,6 +128,9 @@ class Publisher(History):
         self._pid = os.getpid()
         self._generation = _fork_generation
         self._stop = threading.Event()
+        self._release = threading.Event()  # another publisher of this process takes the address over
+        self._released = threading.Event()  # ... and the socket is closed
+        self.run_open = False  # set by the callback: run_start sent, run_end not yet
         self._thread: threading.Thread | None = None
         self._rx_backoff_until = 0.0
         self._wake_send = self._wake_recv = None
@@ -150,15 +173,37 @@ class Publisher(History):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the thread and bind. A publisher of this process already on the address (a second trainer,
+        a notebook cell run again) is stopped first: the newest one takes the address over."""
         if self._thread is not None:
             return
+        previous = None
         if self.address:
-            with _registry_lock:
+            with _registry_lock:  # only the dict under the lock; the previous one is stopped outside it
                 previous = _active_by_address.get(self.address)
-                if previous is not None and previous is not self:
-                    previous.stop()  # a second trainer in the same process reuses the address
                 _active_by_address[self.address] = self
+        if previous is not None and previous is not self:
+            if previous.run_open and not previous._stop.is_set():
+                warnings.warn(
+                    f"rlhf-tui: run {self.run_id} takes {self.address} over from run {previous.run_id}, which has "
+                    "not ended: that one goes on in its JSONL log only (give each concurrent trainer its own "
+                    "address= to watch both).",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                previous.release_address()
+            else:
+                previous.stop()
         self._start_thread("rlhf-tui-publisher")
+
+    def release_address(self, timeout: float = 2.0) -> bool:
+        """Close the socket (bounded wait) but keep the thread: the run goes on in its JSONL log, and another
+        publisher may bind the address."""
+        if self._thread is None or not self._thread.is_alive() or os.getpid() != self._pid:
+            return True
+        self._release.set()
+        self._wake()
+        return self._released.wait(timeout)
 
     def _start_thread(self, name: str) -> None:
         import socket
@@ -170,16 +215,19 @@ class Publisher(History):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._bound_event.wait(5.0)  # bind result is known before training goes on (bounded)
-        atexit.register(self.stop)
+        _live.add(self)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Drain the queue, close the socket. Safe to call twice, from atexit, after fork."""
+        """Drain the queue, give connected monitors up to STOP_GRACE_S to catch up, close the socket. Bounded
+        by `timeout`; safe to call twice, from any thread, from atexit, after fork."""
         if self._thread is None or os.getpid() != self._pid:
             return
+        self._stop_deadline = time.monotonic() + min(STOP_GRACE_S, timeout / 2)
         self._stop.set()
         self._wake()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        _live.discard(self)
         with _registry_lock:
             if _active_by_address.get(self.address) is self:
                 del _active_by_address[self.address]
@@ -288,11 +336,19 @@ class Publisher(History):
         wake = self._wake_recv
         last_heartbeat = last_drain = 0.0
         while True:
+            if self._release.is_set() and not self._released.is_set():
+                if sock is not None:  # taken over: no socket from now on (the owner closes it again: a no-op)
+                    poller.unregister(sock)
+                    sock.close(0)
+                    sock = None
+                    self._clients.clear()
+                    self.bound = False
+                self._released.set()
             stopping = self._stop.is_set()
             now = time.monotonic()
             since_drain = now - last_drain
             if stopping:
-                timeout = 0.0
+                timeout = POLL_MS / 1000 if not self._queue and self._clients_behind() else 0.0
             elif self._queue or since_drain < BATCH_S:
                 # Items that come within BATCH_S of the last drain wait for the next one (no wake-up per
                 # step on a fast run; no syscall in put()) ...
@@ -336,7 +392,13 @@ class Publisher(History):
             if stopping and not self._queue:
                 if sock is not None:
                     self._pump(sock)
-                return
+                if not self._clients_behind() or time.monotonic() >= self._stop_deadline:
+                    return
+
+    _stop_deadline = 0.0
+
+    def _clients_behind(self) -> bool:
+        return any(c.cursor < self._next_seq for c in self._clients.values())
 
     def _drain(self) -> None:
         self._busy = True

@@ -13,7 +13,7 @@ from rlhf_tui.bridge.training.jsonl_log import JsonlLog
 from rlhf_tui.bridge.training.rewards import MAX_SAMPLES, _samples
 from rlhf_tui.bridge.training.system import SystemSampler, memory_metrics
 from rlhf_tui.bridge.wire import events, protocol
-from rlhf_tui.bridge.wire.metrics import CANONICAL_SOURCES, is_summary, normalise
+from rlhf_tui.bridge.wire.metrics import CANONICAL_SOURCES, is_summary, normalise, summary_values
 
 if TYPE_CHECKING:
     from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
@@ -52,6 +52,7 @@ class Recorder:
             events.LoggedStep: self._on_log,
             events.RunStarted: self._on_run_start,
             events.CheckpointSaved: self._on_checkpoint,
+            events.Evaluated: self._on_pause,
             events.CheckpointAnalysed: self._on_checkpoint_result,
             events.RewardBatch: self._on_rewards,
             events.RunEnded: self._on_run_end,
@@ -102,7 +103,7 @@ class Recorder:
     def _on_log(self, event: events.LoggedStep) -> list[events.Message]:
         step, wall, logs = event.step, event.wall, event.logs
         if is_summary(logs):
-            self.summary = {k: v for k, v in logs.items() if isinstance(v, (int, float, str))}
+            self.summary = summary_values(logs)
             return []
         metrics = self._normalise(logs)
         if self.last_log_t is not None and self.last_log_step is not None and step > self.last_log_step:
@@ -175,7 +176,15 @@ class Recorder:
         self._event({"event": "system", "timestamp": _iso(time.time()), **sample})
         return [events.Message(protocol.SYSTEM, sample, self.cb.rank)]
 
+    def _on_pause(self, event: events.Evaluated | events.CheckpointSaved) -> list[events.Message]:
+        """An evaluation or a save after the newest logged step: the next step's time/step_s starts when it
+        ended, so it counts training only."""
+        if event.wall is not None and event.step == self.last_log_step:
+            self.last_log_t = max(self.last_log_t or event.wall, event.wall)
+        return []
+
     def _on_checkpoint(self, event: events.CheckpointSaved) -> list[events.Message]:
+        self._on_pause(event)
         data = {"step": event.step, "path": event.path, "status": "saved"}
         self._event({"event": "checkpoint", "timestamp": _iso(time.time()), **data})
         if self.cb.analyze_checkpoints:
@@ -241,7 +250,8 @@ class Recorder:
         if self.ended:
             return []
         self.ended = True
-        data = {"global_step": event.global_step, "summary": self.summary}
+        step = event.global_step if event.global_step is not None else self.last_log_step
+        data = {"global_step": step, "summary": self.summary}
         out = self.sample_system(force=True) + (self._publish_rewards() if self.reward_pending else [])
         self._event({"event": "run_end", "timestamp": _iso(time.time()), **data})
         return out + [events.Message(protocol.RUN_END, data, self.cb.rank)]

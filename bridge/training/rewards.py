@@ -65,7 +65,8 @@ def _wrap(fn: Callable, cb: Any) -> Callable:
                 prompts = kwargs.get("prompts", args[0] if args else None)
                 completions = kwargs.get("completions", args[1] if len(args) > 1 else None)
                 state = kwargs.get("trainer_state")
-                step = int(getattr(state, "global_step", 0) or 0)
+                step_of = getattr(cb, "reward_step", None)  # the step TRL logs this batch under
+                step = step_of(state) if callable(step_of) else int(getattr(state, "global_step", 0) or 0)
                 values = [None if s is None else float(s) for s in scores]
                 cb.log_rewards(step, values, name=name, prompts=prompts, completions=completions)
         except Exception:

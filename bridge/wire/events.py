@@ -32,6 +32,15 @@ class LoggedStep:
 class CheckpointSaved:
     step: int
     path: str
+    wall: float | None = None  # when the save finished (the next step's time/step_s is counted from here)
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluated:
+    """`on_evaluate`: an evaluation ran after `step` and finished at `wall` (left out of time/step_s)."""
+
+    step: int
+    wall: float
 
 
 @dataclass(frozen=True, slots=True)

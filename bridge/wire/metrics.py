@@ -23,7 +23,7 @@ CANONICAL_SOURCES: dict[str, tuple[str, ...]] = {
     "grad_norm": ("grad_norm",),
     "learning_rate": ("learning_rate", "lr", "ppo/learning_rate"),
     "loss": ("loss", "ppo/loss/total"),
-    "completion_length": ("completion_length", "completions/mean_length"),
+    "completion_length": ("completion_length", "completions/mean_length", "tokens/responses_len_mean"),
 }
 CANONICAL: tuple[str, ...] = tuple(CANONICAL_SOURCES)
 
@@ -37,11 +37,13 @@ NON_METRIC_KEYS = frozenset({"step", "epoch_step"})
 
 def to_float(value: Any) -> float | None:
     """A logged value as a float: None stays None (TRL logs all-NaN metrics as None); the strings
-    'NaN'/'Infinity'/'-Infinity' of our wire format become floats; anything non-numeric gives None."""
+    'NaN'/'Infinity'/'-Infinity' of our wire format become floats; numpy scalars, 0-d and 1-element numpy
+    arrays and torch tensors, Decimals and Fractions become their number; anything else (text, lists, arrays of
+    several values, numbers too large for a float) gives None."""
     if value is None or isinstance(value, bool):
         return None if value is None else float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
+    if type(value) is float:
+        return value
     if isinstance(value, str):
         if value in ("NaN", "nan"):
             return math.nan
@@ -50,15 +52,40 @@ def to_float(value: Any) -> float | None:
         if value in ("-Infinity", "-inf"):
             return -math.inf
         return None
-    try:  # numpy / torch scalars
+    try:  # numpy / torch scalars and 0-d arrays, Decimal, Fraction, 10**400 (OverflowError)
         return float(value)
-    except (TypeError, ValueError):
-        return None
+    except (TypeError, ValueError, OverflowError):
+        pass
+    if getattr(value, "ndim", 0) and callable(getattr(value, "item", None)):  # 1-element arrays and tensors
+        try:
+            item = value.item()
+        except Exception:  # several values (ValueError / RuntimeError): not one number
+            return None
+        return None if item is value else to_float(item)
+    return None
 
 
 def is_summary(logs: Mapping[str, Any]) -> bool:
     """True for the end-of-training summary entry (train_runtime, train_loss, ...)."""
     return any(k in logs for k in SUMMARY_KEYS)
+
+
+def summary_values(logs: Mapping[str, Any], limit: int = 64) -> dict[str, float | str]:
+    """The run summary of that entry: its numeric values as floats (the same rules as `to_float`, finite only)
+    and short strings, at most `limit` keys (bookkeeping keys left out)."""
+    out: dict[str, float | str] = {}
+    for key, value in logs.items():
+        if len(out) >= limit:
+            break
+        if not isinstance(key, str) or key in NON_METRIC_KEYS or len(key) > 200:
+            continue
+        if isinstance(value, str):
+            out[key] = value[:200]
+            continue
+        number = to_float(value)
+        if number is not None and math.isfinite(number):
+            out[key] = int(number) if isinstance(value, int) and not isinstance(value, bool) else number
+    return out
 
 
 def normalise(logs: Mapping[str, Any]) -> dict[str, float | None]:

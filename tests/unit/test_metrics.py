@@ -1,8 +1,13 @@
 """Metric-name normalisation for every trainer family of CONTRACT.md."""
 
 import math
+from decimal import Decimal
+from fractions import Fraction
 
-from rlhf_tui.bridge.wire.metrics import CANONICAL, is_summary, normalise, to_float
+import numpy as np
+import pytest
+
+from rlhf_tui.bridge.wire.metrics import CANONICAL, is_summary, normalise, summary_values, to_float
 
 
 def test_grpo_keys_get_canonical_names_and_keep_their_own():
@@ -91,3 +96,44 @@ def test_summary_entry_detected():
     assert is_summary({"train_runtime": 3.0, "train_loss": 0.1})
     assert not is_summary({"loss": 0.1})
     assert len(CANONICAL) == 11
+
+
+def test_numpy_scalars_and_one_element_arrays_are_numbers():
+    assert to_float(np.array([1.5])) == 1.5 and to_float(np.array([[2.5]], dtype=np.float32)) == 2.5
+    assert to_float(np.array(3.0)) == 3.0 and to_float(np.float32(0.25)) == 0.25 and to_float(np.int64(7)) == 7.0
+    assert type(to_float(np.float64(1.0))) is float  # a plain float, not the numpy subclass
+    assert math.isnan(to_float(np.array([np.nan]))) and to_float(np.bool_(True)) == 1.0
+    assert to_float(np.array([1.0, 2.0])) is None and to_float(np.array([])) is None
+    assert to_float(np.array(["a"])) is None and to_float([1.5]) is None
+
+
+def test_tensors_decimals_fractions_and_huge_ints():
+    torch = pytest.importorskip("torch")
+    assert to_float(torch.tensor(1.5)) == 1.5 and to_float(torch.tensor([0.5])) == 0.5
+    assert to_float(torch.tensor([1.0, 2.0])) is None
+    assert to_float(Decimal("1.25")) == 1.25 and to_float(Fraction(1, 4)) == 0.25
+    assert to_float(Decimal("sNaN")) is None and to_float(10**400) is None and to_float(3) == 3.0
+    out = normalise({"loss": torch.tensor(0.5), "kl": np.array([0.1]), "reward": Decimal("2"), "x": np.ones(3)})
+    assert out == {"loss": 0.5, "kl": 0.1, "reward": 2.0}
+
+
+def test_legacy_response_length_is_the_completion_length():
+    out = normalise({"tokens/responses_len_mean": 17.0, "tokens/queries_len_mean": 9.0})
+    assert out["completion_length"] == 17.0 and out["tokens/responses_len_mean"] == 17.0
+    assert normalise({"completions/mean_length": 3.0, "tokens/responses_len_mean": 17.0})["completion_length"] == 3.0
+
+
+def test_summary_values_keep_numbers_of_any_kind():
+    torch = pytest.importorskip("torch")
+    logs = {
+        "train_runtime": np.float64(3.5),
+        "train_loss": torch.tensor(0.25),
+        "total_flos": 123,
+        "step": 4,
+        "bad": float("nan"),
+        "note": "x" * 300,
+        "epoch": 1.0,
+    }
+    out = summary_values(logs)
+    assert out == {"train_runtime": 3.5, "train_loss": 0.25, "total_flos": 123, "note": "x" * 200, "epoch": 1.0}
+    assert type(out["train_runtime"]) is float and len(summary_values({f"k{i}": i for i in range(100)})) == 64
