@@ -130,6 +130,15 @@ def generic_metrics(names: Iterable[str]) -> set[str]:
     return {n for n in names if generic(n, skips)}
 
 
+def band_metrics(names: Iterable[str]) -> set[str]:
+    """Metrics whose z-score band the monitor shows: every one but counters, schedules, system series and
+    aliases (the band is the baseline's normal range; the z-score alarms outside it where no specific detector
+    watches the metric)."""
+    names = list(names)
+    aliases = canonical_copies(names)
+    return {n for n in names if generic(n, aliases)}
+
+
 def zscore_band(
     values: np.ndarray, thresholds: Thresholds | None = None, metric: str | None = None
 ) -> tuple[float, float] | None:
