@@ -30,7 +30,7 @@ class Thresholds:
     """
 
     # -- alarm hygiene ------------------------------------------------------------------------------
-    anomaly_threshold: float = 3.0  # generic robust z-score threshold (the seed's name); `zscore` is low only
+    anomaly_threshold: float = 4.0  # generic robust z-score threshold (the seed's name); `zscore` is low only
     grace_steps: int = 10  # no alarm (other than non-finite values) in the first N steps of a run
     cooldown_steps: int = 10  # flags of one detector+metric closer than this merge into one episode
     muted: list[str] = field(default_factory=list)  # detector names that never report
@@ -47,7 +47,8 @@ class Thresholds:
     shift_kref: float = 1.25  # allowance per step: drift below this many scales never accumulates
     shift_h: float = 6.0  # evidence needed for a medium "level shift" alarm
     rise_kref: float = 2.0  # allowance for upward shifts of metrics that rise in healthy training
-    rise_h: float = 8.0  # evidence needed for "reward climbing abnormally fast" / policy shifts
+    rise_h: float = 8.0  # evidence needed for a reward climb to count with a hacking tell, and for policy shifts
+    climb_h: float = 24.0  # evidence for a reward climb alone to alarm: far faster than learning (medium)
 
     # -- KL ------------------------------------------------------------------------------------------
     kl_spike_factor: float = 20.0  # |KL - baseline| in multiples of max(spread, |baseline|): isolated spike (low)
@@ -65,6 +66,7 @@ class Thresholds:
     reward_scale_z: float = 50.0  # or reward this many spreads from its baseline in one step
     reward_mismatch_tol: float = 1e-3  # |reward - sum(rewards/<f>/mean)| relative to the reward scale
     no_signal_frac: float = 0.9  # frac_reward_zero_std at or above this: no learning signal (high)
+    no_signal_jump: float = 0.35  # frac_reward_zero_std this far above its baseline level: a jump (medium)
     fraction_floor: float = 0.2  # smallest scale used for 0..1 fraction metrics (they move in coarse steps)
     reward_std_collapse: float = 0.05  # reward_std below this fraction of its early level: no signal (high)
     hack_window: int = 50  # reward climb this recent + a hacking sign = reward hacking
@@ -177,7 +179,8 @@ _FIELD_SPECS: list[dict[str, Any]] = [
     _h("shift_kref", "per-step allowance of the level-shift CUSUM", 0.25, min=0.0),
     _h("shift_h", "CUSUM evidence for a level-shift alarm", 1.0, min=0.5),
     _h("rise_kref", "per-step allowance for rises of reward/entropy/length", 0.25, min=0.0),
-    _h("rise_h", "CUSUM evidence for 'climbing abnormally fast'", 1.0, min=0.5),
+    _h("rise_h", "CUSUM evidence for a reward climb with a hacking tell, and policy shifts", 1.0, min=0.5),
+    _h("climb_h", "CUSUM evidence for a reward climb alone: 'climbing abnormally fast'", 2.0, min=0.5),
     _h("kl_spike_factor", "KL deviation (in typical levels) for an isolated spike", 5.0, min=1.0),
     _h("kl_runaway_factor", "KL deviation held k of n steps for runaway KL", 1.0, min=1.0),
     _h("kl_runaway_high", "KL deviation held k of n steps for high severity", 10.0, min=1.0),
@@ -189,6 +192,7 @@ _FIELD_SPECS: list[dict[str, Any]] = [
     _h("reward_scale_z", "single-step reward z-score: reward scale changed", 5.0, min=1.0),
     _h("reward_mismatch_tol", "relative reward vs sum of reward functions mismatch", 1e-3, min=0.0),
     _h("no_signal_frac", "frac_reward_zero_std for no learning signal", 0.05, min=0.0, max=1.0),
+    _h("no_signal_jump", "frac_reward_zero_std jump above its level for no learning signal", 0.05, min=0.0, max=1.0),
     _h("fraction_floor", "smallest scale for 0..1 fraction metrics", 0.05, min=0.0, max=1.0),
     _h("reward_std_collapse", "reward_std / early level for no learning signal", 0.01, min=0.0, max=1.0),
     _h("hack_window", "steps a reward climb stays relevant for reward hacking", 10, min=1),

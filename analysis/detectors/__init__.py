@@ -8,7 +8,7 @@ in `registry.py` plus one rule in `rules.py`.
 """
 
 from rlhf_tui.analysis.detectors.engine import DetectionCache, detect, evaluate
-from rlhf_tui.analysis.detectors.plan import generic_metrics, zscore_band
+from rlhf_tui.analysis.detectors.plan import band_metrics, generic_metrics, zscore_band
 from rlhf_tui.analysis.detectors.registry import DETECTORS, REGISTRY, Detector, setting_of
 from rlhf_tui.analysis.severity import SEVERITIES, Severity
 
@@ -23,6 +23,7 @@ __all__ = [
     "Severity",
     "detect",
     "evaluate",
+    "band_metrics",
     "generic_metrics",
     "setting_of",
     "severity_at_least",

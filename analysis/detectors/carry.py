@@ -72,6 +72,15 @@ class Pass:
         self._grid_out(key, [before, *after.tolist()])
         return before
 
+    def max_before(self, key: str, x: np.ndarray) -> float:
+        """The series' largest finite value before row0 (NaN when none); records it for the grid rows after."""
+        before = self._grid_in(key, np.nan)
+        n, width = self.n, self.chunk
+        running = np.fmax.accumulate(np.concatenate([[before], x]))[1:] if n else np.empty(0)
+        ends = np.arange(width, n + 1, width) - 1
+        self._grid_out(key, [before, *running[ends].tolist()])
+        return before
+
     def first_values(self, key: str, x: np.ndarray, count: int) -> tuple[list[float], list[int]]:
         """The series' first `count` finite values of the whole run and their rows (fewer while too few)."""
         scanned, values, rows = self.carry.first.get(key, (0, [], []))

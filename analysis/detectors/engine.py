@@ -26,7 +26,7 @@ from rlhf_tui.analysis.detectors.buffers import Flags, Grow
 from rlhf_tui.analysis.detectors.carry import Carry, MissingCarry, Pass
 from rlhf_tui.analysis.detectors.episodes import EpisodeBook
 from rlhf_tui.analysis.detectors.kernels import baseline, block_stats, median_last, windows_last
-from rlhf_tui.analysis.detectors.plan import FRACTION_METRICS, Plan, canonical_copies, generic, z_floor
+from rlhf_tui.analysis.detectors.plan import FRACTION_METRICS, Plan, generic, z_floor, zscore_scale, zscore_skips
 from rlhf_tui.analysis.detectors.registry import series_wanted
 from rlhf_tui.analysis.detectors.rules import Context, Series, flags
 from rlhf_tui.analysis.thresholds import Thresholds
@@ -78,7 +78,7 @@ def grid_rows(block: int) -> int:
 def lookback(th: Thresholds) -> int:
     """Rows before a row that a rule reads directly (everything older it carries): its k-of-n, recent-median,
     pinned and reward-climb windows."""
-    return max(int(th.persist_n), 3, int(th.dpo_pinned_steps), int(th.hack_window), int(th.recent_steps))
+    return max(int(th.persist_n), 3, int(th.dpo_pinned_steps), int(th.hack_window), 2 * int(th.recent_steps))
 
 
 def _checksums(metrics: Mapping[str, Any], names: tuple[str, ...], lo: int, hi: int) -> list[int]:
@@ -156,9 +156,9 @@ def _wanted(names: tuple[str, ...]) -> frozenset[str]:
 @functools.lru_cache(maxsize=64)
 def _judged(names: tuple[str, ...], fraction_floor: float) -> tuple[np.ndarray, np.ndarray]:
     """Per metric: whether the generic z-score judges it, and its scale floor."""
-    aliases = canonical_copies(names)
+    skips = zscore_skips(names)
     floors = z_floor(list(names), Thresholds(fraction_floor=fraction_floor))
-    return np.array([generic(nm, aliases) for nm in names], dtype=bool), floors
+    return np.array([generic(nm, skips) for nm in names], dtype=bool), floors
 
 
 def detect(
@@ -340,7 +340,7 @@ def _blocks(cache, metrics, logged, names, n, B, m, th, start, a, nonfinite):
         # |x - center| / scale per row from row `a` (a whole block), NaN where the z-score does not judge.
         ab = a // B
         cen = cache.center.data[rows, ab:nb]
-        sc = np.maximum(cache.scale.data[rows, ab:nb], floors[rows][:, None])
+        sc = zscore_scale(cache.scale.data[rows, ab:nb], cen, floors[rows][:, None])
         with np.errstate(invalid="ignore", divide="ignore"):
             z = np.abs(X[:, a - r0 :].reshape(k, nb - ab, B) - cen[:, :, None]) / sc[:, :, None]
         z[~cache.ok.data[rows, ab:nb]] = np.nan
@@ -364,8 +364,8 @@ def _zscore_flags(cache, metrics, names, n, B, th, z_from, steps, grace_end) -> 
         if rows.size:
             blk = rows // B
             x = _as_floats(metrics[names[i]])[rows]
-            zscale = np.maximum(cache.scale.data[i, blk], floors[i])
-            z = (x - cache.center.data[i, blk]) / zscale
+            center = cache.center.data[i, blk]
+            z = (x - center) / zscore_scale(cache.scale.data[i, blk], center, floors[i])
             out[("zscore", names[i])] = (rows, np.ones(rows.size, dtype=np.int8), z, x)
     return out
 
@@ -391,7 +391,12 @@ def _domain_flags(cache, metrics, names, n, B, L, th, plan, dom_from, steps, gra
     for j, (i, name) in enumerate(wanted):
         series[name] = Series(xs[j], center[i], scale[i], level[i], ok[i], B, wn, med[i], before)
     cache.rows_read = wn
-    ctx = Context(series, plan, th, wn, Pass(cache.carry, w, wn, n - 1, L))
+    shared: dict[str, np.ndarray] = {}
+    if plan.eval_metrics:  # rows where the trainer also logged an evaluation
+        shared["eval_rows"] = np.logical_or.reduce(
+            [np.isfinite(_as_floats(metrics[e])[w:n]) for e in plan.eval_metrics]
+        )
+    ctx = Context(series, plan, th, wn, Pass(cache.carry, w, wn, n - 1, L), shared)
     out: dict[tuple[str, str], tuple] = {}
     grace = steps[dom_from:] < grace_end
     grace = grace if grace.any() else None

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_tui.analysis.detectors.kernels import baseline, block_stats
+from rlhf_tui.analysis.detectors.registry import series_wanted
 from rlhf_tui.analysis.thresholds import Thresholds
 
 # Keys that are counters or schedules, never judged by the generic z-score.
@@ -35,6 +36,9 @@ SYSTEM_PREFIXES = ("memory/", "time/")
 FRACTION_METRICS = frozenset(
     {"frac_reward_zero_std", "completions/clipped_ratio", "clip_ratio", "rewards/accuracies", "memory/gpu_frac"}
 )
+# DPO's implicit rewards and logits drift by design (rejected falling, margins widening): not anomalies.
+INTENDED_TRENDS = frozenset({"rewards/chosen", "rewards/rejected", "logits/chosen", "logits/rejected"})
+RELATIVE_FLOOR = 1e-3  # the z-score's smallest scale relative to the level: 0.1 % moves of a flat series are not news
 REWARD_PART = re.compile(r"^rewards/.+/mean$")
 CANONICAL_SOURCES = {
     "kl": ("objective/kl", "kl_div"),
@@ -79,21 +83,32 @@ def max_completion_length(meta: Mapping[str, Any]) -> float | None:
 
 
 def canonical_copies(names: Iterable[str]) -> set[str]:
-    """Trainer keys already represented by a canonical name (skipped by the generic z-score)."""
+    """Trainer keys already represented by a canonical name (every alias present, not only the first)."""
     names = set(names)
     out = set()
     for canonical, sources in CANONICAL_SOURCES.items():
         if canonical in names:
-            for src in sources:
-                if src in names:
-                    out.add(src)
-                    break
+            out.update(src for src in sources if src in names)
     return out
+
+
+def zscore_skips(names: Iterable[str]) -> set[str]:
+    """Metrics the generic z-score leaves alone besides counters and system series: canonical copies, the
+    series a specific detector already judges (its own rule knows what a change means there), and the
+    terminated-completion length twins of the completion lengths (the same values whenever nothing is cut)."""
+    names = set(names)
+    twins = {n for n in names if n.endswith("_terminated_length") and n.replace("_terminated", "") in names}
+    return canonical_copies(names) | series_wanted(names) | twins | (INTENDED_TRENDS & names)
 
 
 def z_floor(names: list[str], th: Thresholds) -> np.ndarray:
     """Smallest scale of the generic z-score per metric: 0..1 fractions move in coarse steps."""
     return np.array([th.fraction_floor if n in FRACTION_METRICS or is_fraction_name(n) else 0.0 for n in names])
+
+
+def zscore_scale(scale: np.ndarray, center: np.ndarray, floor: np.ndarray | float) -> np.ndarray:
+    """The z-score's scale: the baseline's, at least the metric's floor and RELATIVE_FLOOR of its level."""
+    return np.maximum(np.maximum(scale, floor), RELATIVE_FLOOR * np.abs(center))
 
 
 def is_fraction_name(name: str) -> bool:
@@ -104,12 +119,21 @@ def is_fraction_name(name: str) -> bool:
     ) or name.endswith("clipped_ratio")
 
 
-def generic(name: str, aliases: set[str]) -> bool:
-    return not (name in BOOKKEEPING or name.startswith(SYSTEM_PREFIXES) or name in aliases)
+def generic(name: str, skips: set[str]) -> bool:
+    return not (name in BOOKKEEPING or name.startswith(SYSTEM_PREFIXES) or name in skips)
 
 
 def generic_metrics(names: Iterable[str]) -> set[str]:
-    """The metrics the generic z-score watches (not counters, schedules, system series or canonical copies)."""
+    """The metrics the generic z-score watches (see `zscore_skips`)."""
+    names = list(names)
+    skips = zscore_skips(names)
+    return {n for n in names if generic(n, skips)}
+
+
+def band_metrics(names: Iterable[str]) -> set[str]:
+    """Metrics whose z-score band the monitor shows: every one but counters, schedules, system series and
+    aliases (the band is the baseline's normal range; the z-score alarms outside it where no specific detector
+    watches the metric)."""
     names = list(names)
     aliases = canonical_copies(names)
     return {n for n in names if generic(n, aliases)}
@@ -138,8 +162,7 @@ def zscore_band(
     c, s = float(center[0]), float(scale[0])
     if not bool(ok[0]) or not (math.isfinite(c) and math.isfinite(s)):
         return None
-    if metric is not None:
-        s = max(s, float(z_floor([metric], th)[0]))
+    s = float(zscore_scale(np.array(s), np.array(c), float(z_floor([metric], th)[0]) if metric is not None else 0.0))
     z = float(th.anomaly_threshold)
     return c - z * s, c + z * s
 
@@ -154,5 +177,11 @@ class Plan:
         self.max_len = max_completion_length(meta)
         self.reward_parts = sorted(n for n in names if REWARD_PART.match(n)) if not self.dpo else []
         self.memory = [n for n in ("memory/rss_mb", "memory/gpu_mb") if n in names]
-        self.step_time = [n for n in ("step_time", "time/step_s") if n in names]
+        self.step_time = [n for n in ("step_time", "time/step_s") if n in names]  # the trainer's own first
+        self.eval_metrics = sorted(n for n in names if n.startswith("eval_"))
+        trainer = str(meta.get("trainer") or "")
+        # GRPO / RLOO: advantages centred within prompt groups, so the loss is ~0 by construction
+        self.group_relative = not self.dpo and (
+            any(t in trainer for t in ("GRPO", "RLOO")) or (not trainer and "frac_reward_zero_std" in names)
+        )
         self.reward_metrics = [] if self.dpo else [n for n in ["reward", *self.reward_parts] if n in names]

@@ -196,10 +196,7 @@ def entropy(c: Context) -> Flags:
         yield "policy_shift", "entropy", np.where(up >= th.rise_h, 2, 0).astype(np.int8), up
 
     c.shared["entropy_drop"] = ent_drop
-    length = s("completion_length")
-    if length is not None:
-        up = c.cusum("length_up", length.z, th.rise_kref, 1.0)
-        yield "policy_shift", "completion_length", np.where(up >= th.rise_h, 2, 0).astype(np.int8), up
+    # (longer completions alone are common in healthy runs: length is a reward-hacking tell, below)
 
 
 @rule
@@ -210,9 +207,10 @@ def reward_level(c: Context) -> Flags:
         ser = c.series[name]
         up = c.cusum(f"{name}:up", ser.z, th.rise_kref, 1.0)
         down = c.cusum(f"{name}:down", ser.z, th.shift_kref, -1.0)
-        lev = np.where((up >= th.rise_h) | (down >= th.shift_h), 2, 0).astype(np.int8)
-        score = np.where(up >= down, up, -down)
-        yield "reward_shift", name, lev, score
+        # A climb is what training is for: it alarms with a tell (reward hacking, below) or when it is far
+        # faster than learning goes (climb_h, several times the evidence a hacking climb needs).
+        lev = np.where((down >= th.shift_h) | (up >= th.climb_h), 2, 0).astype(np.int8)
+        yield "reward_shift", name, lev, np.where(up >= down, up, -down)
         if name == "reward":
             c.shared["reward_up"] = up
 
@@ -230,11 +228,13 @@ def reward_spread(c: Context) -> Flags:
         rs = s("reward_std")
         if rs is not None:
             ratio = np.where(rs.ok & (rs.center > 0), rs.x / rs.center, np.nan)
-            yield "reward_scale", "reward_std", np.where(ratio >= th.reward_scale_factor, 3, 0).astype(np.int8), ratio
+            held = count_last(ratio >= th.reward_scale_factor, 3) >= 2  # one odd batch is not a scale change
+            yield "reward_scale", "reward_std", np.where(held, 3, 0).astype(np.int8), ratio
         rw = s("reward")
         if rw is not None:
             z = rw.z
-            yield "reward_scale", "reward", np.where(np.abs(z) >= th.reward_scale_z, 3, 0).astype(np.int8), z
+            held = count_last(np.abs(z) >= th.reward_scale_z, 3) >= 2
+            yield "reward_scale", "reward", np.where(held, 3, 0).astype(np.int8), z
 
 
 @rule
@@ -253,26 +253,24 @@ def reward_identity(c: Context) -> Flags:
 @rule
 def learning_signal(c: Context) -> Flags:
     """No learning signal: groups with identical rewards, reward spread collapsing."""
-    th, n, s, rn, plan = c.th, c.n, c.s, c.rn, c.plan
+    th, s, rn, plan = c.th, c.s, c.rn, c.plan
     fz = s("frac_reward_zero_std")
     if fz is not None:
-        zf = (fz.x - fz.level) / np.maximum(fz.scale, th.fraction_floor)
-        zf[~fz.ok] = np.nan
-        up = c.cusum("zero_std:up", zf, th.shift_kref, 1.0)
-        cur = fz.recent(rn) if np.any(fz.x >= th.no_signal_frac) else np.full(n, np.nan)
-        lev = np.where(cur >= th.no_signal_frac, 3, np.where(up >= th.shift_h, 2, 0)).astype(np.int8)
-        yield "no_learning_signal", "frac_reward_zero_std", lev, np.where(cur >= th.no_signal_frac, cur, up)
+        # Identical rewards within a group are normal when prompts are too easy or too hard: only a fraction
+        # near 1 (no signal at all) or a jump above its own level says something changed.
+        cur = fz.recent(rn)
+        jump = fz.recent(2 * rn) - fz.level  # a longer median: a few groups make the fraction coarse
+        jump[~fz.ok] = np.nan
+        lev = np.where(cur >= th.no_signal_frac, 3, np.where(jump >= th.no_signal_jump, 2, 0)).astype(np.int8)
+        yield "no_learning_signal", "frac_reward_zero_std", lev, cur
     rs = s("reward_std")
     if rs is not None and not plan.dpo:
-        down = c.cusum("reward_std:down", rs.z, th.shift_kref, -1.0)
         early, row = c.early("reward_std", rs.x)
-        collapsed = np.zeros(n, dtype=bool)
         if early > 0 and np.any(rs.x <= th.reward_std_collapse * early):
             cur = rs.recent(rn)
             collapsed = cur <= th.reward_std_collapse * early
             collapsed[: row + 1] = False
-        lev = np.where(collapsed, 3, np.where(down >= th.shift_h, 2, 0)).astype(np.int8)
-        yield "no_learning_signal", "reward_std", lev, -down
+            yield "no_learning_signal", "reward_std", np.where(collapsed, 3, 0).astype(np.int8), cur
 
 
 @rule
@@ -304,7 +302,8 @@ def loss_and_gradients(c: Context) -> Flags:
         held = count_last(ratio >= th.grad_norm_factor, pn) >= k
         yield "grad_norm_spike", "grad_norm", np.where(z >= th.spike_z, 1, 0).astype(np.int8), z
         yield "grad_norm_shift", "grad_norm", np.where(held, 2, 0).astype(np.int8), ratio
-    for name in ("loss", "policy_loss"):
+    # GRPO/RLOO's loss is ~0 by construction (advantages are centred per group): its noise is not a signal.
+    for name in () if c.plan.group_relative else ("loss", "policy_loss"):
         ls = s(name)
         if ls is None:
             continue
@@ -341,7 +340,10 @@ def learning_rate(c: Context) -> Flags:
     lr = s("learning_rate")
     if lr is not None:
         ratio = lr_ratio(lr.x, c.p.last_finite_before("learning_rate", lr.x))
-        yield "lr_jump", "learning_rate", np.where(ratio >= th.lr_jump_factor, 2, 0).astype(np.int8), ratio
+        # A scheduler restart returns to the run's earlier peak: only a jump above every earlier value counts.
+        peak = np.fmax.accumulate(np.concatenate([[c.p.max_before("learning_rate", lr.x)], lr.x]))[:-1]
+        above = ~(lr.x <= 1.05 * peak)  # (NaN peak: nothing before, so above)
+        yield "lr_jump", "learning_rate", np.where((ratio >= th.lr_jump_factor) & above, 2, 0).astype(np.int8), ratio
 
 
 @rule
@@ -400,11 +402,13 @@ def system(c: Context) -> Flags:
     if gf is not None:
         lev = np.where(gf.x >= th.gpu_frac_critical, 4, np.where(gf.x >= th.gpu_frac_high, 3, 0)).astype(np.int8)
         yield "memory_near_oom", "memory/gpu_frac", lev, gf.x
-    for timer in plan.step_time:
+    for timer in plan.step_time[:1]:  # one timer: step_time and time/step_s are one signal
         ser = c.series[timer]
         pos = ser.ok & (ser.center > 0)
         if not pos.any() or not np.nanmax(ser.x) >= th.step_time_factor * np.min(ser.center[pos]):
             ratio = np.full(n, np.nan)  # no value reaches factor x the smallest baseline: nothing to flag
         else:
-            ratio = np.where(pos, ser.recent(rn) / ser.center, np.nan)
-        yield "step_time_regression", timer, np.where(ratio >= th.step_time_factor, 2, 0).astype(np.int8), ratio
+            eval_rows = c.shared.get("eval_rows")  # steps that also ran an evaluation are slow by design
+            x = ser.x if eval_rows is None else np.where(eval_rows, np.nan, ser.x)
+            ratio = np.where(pos, recent_median(x, rn) / ser.center, np.nan)
+        yield "step_time_regression", timer, np.where(ratio >= th.step_time_factor, 1, 0).astype(np.int8), ratio

@@ -208,8 +208,8 @@ def test_zscore_excludes_current_point_and_is_low():
 def test_zscore_threshold_is_the_seeds_anomaly_threshold():
     rng = np.random.default_rng(2)
     m = {"my_metric": rng.standard_normal(2000)}
-    loose = run(m, th=TH.replace(anomaly_threshold=2.5))
-    strict = run(m, th=TH.replace(anomaly_threshold=4.0))
+    loose = run(m, th=TH.replace(anomaly_threshold=3.0))
+    strict = run(m, th=TH.replace(anomaly_threshold=5.0))
     assert len(loose) > len(run(m)) > len(strict)
 
 
@@ -273,13 +273,17 @@ def test_entropy_collapse_fires_on_fraction_lost_not_on_normal_decline():
 
 
 # -- rewards ------------------------------------------------------------------------------------------------------
-def test_reward_scale_jump_fires_at_once():
+def test_reward_scale_jump_fires_on_its_second_step():
     m = grpo_run(300, 7)
     for k in ("reward", "reward_std", "rewards/sentiment/mean", "rewards/format/mean"):
         m[k] = m[k].copy()
         m[k][200:] *= 400
     first = first_alarm(run(m))
-    assert first["step"] == 201 and first["detector"] == "reward_scale" and first["severity"] == "high"
+    assert first["step"] == 202 and first["detector"] == "reward_scale" and first["severity"] == "high"
+    once = grpo_run(300, 7)  # one odd batch (a completion that stopped early) is not a scale change
+    once["reward_std"] = once["reward_std"].copy()
+    once["reward_std"][200] *= 400
+    assert not [e for e in run(once) if e["detector"] == "reward_scale"]
 
 
 def test_reward_dropping_is_a_level_shift():
@@ -425,8 +429,16 @@ def test_memory_leak_near_oom_and_step_time():
     assert oom[0]["step"] == 301 and oom[0]["severity"] == "critical" and oom[0]["severity_steps"]["high"] == 301
     st = 0.1 * np.exp(0.05 * rng.standard_normal(n))
     st[300:] *= 2.5
-    first = first_alarm(run({"time/step_s": st}), "step_time_regression")
-    assert first is not None and 301 <= first["step"] <= 305
+    slow = [e for e in run({"time/step_s": st}) if e["detector"] == "step_time_regression"]
+    assert slow and 301 <= slow[0]["step"] <= 305 and slow[0]["severity"] == "low"  # a system finding
+    evals = np.full(n, np.nan)
+    evals[300::2] = 1.0  # from step 301 every other step also ran an evaluation, three times slower
+    st2 = 0.1 * np.exp(0.05 * rng.standard_normal(n))
+    st2[300::2] *= 3
+    timed = run({"step_time": st2, "time/step_s": st2.copy(), "eval_loss": evals})
+    assert not [e for e in timed if e["detector"] == "step_time_regression"]  # eval rows left out
+    both = run({"step_time": st, "time/step_s": st.copy()})
+    assert [e["metric"] for e in both if e["detector"] == "step_time_regression"] == ["step_time"]  # one signal
 
 
 # -- hygiene -----------------------------------------------------------------------------------------------------------
@@ -545,7 +557,75 @@ def test_zscore_band_is_the_detectors_own_limit_including_the_fraction_floor():
     still = np.full(80, 0.1)
     lo, hi = zscore_band(still, th, "completions/clipped_ratio")
     assert hi - lo == pytest.approx(2 * th.anomaly_threshold * th.fraction_floor)
-    narrow = zscore_band(still, th)  # without a name no floor applies
-    assert narrow[1] - narrow[0] < 1e-6
+    narrow = zscore_band(still, th)  # without a name only the 0.1 % floor of the level applies
+    assert narrow[1] - narrow[0] == pytest.approx(2 * th.anomaly_threshold * 1e-3 * 0.1)
     assert zscore_band(np.arange(5.0), th) is None  # warming up
     assert "learning_rate" not in generic_metrics(["learning_rate", "reward"])
+
+
+# -- direction and context (issue 13: natural events of healthy runs are not alarms) ---------------------------------
+GRPO = {"trainer": "GRPOTrainer"}
+
+
+def test_a_healthy_run_that_learns_fast_raises_no_alarm_but_a_climb_with_a_tell_is_hacking():
+    m = grpo_run(400, 11)
+    m = {k: v.copy() for k, v in m.items()}
+    t = np.arange(400)
+    learn = 1.5 / (1 + np.exp(-(t - 120) / 15))  # accuracy rising fast between steps ~80 and ~160
+    for k in ("reward", "rewards/sentiment/mean"):
+        m[k] = m[k] + learn
+    m["reward_std"] = m["reward_std"] * np.where(t > 160, 0.4, 1.0)  # most groups all-correct afterwards
+    m["frac_reward_zero_std"] = np.clip(0.05 + 0.6 * learn / 1.5 + 0.05 * np.sin(t), 0, 1)  # slowly to ~0.65
+    assert not alarms(run(m, GRPO)), alarms(run(m, GRPO))
+    hacked = {k: v.copy() for k, v in m.items()}
+    hacked["completions/clipped_ratio"] = np.where(t > 300, 0.9, 0.0)  # lengths run to the limit ...
+    for k in ("reward", "rewards/sentiment/mean"):
+        hacked[k][300:] += np.linspace(0, 6, 100)  # ... while the reward climbs
+    first = first_alarm(run(hacked, GRPO))
+    assert first is not None and first["detector"] == "reward_hacking" and 300 < first["step"] <= 320
+
+
+def test_a_scheduler_restart_is_not_an_lr_jump_but_a_jump_above_the_peak_is():
+    m = grpo_run(400, 12)
+    t = np.arange(400)
+    restarts = 5e-5 * 0.5 * (1 + np.cos(np.pi * (t % 100) / 100))  # cosine_with_restarts, 4 cycles
+    restarts[restarts < 1e-8] = 1e-8
+    m["learning_rate"] = restarts
+    assert not [e for e in run(m, GRPO) if e["detector"] == "lr_jump"]
+    spiked = restarts.copy()
+    spiked[250:] = np.maximum(spiked[250:], 5e-4)  # ten times the peak
+    m["learning_rate"] = spiked
+    jumps = [e for e in run(m, GRPO) if e["detector"] == "lr_jump"]
+    assert [e["step"] for e in jumps] == [251]
+
+
+def test_zero_spread_groups_alarm_near_one_or_on_a_jump_not_while_rising_slowly():
+    m = grpo_run(400, 13)
+    t = np.arange(400)
+    m["frac_reward_zero_std"] = np.clip(0.1 + 0.6 * t / 400 + 0.1 * np.sin(t / 3), 0, 1)  # to ~0.7 slowly
+    assert not [e for e in run(m, GRPO) if e["detector"] == "no_learning_signal"]
+    jumped = m["frac_reward_zero_std"].copy()
+    jumped[250:] = np.minimum(jumped[250:] + 0.45, 0.85)
+    m["frac_reward_zero_std"] = jumped
+    eps = [e for e in run(m, GRPO) if e["detector"] == "no_learning_signal"]
+    assert eps and eps[0]["severity"] == "medium" and 251 <= eps[0]["step"] <= 262
+    m["frac_reward_zero_std"] = np.where(t >= 250, 1.0, jumped)
+    eps = [e for e in run(m, GRPO) if e["detector"] == "no_learning_signal"]
+    assert eps and eps[0]["severity"] == "high"
+
+
+def test_group_relative_loss_noise_and_dpo_trends_are_not_judged():
+    m = grpo_run(300, 14)
+    m["loss"] = 1e-4 * np.random.default_rng(1).standard_cauchy(300)  # GRPO: ~0 by construction, heavy noise
+    assert not [e for e in run(m, GRPO) if e["metric"] == "loss"]
+    d = dpo_run(300, 4)
+    d["rewards/rejected"] = -0.01 * np.arange(300) ** 1.5  # falling: what DPO is for
+    assert not [e for e in run(d, {"trainer": "DPOTrainer"}) if e["metric"] == "rewards/rejected"]
+
+
+def test_every_alias_of_a_canonical_name_is_left_to_its_canonical():
+    from rlhf_tui.analysis.detectors import generic_metrics
+
+    names = ["entropy", "objective/entropy", "policy/entropy_avg", "step_time", "time/step_s", "my_metric"]
+    names += ["completions/min_length", "completions/min_terminated_length"]
+    assert generic_metrics(names) == {"my_metric", "completions/min_length"}

@@ -12,7 +12,7 @@ from rlhf_tui.analysis.thresholds import THRESHOLD_FIELDS, Thresholds, load_thre
 
 def test_defaults_keep_the_seeds_name_and_hygiene_settings():
     th = Thresholds()
-    assert th.anomaly_threshold == 3.0
+    assert th.anomaly_threshold == 4.0
     assert th.grace_steps >= 0 and th.cooldown_steps >= 0 and th.muted == []
     assert th.block_steps * th.baseline_blocks >= th.min_history
 

@@ -37,9 +37,9 @@ def test_missing_config_is_empty_and_save_load_round_trips(tmp_path):
     config.other = {"ui": {"theme": "nord"}}
     path = save_config(config)
     text = path.read_text()
-    assert "anomaly_threshold = 3.5" in text and "kl_spike_factor" not in text  # only what differs
+    assert "anomaly_threshold = 4.5" in text and "kl_spike_factor" not in text  # only what differs
     again = load_config()
-    assert again.thresholds.anomaly_threshold == 3.5 and again.thresholds.muted == ["zscore"]
+    assert again.thresholds.anomaly_threshold == 4.5 and again.thresholds.muted == ["zscore"]
     assert again.keymap == {"quit": "ctrl+q"} and again.other == {"ui": {"theme": "nord"}}
     assert toggle_mute(again.thresholds, "zscore").muted == []
 

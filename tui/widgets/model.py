@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_tui.analysis.detectors import generic_metrics, zscore_band
+from rlhf_tui.analysis.detectors import band_metrics, zscore_band
 from rlhf_tui.analysis.report import build_report
 from rlhf_tui.analysis.store import RunHistory, Store
 from rlhf_tui.tui.view import bucket_means, spark_marker
@@ -69,19 +69,19 @@ def view_report(
         if run.last_step_time is not None:  # monotonic → wall clock, for "no new step since …"
             report["last_step_wall"] = time.time() - (time.monotonic() - run.last_step_time)
     report["thresholds"] = {
-        "anomaly_threshold": getattr(thresholds, "anomaly_threshold", 3.0),
+        "anomaly_threshold": getattr(thresholds, "anomaly_threshold", 4.0),
         "muted": list(getattr(thresholds, "muted", []) or []),
     }
     if run is None:
         return report
     row = _row_of_step(run, at_step)
     active = active_metrics(report["anomalies"], at_step)
-    generic = generic_metrics(list(report["metrics"]))
+    banded = band_metrics(list(report["metrics"]))
     for name, entry in report["metrics"].items():
         values = run.values(name)
         buckets = bucket_means(values, spark_width)
         entry["buckets"] = buckets.tolist()
-        entry["band"] = zscore_band(values, thresholds, name) if name in generic and thresholds is not None else None
+        entry["band"] = zscore_band(values, thresholds, name) if name in banded and thresholds is not None else None
         entry["active"] = name in active
         if row is not None:
             v = float(values[row]) if row < values.size else math.nan
