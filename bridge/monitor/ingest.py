@@ -285,7 +285,7 @@ def _apply_reward(run: RunHistory, data: Any) -> None:
         if isinstance(scores, list)
         else []
     )
-    run.rewards.append(data)
+    run.add_reward(data)
     analysis = data.get("analysis")
     if isinstance(analysis, dict):
         run.reward_report = analysis

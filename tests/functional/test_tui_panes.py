@@ -114,17 +114,19 @@ async def test_rewards_pane_numbers_distribution_and_escaped_samples(make_store,
         body = app.view.query_one("#rewards-body")
         text = _text(body)
         for fragment in (
-            "stability 0.91",
-            "consistency 0.97",
-            "variance 0.02",
-            "mean 0.62",
-            "drift none",
-            "▂▃▅█▆▃▂",
+            "all stability 1  consistency 1",
+            "variance 0.0662  mean 0.2",
+            "batches 400",
             "samples @ step 200",
             "0.9",
             "0.1",
         ):
             assert fragment in text, fragment
+        rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.endswith("—")}
+        assert rows["length_reward"][:2] == ["0.6", "0.212"] and rows["length_reward"][3] == "80%"
+        assert rows["format_reward"][:2] == ["-0.4", "0.0707"] and rows["format_reward"][3] == "20%"
+        head = str(app.view.pane("rewards").border_title)
+        assert "2 functions" in head and "400 batches" in head
         assert "The answer is [red]forty-two[/red]! done" in text  # markup literal, escapes removed
         assert "\x1b" not in text and "pwned" not in text and "\x07" not in text
         assert "no newline tab" in text
