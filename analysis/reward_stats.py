@@ -58,8 +58,12 @@ def stability(means: np.ndarray, variances: np.ndarray, counts: np.ndarray) -> t
     if means.size < 2:
         return 1.0, None, None
     successive = 0.5 * float(np.mean(np.diff(means) ** 2))
-    noise = float(np.mean(variances / counts))
-    swing = math.sqrt(max(0.0, successive - noise))
+    # s² is the batch's population variance: s²/(n − 1) is the unbiased noise of its mean (s²/n misses 1/n of
+    # it, and a steady reward from small batches would read as swinging).
+    noise = float(np.mean(variances / np.maximum(counts - 1, 1)))
+    # Both are estimates from k batches: the successive-difference one is off by ~sqrt(2/k) of the noise by
+    # chance, so only an excess beyond two of those counts as swing (a steady reward reads ≈ 1, not ≈ 0.85).
+    swing = math.sqrt(max(0.0, successive - noise * (1.0 + 2.0 * math.sqrt(2.0 / means.size))))
     overall_mean = float(np.dot(counts / counts.sum(), means))
     scale = max(abs(overall_mean), math.sqrt(float(np.median(variances))), EPS)
     return 1.0 / (1.0 + swing / scale), swing, scale

@@ -34,18 +34,19 @@ def _reliability_line(out: Text, rel: dict, width: int) -> None:
 
 
 def function_rows(functions: dict, width: int) -> Text:
-    """One row per reward function: name, mean, std, stability, share, correlation (wide panes) and alarms."""
-    wide = width >= 70
-    name_w = max(8, min(24, width - (50 if wide else 34)))
+    """One row per reward function: name, mean, std (not in narrow panes), stability, share of the total's
+    variance, strongest correlation (wide panes only) and its reward alarms."""
+    wide, narrow = width >= 70, width < 50
+    name_w = max(8, min(24, width - (58 if wide else 28 if narrow else 35)))
     out = Text()
-    head = f"{'function':<{name_w}} {'mean':>6} {'std':>6} {'stab':>5} {'share':>5}"
+    head = f"{'function':<{name_w}} {'mean':>6}" + ("" if narrow else f" {'std':>6}") + f" {'stab':>5} {'share':>5}"
     out.append(head + (f" {'corr':<13}" if wide else "") + " alarms", style="dim")
     for name, f in functions.items():
         rel = f.get("reliability_metrics") or {}
         out.append("\n")
         out.append(f"{clean(name, name_w):<{name_w}} ", style="bold")
-        out.append(f"{compact(f.get('mean')):>6} {compact(f.get('std')):>6} {compact(rel.get('stability')):>5} ")
-        out.append(f"{percent(f.get('share')):>5}")
+        out.append(f"{compact(f.get('mean')):>6} " + ("" if narrow else f"{compact(f.get('std')):>6} "))
+        out.append(f"{compact(rel.get('stability')):>5} {percent(f.get('share')):>5}")
         if wide:
             out.append(f" {strongest_correlation(f.get('correlation'))[:13]:<13}", style="dim")
         counts = f.get("anomaly_counts") or {}
