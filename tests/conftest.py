@@ -128,10 +128,11 @@ def make_tui_store(
     ranks: int = 1,
     kl_jump_at: int = 170,
     connection: str = "live",
+    reward_shift_at: int | None = None,
 ) -> Store:
     """A GRPO-like run with a KL spike at step 120 and a KL level jump from `kl_jump_at`, a grad_norm spike,
     two checkpoints (one unhealthy), batches of two reward functions (the last with hostile sample text) and GPU
-    samples."""
+    samples. `reward_shift_at`: format_reward jumps by 2 from that step (a reward-function episode)."""
     store = Store()
     store.source = "tcp://127.0.0.1:5555"
     store.connection = connection
@@ -190,7 +191,8 @@ def make_tui_store(
         )
         for s in range(1, steps + 1):  # two reward functions, 4 completions a batch (one GRPO group)
             for name, level, spread in (("length_reward", 0.6, 0.3), ("format_reward", -0.4, 0.1)):
-                scores = [round(level + spread * math.sin(1.7 * s + 2.3 * i + level), 4) for i in range(4)]
+                jump = 2.0 if name == "format_reward" and reward_shift_at is not None and s >= reward_shift_at else 0
+                scores = [round(level + jump + spread * math.sin(1.7 * s + 2.3 * i + level), 4) for i in range(4)]
                 batch: dict = {"step": s, "reward_func": name, "scores": scores, "samples": []}
                 if s == steps and name == "format_reward":
                     batch["samples"] = [

@@ -172,3 +172,21 @@ async def test_picking_an_anomaly_posts_selected_then_follow_posts_closed(make_s
         await pilot.press("escape")
         await pilot_wait_for(pilot, lambda: app.view.at_step is None, message="following again")
         assert any(isinstance(m, AnomaliesPane.Closed) for m in posted)
+
+
+async def test_a_reward_function_episode_shows_in_the_feed_its_counts_and_the_rewards_pane(make_store, settle, title):
+    app = MonitorApp([], stores=[make_store(reward_shift_at=190)], labels=["demo"])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        feed = app.view.pane("anomalies")
+        shown = [a for a in feed.anomalies if a["detector"] == "reward_zscore"]
+        assert [(a["metric"], a["step"], a["severity"]) for a in shown] == [
+            ("rewards/format_reward/mean", 190, "critical")
+        ]
+        rows = [str(feed.table.get_row_at(i)) for i in range(feed.table.row_count)]
+        assert any("rewards/format_reward" in r and "jumped" in r for r in rows)
+        assert "1 critical" in title(feed)  # the title's counts include the reward episodes
+        text = _text(app.view.query_one("#rewards-body"))
+        assert next(line for line in text.splitlines() if line.startswith("format_reward")).endswith(
+            "1 CRIT 1 low"
+        )  # the jump, then its level shift
