@@ -139,7 +139,7 @@ class RewardStreams:
         """One stored reward batch (`reward_func`, `step`, `scores`, `samples`, optional `rank`). Never raises
         for malformed input: a batch without a usable step or scores is skipped."""
         step, name = batch.get("step"), batch.get("reward_func")
-        if type(step) is not int:
+        if not isinstance(step, int) or isinstance(step, bool):
             return
         name = (name if isinstance(name, str) and name else "reward")[:MAX_NAME]
         stream = self.streams.get(name)
@@ -152,8 +152,9 @@ class RewardStreams:
         raw = to_floats(scores if isinstance(scores, list) else [])
         samples = batch.get("samples")
         stream.add(raw, step, {"num_generations": num_generations}, samples if isinstance(samples, list) else None)
-        rank = batch.get("rank") if type(batch.get("rank")) is int else 0
-        seen_step, count = self._where.get((name, rank), (None, 0))
+        rank_value = batch.get("rank")
+        rank = rank_value if isinstance(rank_value, int) and not isinstance(rank_value, bool) else 0
+        seen_step, count = self._where.get((name, rank), (-1, 0))
         count = count + 1 if seen_step == step else 0
         self._where[(name, rank)] = (step, count)
         if len(self._where) > 4 * MAX_FUNCTIONS:  # ranks come and go: keep the newest
