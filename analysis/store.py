@@ -46,7 +46,6 @@ class RunHistory:
         self.out_of_order = 0  # step records older than the newest step, ignored
         self.checkpoints: list[dict] = []
         self.rewards: deque[dict] = deque(maxlen=256)  # reward batches (stats + samples), newest last
-        self.reward_report: dict | None = None  # latest reliability analysis
         self.reward_streams = RewardStreams()  # per reward function, from every batch (analysis/reward_streams.py)
         self.system: dict[int, dict] = {}  # latest system sample per rank
         self.training_anomalies: deque[dict] = deque(maxlen=1000)  # anomalies found by the training side
