@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_tui.analysis.detectors.episodes import EPISODE_ORDER
+from rlhf_tui.analysis.reward_report import rewards_section, run_reward_episodes
 from rlhf_tui.analysis.severity import Severity
 from rlhf_tui.analysis.store import RunHistory, Store
 
@@ -103,32 +105,6 @@ def _checkpoints(run: RunHistory) -> list[dict]:
     return out
 
 
-def _rewards(run: RunHistory) -> dict:
-    report = run.reward_report or {}
-    rel = report.get("reliability_metrics") if isinstance(report, dict) else None
-    out: dict[str, Any] = {
-        "reliability_metrics": {
-            k: finite((rel or {}).get(k)) for k in ("stability", "consistency", "variance", "mean_reward")
-        },
-        "batches": len(run.rewards),
-    }
-    for key in (
-        "drift",
-        "saturation",
-        "zero_spread_group_share",
-        "histogram",
-        "anomalies",
-        "recommendations",
-        "num_invalid",
-    ):
-        if isinstance(report, dict) and key in report:
-            out[key] = report[key]
-    if run.rewards:
-        out["samples"] = list(run.rewards[-1].get("samples") or [])
-        out["last_step"] = run.rewards[-1].get("step")
-    return out
-
-
 def _system(run: RunHistory) -> dict:
     ranks = []
     for rank in sorted(run.system):
@@ -170,6 +146,9 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         }
     if anomalies is None:
         anomalies = run_anomalies(run, thresholds)
+    rewards = run_reward_episodes(run, thresholds)
+    if rewards:  # reward-function episodes are anomalies like any other (feed, reports, --fail-on)
+        anomalies = sorted([*anomalies, *rewards], key=EPISODE_ORDER)
     meta = run.meta
     return {
         "run": {
@@ -186,7 +165,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         "metrics": metric_table(run),
         "anomalies": anomalies,
         "checkpoints": _checkpoints(run),
-        "rewards": _rewards(run),
+        "rewards": rewards_section(run, rewards),
         "system": _system(run),
         "summary": run_summary(run),
         "transport": transport,

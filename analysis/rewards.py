@@ -24,16 +24,19 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
 from typing import Any, cast
 
 import numpy as np
 
+from rlhf_tui.analysis import reward_stats as stats
+from rlhf_tui.analysis.reward_stats import EPS, json_safe
+
 __all__ = ["RewardModelIntegrator", "SEVERITIES"]
 
 SEVERITIES = ("low", "medium", "high", "critical")
-_MAD_TO_STD = 1.4826
-_EPS = 1e-8
+CONSTANT_K, CONSTANT_N = 4, 5  # a reward constant over the batch in 4 of the last 5 batches: no signal from it
+_to_floats = stats.to_floats  # kept for callers of the old private name
+_json_safe = json_safe
 
 RECOMMENDATIONS = {
     "empty": "The reward function returned no scores for this batch: check that it returns one float per completion.",
@@ -45,6 +48,8 @@ RECOMMENDATIONS = {
     "reward function for a unit or parsing bug.",
     "saturation": "Rewards pile up at a bound: the task may be too easy or the reward clipped; check samples for "
     "reward hacking and widen or grade the reward.",
+    "constant": "The reward function returns one value for every completion: it gives GRPO no signal. Check it "
+    "is not stuck (an exception caught and a default returned, a parse that always fails) or grade it more finely.",
     "drift": "The reward distribution has moved away from the early run: expected while the policy improves; "
     "check samples for reward hacking if the shift is sudden.",
     "zero_spread": "Many GRPO groups get the same reward for every completion (no learning signal): raise "
@@ -55,42 +60,7 @@ RECOMMENDATIONS = {
     "anomaly_rate": "Investigate the reward model: anomalous batches are frequent.",
 }
 
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    try:
-        return _json_safe(value.item())
-    except (AttributeError, ValueError):
-        return repr(value)
-
-
-def _to_floats(scores: Any) -> np.ndarray:
-    """Scores as float64, NaN for every None or non-number. Accepts lists, numpy arrays and torch tensors."""
-    if scores is None:
-        return np.empty(0)
-    if hasattr(scores, "detach"):  # a torch tensor, without importing torch
-        scores = scores.detach().float().cpu().numpy()
-    if isinstance(scores, (int, float)):
-        scores = [scores]
-    try:
-        arr = np.asarray(scores, dtype=np.float64).reshape(-1)
-        return arr
-    except (TypeError, ValueError):
-        pass
-    out = []
-    for s in scores if isinstance(scores, Iterable) else [scores]:
-        try:
-            out.append(float(s))
-        except (TypeError, ValueError):
-            out.append(math.nan)
-    return np.asarray(out, dtype=np.float64)
+NO_SCORES = "the reward function returned no scores for this batch"
 
 
 def _severity_at_least(level: str, minimum: str) -> bool:
@@ -98,7 +68,11 @@ def _severity_at_least(level: str, minimum: str) -> bool:
 
 
 class RewardModelIntegrator:
-    """Monitor reward scores batch by batch (seed API): ``monitor_reward_model(reward_scores, step, context)``."""
+    """Monitor reward scores batch by batch (seed API): ``monitor_reward_model(reward_scores, step, context)``.
+
+    ``observe`` is the cheap part of one call (the state update and this batch's own statistics, returned as
+    plain numbers, no anomalies); ``summary`` the window-wide part (stability, consistency, drift, histogram).
+    `reward_streams.RewardStreams` calls them apart, on every batch and only when a view is drawn."""
 
     def __init__(
         self,
@@ -140,6 +114,7 @@ class RewardModelIntegrator:
         self._vars: deque[float] = deque(maxlen=window)
         self._counts: deque[int] = deque(maxlen=window)
         self._flagged: deque[bool] = deque(maxlen=window)
+        self._constant: deque[bool] = deque(maxlen=CONSTANT_N)
         # Baseline for z-scores: like _means, but restarted when a level shift holds.
         self._baseline: deque[float] = deque(maxlen=window)
         self._baseline_vars: deque[float] = deque(maxlen=window)
@@ -147,8 +122,10 @@ class RewardModelIntegrator:
         self._recent: deque[float] = deque(maxlen=window_scores)
         self._since_reference: deque[float] = deque(maxlen=window_scores)
         self._early: list[float] = []
+        self._early_stds: list[float] = []
         self._early_batches = 0
         self._reference: np.ndarray | None = None  # sorted, frozen early-run scores
+        self._early_within: float | None = None  # median within-batch std of the early run, frozen with it
         self._seen_min = math.inf
         self._seen_max = -math.inf
         self._drift_level = "none"
@@ -161,11 +138,63 @@ class RewardModelIntegrator:
         self, reward_scores: Any, step: int, context: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """Analyse one batch of reward scores. Never raises for bad scores (None/NaN/empty are reported)."""
+        context = context or {}
         with self._lock:
-            result = self._monitor(reward_scores, step, context or {})
+            raw = stats.to_floats(reward_scores)
+            features = self._observe(raw, step, context)
+            anomalies = self._anomalies(features, step)
+            result = self._summary(raw, features, anomalies, step, context)
         self._log(result)
         self.last_result = result
         return result
+
+    def observe(self, reward_scores: Any, step: int, context: dict[str, Any] | None = None) -> dict[str, float]:
+        """Take one batch into the state; its statistics as numbers (NaN where not known yet):
+        `n_total`, `n_valid`, `invalid_share`, `mean`, `std`, `z` and `center`/`k` (its baseline), `shift` (1 at
+        the second batch of a level shift: the baseline restarts), `std_ratio` (std / usual within-batch std),
+        `mag_ratio` (|mean| / usual magnitude), `spread_ratio` (std / the early run's within-batch std; 0 for a
+        constant batch), `sat_share` (share of the batch at a bound seen so far), `sat_side` (+1 max, -1 min),
+        `zero_spread` (share of flat GRPO groups) and `groups`."""
+        with self._lock:
+            return self._observe(stats.to_floats(reward_scores), step, context or {})
+
+    def summary(self) -> dict[str, Any]:
+        """Reliability over the window, without taking a batch: `reliability_metrics`, `stability_detail`,
+        `expected_band`, `saturation`, `histogram` (JSON-safe)."""
+        with self._lock:
+            recent = np.fromiter(self._recent, dtype=np.float64, count=len(self._recent))
+            stability, swing, scale = self._stability()
+            band = self._band()
+            saturation = self._saturation(recent)
+            return json_safe(
+                {
+                    "reliability_metrics": self._reliability(recent, stability, band),
+                    "stability_detail": self._stability_detail(swing, scale),
+                    "expected_band": list(band) if band else None,
+                    "saturation": saturation,
+                    "histogram": stats.histogram(recent, self.num_bins),
+                    "batches": len(self._means),
+                }
+            )
+
+    def drift_stats(self) -> dict[str, Any] | None:
+        """PSI/KS of the scores since the early-run reference against it (None while warming up)."""
+        with self._lock:
+            ref = self._reference
+            if ref is None or len(self._since_reference) < self.drift_min_scores:
+                return None
+            recent = np.fromiter(self._since_reference, dtype=np.float64, count=len(self._since_reference))
+            return {**stats.drift(ref, recent), "reference_size": int(ref.size), "recent_size": int(recent.size)}
+
+    def reference(self) -> tuple[float, float] | None:
+        """(mean, std) of the early-run scores (so far, until frozen); None before any score."""
+        with self._lock:
+            early = self._reference if self._reference is not None else np.asarray(self._early)
+            return (float(early.mean()), float(early.std())) if early.size else None
+
+    def recent_scores(self) -> np.ndarray:
+        with self._lock:
+            return np.fromiter(self._recent, dtype=np.float64, count=len(self._recent))
 
     def reset(self) -> None:
         with self._lock:
@@ -185,7 +214,95 @@ class RewardModelIntegrator:
                 drift_min_scores=self.drift_min_scores,
             )
 
-    # ------------------------------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------------------------------ observing
+    def _observe(self, raw: np.ndarray, step: int, context: dict[str, Any]) -> dict[str, float]:
+        self.calls += 1
+        finite_mask = np.isfinite(raw)
+        scores = raw[finite_mask]
+        nan = math.nan
+        f: dict[str, float] = dict.fromkeys(
+            ("mean", "std", "z", "center", "std_ratio", "mag_ratio", "spread_ratio", "sat_share", "sat_side"), nan
+        )
+        f.update(n_total=raw.size, n_valid=scores.size, k=0.0, shift=0.0, zero_spread=nan, groups=0.0)
+        f["invalid_share"] = (raw.size - scores.size) / raw.size if raw.size else nan
+        zs = stats.zero_spread(raw, finite_mask, stats.group_size(context))
+        if zs is not None:
+            f["zero_spread"], f["groups"] = zs[0], float(zs[1])
+        if not scores.size:
+            return f
+        mean, std = float(scores.mean()), float(scores.std())
+        f["mean"], f["std"] = mean, std
+        self._judge_batch(f, scores.size)
+        if scores.size >= 2:
+            constant = std <= EPS * max(1.0, abs(mean))
+            early = self._early_within
+            if early is None and self._early_stds:
+                early = float(np.median(self._early_stds))
+            f["spread_ratio"] = 0.0 if constant else std / early if early else math.inf
+            self._constant.append(constant)
+        self._means.append(mean)
+        self._vars.append(std**2)
+        self._baseline.append(mean)
+        self._baseline_vars.append(std**2)
+        self._counts.append(scores.size)
+        self._recent.extend(scores.tolist())
+        self._seen_min = min(self._seen_min, float(scores.min()))
+        self._seen_max = max(self._seen_max, float(scores.max()))
+        if scores.size >= 4:
+            lo, hi = self.expected_range or (self._seen_min, self._seen_max)
+            shares = stats.bound_shares(scores, lo, hi)
+            if shares is not None:
+                f["sat_share"], f["sat_side"] = max(shares), 1.0 if shares[1] >= shares[0] else -1.0
+        if self._reference is None:
+            room = 8 * self.reference_scores - len(self._early)  # bounded even for huge batches
+            self._early.extend(scores[: max(room, 0)].tolist())
+            if scores.size >= 2:
+                self._early_stds.append(std)
+            self._early_batches += 1
+            if len(self._early) >= self.reference_scores or self._early_batches >= self.reference_batches:
+                self._reference = np.sort(np.asarray(self._early, dtype=np.float64))
+                self._early_within = float(np.median(self._early_stds)) if self._early_stds else 0.0
+                self._early, self._early_stds = [], []
+        else:
+            self._since_reference.extend(scores.tolist())
+        return f
+
+    def _judge_batch(self, f: dict[str, float], n: int) -> None:
+        """z of the batch mean against the baseline of earlier batch means; the level-shift restart; scale."""
+        k = len(self._baseline)
+        if k < self.warmup_batches:
+            return
+        mean = f["mean"]
+        means = np.fromiter(self._baseline, dtype=np.float64, count=k)
+        center, spread = stats.robust_spread(means)
+        # A batch mean is noisy by std/sqrt(n) even when nothing changes: never judge it on less than that.
+        within = math.sqrt(float(np.median(np.fromiter(self._baseline_vars, dtype=np.float64))))
+        noise = within / math.sqrt(max(n, 1))
+        # The median of k earlier means is itself uncertain (var ≈ π/2k of one mean).
+        spread = max(spread, noise, 1e-6 * max(1.0, abs(center))) * math.sqrt(1.0 + 1.6 / k)
+        z = (mean - center) / spread
+        f.update(z=z, center=center, k=float(k))
+        thr = self.anomaly_threshold
+        if abs(z) > thr:
+            sign = math.copysign(1.0, z)
+            if self._shift is not None and self._shift[1] == sign and abs(mean - self._shift[0]) <= thr * spread:
+                # Second batch at the same new level: a level shift, reported once; restart the baseline on it.
+                f["shift"] = 1.0
+                last_var = self._baseline_vars[-1]
+                self._baseline.clear()
+                self._baseline_vars.clear()
+                self._baseline.append(self._shift[0])
+                self._baseline_vars.append(last_var)
+                self._shift = None
+            else:
+                self._shift = (mean, sign)
+        else:
+            self._shift = None
+        if within > 0:
+            f["std_ratio"] = f["std"] / within
+        f["mag_ratio"] = abs(mean) / max(float(np.median(np.abs(means))), within, EPS)
+
+    # ------------------------------------------------------------------------------------------ anomalies
     def _anomaly(
         self, out: list, step: int, metric: str, detector: str, severity: str, value: Any, message: str, rec_key: str
     ) -> None:
@@ -201,373 +318,173 @@ class RewardModelIntegrator:
             }
         )
 
-    def _monitor(self, reward_scores: Any, step: int, context: dict[str, Any]) -> dict[str, Any]:
-        self.calls += 1
-        raw = _to_floats(reward_scores)
-        finite_mask = np.isfinite(raw)
-        scores = raw[finite_mask]
-        n_total, n_valid = int(raw.size), int(scores.size)
-        n_invalid = n_total - n_valid
-        anomalies: list[dict[str, Any]] = []
-        issues: list[str] = []
-
+    def _anomalies(self, f: dict[str, float], step: int) -> list[dict[str, Any]]:
+        """The seed API's anomalies of one observed batch, judged with this integrator's own settings."""
+        out: list[dict[str, Any]] = []
+        n_total, n_valid = int(f["n_total"]), int(f["n_valid"])
         if n_total == 0:
-            issues.append("empty batch: no reward scores")
-            self._anomaly(
-                anomalies,
-                step,
-                "reward",
-                "reward_empty",
-                "medium",
-                0,
-                "the reward function returned no scores for this batch",
-                "empty",
-            )
-        elif n_invalid:
-            share = n_invalid / n_total
+            self._anomaly(out, step, "reward", "reward_empty", "medium", 0, NO_SCORES, "empty")
+        elif n_valid < n_total:
+            share = f["invalid_share"]
             severity = "critical" if share >= 0.5 else "high" if share >= 0.1 else "medium"
-            issues.append(f"{n_invalid} of {n_total} reward scores are None/NaN/Inf")
-            self._anomaly(
-                anomalies,
-                step,
-                "reward",
-                "reward_invalid",
-                severity,
-                share,
-                f"{n_invalid} of {n_total} reward scores ({share:.0%}) are None, NaN or Inf",
-                "invalid",
-            )
-
-        batch_mean: float | None = None
-        batch_std: float | None = None
-        if n_valid:
-            batch_mean = float(scores.mean())
-            batch_std = float(scores.std())
-            self._detect_batch_anomalies(anomalies, step, scores, batch_mean, batch_std)
-            self._means.append(batch_mean)
-            self._vars.append(batch_std**2)
-            self._baseline.append(batch_mean)
-            self._baseline_vars.append(batch_std**2)
-            self._counts.append(n_valid)
-            self._flagged.append(any(a["detector"] in ("reward_zscore", "reward_scale_jump") for a in anomalies))
-            self._recent.extend(scores.tolist())
-            self._seen_min = min(self._seen_min, float(scores.min()))
-            self._seen_max = max(self._seen_max, float(scores.max()))
-            if self._reference is None:
-                room = 8 * self.reference_scores - len(self._early)  # bounded even for huge batches
-                self._early.extend(scores[: max(room, 0)].tolist())
-                self._early_batches += 1
-                if len(self._early) >= self.reference_scores or self._early_batches >= self.reference_batches:
-                    self._reference = np.sort(np.asarray(self._early, dtype=np.float64))
-                    self._early = []
+            msg = f"{n_total - n_valid} of {n_total} reward scores ({share:.0%}) are None, NaN or Inf"
+            self._anomaly(out, step, "reward", "reward_invalid", severity, share, msg, "invalid")
+        z, thr, factor, mean = f["z"], self.anomaly_threshold, self.scale_jump_factor, f["mean"]
+        if abs(z) > thr:  # NaN compares False
+            k, center = int(f["k"]), f["center"]
+            if f["shift"]:
+                msg = f"mean reward stays at its new level {mean:.4g} (was {center:.4g}); new baseline"
+                self._anomaly(out, step, "reward_mean", "reward_level_shift", "low", mean, msg, "zscore")
             else:
-                self._since_reference.extend(scores.tolist())
+                severity = "medium" if abs(z) <= 2 * thr else "high" if abs(z) <= 4 * thr else "critical"
+                msg = (
+                    f"mean reward {'jumped' if z > 0 else 'dropped'} to {mean:.4g} (z = {z:+.1f} against the "
+                    f"previous {k} batches, median {center:.4g})"
+                )
+                self._anomaly(out, step, "reward_mean", "reward_zscore", severity, mean, msg, "zscore")
+        if f["std_ratio"] > factor:
+            ratio, std = f["std_ratio"], f["std"]
+            msg = f"reward spread jumped ×{ratio:.0f} (std {std:.4g} vs {std / ratio:.4g} before)"
+            self._anomaly(out, step, "reward_std", "reward_scale_jump", "high", std, msg, "scale")
+        if f["mag_ratio"] > factor and abs(z) > thr:
+            ratio = f["mag_ratio"]
+            msg = f"reward magnitude jumped ×{ratio:.0f} (mean {mean:.4g} vs typical {abs(mean) / ratio:.4g})"
+            self._anomaly(out, step, "reward_mean", "reward_scale_jump", "high", mean, msg, "scale")
+        if n_valid >= 2 and f["spread_ratio"] == 0.0 and sum(self._constant) >= CONSTANT_K:
+            msg = f"every score was {mean:.4g} in {sum(self._constant)} of the last {len(self._constant)} batches"
+            self._anomaly(out, step, "reward_std", "reward_constant", "medium", mean, msg, "constant")
+        if f["sat_share"] >= self.saturation_share:
+            self._saturation_anomaly(out, step, f)
+        zs = f["zero_spread"]
+        if zs >= 0.5:
+            msg = (
+                f"{zs:.0%} of the {int(f['groups'])} groups got the same reward for every completion "
+                f"(no learning signal)"
+            )
+            self._anomaly(
+                out, step, "reward", "reward_zero_spread", "high" if zs >= 0.9 else "medium", zs, msg, "zero_spread"
+            )
+        self._flagged.append(any(a["detector"] in ("reward_zscore", "reward_scale_jump") for a in out))
+        return out
 
+    def _saturation_anomaly(self, out: list, step: int, f: dict[str, float]) -> None:
+        share, side = f["sat_share"], "maximum" if f["sat_side"] > 0 else "minimum"
+        recent = np.fromiter(self._recent, dtype=np.float64, count=len(self._recent))
+        lo, hi = self.expected_range or (self._seen_min, self._seen_max)
+        shares = stats.bound_shares(recent, lo, hi) or (0.0, 0.0)
+        what = "of the expected range" if self.expected_range is not None else "seen so far"
+        severity = "high" if share >= 0.95 and max(shares) >= 0.5 else "medium"
+        bound = hi if side == "maximum" else lo
+        msg = f"{share:.0%} of the batch's rewards sit at the {side} {what} ({bound:.4g})"
+        self._anomaly(out, step, "reward", "reward_saturation", severity, share, msg, "saturation")
+
+    # ---------------------------------------------------------------------------------------------- summary
+    def _summary(
+        self, raw: np.ndarray, f: dict[str, float], anomalies: list, step: int, context: dict[str, Any]
+    ) -> dict[str, Any]:
         recent = np.fromiter(self._recent, dtype=np.float64, count=len(self._recent))
         stability, swing, scale = self._stability()
-        consistency, band = self._consistency(recent)
-        saturation = self._saturation(recent, scores, anomalies, step)
+        band = self._band()
+        reliability = self._reliability(recent, stability, band)
+        saturation = self._saturation(recent)
+        if f["sat_share"] == f["sat_share"]:
+            saturation["batch_share"] = f["sat_share"]
         drift = self._drift(anomalies, step)
-        zero_spread = self._zero_spread(raw, finite_mask, context, anomalies, step)
-        reliability = {
-            "stability": stability,
-            "consistency": consistency,
-            "variance": float(recent.var()) if recent.size else None,
-            "mean_reward": float(recent.mean()) if recent.size else None,
-        }
         recommendations = self._recommendations(anomalies, reliability)
-        if n_total == 0 and RECOMMENDATIONS["empty"] not in recommendations:
+        if raw.size == 0 and RECOMMENDATIONS["empty"] not in recommendations:
             recommendations.insert(0, RECOMMENDATIONS["empty"])
+        n_total, n_valid = int(f["n_total"]), int(f["n_valid"])
+        issues = []
+        if n_total == 0:
+            issues.append("empty batch: no reward scores")
+        elif n_valid < n_total:
+            issues.append(f"{n_total - n_valid} of {n_total} reward scores are None/NaN/Inf")
+        issues += [a["message"] for a in anomalies if a["detector"] not in ("reward_empty", "reward_invalid")]
         result = {
             "step": step,
             "num_scores": n_total,
             "num_valid": n_valid,
-            "num_invalid": n_invalid,
-            "batch_mean": batch_mean,
-            "batch_std": batch_std,
+            "num_invalid": n_total - n_valid,
+            "batch_mean": f["mean"] if n_valid else None,
+            "batch_std": f["std"] if n_valid else None,
             "reliability_metrics": reliability,
-            "stability_detail": {
-                "swing": swing,
-                "scale": scale,
-                "batches": len(self._means),
-                "warming_up": len(self._means) < 2,
-            },
-            "expected_band": band,
+            "stability_detail": self._stability_detail(swing, scale),
+            "expected_band": list(band) if band else None,
             "anomalies": anomalies,
-            "issues": issues
-            + [a["message"] for a in anomalies if a["detector"] not in ("reward_empty", "reward_invalid")],
+            "issues": issues,
             "recommendations": recommendations,
             "drift": drift,
             "saturation": saturation,
-            "zero_spread_group_share": zero_spread,
-            "histogram": self._histogram(recent),
-            "context": _json_safe(context),
+            "zero_spread_group_share": f["zero_spread"] if f["zero_spread"] == f["zero_spread"] else None,
+            "histogram": stats.histogram(recent, self.num_bins),
+            "context": json_safe(context),
             "timestamp": time.time(),
         }
-        return _json_safe(result)
+        return json_safe(result)
 
-    def _detect_batch_anomalies(
-        self, anomalies: list, step: int, scores: np.ndarray, batch_mean: float, batch_std: float
-    ) -> None:
-        k = len(self._baseline)
-        if k < self.warmup_batches:
-            return
-        means = np.fromiter(self._baseline, dtype=np.float64, count=k)
-        center = float(np.median(means))
-        spread = _MAD_TO_STD * float(np.median(np.abs(means - center)))
-        if spread == 0.0:
-            spread = float(means.std())
-        # A batch mean is noisy by std/sqrt(n) even when nothing changes: never judge it on less than that.
-        within = math.sqrt(float(np.median(np.fromiter(self._baseline_vars, dtype=np.float64))))
-        noise = within / math.sqrt(max(scores.size, 1))
-        # The median of k earlier means is itself uncertain (var ≈ π/2k of one mean).
-        spread = max(spread, noise, 1e-6 * max(1.0, abs(center))) * math.sqrt(1.0 + 1.6 / k)
-        z = (batch_mean - center) / spread
-        thr = self.anomaly_threshold
-        if abs(z) > thr:
-            sign = math.copysign(1.0, z)
-            if self._shift is not None and self._shift[1] == sign and abs(batch_mean - self._shift[0]) <= thr * spread:
-                # Second batch at the same new level: a level shift, reported once; restart the baseline on it.
-                self._anomaly(
-                    anomalies,
-                    step,
-                    "reward_mean",
-                    "reward_level_shift",
-                    "low",
-                    batch_mean,
-                    f"mean reward stays at its new level {batch_mean:.4g} (was {center:.4g}); new baseline",
-                    "zscore",
-                )
-                last_var = self._baseline_vars[-1]
-                self._baseline.clear()
-                self._baseline_vars.clear()
-                self._baseline.append(self._shift[0])
-                self._baseline_vars.append(last_var)
-                self._shift = None
-            else:
-                severity = "medium" if abs(z) <= 2 * thr else "high" if abs(z) <= 4 * thr else "critical"
-                direction = "jumped" if z > 0 else "dropped"
-                self._anomaly(
-                    anomalies,
-                    step,
-                    "reward_mean",
-                    "reward_zscore",
-                    severity,
-                    batch_mean,
-                    f"mean reward {direction} to {batch_mean:.4g} (z = {z:+.1f} against the previous "
-                    f"{k} batches, median {center:.4g})",
-                    "zscore",
-                )
-                self._shift = (batch_mean, sign)
-        else:
-            self._shift = None
-        # Scale jumps: the spread or the magnitude of the reward changes by an order of magnitude.
-        factor = self.scale_jump_factor
-        if within > 0 and batch_std > factor * within:
-            self._anomaly(
-                anomalies,
-                step,
-                "reward_std",
-                "reward_scale_jump",
-                "high",
-                batch_std,
-                f"reward spread jumped ×{batch_std / within:.0f} (std {batch_std:.4g} vs {within:.4g} before)",
-                "scale",
-            )
-        typical = max(float(np.median(np.abs(means))), within, _EPS)
-        if abs(batch_mean) > factor * typical and abs(z) > thr:
-            self._anomaly(
-                anomalies,
-                step,
-                "reward_mean",
-                "reward_scale_jump",
-                "high",
-                batch_mean,
-                f"reward magnitude jumped ×{abs(batch_mean) / typical:.0f} (mean {batch_mean:.4g} vs "
-                f"typical {typical:.4g})",
-                "scale",
-            )
+    def _reliability(self, recent: np.ndarray, stability: float, band: tuple[float, float] | None) -> dict:
+        return {
+            "stability": stability,
+            "consistency": stats.consistency(recent, band),
+            "variance": float(recent.var()) if recent.size else None,
+            "mean_reward": float(recent.mean()) if recent.size else None,
+        }
+
+    def _stability_detail(self, swing: float | None, scale: float | None) -> dict[str, Any]:
+        return {"swing": swing, "scale": scale, "batches": len(self._means), "warming_up": len(self._means) < 2}
 
     def _stability(self) -> tuple[float, float | None, float | None]:
         k = len(self._means)
-        if k < 2:
-            return 1.0, None, None
-        means = np.fromiter(self._means, dtype=np.float64, count=k)
-        variances = np.fromiter(self._vars, dtype=np.float64, count=k)
-        counts = np.fromiter(self._counts, dtype=np.float64, count=k)
-        successive = 0.5 * float(np.mean(np.diff(means) ** 2))
-        noise = float(np.mean(variances / counts))
-        swing = math.sqrt(max(0.0, successive - noise))
-        weights = counts / counts.sum()
-        overall_mean = float(np.dot(weights, means))
-        scale = max(abs(overall_mean), math.sqrt(float(np.median(variances))), _EPS)
-        return 1.0 / (1.0 + swing / scale), swing, scale
+        return stats.stability(
+            np.fromiter(self._means, dtype=np.float64, count=k),
+            np.fromiter(self._vars, dtype=np.float64, count=k),
+            np.fromiter(self._counts, dtype=np.float64, count=k),
+        )
 
     def _band(self) -> tuple[float, float] | None:
-        if self.expected_range is not None:
-            return self.expected_range
         early = self._reference if self._reference is not None else np.asarray(self._early)
-        if early.size < 8:
-            return None
-        med = float(np.median(early))
-        spread = _MAD_TO_STD * float(np.median(np.abs(early - med)))
-        if spread == 0.0:
-            spread = float(early.std())
-        spread = max(spread, 1e-9 * max(1.0, abs(med)))
-        return med - 3.0 * spread, med + 3.0 * spread
+        return stats.band(early, self.expected_range)
 
-    def _consistency(self, recent: np.ndarray) -> tuple[float | None, list[float] | None]:
-        band = self._band()
-        if not recent.size:
-            return None, list(band) if band else None
-        if band is None:
-            return 1.0, None
-        inside = np.count_nonzero((recent >= band[0]) & (recent <= band[1]))
-        return float(inside) / recent.size, [band[0], band[1]]
-
-    def _saturation(self, recent: np.ndarray, scores: np.ndarray, anomalies: list, step: int) -> dict[str, Any]:
+    def _saturation(self, recent: np.ndarray) -> dict[str, Any]:
         if self.expected_range is not None:
             lo, hi, source = self.expected_range[0], self.expected_range[1], "expected_range"
         else:
             lo, hi, source = self._seen_min, self._seen_max, "seen"
-        out: dict[str, Any] = {
-            "share": None,
-            "at_min": None,
-            "at_max": None,
+        shares = stats.bound_shares(recent, lo, hi)
+        at_min, at_max = shares if shares is not None else (None, None)
+        return {
+            "share": None if shares is None else sum(shares),
+            "at_min": at_min,
+            "at_max": at_max,
             "lower": lo,
             "upper": hi,
             "bounds": source,
             "batch_share": None,
         }
-        if not recent.size or not hi - lo > 1e-12 * max(1.0, abs(hi), abs(lo)):
-            return out
-        tol = 1e-3 * (hi - lo)
-        at_min = float(np.count_nonzero(recent <= lo + tol)) / recent.size
-        at_max = float(np.count_nonzero(recent >= hi - tol)) / recent.size
-        out.update(share=at_min + at_max, at_min=at_min, at_max=at_max)
-        if scores.size >= 4:
-            b_min = float(np.count_nonzero(scores <= lo + tol)) / scores.size
-            b_max = float(np.count_nonzero(scores >= hi - tol)) / scores.size
-            out["batch_share"] = b_min + b_max
-            side, share = ("maximum", b_max) if b_max >= b_min else ("minimum", b_min)
-            if share >= self.saturation_share:
-                bound = hi if side == "maximum" else lo
-                what = "of the expected range" if source == "expected_range" else "seen so far"
-                severity = "high" if share >= 0.95 and max(at_min, at_max) >= 0.5 else "medium"
-                self._anomaly(
-                    anomalies,
-                    step,
-                    "reward",
-                    "reward_saturation",
-                    severity,
-                    share,
-                    f"{share:.0%} of the batch's rewards sit at the {side} {what} ({bound:.4g})",
-                    "saturation",
-                )
-        return out
 
     def _drift(self, anomalies: list, step: int) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "psi": None,
-            "ks": None,
-            "level": "none",
-            "reference_size": 0,
-            "recent_size": 0,
-            "mean_shift": None,
-        }
+        out: dict[str, Any] = {"psi": None, "ks": None, "level": "warming_up", "reference_size": 0}
+        out.update(recent_size=0, mean_shift=None)
         ref = self._reference
         if ref is None:
-            out["level"] = "warming_up"
             return out
         recent = np.fromiter(self._since_reference, dtype=np.float64, count=len(self._since_reference))
         out["reference_size"], out["recent_size"] = int(ref.size), int(recent.size)
         if recent.size < self.drift_min_scores:
-            out["level"] = "warming_up"
             return out
-        # PSI over the reference's deciles (ties merged), with a small floor for empty bins.
-        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11)[1:-1]))
-        ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=edges.size + 1)
-        cur_counts = np.bincount(np.searchsorted(edges, recent, side="right"), minlength=edges.size + 1)
-        p = np.maximum(ref_counts / ref.size, 1e-4)
-        q = np.maximum(cur_counts / recent.size, 1e-4)
-        psi = float(np.sum((q - p) * np.log(q / p)))
-        # Two finite samples differ by chance: PSI ≈ (bins − 1)(1/n + 1/m) under no change. Judge the excess.
-        psi_excess = max(0.0, psi - (edges.size) * (1.0 / ref.size + 1.0 / recent.size))
-        # Two-sample Kolmogorov–Smirnov statistic.
-        cur_sorted = np.sort(recent)
-        grid = np.concatenate([ref, cur_sorted])
-        ks = float(
-            np.max(
-                np.abs(
-                    np.searchsorted(ref, grid, side="right") / ref.size
-                    - np.searchsorted(cur_sorted, grid, side="right") / cur_sorted.size
-                )
-            )
-        )
-        ks_critical = 1.95 * math.sqrt((ref.size + recent.size) / (ref.size * recent.size))  # α ≈ 0.001
-        level = "none"
-        if ks > ks_critical:
-            level = "significant" if psi_excess >= 0.25 else "moderate" if psi_excess >= 0.1 else "none"
-        ref_std = float(ref.std())
-        shift = (float(recent.mean()) - float(ref.mean())) / ref_std if ref_std > 0 else None
-        out.update(psi=psi, psi_excess=psi_excess, ks=ks, ks_critical=ks_critical, level=level, mean_shift=shift)
+        out.update(stats.drift(ref, recent))
+        level = out["level"] = stats.drift_level(out)
         order = ("none", "moderate", "significant")
         if order.index(level) > order.index(self._drift_level) and level != "none":
+            shift = out["mean_shift"]
             direction = "" if shift is None else (" upward" if shift > 0 else " downward")
-            self._anomaly(
-                anomalies,
-                step,
-                "reward",
-                "reward_drift",
-                "low" if level == "moderate" else "medium",
-                psi,
-                f"reward distribution shifted{direction} from the early run (PSI {psi:.2f}, KS {ks:.2f})",
-                "drift",
+            msg = (
+                f"reward distribution shifted{direction} from the early run (PSI {out['psi']:.2f}, KS {out['ks']:.2f})"
             )
+            severity = "low" if level == "moderate" else "medium"
+            self._anomaly(anomalies, step, "reward", "reward_drift", severity, out["psi"], msg, "drift")
         self._drift_level = level
         return out
-
-    def _zero_spread(
-        self, raw: np.ndarray, finite_mask: np.ndarray, context: dict[str, Any], anomalies: list, step: int
-    ) -> float | None:
-        size = context.get("num_generations", context.get("group_size"))
-        try:
-            size = int(size) if size is not None else None
-        except (TypeError, ValueError):
-            size = None
-        if not size or size < 2 or raw.size < size:
-            return None
-        groups = raw[: raw.size - raw.size % size].reshape(-1, size)
-        mask = finite_mask[: groups.size].reshape(-1, size)
-        usable = mask.sum(axis=1) >= 2
-        if not usable.any():
-            return None
-        lo = np.where(mask, groups, np.inf).min(axis=1)
-        hi = np.where(mask, groups, -np.inf).max(axis=1)
-        flat = (hi - lo) <= 1e-8 * np.maximum(1.0, np.abs(hi))
-        share = float(np.count_nonzero(flat & usable)) / float(np.count_nonzero(usable))
-        if share >= 0.5:
-            self._anomaly(
-                anomalies,
-                step,
-                "reward",
-                "reward_zero_spread",
-                "high" if share >= 0.9 else "medium",
-                share,
-                f"{share:.0%} of the {int(np.count_nonzero(usable))} groups got the same reward "
-                f"for every completion (no learning signal)",
-                "zero_spread",
-            )
-        return share
-
-    def _histogram(self, recent: np.ndarray) -> dict[str, Any]:
-        if not recent.size:
-            return {"counts": [], "edges": []}
-        lo, hi = float(recent.min()), float(recent.max())
-        if hi - lo <= 1e-12 * max(1.0, abs(lo)):
-            lo, hi = lo - 0.5, hi + 0.5
-        counts, edges = np.histogram(recent, bins=self.num_bins, range=(lo, hi))
-        return {"counts": counts.tolist(), "edges": edges.tolist()}
 
     def _recommendations(self, anomalies: list, reliability: dict[str, Any]) -> list[str]:
         recs: list[str] = []

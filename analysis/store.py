@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_tui.analysis.reward_streams import RewardStreams
+
 DEFAULT_CAPACITY = 1 << 17  # rows per run before the older half is thinned (~131k steps at full resolution)
 
 
@@ -44,7 +46,7 @@ class RunHistory:
         self.out_of_order = 0  # step records older than the newest step, ignored
         self.checkpoints: list[dict] = []
         self.rewards: deque[dict] = deque(maxlen=256)  # reward batches (stats + samples), newest last
-        self.reward_report: dict | None = None  # latest reliability analysis
+        self.reward_streams = RewardStreams()  # per reward function, from every batch (analysis/reward_streams.py)
         self.system: dict[int, dict] = {}  # latest system sample per rank
         self.training_anomalies: deque[dict] = deque(maxlen=1000)  # anomalies found by the training side
         self.ended: dict | None = None  # run_end data (global_step, summary)
@@ -113,6 +115,12 @@ class RunHistory:
             col.values[row] = math.nan if value is None else value
             col.logged[row] = True
         return True
+
+    def add_reward(self, batch: dict) -> None:
+        """Keep one reward batch (newest last) and take it into its function's reliability stream."""
+        self.rewards.append(batch)
+        args = self.meta.get("args")
+        self.reward_streams.add(batch, args.get("num_generations") if isinstance(args, dict) else None)
 
     def _thin(self) -> None:
         """Halve the resolution of the older half so memory stays bounded on very long runs."""

@@ -73,6 +73,11 @@ class Thresholds:
     hack_clipped_ratio: float = 0.5  # completions/clipped_ratio at or above: lengths running to the limit
     hack_length_frac: float = 0.95  # completion_length / max_completion_length (when args are known)
     hack_entropy_drop: float = 0.5  # entropy this fraction below its early level counts as falling
+    # per reward function, batch by batch (analysis/reward_episodes.py; docs/reward-reliability.md)
+    reward_batch_z: float = 4.0  # batch mean this many spreads from the function's recent batches (medium; 2x high)
+    reward_saturation_share: float = 0.8  # share of a function's scores at a bound over persist_n batches
+    reward_invalid_high: float = 0.1  # share of None/NaN scores in a batch for high (any is medium, half critical)
+    reward_drift_psi: float = 0.25  # PSI excess over chance for a significant drift (0.4x: moderate)
 
     # -- losses and gradients ------------------------------------------------------------------------
     spike_z: float = 10.0  # loss / grad_norm single-step robust z: spike (low)
@@ -199,6 +204,10 @@ _FIELD_SPECS: list[dict[str, Any]] = [
     _h("hack_clipped_ratio", "completions/clipped_ratio that counts as running to the limit", 0.05, min=0.0, max=1.0),
     _h("hack_length_frac", "completion length / limit that counts as running to the limit", 0.01, min=0.0, max=1.0),
     _h("hack_entropy_drop", "entropy drop that counts as falling for reward hacking", 0.05, min=0.0, max=1.0),
+    _h("reward_batch_z", "per reward function: batch-mean z for a shift (medium, 2x high, 4x critical)", 0.5, min=3.0),
+    _h("reward_saturation_share", "per reward function: share of scores at a bound", 0.05, min=0.05, max=1.0),
+    _h("reward_invalid_high", "per reward function: share of None/NaN scores for high", 0.05, min=0.0, max=1.0),
+    _h("reward_drift_psi", "per reward function: PSI excess for a significant drift", 0.05, min=0.01),
     _h("spike_z", "single-step loss/grad_norm z-score for a spike", 1.0, min=1.0),
     _h("grad_norm_factor", "grad_norm / baseline held k of n steps", 0.5, min=1.0),
     _h("loss_persist_z", "loss z-score held k of n steps", 1.0, min=1.0),

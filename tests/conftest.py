@@ -128,9 +128,11 @@ def make_tui_store(
     ranks: int = 1,
     kl_jump_at: int = 170,
     connection: str = "live",
+    reward_shift_at: int | None = None,
 ) -> Store:
     """A GRPO-like run with a KL spike at step 120 and a KL level jump from `kl_jump_at`, a grad_norm spike,
-    two checkpoints (one unhealthy), a reward batch with hostile sample text and GPU samples."""
+    two checkpoints (one unhealthy), batches of two reward functions (the last with hostile sample text) and GPU
+    samples. `reward_shift_at`: format_reward jumps by 2 from that step (a reward-function episode)."""
     store = Store()
     store.source = "tcp://127.0.0.1:5555"
     store.connection = connection
@@ -187,21 +189,17 @@ def make_tui_store(
                 "status": "analysed",
             }
         )
-        run.rewards.append(
-            {
-                "step": 200,
-                "scores": [0.1, 0.5, 0.9, 0.3],
-                "samples": [
-                    {"label": "best", "score": 0.9, "prompt": "p", "completion": TUI_INJECTION},
-                    {"label": "worst", "score": 0.1, "prompt": "p", "completion": "no\nnewline\ttab"},
-                ],
-            }
-        )
-        run.reward_report = {
-            "reliability_metrics": {"stability": 0.91, "consistency": 0.97, "variance": 0.02, "mean_reward": 0.62},
-            "drift": {"psi": 0.03, "level": "none"},
-            "histogram": {"counts": [1, 3, 7, 12, 9, 4, 1], "edges": [-0.1, 0.1, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3]},
-        }
+        for s in range(1, steps + 1):  # two reward functions, 4 completions a batch (one GRPO group)
+            for name, level, spread in (("length_reward", 0.6, 0.3), ("format_reward", -0.4, 0.1)):
+                jump = 2.0 if name == "format_reward" and reward_shift_at is not None and s >= reward_shift_at else 0
+                scores = [round(level + jump + spread * math.sin(1.7 * s + 2.3 * i + level), 4) for i in range(4)]
+                batch: dict = {"step": s, "reward_func": name, "scores": scores, "samples": []}
+                if s == steps and name == "format_reward":
+                    batch["samples"] = [
+                        {"label": "best", "score": 0.9, "prompt": "p", "completion": TUI_INJECTION},
+                        {"label": "worst", "score": 0.1, "prompt": "p", "completion": "no\nnewline\ttab"},
+                    ]
+                run.add_reward(batch)
         for rank in range(ranks):
             run.system[rank] = {
                 "rank": rank,

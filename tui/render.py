@@ -393,60 +393,63 @@ def drift_text(drift: Any) -> str:
     if isinstance(drift, dict):
         level = drift.get("level") or "—"
         psi = drift.get("psi")
-        return f"{level}" + (f" (PSI {compact(psi)})" if psi is not None else "")
+        return f"{level}" + (f" (PSI {compact(psi)})" if psi is not None and level != "warming_up" else "")
     return fmt(drift)
 
 
-def rewards_lines(report: dict, width: int = 100, samples: int = 3) -> Text:
-    """The Rewards pane: reliability numbers, a score distribution, drift and the latest sample completions."""
-    rewards = report.get("rewards") or {}
-    rel = rewards.get("reliability_metrics") or {}
-    out = Text()
-    for i, (label, key) in enumerate(
-        (("stability", "stability"), ("consistency", "consistency"), ("variance", "variance"), ("mean", "mean_reward"))
-    ):
-        out.append(("\n" if i == 2 and width < 70 else "  " if i else "") + label + " ", style="dim")
-        out.append(compact(rel.get(key)))
-    hist = rewards.get("histogram")
-    spark = histogram_spark(hist)
-    out.append("\ndist ", style="dim")
-    if spark:
-        edges = hist.get("edges") or []
-        out.append(spark, style="magenta")
-        if len(edges) >= 2:
-            out.append(f" [{short(edges[0])}…{short(edges[-1])}]", style="dim")
-    else:
-        out.append("—")
-    out.append("\ndrift " if width < 70 else "  drift ", style="dim")
-    out.append(drift_text(rewards.get("drift")))
-    out.append(f"  batches {rewards.get('batches', 0)}", style="dim")
-    shown = (rewards.get("samples") or [])[:samples]
-    if shown and rewards.get("last_step") is not None:
-        out.append(f"\nsamples @ step {rewards.get('last_step')}:", style="dim")
-    for sample in shown:
-        out.append("\n")
-        out.append(f"{clean(sample.get('label'), 8):<6}", style="dim")
-        out.append(f"{short(sample.get('score')):>8} ", style="bold")
-        out.append(clean(sample.get("completion"), max(20, width - 16)))
-    return out
-
-
 def rewards_table(report: dict) -> Table:
+    """The combined reliability in the title, then one row per reward function (mean, spread, stability, share
+    of the total's variance, strongest correlation, drift, distribution, reward anomalies)."""
     rewards = report.get("rewards") or {}
     rel = rewards.get("reliability_metrics") or {}
-    table = Table(title="Rewards", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for col in ("stability", "consistency", "variance", "mean", "drift", "distribution", "batches"):
-        table.add_column(col, no_wrap=True)
-    table.add_row(
-        fmt(rel.get("stability")),
-        fmt(rel.get("consistency")),
-        fmt(rel.get("variance")),
-        fmt(rel.get("mean_reward")),
-        drift_text(rewards.get("drift")),
-        histogram_spark(rewards.get("histogram")) or "—",
-        str(rewards.get("batches", 0)),
+    title = "Rewards: " + " · ".join(
+        f"{label} {short(rel.get(key))}"
+        for label, key in (
+            ("stability", "stability"),
+            ("consistency", "consistency"),
+            ("variance", "variance"),
+            ("mean", "mean_reward"),
+        )
     )
+    title += f" · {rewards.get('batches', 0)} batches"
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for col in ("function", "mean", "std", "stab", "share", "corr", "drift", "distribution", "batches", "alarms"):
+        table.add_column(col, no_wrap=True)
+    functions = rewards.get("functions") or {}
+    for name, f in functions.items():
+        table.add_row(
+            Text(clean(name, 40)),
+            short(f.get("mean")),
+            short(f.get("std")),
+            short((f.get("reliability_metrics") or {}).get("stability")),
+            percent(f.get("share")),
+            strongest_correlation(f.get("correlation")),
+            str((f.get("drift") or {}).get("level") or "—"),
+            histogram_spark(f.get("histogram")) or "—",
+            str(f.get("batches", 0)),
+            alarm_text(f.get("anomaly_counts")) or "—",
+        )
     return table
+
+
+def percent(value: Any) -> str:
+    return f"{100 * value:.0f}%" if isinstance(value, (int, float)) and math.isfinite(value) else "—"
+
+
+def strongest_correlation(corr: Any) -> str:
+    """The correlation with the most correlated other function, e.g. "-0.26 length_reward"."""
+    pairs = [(k, v) for k, v in (corr or {}).items() if isinstance(v, (int, float))] if isinstance(corr, dict) else []
+    if not pairs:
+        return "—"
+    name, r = max(pairs, key=lambda kv: abs(kv[1]))
+    return f"{r:+.2f} {clean(name, 16)}" if len(pairs) > 1 else f"{r:+.2f}"
+
+
+def alarm_text(counts: Any) -> str:
+    """Reward anomaly counts, worst first ("1 HIGH 2 med"); empty when none."""
+    if not isinstance(counts, dict):
+        return ""
+    return " ".join(f"{counts[s]} {SEVERITY_SHORT[s]}" for s in WORST_FIRST if counts.get(s))
 
 
 def reward_samples_table(report: dict) -> Table | None:

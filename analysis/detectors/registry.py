@@ -175,6 +175,106 @@ _RECORDS = (
             "read sample completions; add length penalties, raise KL beta, fix the exploitable reward",
         ),
     ),
+    # Per reward function, batch by batch: raised by analysis/reward_episodes.py from the reward streams (not by a
+    # rule of rules.py); `metric` is the function's TRL key, rewards/<name>/mean or /std.
+    Detector(
+        "reward_zscore",
+        "one reward function's batch mean far from its recent batches (medium/high/critical)",
+        (),
+        ("reward_batch_z",),
+        (MEDIUM, HIGH, CRITICAL),
+        lambda metric, value, score: (
+            f"{metric} {'jumped' if score >= 0 else 'dropped'} to {fmt(value)}, {abs(score):.1f} spreads from "
+            f"its recent batches",
+            "read this batch's sample completions: a sudden change of one reward function often means reward "
+            "hacking or a bug in that function",
+        ),
+    ),
+    Detector(
+        "reward_level_shift",
+        "one reward function settled at a new level after a jump (low)",
+        (),
+        ("reward_batch_z",),
+        (LOW,),
+        _fixed("{metric} stays at its new level {v}: new baseline", "check the samples if the change was not expected"),
+    ),
+    Detector(
+        "reward_scale_jump",
+        "one reward function's spread or magnitude jumped by an order of magnitude (high)",
+        (),
+        ("reward_scale_factor",),
+        (HIGH,),
+        lambda metric, value, score: (
+            f"{metric} scale jumped x{score:.0f} ({fmt(value)})",
+            "normalise or clip this reward; check the function for a unit or parsing bug",
+        ),
+    ),
+    Detector(
+        "reward_constant",
+        "one reward function returns the same score for every completion (medium)",
+        (),
+        ("reward_std_collapse", "persist_k", "persist_n"),
+        (MEDIUM,),
+        _fixed(
+            "{metric}: every completion gets the same score ({v}): this function gives no learning signal",
+            "check the function is not stuck (a caught exception returning a default, a parse that always fails) "
+            "or grade it more finely",
+        ),
+    ),
+    Detector(
+        "reward_invalid",
+        "None/NaN/Inf scores from one reward function (medium/high/critical)",
+        (),
+        ("reward_invalid_high",),
+        (MEDIUM, HIGH, CRITICAL),
+        lambda metric, value, score: (
+            f"{metric}: {100 * (value or 0):.0f}% of the batch's scores are None, NaN or Inf",
+            "make the function return a finite float for every completion: None/NaN scores are dropped from the "
+            "update and bias the advantage",
+        ),
+    ),
+    Detector(
+        "reward_empty",
+        "a reward function returned no scores for a batch (medium)",
+        (),
+        ("reward_invalid_high",),
+        (MEDIUM,),
+        _fixed("{metric}: the function returned no scores for a batch", "return one float per completion"),
+    ),
+    Detector(
+        "reward_saturation",
+        "one reward function's scores pile up at a bound (medium/high)",
+        (),
+        ("reward_saturation_share", "persist_n"),
+        (MEDIUM, HIGH),
+        lambda metric, value, score: (
+            f"{metric}: {100 * (value or 0):.0f}% of the scores sit at a bound seen so far",
+            "the task may be too easy or the reward clipped: check samples for reward hacking, grade the reward",
+        ),
+    ),
+    Detector(
+        "reward_drift",
+        "one reward function's score distribution moved away from its early run (low/medium)",
+        (),
+        ("reward_drift_psi",),
+        (LOW, MEDIUM),
+        lambda metric, value, score: (
+            f"{metric}: score distribution shifted from the early run (PSI {fmt(value)})",
+            "expected while the policy improves; check samples for reward hacking if the shift is sudden",
+        ),
+    ),
+    Detector(
+        "reward_zero_spread",
+        "one reward function ties every completion of most GRPO groups (medium)",
+        (),
+        ("no_signal_frac", "persist_n"),
+        (MEDIUM,),
+        lambda metric, value, score: (
+            f"{metric}: {100 * (value or 0):.0f}% of GRPO groups got one score for every completion",
+            "this function gives (almost) no signal within groups: raise num_generations or the temperature, "
+            "or grade it more finely",
+        ),
+    ),
     Detector(
         "no_learning_signal",
         "frac_reward_zero_std jumping or near 1 / reward_std collapsing (medium/high)",

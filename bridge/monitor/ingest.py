@@ -287,10 +287,7 @@ def _apply_reward(run: RunHistory, data: Any) -> None:
         if isinstance(scores, list)
         else []
     )
-    run.rewards.append(data)
-    analysis = data.get("analysis")
-    if isinstance(analysis, dict):
-        run.reward_report = analysis
+    run.add_reward(data)  # judged per reward function by the monitor (the training side's `analysis` mixed them)
 
 
 def apply_jsonl_event(store: Store, event: dict, default_run: str = "file") -> bool:

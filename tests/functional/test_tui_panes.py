@@ -116,17 +116,19 @@ async def test_rewards_pane_numbers_distribution_and_escaped_samples(make_store,
         body = app.view.query_one("#rewards-body")
         text = _text(body)
         for fragment in (
-            "stability 0.91",
-            "consistency 0.97",
-            "variance 0.02",
-            "mean 0.62",
-            "drift none",
-            "▂▃▅█▆▃▂",
+            "all stability 1  consistency 1",
+            "variance 0.0662  mean 0.2",
+            "batches 400",
             "samples @ step 200",
             "0.9",
             "0.1",
         ):
             assert fragment in text, fragment
+        rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.endswith("—")}
+        assert rows["length_reward"][:2] == ["0.6", "0.212"] and rows["length_reward"][3] == "80%"
+        assert rows["format_reward"][:2] == ["-0.4", "0.0707"] and rows["format_reward"][3] == "20%"
+        head = str(app.view.pane("rewards").border_title)
+        assert "2 functions" in head and "400 batches" in head
         assert "The answer is [red]forty-two[/red]! done" in text  # markup literal, escapes removed
         assert "\x1b" not in text and "pwned" not in text and "\x07" not in text
         assert "no newline tab" in text
@@ -173,3 +175,21 @@ async def test_picking_an_anomaly_posts_selected_then_follow_posts_closed(make_s
         await pilot.press("escape")
         await pilot_wait_for(pilot, lambda: app.view.at_step is None, message="following again")
         assert any(isinstance(m, AnomaliesPane.Closed) for m in posted)
+
+
+async def test_a_reward_function_episode_shows_in_the_feed_its_counts_and_the_rewards_pane(make_store, settle, title):
+    app = MonitorApp([], stores=[make_store(reward_shift_at=190)], labels=["demo"])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app)
+        feed = app.view.pane("anomalies")
+        shown = [a for a in feed.anomalies if a["detector"] == "reward_zscore"]
+        assert [(a["metric"], a["step"], a["severity"]) for a in shown] == [
+            ("rewards/format_reward/mean", 190, "critical")
+        ]
+        rows = [str(feed.table.get_row_at(i)) for i in range(feed.table.row_count)]
+        assert any("rewards/format_reward" in r and "jumped" in r for r in rows)
+        assert "1 critical" in title(feed)  # the title's counts include the reward episodes
+        text = _text(app.view.query_one("#rewards-body"))
+        assert next(line for line in text.splitlines() if line.startswith("format_reward")).endswith(
+            "1 CRIT 1 low"
+        )  # the jump, then its level shift

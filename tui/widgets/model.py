@@ -61,8 +61,12 @@ def view_report(
     report = build_report(store, thresholds, run_id=run_id, anomalies=anomalies)
     run = store.runs.get(run_id) if run_id else store.current_run
     report["at_step"] = at_step
-    if anomaly_counts is not None:
-        report["anomaly_counts"] = dict(anomaly_counts)
+    if anomaly_counts is not None:  # the detection pass's exact counts, plus the reward-function episodes
+        counts = dict(anomaly_counts)
+        rewards = report.get("rewards") or {}
+        for e in rewards.get("anomalies") or [] if "functions" in rewards else []:
+            counts[e["severity"]] = counts.get(e["severity"], 0) + 1
+        report["anomaly_counts"] = counts
     report["stale_since"] = store.stale_since
     if run is not None:
         report["run"]["max_steps"] = run.meta.get("max_steps")

@@ -1,5 +1,7 @@
-"""The Rewards pane: stability, consistency, variance, mean, a score distribution (sparkline histogram), drift
-and the latest sample completions with their scores (escaped: no markup or control sequences)."""
+"""The Rewards pane: the combined reliability (stability, consistency, variance, mean), one row per reward
+function (mean, spread, stability, share of the total's variance, strongest correlation, its reward alarms), a
+score distribution (sparkline histogram), drift and the latest sample completions with their scores (escaped:
+no markup or control sequences)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,86 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from rlhf_tui.tui.render import rewards_lines
+from rlhf_tui.tui.render import (
+    SEVERITY_STYLE,
+    WORST_FIRST,
+    alarm_text,
+    clean,
+    compact,
+    drift_text,
+    histogram_spark,
+    percent,
+    short,
+    strongest_correlation,
+)
 from rlhf_tui.tui.widgets.common import Pane
+
+
+def _reliability_line(out: Text, rel: dict, width: int) -> None:
+    for i, (label, key) in enumerate(
+        (("stability", "stability"), ("consistency", "consistency"), ("variance", "variance"), ("mean", "mean_reward"))
+    ):
+        out.append(("\n" if i == 2 and width < 70 else "  " if i else "") + label + " ", style="dim")
+        out.append(compact(rel.get(key)))
+
+
+def function_rows(functions: dict, width: int) -> Text:
+    """One row per reward function: name, mean, std (not in narrow panes), stability, share of the total's
+    variance, strongest correlation (wide panes only) and its reward alarms."""
+    wide, narrow = width >= 70, width < 50
+    name_w = max(8, min(24, width - (58 if wide else 28 if narrow else 35)))
+    out = Text()
+    head = f"{'function':<{name_w}} {'mean':>6}" + ("" if narrow else f" {'std':>6}") + f" {'stab':>5} {'share':>5}"
+    out.append(head + (f" {'corr':<13}" if wide else "") + " alarms", style="dim")
+    for name, f in functions.items():
+        rel = f.get("reliability_metrics") or {}
+        out.append("\n")
+        out.append(f"{clean(name, name_w):<{name_w}} ", style="bold")
+        out.append(f"{compact(f.get('mean')):>6} " + ("" if narrow else f"{compact(f.get('std')):>6} "))
+        out.append(f"{compact(rel.get('stability')):>5} {percent(f.get('share')):>5}")
+        if wide:
+            out.append(f" {strongest_correlation(f.get('correlation'))[:13]:<13}", style="dim")
+        counts = f.get("anomaly_counts") or {}
+        alarms = alarm_text(counts)
+        worst = next((s for s in WORST_FIRST if counts.get(s)), None)
+        out.append(" " + (alarms or "—"), style=SEVERITY_STYLE.get(worst, "dim") if alarms else "dim")
+    return out
+
+
+def rewards_lines(report: dict, width: int = 100, samples: int = 3) -> Text:
+    """The pane's body."""
+    rewards = report.get("rewards") or {}
+    out = Text()
+    functions = rewards.get("functions") or {}
+    if len(functions) > 1:
+        out.append("all ", style="dim")
+    _reliability_line(out, rewards.get("reliability_metrics") or {}, width)
+    if functions:
+        out.append("\n")
+        out.append_text(function_rows(functions, width))
+    hist = rewards.get("histogram")
+    spark = histogram_spark(hist)
+    out.append("\ndist ", style="dim")
+    if spark:
+        edges = hist.get("edges") or []
+        out.append(spark, style="magenta")
+        if len(edges) >= 2:
+            out.append(f" [{short(edges[0])}…{short(edges[-1])}]", style="dim")
+    else:
+        out.append("—")
+    if rewards.get("drift"):
+        out.append("\ndrift " if width < 70 else "  drift ", style="dim")
+        out.append(drift_text(rewards.get("drift")))
+    out.append(f"  batches {rewards.get('batches', 0)}", style="dim")
+    shown = (rewards.get("samples") or [])[:samples]
+    if shown and rewards.get("last_step") is not None:
+        out.append(f"\nsamples @ step {rewards.get('last_step')}:", style="dim")
+    for sample in shown:
+        out.append("\n")
+        out.append(f"{clean(sample.get('label'), 8):<6}", style="dim")
+        out.append(f"{short(sample.get('score')):>8} ", style="bold")
+        out.append(clean(sample.get("completion"), max(20, width - 16)))
+    return out
 
 
 class RewardsPane(Pane):
@@ -41,6 +121,9 @@ class RewardsPane(Pane):
             self.query_one("#rewards-body", Static).update(body)
         title = Text("Rewards", style="bold")
         mean = (rewards.get("reliability_metrics") or {}).get("mean_reward")
+        functions = rewards.get("functions") or {}
+        if len(functions) > 1:
+            title.append(f" · {len(functions)} functions", style="dim")
         if rewards.get("batches"):
             title.append(f" · {rewards.get('batches')} batches", style="dim")
         if mean is not None:

@@ -73,8 +73,11 @@ class RunCollector(_CallbackBase):
         completions: Any = None,
     ) -> None:
         """`RLHFMonitorCallback.log_rewards`'s signature: kept here, then forwarded to the monitor callback."""
-        self.run.rewards.append({"step": int(step), "reward_func": name, "scores": list(scores), "samples": samples})
         self.monitor.log_rewards(step, scores, samples, name=name, prompts=prompts, completions=completions)
+        meta = getattr(self.monitor, "meta", None)
+        if "args" not in self.run.meta and isinstance(meta, dict):  # num_generations, for the zero-spread check
+            self.run.meta.update(meta)
+        self.run.add_reward({"step": int(step), "reward_func": name, "scores": list(scores), "samples": samples})
 
     def _sample_memory(self) -> dict[str, float]:
         now = time.monotonic()
@@ -90,7 +93,6 @@ def build_results(manager, checkpoint_results: list[dict]) -> dict:
     """The results dict of `train_with_monitoring`, from what the manager's RunCollector kept and the
     checkpoint analyses the monitor callback returned."""
     from rlhf_tui.analysis.report import build_report
-    from rlhf_tui.analysis.rewards import RewardModelIntegrator
     from rlhf_tui.analysis.store import Store
     from rlhf_tui.analysis.thresholds import Thresholds
 
@@ -105,12 +107,6 @@ def build_results(manager, checkpoint_results: list[dict]) -> dict:
         run.meta["trainer"] = type(trainer).__name__
     analysed = {c.get("step"): c for c in checkpoint_results}
     run.checkpoints = [analysed.get(c["step"], c) for c in collector.saved]
-    if run.rewards:  # the reliability of the scores the reward functions returned, batch by batch
-        integrator = RewardModelIntegrator(anomaly_threshold=thresholds.anomaly_threshold)
-        context = {"num_generations": run.meta.get("args", {}).get("num_generations")}
-        for batch in run.rewards:
-            context["reward_func"] = batch["reward_func"]
-            run.reward_report = integrator.monitor_reward_model(batch["scores"], batch["step"], context=dict(context))
     report = build_report(store, thresholds)
     metrics = report.get("metrics", {})
     rewards = report.get("rewards") or {}

@@ -1,0 +1,77 @@
+"""The report's `rewards` section, from a run's reward streams: the combined reliability (CONTRACT.md's
+`reliability_metrics`), one entry per reward function under `functions`, the combined view under `combined`, and
+the reward episodes under `anomalies` (the same episodes the report's top-level `anomalies` holds). The
+monitor judges the scores itself: the training side's `analysis` of a reward message is not used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rlhf_tui.analysis.reward_episodes import reward_episodes, severity_counts
+from rlhf_tui.analysis.store import RunHistory
+
+RELIABILITY_KEYS = ("stability", "consistency", "variance", "mean_reward")
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def run_reward_episodes(run: RunHistory, thresholds=None) -> list[dict]:
+    """The run's reward-function anomaly episodes (empty when no batch reached the streams)."""
+    if not run.reward_streams.streams:
+        return []
+    return reward_episodes(run.reward_streams, thresholds, run.last_step)
+
+
+def rewards_section(run: RunHistory, episodes: list[dict]) -> dict[str, Any]:
+    streams = run.reward_streams
+    if not streams.streams:
+        return {"reliability_metrics": dict.fromkeys(RELIABILITY_KEYS), "batches": 0, "anomalies": []}
+    args = run.meta.get("args")
+    summary = streams.summary(_hashable(args.get("reward_weights")) if isinstance(args, dict) else None)
+    functions, combined = summary["functions"], summary["combined"]
+    for name, entry in functions.items():
+        mine = [e for e in episodes if e["metric"].startswith(f"rewards/{name}/")]
+        entry["anomaly_counts"] = severity_counts(mine)
+    names = list(functions)
+    if len(names) == 1:
+        only = functions[names[0]]
+        rel = only["reliability_metrics"]
+        extra = {"drift": only["drift"], "saturation": only["saturation"], "histogram": only["histogram"]}
+    else:
+        view = combined.get("reliability_metrics") or {}
+        rel = {
+            "stability": view.get("stability"),
+            "consistency": view.get("consistency"),
+            "variance": combined.get("variance"),
+            "mean_reward": combined.get("mean_reward"),
+        }
+        extra = {"histogram": combined.get("histogram")}
+    recommendations: list[str] = []
+    for e in episodes:
+        recommendations.append(e["recommendation"])
+    for entry in functions.values():
+        recommendations.extend(entry.get("recommendations") or [])
+    out: dict[str, Any] = {
+        "reliability_metrics": {k: _finite(rel.get(k)) for k in RELIABILITY_KEYS},
+        "batches": streams.batches(),
+        **extra,
+        "anomalies": episodes,
+        "recommendations": list(dict.fromkeys(recommendations)),
+        "num_invalid": sum(int(f.get("num_invalid") or 0) for f in functions.values()),
+        "functions": functions,
+        "combined": combined,
+    }
+    if run.rewards:
+        out["samples"] = list(run.rewards[-1].get("samples") or [])
+        out["last_step"] = run.rewards[-1].get("step")
+    return out
+
+
+def _hashable(weights: Any) -> tuple | None:
+    return tuple(weights) if isinstance(weights, list) and all(isinstance(w, (int, float)) for w in weights) else None
