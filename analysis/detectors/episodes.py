@@ -9,6 +9,7 @@ import operator
 
 import numpy as np
 
+from rlhf_tui.analysis.detectors.buffers import Flags
 from rlhf_tui.analysis.detectors.registry import ZSCORE_ADVICE, describe, zscore_message
 from rlhf_tui.analysis.severity import SEVERITIES
 
@@ -293,3 +294,18 @@ def merge_sorted(a: list[dict], b: list[dict]) -> list[dict]:
     for ep in b:
         bisect.insort(out, ep, key=EPISODE_ORDER)
     return out
+
+
+def episodes(
+    flagged: list[tuple], steps: np.ndarray, th, keep_low: int | None = None, keep_other: int | None = None
+) -> tuple[list[dict], dict[str, int]]:
+    """Flagged rows -> (episodes, counts per severity) in one go, for flags made outside the engine.
+    `flagged`: (detector, metric, rows, level per row, score, value) with rows increasing."""
+    book = EpisodeBook(int(th.cooldown_steps), keep_low, keep_other)
+    flags: dict[tuple[str, str], Flags] = {}
+    for det, metric, rows, lev, score, value in flagged:
+        fl = flags.setdefault((det, metric), Flags())
+        fl.replace_from(int(rows[0]) if len(rows) else 0, rows, lev, score, value)
+    if not len(steps):
+        return [], {}
+    return book.update(flags, set(flags), steps, int(steps[0]))  # nothing is final: every episode is built
