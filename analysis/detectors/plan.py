@@ -85,7 +85,7 @@ def max_completion_length(meta: Mapping[str, Any]) -> float | None:
 def canonical_copies(names: Iterable[str]) -> set[str]:
     """Trainer keys already represented by a canonical name (every alias present, not only the first)."""
     names = set(names)
-    out = set()
+    out: set[str] = set()
     for canonical, sources in CANONICAL_SOURCES.items():
         if canonical in names:
             out.update(src for src in sources if src in names)
