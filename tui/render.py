@@ -51,19 +51,22 @@ def clean(value: Any, limit: int = 200) -> str:
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
+def _number(value: float, exponent: str) -> str:
+    """A float with 4 significant digits, in `exponent` format when it is tiny or huge; NaN / ±Inf spelled out."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Inf" if value > 0 else "-Inf"
+    magnitude = abs(value)
+    if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
+        return format(value, exponent)
+    return f"{value:.4g}"
+
+
 def fmt(value: Any) -> str:
     if value is None:
         return "—"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Inf" if value > 0 else "-Inf"
-        magnitude = abs(value)
-        if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
-            return f"{value:.3e}"
-        return f"{value:.4g}"
-    return str(value)
+    return _number(value, ".3e") if isinstance(value, float) else str(value)
 
 
 def short(value: Any) -> str:
@@ -72,15 +75,7 @@ def short(value: Any) -> str:
         return "—"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Inf" if value > 0 else "-Inf"
-    magnitude = abs(value)
-    if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
-        return f"{value:.2e}".replace("e-0", "e-").replace("e+0", "e")
-    return f"{value:.4g}"
+    return _number(float(value), ".2e").replace("e-0", "e-").replace("e+0", "e")
 
 
 def compact(value: Any) -> str:
@@ -125,15 +120,20 @@ def connection_text(report: dict) -> Text:
     return text
 
 
+def run_title(run: dict, id_width: int, trainer_width: int) -> Text:
+    """The start of every header: the tool, the run id and the trainer (untrusted text, made safe)."""
+    return Text.assemble(
+        ("rlhf-tui", "bold"),
+        "  run ",
+        (clean(run.get("run_id"), id_width), "bold cyan"),
+        f"  {clean(run.get('trainer'), trainer_width)}",
+    )
+
+
 def header_text(report: dict, width: int = 200) -> Text:
     """Run, trainer, step and connection first; the model and the logged-row count only when there is room."""
     run = report.get("run") or {}
-    text = Text.assemble(
-        ("rlhf-tui", "bold"),
-        "  run ",
-        (clean(run.get("run_id"), 40), "bold cyan"),
-        f"  {clean(run.get('trainer'), 24)}",
-    )
+    text = run_title(run, 40, 24)
     steps = f"  step {fmt(report.get('last_step'))}"
     if run.get("max_steps"):
         steps += f"/{fmt(run.get('max_steps'))}"
