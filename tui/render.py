@@ -144,6 +144,11 @@ def header_text(report: dict, width: int = 200) -> Text:
         extra += f"  model {clean(run.get('model'), 40)}"
     if len(text) + len(extra) <= width - 30:
         text.append(extra, style="dim")
+    actions = report.get("actions") or []
+    if actions:  # the training side saved or stopped the run on an alarm: said where it is always seen
+        last = actions[-1]
+        what = "STOPPED" if last.get("action") == "stop" else "SAVED"
+        text.append(f"  {what} by on_alarm at step {clean(last.get('step'), 12)}", style="bold white on red")
     return text
 
 
@@ -482,6 +487,21 @@ def transport_text(report: dict) -> Text:
     )
 
 
+def actions_text(report: dict) -> Text | None:
+    """What the training side did on its alarms (on_alarm), newest last, or None."""
+    actions = report.get("actions") or []
+    if not actions:
+        return None
+    text = Text()
+    for a in actions[-3:]:
+        what = "stopped the run" if a.get("action") == "stop" else "saved a checkpoint"
+        text.append(f"on_alarm: {what} at step {clean(a.get('step'), 12)}", style="bold red")
+        text.append(
+            f" ({clean(a.get('severity'), 10)} {clean(a.get('detector'), 40)} on {clean(a.get('metric'), 60)})  "
+        )
+    return text
+
+
 def summary_text(report: dict) -> Text | None:
     """The trainer's end-of-run summary in one line (train_loss, train_runtime ...), or None before the end."""
     summary = report.get("summary") or {}
@@ -494,7 +514,7 @@ def summary_text(report: dict) -> Text | None:
 def report_renderable(report: dict) -> Group:
     return Group(
         header_text(report),
-        *[t for t in [summary_text(report)] if t is not None],
+        *[t for t in [actions_text(report), summary_text(report)] if t is not None],
         metrics_table(report),
         anomalies_table(report),
         system_table(report),
