@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import ipaddress
 import logging
+import math
 import os
 import threading
 import time
@@ -308,7 +309,9 @@ class Publisher(History):
             if sock is not None:  # what peers send is not read while throttled
                 poller.register(sock, zmq.POLLIN if now >= self._rx_backoff_until else 0)
             poller.register(wake, zmq.POLLIN)  # stop() wakes the thread at once
-            ready = dict(poller.poll(timeout * 1000))
+            # Rounded up: pyzmq truncates a float timeout to whole ms, so 0.7 ms left would poll with 0 and the
+            # thread would spin (a loop turn each) until the drain is due.
+            ready = dict(poller.poll(math.ceil(timeout * 1000)))
             if wake.fileno() in ready:
                 try:
                     wake.recv(4096)
