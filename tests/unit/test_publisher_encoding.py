@@ -1,8 +1,9 @@
-"""The publisher thread's output, byte for byte: a fixed run of queued events (steps with non-finite, None,
-int, string and numpy values, a key set that changes, three reward functions with samples, checkpoints,
-training-side anomalies, system samples, the end) drained a few at a time gives the same JSONL lines and the
-same wire frames (tail frames and a sealed history block) as the recorder and publisher did before they were
-made cheaper (tests/data/publisher_golden.json, written by the code of commit 26d974d).
+"""The publisher thread's output, byte for byte: a fixed run of queued events (steps with non-finite, None, int,
+string and numpy values, finite floats whose sum overflows, a key set that changes, three reward functions with
+samples, checkpoints (one result with a key of the JSONL event's own, one empty), training-side anomalies, system
+samples, the end) drained a few at a time gives the same JSONL lines and the same wire frames (tail frames and a
+sealed history block) as the recorder and publisher did before they were made cheaper
+(tests/data/publisher_golden.json, written by the code of commit 26d974d).
 
 Regenerate the golden file only for an intended change of the formats (docs/protocol.md):
 RLHF_TUI_WRITE_GOLDEN=1 pytest tests/unit/test_publisher_encoding.py
@@ -137,6 +138,9 @@ def _logs(step: int) -> dict:
         logs["completions/mean_length"] = np.float32(12.5)
     if step == 18:
         logs["note"] = "warm\x00up \u2603"
+    if step == 22:  # finite floats whose sum overflows
+        logs["grad_norm"] = 1.5e308
+        logs["num_tokens"] = 1.2e308
     if step >= 25:  # the trainer starts logging one more key: a new plan
         logs["frac_reward_zero_std"] = 0.5
     return logs
@@ -158,7 +162,9 @@ def _events() -> list[list]:
         if step == 10:
             current.append(events.CheckpointSaved(10, "/tmp/out/checkpoint-10"))
         if step == 11:
-            current.append(events.CheckpointAnalysed({"step": 10, "health_score": 0.75, "issues": ["nan\nweights"]}))
+            result = {"step": 10, "health_score": 0.75, "issues": ["nan\nweights"], "timestamp": "own"}
+            current.append(events.CheckpointAnalysed(result))  # a key of the JSONL event's own
+            current.append(events.CheckpointAnalysed({}))
         if step % 5 == 0:
             drains.append(current)
             current = []
@@ -218,3 +224,15 @@ def test_a_drained_run_gives_the_same_jsonl_lines_and_wire_frames_as_before(tmp_
     kinds = [json.loads(line)["event"] for line in lines]
     assert kinds.count("step_end") == 35 and kinds.count("reward_batch") == 3 * 4 and "system" in kinds
     assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+
+
+def test_an_envelope_around_encoded_data_is_the_bytes_of_the_plain_encoder():
+    data = protocol.Clean(protocol.to_json_safe({"rss_mb": 1.5, "gpus": [], "x": float("nan"), "s": "\u2603\n"}))
+    data.encoded = protocol.dumps(data)
+    for run_id, seq, ts, rank in [("r", 0, 1.0, 0), ('run \u00e9"x', 1 << 40, 1e-7, 3), ("r", 5, 17, 1)]:
+        plain = protocol.dumps(
+            {"v": protocol.PROTOCOL_VERSION, "kind": "system", "run": run_id, "rank": rank, "seq": seq, "ts": ts}
+            | {"data": dict(data)}
+        )
+        assert protocol.encode_clean("system", run_id, seq, ts, data, rank) == plain
+        assert protocol.encode_encoded("system", run_id, seq, ts, data.encoded, rank) == plain
