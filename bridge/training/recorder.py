@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rlhf_tui.bridge")
 
-SYSTEM_PERIOD_S = 0.5  # at most 2 Hz
+SYSTEM_PERIOD_S = 1.0  # at most 1 Hz: RSS and GPU memory move slowly; each sample is a JSONL line and a message
 REWARD_ANALYSIS_S = 5.0  # reward reliability analysis (1.5-5 ms a pass on this VM): at most every 5 s per function
 REWARD_PUBLISH_S = 0.5  # reward batches are gathered and published together at most this often
 
