@@ -49,6 +49,7 @@ class Recorder:
         self.reward_analysed: dict[str, float] = {}
         self._detector_failed = False
         self._plans: dict[tuple, tuple] = {}
+        self._templates: dict[tuple, str] = {}
         self._handlers = {
             events.LoggedStep: self._on_log,
             events.RunStarted: self._on_run_start,
@@ -118,7 +119,8 @@ class Recorder:
             return []
         metrics, floats = self._normalise(logs)
         if self.last_log_t is not None and self.last_log_step is not None and step > self.last_log_step:
-            metrics["time/step_s"] = (wall - self.last_log_t) / (step - self.last_log_step)
+            metrics["time/step_s"] = per_step = (wall - self.last_log_t) / (step - self.last_log_step)
+            floats = floats and type(per_step) is float
         self.last_log_t, self.last_log_step = wall, step
         out = self.sample_system()
         metrics.update(self.memory)
@@ -127,11 +129,12 @@ class Recorder:
         # Cleaned (non-finite floats as strings) and encoded once, for both the JSONL log and the wire:
         # turning floats into text is most of what a step costs this thread. Floats whose sum is finite are
         # all finite: nothing to clean (a NaN or an infinity makes the sum non-finite, as does an overflow).
-        if floats and math.isfinite(sum(metrics.values())):
+        if floats and math.isfinite(sum(metrics.values())):  # memory columns are floats too
             clean = protocol.Clean(metrics)
+            clean.encoded = self._encode_floats(clean)
         else:
             clean = protocol.Clean(protocol.clean_metrics(metrics))
-        clean.encoded = protocol.dumps(clean)
+            clean.encoded = protocol.dumps(clean)
         if self.jsonl is not None:
             self.jsonl.write_raw(
                 b'{"event":"step_end","step":%d,"timestamp":"%s","ppo_metrics":%s,"anomalies":%s,"memory_usage":%s}'
@@ -145,6 +148,20 @@ class Recorder:
             )
         out.append(events.Message(protocol.STEP, {"step": step, "metrics": clean, "wall": wall}, self.cb.rank))
         return out
+
+    def _encode_floats(self, metrics: dict) -> bytes:
+        """`protocol.dumps(metrics)` for finite floats, through a template per key set (a third cheaper): json
+        writes a finite float as its repr, and the keys' text is the same every step."""
+        keys = tuple(metrics)
+        template = self._templates.get(keys)
+        if template is None:
+            if not all(type(k) is str for k in keys):
+                return protocol.dumps(metrics)
+            if len(self._templates) >= 64:
+                self._templates.clear()
+            names = (protocol.dumps(k).decode().replace("%", "%%") for k in keys)
+            template = self._templates[keys] = "{" + ",".join(f"{name}:%r" for name in names) + "}"
+        return (template % tuple(metrics.values())).encode()
 
     def _normalise(self, logs: dict) -> tuple[dict, bool]:
         """`normalise(logs)` through a plan per set of keys (a trainer logs the same keys every step): which keys
