@@ -40,3 +40,27 @@ def test_the_thread_sleeps_until_the_next_drain_instead_of_spinning_on_a_rounded
     # One turn to drain each item (it waits out BATCH_S since the previous drain) and at most a few idle looks.
     assert pub.stats["published"] == 4 and pub.stats["handler_errors"] == 0
     assert len(turns) <= 4 * 3 + 2, f"{len(turns)} loop turns for 4 drains"
+
+
+def test_an_idle_thread_backs_off_to_one_look_a_second_and_an_item_brings_it_back():
+    looks = []
+    pub = Publisher(False, "idle-run", handler=lambda item: [item], idle=lambda: looks.append(time.monotonic()) or [])
+    pub.start()
+    try:
+        wait_for(lambda: len(looks) >= 5, timeout=15, message="five idle looks")
+        gaps = [b - a for a, b in zip(looks, looks[1:5])]
+        assert gaps[0] <= 0.6 and gaps[-1] >= 0.9, gaps  # 0.25 s or 0.5 s apart at first, then 1 s
+        put_at = time.monotonic()
+        pub.put(events.Message(protocol.STEP, {"step": 1, "metrics": {"loss": 0.5}}))
+        wait_for(lambda: pub.stats["published"] == 1, timeout=5, message="the item published")
+        assert time.monotonic() - put_at <= 1.5  # at most one backed-off look late
+        seen = len(looks)
+        wait_for(lambda: len(looks) >= seen + 2, timeout=5, message="two looks after the drain")
+        assert looks[seen + 1] - looks[seen] < 0.9  # back to IDLE_POLL_S after finding something
+        wait_for(lambda: looks[-1] - looks[-2] >= 0.9, timeout=10, message="backed off again")
+        pub.put(events.Message(protocol.STEP, {"step": 2, "metrics": {"loss": 0.5}}))
+        started = time.monotonic()
+        assert pub.flush(5) and pub.stats["published"] == 2
+        assert time.monotonic() - started < 0.6  # flush() wakes a backed-off thread: train end is not delayed
+    finally:
+        pub.stop()
