@@ -85,6 +85,7 @@ class SystemSampler:
         self._rss = _rss_source(process)
         self._handles: list | None = None
         self._peak_used: dict[int, float] = {}
+        self._names: dict[int, str] = {}
 
     def _torch_cuda(self):
         torch = sys.modules.get("torch") if self._torch == "auto" else self._torch
@@ -129,11 +130,15 @@ class SystemSampler:
                 dev["util"] = float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
             except Exception:
                 pass
-            try:
-                name = self._nvml.nvmlDeviceGetName(handle)
-                dev["name"] = name.decode() if isinstance(name, bytes) else str(name)
-            except Exception:
-                pass
+            name = self._names.get(index)
+            if name is None:  # a device's name does not change: asked once (each NVML call is a driver call)
+                try:
+                    raw = self._nvml.nvmlDeviceGetName(handle)
+                    name = self._names[index] = raw.decode() if isinstance(raw, bytes) else str(raw)
+                except Exception:
+                    pass
+            if name is not None:
+                dev["name"] = name
             devices[index] = dev
         cuda = self._torch_cuda()
         if cuda is not None:

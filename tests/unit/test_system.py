@@ -140,3 +140,16 @@ def test_the_recorder_samples_the_system_at_most_once_a_second(tmp_path, monkeyp
         kinds += [m.kind for m in rec(events.LoggedStep(step, float(step), {"loss": 0.5}))]
         clock.t += 0.05
     assert kinds.count(protocol.SYSTEM) == 3 and kinds.count(protocol.STEP) == 60
+
+
+def test_a_devices_name_is_asked_of_nvml_once():
+    class CountingNVML(FakeNVML):
+        names = 0
+
+        def nvmlDeviceGetName(self, h):
+            CountingNVML.names += 1
+            return super().nvmlDeviceGetName(h)
+
+    sampler = SystemSampler(nvml=CountingNVML([("H200", MB, 2 * MB, 5)] * 2), torch_module=None, process=None)
+    samples = [sampler.sample() for _ in range(5)]
+    assert CountingNVML.names == 2 and all([g["name"] for g in s["gpus"]] == ["H200", "H200"] for s in samples)
