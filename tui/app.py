@@ -343,7 +343,7 @@ class MonitorApp(App):
                     return {"series": [], "metrics": [], "version": store.version}
                 steps, values = metric_series(run, metric)
                 unit = run_metric_units(run).get(metric)
-                band = zscore_band(run.values(metric), self.thresholds, metric)
+                band = zscore_band(run.values(metric), self.thresholds, metric) if metric in run.columns else None
                 names = list((view.report.get("metrics") or {}).keys()) or run.metric_names()
                 version = (store.version, id(self.thresholds))
             return {
@@ -384,7 +384,8 @@ class MonitorApp(App):
         return provide
 
     def on_metrics_pane_chart_requested(self, event: MetricsPane.ChartRequested) -> None:
-        view = next((v for v in self.views if event.metric in v.pane("metrics").names), self.view)
+        views = [self.view, *self.views]  # the active tab's metric first (several tabs may log the same name)
+        view = next((v for v in views if event.metric in v.pane("metrics").names), self.view)
         self.push_screen(ChartScreen(event.metric, self._chart_provider(view)))
 
     def action_overlay(self) -> None:

@@ -162,6 +162,8 @@ def test_the_report_has_kind_eval_pairs_and_the_recorded_units():
     loss = report["eval_pairs"]["loss"]
     assert loss["eval"] == "eval_loss" and loss["points"] == 6 and loss["overfitting"] is True
     assert loss["gap"] == pytest.approx(1.74 - 0.85)
+    documented = {"eval", "train_last", "eval_last", "gap", "gap_mean", "points", "gap_trend", "train_trend"}
+    assert set(loss) == documented | {"eval_trend", "better", "overfitting"}  # docs/monitor.md, Eval against train
     assert list(report["metrics"])[:3] == ["loss", "eval_loss", "mean_token_accuracy"]
     assert build_report(Store())["eval_pairs"] == {}
 
