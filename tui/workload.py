@@ -27,9 +27,9 @@ SHORT_INTROS = {
     LANGUAGE_MODEL: "loss, token accuracy, throughput",
 }
 INTROS = {
-    PREFERENCE: "implicit rewards: β·log-ratio to the reference, chosen vs rejected",
-    REWARD_MODEL: "pairwise ranking: chosen scored above rejected",
-    LANGUAGE_MODEL: "no rewards in this run: loss, token accuracy, throughput",
+    PREFERENCE: "implicit rewards (β·log-ratio to the reference)",
+    REWARD_MODEL: "pairwise ranking: chosen above rejected",
+    LANGUAGE_MODEL: "no rewards in this run: loss, accuracy, speed",
 }
 LABELS = {
     "rewards/accuracies": "accuracy",
@@ -78,13 +78,13 @@ def signed(value) -> str:
 
 
 def gap_text(name: str, pair: dict) -> Text:
-    """One eval pair in a line: `loss gap eval−train +0.12 ↑ (5 evals) overfitting?`."""
+    """One eval pair in a line: `loss gap +0.12 ↑ 5 evals · overfitting` (the gap is eval − train)."""
     out = Text()
     out.append(f"{clean(name, 24)} gap ", style="dim")
     out.append(signed(pair.get("gap")), style="bold")
-    out.append(f" {TREND_ARROWS.get(pair.get('gap_trend'), '?')} ({pair.get('points', 0)} evals)", style="dim")
+    out.append(f" {TREND_ARROWS.get(pair.get('gap_trend'), '?')} {pair.get('points', 0)} evals", style="dim")
     if pair.get("overfitting"):
-        out.append("  overfitting: eval falls behind training", style="bold yellow")
+        out.append(" · overfitting", style="bold yellow")
     return out
 
 
