@@ -113,14 +113,17 @@ def _system(run: RunHistory) -> dict:
     return {"ranks": ranks, "gpu_available": any(r["gpu_available"] for r in ranks)}
 
 
-def eval_section(run: RunHistory) -> dict[str, dict]:
+def eval_section(run: RunHistory, table: dict[str, dict] | None = None) -> dict[str, dict]:
     """Every eval metric against its training twin (`loss` → {"eval": "eval_loss", train_last, eval_last, gap,
-    gap_mean, points, gap_trend, train_trend, eval_trend, better, overfitting}; see trends.eval_pair)."""
+    gap_mean, points, gap_trend, train_trend, eval_trend, better, overfitting}; see trends.eval_pair). `table`:
+    the run's metric_table, whose summaries are reused."""
     from rlhf_tui.analysis.trends import eval_pair
 
+    table = table or {}
     out = {}
     for train, evaluated in eval_pairs(run.metric_names()):
-        pair = eval_pair(train, run.values(train), run.values(evaluated))
+        summaries = (table.get(train), table.get(evaluated))
+        pair = eval_pair(train, run.values(train), run.values(evaluated), *summaries)
         if pair["points"]:
             out[train] = {"eval": evaluated, **{k: finite(v) if isinstance(v, float) else v for k, v in pair.items()}}
     return out
@@ -167,6 +170,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         anomalies = sorted([*anomalies, *rewards], key=EPISODE_ORDER)
     meta = run.meta
     kind = run_kind(run)
+    metrics = metric_table(run, kind)
     return {
         "run": {
             "run_id": run.run_id,
@@ -181,12 +185,12 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         },
         "steps": int(run.rows),
         "last_step": run.last_step,
-        "metrics": metric_table(run, kind),
+        "metrics": metrics,
         "anomalies": anomalies,
         "checkpoints": _checkpoints(run),
         "rewards": rewards_section(run, rewards),
         "system": _system(run),
-        "eval_pairs": eval_section(run),
+        "eval_pairs": eval_section(run, metrics),
         "summary": run_summary(run),
         "transport": transport,
         "source": store.source,

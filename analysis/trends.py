@@ -179,14 +179,19 @@ def eval_gap_series(train: Any, evaluated: Any) -> np.ndarray:
     return out
 
 
-def eval_pair(name: str, train: Any, evaluated: Any) -> dict[str, Any]:
+def eval_pair(
+    name: str, train: Any, evaluated: Any, train_summary: Any = None, eval_summary: Any = None
+) -> dict[str, Any]:
     """One eval metric against its training twin: the newest values, the newest gap (eval − train, see
-    eval_gap_series), its mean, the trends of the three series and `overfitting`: the gap moves the wrong way
-    (widens for a loss: eval falls behind training; for an accuracy or margin: training pulls ahead) while the
-    eval metric itself does not improve. None when there are too few eval points to tell (a trend needs 3)."""
+    eval_gap_series), its mean, the trends of the three series and `overfitting`: eval is behind training (a
+    higher eval loss, a lower eval accuracy or margin) and the gap keeps moving that way while the eval metric
+    itself does not improve. None when there are too few eval points to tell (a trend needs 3) or the metric
+    has no direction (`better`: losses lower, accuracies and margins higher). `train_summary` / `eval_summary`:
+    the `summarise()` of the two series when the caller has them already (the report's metric table)."""
     gaps = eval_gap_series(train, evaluated)
     g = _finite(gaps)
-    t_sum, e_sum = summarise(train), summarise(evaluated)
+    t_sum = train_summary if train_summary is not None else summarise(train)
+    e_sum = eval_summary if eval_summary is not None else summarise(evaluated)
     gap_trend = trend(g)
     higher = any(part in name.lower() for part in HIGHER_IS_BETTER)
     lower = "loss" in name.lower()
