@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rlhf_tui.analysis.severity import Severity
-from rlhf_tui.tui.view import SPARK_CHARS, newest_first, severity_counts, spark_lines
+from rlhf_tui.tui.view import SPARK_CHARS, newest_first, severity_counts, spark_lines, unit_suffix
 
 TREND_ARROWS = {"increasing": "↑", "decreasing": "↓", "stable": "→"}
 SEVERITY_STYLE = {"low": "cyan", "medium": "yellow", "high": "bold red", "critical": "bold white on red"}
@@ -187,7 +187,8 @@ def metrics_table(report: dict, names: list[str] | None = None) -> Table:
             continue
         active = row.get("active", name in anomalous)
         value = row.get("at") if at_step is not None else row.get("last")
-        label = ("● " if active else "") + fit(clean(name, 80), 28 if active else 30)
+        suffix = unit_suffix(row)
+        label = ("● " if active else "") + fit(clean(name, 80), (28 if active else 30) - len(suffix)) + suffix
         cells = [label, short(value), range_text(row), TREND_ARROWS.get(row.get("trend"), "?")]
         if has_band:
             cells.append(band_text(row.get("band")))
@@ -512,14 +513,19 @@ def summary_text(report: dict) -> Text | None:
 
 
 def report_renderable(report: dict) -> Group:
+    from rlhf_tui.tui.workload import eval_pairs_table, pane_title, workload_table
+
+    rewards = report.get("rewards") or {}
+    other = not rewards.get("batches") and pane_title(report) is not None  # DPO, reward model, SFT: their block
     return Group(
         header_text(report),
         *[t for t in [actions_text(report), summary_text(report)] if t is not None],
         metrics_table(report),
+        *[t for t in [eval_pairs_table(report)] if t is not None],
         anomalies_table(report),
         system_table(report),
         checkpoints_table(report),
-        rewards_table(report),
+        workload_table(report) if other else rewards_table(report),
         *[t for t in [reward_samples_table(report)] if t is not None],
         transport_text(report),
     )
