@@ -13,7 +13,7 @@ import numpy as np
 from rlhf_tui.analysis.detectors.episodes import EPISODE_ORDER
 from rlhf_tui.analysis.reward_report import rewards_section, run_reward_episodes
 from rlhf_tui.analysis.severity import Severity
-from rlhf_tui.analysis.store import RunHistory, Store
+from rlhf_tui.analysis.store import RunHistory, Store, run_status
 from rlhf_tui.analysis.workloads import RL, RL_ORDER, eval_pairs, workload_kind
 from rlhf_tui.analysis.workloads import ordered_metrics as workload_order
 
@@ -200,6 +200,8 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
             "started": meta.get("started"),
             "args": meta.get("args") or {},
             "ended": run.ended is not None,
+            "status": run_status(run),
+            "error": (run.ended or {}).get("error") if isinstance(run.ended, dict) else None,
             "versions": meta.get("versions") or {},
         },
         "steps": int(run.rows),

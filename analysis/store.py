@@ -147,6 +147,14 @@ class RunHistory:
         return str(self.meta.get("trainer") or "unknown")
 
 
+def run_status(run: RunHistory) -> str | None:
+    """ "finished", "crashed" or "interrupted" once run_end arrived (None before)."""
+    if run.ended is None:
+        return None
+    status = run.ended.get("status") if isinstance(run.ended, dict) else None
+    return status if status in ("crashed", "interrupted") else "finished"
+
+
 class Store:
     """All runs seen by one monitor, plus transport counters. Thread-safe for one writer, many readers:
     writers hold `lock`; readers take `version` to know whether anything changed."""

@@ -34,6 +34,7 @@ CONNECTION = {  # state → (glyph, words, style)
     "stale": ("✖", "stale", "bold red"),
     "unreachable": ("✖", "unreachable", "bold red"),
     "ended": ("■", "run ended", "cyan"),
+    "crashed": ("✖", "run crashed", "bold red"),
     "offline": ("▣", "recorded", "cyan"),
 }
 # C0/C1 controls and ANSI escape sequences (CSI first, so a whole sequence goes, not just its ESC),
@@ -111,6 +112,12 @@ def connection_text(report: dict) -> Text:
     state = report.get("connection") or "offline"
     glyph, words, style = CONNECTION.get(state, ("?", state, ""))
     text = Text(f"{glyph} {words}", style=style)
+    run = report.get("run") or {}
+    if state == "offline" and run.get("status") in ("crashed", "interrupted"):  # a recorded run that raised
+        glyph, words, style = CONNECTION["crashed"]
+        text = Text(f"{glyph} recorded, run {run.get('status')}", style=style)
+    if run.get("status") in ("crashed", "interrupted") and run.get("error"):
+        text.append(f": {clean(run.get('error'), 80)}", style=style)
     if state in ("stale", "unreachable") and report.get("stale_since"):
         text.append(f" since {when(report['stale_since'])}", style=style)
     elif state == "stalled":

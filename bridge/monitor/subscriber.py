@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from rlhf_tui.analysis.store import Store
+from rlhf_tui.analysis.store import Store, run_status
 from rlhf_tui.bridge.monitor.ingest import _metrics, _select, add_rows, apply_block, apply_envelope, rows_to_columns
 from rlhf_tui.bridge.wire import protocol
 
@@ -396,7 +396,8 @@ class Subscriber:
         if self._last_message is None:
             state = "unreachable" if now - self._started > UNREACHABLE_S else "connecting"
         elif run is not None and run.ended is not None:
-            state = "ended"  # a finished run whose process has gone is not "stale"
+            # a finished run whose process has gone is not "stale"; one that raised says so
+            state = "crashed" if run_status(run) in ("crashed", "interrupted") else "ended"
         elif now - self._last_message > STALE_S:
             state = "stale"
         else:

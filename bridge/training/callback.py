@@ -12,6 +12,7 @@ import atexit
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 import weakref
@@ -89,12 +90,38 @@ CHECKPOINT_WAIT_S = 10.0  # close() / the next train() wait this long at most fo
 _open_runs: weakref.WeakSet[Publisher] = weakref.WeakSet()
 
 
+_crash: list[tuple[str, str]] = []  # (status, "Type: first line") of an exception that ended the interpreter
+
+
+def exception_text(exc: BaseException | None) -> str | None:
+    """`Type: first line of the message` (bounded), or None."""
+    if exc is None:
+        return None
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:300] if first else type(exc).__name__
+
+
+def _record_crash(hook):
+    def excepthook(tp, value, tb):
+        if _open_runs:  # what ended the run goes into its run_end (the exit hook below sends it)
+            status = "interrupted" if issubclass(tp, KeyboardInterrupt) else "crashed"
+            _crash.append((status, exception_text(value) or tp.__name__))
+        hook(tp, value, tb)
+
+    return excepthook
+
+
+sys.excepthook = _record_crash(sys.excepthook)
+
+
 def _end_open_runs() -> None:
-    """At interpreter exit: run_end for every run still open (a custom loop without close()), flushed (bounded).
-    Registered after publisher.py's own exit hook (imported above), so it runs first: atexit is LIFO."""
+    """At interpreter exit: run_end for every run still open (a custom loop without close(), or a training that
+    raised: then with status "crashed"), flushed (bounded). Registered after publisher.py's own exit hook
+    (imported above), so it runs first: atexit is LIFO."""
     pubs = list(_open_runs)
+    status, error = _crash[-1] if _crash else ("finished", None)
     for pub in pubs:
-        pub.put(events.RunEnded(None))
+        pub.put(events.RunEnded(None, status, error))
     deadline = time.monotonic() + EXIT_FLUSH_S
     for pub in pubs:
         pub.flush(max(0.0, deadline - time.monotonic()))
@@ -174,6 +201,7 @@ class RLHFMonitorCallback(_Base):
         self.runs = 0  # runs started by this callback (each train(), or a custom loop's log_step after close())
         self._run_open = False  # run_start sent, run_end not yet
         self._in_step = False  # between on_step_begin and on_step_end (a reward batch scored now is that step's)
+        self._train_running = False  # on_train_begin seen, on_train_end not yet
         self._logging_first_step = False
         self.thresholds = thresholds
         self.queue_size = queue_size
@@ -286,7 +314,7 @@ class RLHFMonitorCallback(_Base):
         new run id; then the publisher and JSONL log start under it and run_start is queued. `meta()` gives
         the run_start data (it reads the run id)."""
         if self.runs:
-            self._finish_run()
+            self._finish_run(aborted=self._train_running)
             self.run_id = f"{self.run_id_option}-{self.runs + 1}" if self.run_id_option else new_run_id()
         self.runs += 1
         self._active = True
@@ -299,19 +327,24 @@ class RLHFMonitorCallback(_Base):
             _open_runs.add(pub)
         return pub
 
-    def _end_run(self, global_step: int | None) -> None:
+    def _end_run(self, global_step: int | None, status: str = "finished", error: str | None = None) -> None:
         """Queue run_end for the open run (once) and flush it out (bounded); the socket stays up for late
         joiners until the next run, close() or exit."""
+        self._train_running = False
         pub = self._publisher
         if pub is not None and self._run_open:
             self._run_open = pub.run_open = False
             _open_runs.discard(pub)
-            pub.put(events.RunEnded(global_step))
+            pub.put(events.RunEnded(global_step, status, error))
             pub.flush(2.0)
 
-    def _finish_run(self) -> None:
+    def _finish_run(self, aborted: bool = False) -> None:
         """End the run (if open), let checkpoint analyses still running finish into its log (at most
-        CHECKPOINT_WAIT_S), stop its publisher (bounded) and close its JSONL log."""
+        CHECKPOINT_WAIT_S), stop its publisher (bounded) and close its JSONL log. `aborted`: its train() never
+        reached on_train_end (it raised, e.g. in a notebook cell): the run ends as "crashed", with the
+        interpreter's last uncaught exception when there is one."""
+        if aborted and self._run_open:
+            self._end_run(None, "crashed", exception_text(getattr(sys, "last_value", None)) or "train() raised")
         self._end_run(None)
         if self._ckpt_pending and self._publisher is not None:
             self.wait_for_checkpoints(CHECKPOINT_WAIT_S)
@@ -370,7 +403,10 @@ class RLHFMonitorCallback(_Base):
     def __enter__(self) -> RLHFMonitorCallback:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, tp: Any, value: Any, tb: Any) -> None:
+        if value is not None and self._run_open:  # the loop raised: its run ends as crashed, with why
+            status = "interrupted" if isinstance(value, KeyboardInterrupt) else "crashed"
+            self._end_run(None, status, exception_text(value))
         self.close()
 
     def _server_curve(self):
@@ -405,6 +441,7 @@ class RLHFMonitorCallback(_Base):
             self._resolve_log_dir(args)
             publishes = self.is_main or self.publish_all_ranks
             self._begin_run(lambda: self._run_meta(args, state, kwargs) if publishes else {})
+            self._train_running = True  # until on_train_end: a train() that raises never gets there
         except Exception as exc:
             log.warning("rlhf-tui: on_train_begin failed: %s", exc)
 
@@ -507,7 +544,7 @@ class RLHFMonitorCallback(_Base):
     def close(self) -> None:
         """Send run_end (if not yet), drain and close the socket and the JSONL log (bounded). Safe to call
         twice; a later `log_step` starts a new run."""
-        self._finish_run()
+        self._finish_run(aborted=self._train_running)
 
     # -- helpers -------------------------------------------------------------------------------
     def _run_meta(self, args, state, kwargs) -> dict:

@@ -294,7 +294,9 @@ class Recorder:
             return []
         self.ended = True
         step = event.global_step if event.global_step is not None else self.last_log_step
-        data = {"global_step": step, "summary": self.summary}
+        data: dict = {"global_step": step, "summary": self.summary}
+        if event.status != "finished":  # the run raised: say so (a finished run's run_end is as it always was)
+            data.update(status=event.status, error=event.error)
         out = self.sample_system(force=True) + (self._publish_rewards() if self.reward_pending else [])
         return out + [events.Message(protocol.RUN_END, self._logged("run_end", data), self.cb.rank)]
 

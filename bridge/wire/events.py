@@ -72,7 +72,11 @@ class ActionTaken:
 
 @dataclass(frozen=True, slots=True)
 class RunEnded:
+    """The end of a run: `status` "finished", or "crashed" / "interrupted" with the exception (`error`)."""
+
     global_step: int | None
+    status: str = "finished"
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
