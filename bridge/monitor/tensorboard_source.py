@@ -125,8 +125,15 @@ class RecordFile:
                 buf = fh.read(READ_CHUNK)
         except OSError:  # removed or unreadable for now: retried on the next read
             return []
-        records, used = self._frames(buf)
-        self.offset += used
+        records: list[bytes] = []
+        start = 0
+        while start < len(buf):  # a corrupt length stops a pass at the next valid header: go on from there
+            got, used = self._frames(buf[start:] if start else buf)
+            records += got
+            start += used
+            if not used:
+                break
+        self.offset += start
         self.whole = self.offset == self.size
         return records
 
