@@ -18,6 +18,7 @@ from typing import Any
 from rlhf_tui.analysis.store import Store
 from rlhf_tui.bridge.monitor.ingest import apply_message
 from rlhf_tui.bridge.wire import events, protocol
+from rlhf_tui.bridge.wire.metrics import to_float
 
 INSTALL_HINT = "completions/*.parquet not read: it needs pyarrow: pip install 'rlhf-tui[completions]'"
 NOT_REWARDS = frozenset({"step", "advantage", "prompt", "completion", "image"})
@@ -96,7 +97,7 @@ class CompletionsReader:
                 continue
             self.done.add(path.name)
             with store.lock:
-                batches += self._land(run, table)
+                batches += land_table(run, table)
                 store.touch()
         return batches
 
@@ -113,22 +114,34 @@ class CompletionsReader:
                 self.corrupt += 1
             return None
 
-    def _land(self, run: Any, table: dict) -> int:
-        steps = [s for s in table.get("step") or [] if isinstance(s, int) and not isinstance(s, bool)]
-        if not steps:
-            return 0
-        prompts, completions = table.get("prompt") or [], table.get("completion") or []
-        landed = 0
-        for name, column in table.items():
-            if (
-                name in NOT_REWARDS
-                or not column
-                or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in column)
-            ):
-                continue
-            scores = [None if v is None else float(v) for v in column]
-            batch = {"step": max(steps), "reward_func": name, "scores": scores}
-            batch["samples"] = _samples(scores, prompts, completions)
-            apply_message(run, events.Message(protocol.REWARD, batch))
-            landed += 1
-        return landed
+
+def _scores(column: Any) -> list[float | None] | None:
+    """A column of scores (numbers, None, or trackio's "NaN"/"Infinity" strings) as floats; None if it is not one."""
+    if not isinstance(column, list):
+        return None
+    out = []
+    for v in column:
+        if isinstance(v, bool) or not (
+            v is None or isinstance(v, (int, float)) or v in ("NaN", "Infinity", "-Infinity")
+        ):
+            return None
+        out.append(to_float(v))
+    return out
+
+
+def land_table(run: Any, table: dict) -> int:
+    """A completions table ({column: values}, TRL's layout) as one reward batch per reward column of `run`."""
+    steps = [s for s in table.get("step") or [] if isinstance(s, int) and not isinstance(s, bool)]
+    if not steps:
+        return 0
+    prompts, completions = table.get("prompt") or [], table.get("completion") or []
+    landed = 0
+    for name, column in table.items():
+        scores = None if name in NOT_REWARDS else _scores(column)
+        if not scores:
+            continue
+        batch = {"step": max(steps), "reward_func": name, "scores": scores}
+        batch["samples"] = _samples(scores, prompts, completions)
+        apply_message(run, events.Message(protocol.REWARD, batch))
+        landed += 1
+    return landed

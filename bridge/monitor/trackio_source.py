@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_tui.analysis.store import Store
+from rlhf_tui.bridge.monitor import completions_source
 from rlhf_tui.bridge.monitor.ingest import apply_message
 from rlhf_tui.bridge.monitor.tensorboard_source import guess_trainer, tag_name
 from rlhf_tui.bridge.wire import events, protocol
 from rlhf_tui.bridge.wire.metrics import normalise
 
 PREFIX = "trackio:"
+SKIPPED = ("train/global_step", "profiling/")  # the step itself; TRL's timings logged beside each step
 BATCH = 20_000  # rows read per poll (the rest on the next)
 MAX_RUNS = 64
 ARG_KEYS = 256
@@ -155,7 +157,7 @@ class TrackioReader:
             if isinstance(args.get(key), int) and not isinstance(args.get(key), bool) and args[key] > 0:
                 meta[key] = args[key]
         apply_message(store.run(run_id), events.Message(protocol.RUN_START, meta))
-        state = {"id": run_id, "max_steps": meta.get("max_steps"), "ended": False}
+        state = {"id": run_id, "max_steps": meta.get("max_steps"), "ended": False, "table_step": -1}
         self.runs[name] = state
         return state
 
@@ -178,8 +180,19 @@ class TrackioReader:
         if at is None:
             self.corrupt += 1
             return 0
-        row = {tag_name(k): v for k, v in logged.items() if isinstance(k, str) and k != "train/global_step"}
         run = store.run(state["id"])
+        table = logged.get("completions")
+        if isinstance(table, dict) and table.get("_type") == "trackio.table" and isinstance(table.get("_value"), list):
+            rows = [r for r in table["_value"][: completions_source.MAX_ROWS] if isinstance(r, dict)]
+            columns = {key: [r.get(key) for r in rows] for key in (rows[0] if rows else {})}
+            steps = [s for s in columns.get("step", []) if isinstance(s, int)]
+            if steps and max(steps) > state["table_step"]:  # TRL logs the last table twice
+                state["table_step"] = max(steps)
+                completions_source.land_table(run, columns)  # TRL's completions: reward batches
+            return 0
+        row = {tag_name(k): v for k, v in logged.items() if isinstance(k, str) and not k.startswith(SKIPPED)}
+        if not row or not normalise(row):
+            return 0  # nothing numeric: a table or media, not a step
         if run.meta.get("trainer") in (None, "unknown"):
             run.meta["trainer"] = guess_trainer(row)
         added = apply_message(run, events.Message(protocol.STEP, {"step": at, "metrics": normalise(row)}))

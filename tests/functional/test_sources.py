@@ -188,7 +188,9 @@ def test_a_missing_tensorboard_package_is_one_line_naming_the_extra(tmp_path, mo
 
 # -- trainer_state.json, rewritten at each checkpoint ------------------------------------------------------
 def _state(steps: int, summary: bool = False) -> dict:
-    history = [{"step": s, "loss": 0.5, "kl": 0.01 * s, "reward": 1.0 + s, "epoch": s / 100} for s in range(1, steps + 1)]
+    history = [
+        {"step": s, "loss": 0.5, "kl": 0.01 * s, "reward": 1.0 + s, "epoch": s / 100} for s in range(1, steps + 1)
+    ]
     if summary:
         history.append({"step": steps, "train_runtime": 9.0, "train_loss": 0.5})
     return {"global_step": steps, "max_steps": 60, "logging_steps": 1, "log_history": history}
