@@ -100,7 +100,7 @@ def read_once(source: str, readers: list[Reader], store: Store) -> Store:
         raise SourceUnavailable(why or f"{source}: nothing to read yet (no step logged)")
     with store.lock:
         for line in notes(readers):
-            store.rejections.append(line)
+            store.reject(line)
         store.touch()
     return store
 
@@ -147,7 +147,7 @@ class FileFollower:
             for line in notes(self.readers):
                 if line not in self._noted:
                     self._noted.add(line)
-                    self.store.rejections.append(line)
+                    self.store.reject(line)
             self.store.connection = "ended" if self.ended else "live"
             self.store.touch()
         with self._polled:
