@@ -120,6 +120,7 @@ class MonitorApp(App):
 
     # -- sources -----------------------------------------------------------------------------------------
     def _open(self, source: str) -> Store:
+        from rlhf_tui.bridge.monitor.followed_source import follow_file_source
         from rlhf_tui.bridge.monitor.sources import SourceError, is_live, load_file_source
         from rlhf_tui.bridge.monitor.subscriber import Subscriber
 
@@ -128,6 +129,10 @@ class MonitorApp(App):
             self.subscribers.append(sub)
             return sub.store
         try:
+            follower = follow_file_source(source)  # TensorBoard, trackio, an output_dir: followed as they grow
+            if follower is not None:
+                self.subscribers.append(follower.start())
+                return follower.store
             return load_file_source(source)
         except SourceError as exc:
             store = Store()

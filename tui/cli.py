@@ -29,7 +29,9 @@ usage:
   rlhf-tui keygen DIR                CURVE keys for remote attach (docs/security.md)
 
 SOURCE: tcp://HOST:PORT or ipc://PATH (a live run), a JSONL log written by the callback,
-a trainer_state.json, or a training output_dir. Run `rlhf-tui COMMAND --help` for a command's options.
+a trainer_state.json, a training output_dir, a TensorBoard log dir or event file, or a trackio
+project (trackio:PROJECT or its .db); files are followed as they grow (docs/sources.md).
+Run `rlhf-tui COMMAND --help` for a command's options.
 """
 
 

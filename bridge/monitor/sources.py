@@ -26,9 +26,22 @@ def is_live(source: str) -> bool:
     return source.startswith(LIVE_PREFIXES)
 
 
+def no_callback_readers(source: str) -> list | None:
+    """The readers of a source that needs no callback (TensorBoard, trackio, an output_dir without an rlhf-tui
+    log: bridge/monitor/followed_source.py), or None for the sources read below."""
+    from rlhf_tui.bridge.monitor.followed_source import readers_for
+
+    return readers_for(source)  # SourceUnavailable (a SourceError) where an optional reader is missing
+
+
 def resolve_file_source(source: str) -> Path:
     """The file to read for a path source: the file itself, or inside an output_dir the newest
-    checkpoint's trainer_state.json, a trainer_state.json, or the newest JSONL log."""
+    checkpoint's trainer_state.json, a trainer_state.json, or the newest JSONL log (a source that needs no
+    callback: its path)."""
+    if no_callback_readers(source):
+        from rlhf_tui.bridge.monitor.followed_source import source_path
+
+        return source_path(source)
     path = Path(source).expanduser()
     if not path.exists():
         raise SourceError(f"no such file or directory: {source}")
@@ -49,13 +62,20 @@ def resolve_file_source(source: str) -> Path:
         newest = max(ckpts, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
         candidates.append(newest / "trainer_state.json")
     if not candidates:
-        raise SourceError(f"{source}: no trainer_state.json, checkpoint-*/ or rlhf-tui JSONL log inside")
+        raise SourceError(
+            f"{source}: no trainer_state.json, checkpoint-*/, TensorBoard event file, trackio project or rlhf-tui JSONL log inside"
+        )
     return candidates[0]
 
 
 def load_file_source(source: str, store: Store | None = None) -> Store:
-    """Read a JSONL log, trainer_state.json or output_dir into a Store."""
+    """Read a JSONL log, trainer_state.json, output_dir, TensorBoard log or trackio project into a Store."""
     store = store or Store()
+    readers = no_callback_readers(source)
+    if readers:
+        from rlhf_tui.bridge.monitor.followed_source import read_once
+
+        return read_once(source, readers, store)
     path = resolve_file_source(source)
     store.source = str(path)
     store.connection = "offline"
