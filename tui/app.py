@@ -112,6 +112,7 @@ class MonitorApp(App):
         self._alert_passes: dict[str, int] = {}  # view id -> the detection pass its alerts came from
         self._alert_notes: deque[str] = deque(maxlen=20)  # from worker threads, shown by the next tick
         self._alert_bells = 0
+        self._alert_status: str | None = None
 
     def notify(
         self,
@@ -236,13 +237,16 @@ class MonitorApp(App):
         built under the store lock); notes and bells from the alert threads are shown here."""
         while self._alert_notes:
             self.notify(self._alert_notes.popleft(), severity="warning", timeout=8)
-            for view in self.views:
-                view.invalidate()  # the header says what failed
         if self._alert_bells:
             self._alert_bells = 0
             self.bell()
         if self.alerts is None:
             return
+        status = self.alerts.status()
+        if status != self._alert_status:  # the header says what went wrong
+            self._alert_status = status
+            for view in self.views:
+                view.invalidate()
         for view in self.views:
             model = view.model
             if self._alert_passes.get(view.id or "") == model.detect_count or model.anomalies_run is None:
