@@ -28,6 +28,7 @@ from rlhf_tui.tui.run_model import RunModel
 FILE_POLL_S = 0.25  # how often a followed file is looked at
 RELOAD_POLL_S = 1.0  # how often a file read whole (trainer_state.json) is looked at
 MAX_READ = 64 << 20  # bytes of a JSONL log read per look (a long backlog is read over several)
+MAX_LINE = 16 << 20  # a longer JSONL line is not ours: dropped (and counted), never buffered whole
 
 
 class JsonlTail:
@@ -41,6 +42,7 @@ class JsonlTail:
         self._inode: int | None = None
         self._offset = 0
         self._partial = b""
+        self._skipping = False  # inside a line longer than MAX_LINE: dropped up to its newline
         self.error: str | None = None
 
     def _fresh(self) -> Store:
@@ -68,6 +70,15 @@ class JsonlTail:
         self._partial = lines.pop()  # after the last newline: a line still being written
         store, default_run = self.store, f"file:{self.path.stem}"
         with store.lock:
+            if self._skipping:  # still inside the overlong line: drop up to its newline
+                if lines:
+                    lines.pop(0)
+                    self._skipping = False
+                else:
+                    self._partial = b""
+            if len(self._partial) > MAX_LINE:
+                self._partial, self._skipping = b"", True
+                store.reject("JSONL line too long")
             for raw in lines:
                 line = raw.strip()
                 if line and apply_jsonl_line(store, line, default_run) is None:
@@ -80,7 +91,7 @@ class JsonlTail:
             self._fh.close()
             self.store = self._fresh()  # rewritten or rotated: what was read is no longer the log
         self._fh = open(self.path, "rb")  # kept open between looks; closed in stop()
-        self._inode, self._offset, self._partial = inode, 0, b""
+        self._inode, self._offset, self._partial, self._skipping = inode, 0, b"", False
 
     def wait_s(self) -> float:
         return FILE_POLL_S

@@ -371,3 +371,43 @@ async def test_the_monitor_header_says_once_that_the_alert_command_failed(make_s
         assert failures == [
             f"--on-alert {sys.executable[:60]}: exited with 3: no route to pager (further failures are counted)"
         ]
+
+
+def test_follow_a_trainer_state_rewritten_at_each_checkpoint(tmp_path):
+    """A file without an append-only format is read again whole when it changes; a rewrite caught half-written
+    is retried at the next look, never a crash or a partial history."""
+    path = tmp_path / "trainer_state.json"
+    out, err = _Lines(ALARM), _Lines("not valid JSON")
+    seen: list[bool] = []
+
+    def state(last: int, end: bool = False) -> str:
+        history = [{"step": s, **_step(s)} for s in range(1, last + 1)]
+        if end:
+            history.append({"step": last, "train_runtime": 12.5, "train_loss": 0.1})
+        return json.dumps({"global_step": last, "max_steps": 60, "log_history": history})  # NaN as NaN (json)
+
+    def rewrite(text: str) -> None:  # as transformers does: whole, then renamed
+        partial = path.with_suffix(".tmp")
+        partial.write_text(text)
+        os.replace(partial, path)
+
+    def trainer():
+        rewrite(state(45))
+        seen.append(out.seen.wait(30))
+        path.write_text(state(60)[:100])  # a writer caught mid-rewrite
+        seen.append(err.seen.wait(30))  # the follower saw it (and keeps the last good history)
+        rewrite(state(60, end=True))
+
+    rewrite(state(20))
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    try:
+        store, worst = follow_source(str(path), Thresholds(), None, timeout=60, out=out, err=err)
+    finally:
+        thread.join(30)
+    assert seen == [True, True] and worst == "critical"
+    (line,) = out.getvalue().splitlines()
+    assert line.endswith(ALARM)
+    with store.lock:
+        assert store.current_run.rows == 60 and store.current_run.ended is not None
+    assert err.getvalue().count("not valid JSON") == 1  # the half-written file, said once
