@@ -314,7 +314,10 @@ class _Sink:
             self.undelivered += 1
             self._queue.task_done()
         self.abort()
-        self._queue.put(None)  # room now: the queue was emptied
+        try:
+            self._queue.put_nowait(None)  # the worker's end (room now: the queue was emptied)
+        except queue.Full:
+            pass
         thread.join(1.0)
 
     def abort(self) -> None:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -184,7 +184,6 @@ class FollowResult:
     reason: str  # "ended" | "timeout" | "interrupted"
     alarms: int = 0  # lines printed
     worst: str | None = None  # the worst severity of the last pass (every episode counted, rewards too)
-    errors: list[str] = field(default_factory=list)
 
 
 class Follower:
@@ -211,11 +210,9 @@ class Follower:
         self.note = note or (lambda text: None)
         self.feed = open_source(source, self.wake, curve)
         self.model = RunModel(self.feed.store, source, thresholds)
-        self.passes = 0
         self._ended_at: int | None = None  # the store version at which its current run was seen ended
         self._covered = -1  # the store version the last finished pass saw
         self._error: str | None = None
-        self._lock = threading.Lock()
 
     def stop(self) -> None:
         """Stop following (any thread, a signal handler too): `run()` returns within a wait."""
@@ -276,9 +273,8 @@ class Follower:
             done = model.run_detection(job)
             if model.finish_detection(done):
                 self._covered = job.version
-            self.passes += 1
             if done.error:
-                self._say(done.error)
+                self.note(done.error)
             episodes = run_episodes(model.store, done.run_id, done.episodes, self.thresholds)
             worst = Severity.worst([s for s, n in done.counts.items() if n] + [e.get("severity") for e in episodes])
             result.worst = None if worst is None else str(worst)
@@ -296,12 +292,8 @@ class Follower:
     def _report_error(self) -> None:
         error = self.feed.error
         if error and error != self._error:
-            self._say(error)
+            self.note(error)
         self._error = error
-
-    def _say(self, text: str) -> None:
-        with self._lock:
-            self.note(text)
 
 
 def follow_source(
