@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from datetime import datetime
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class MonitorApp(App):
         config: Config | None = None,
         config_path: str | os.PathLike | None = None,
         curve=None,
+        alerts=None,
     ):
         super().__init__()
         self.curve = curve  # CURVE client keys for live sources (None: plain, loopback or SSH forward)
@@ -105,6 +107,13 @@ class MonitorApp(App):
         self._hung_up = False
         self._hangup_timer: threading.Timer | None = None
         self._training_state: str | None = None
+        self.alert_options = alerts  # tui.alerts.AlertOptions (--on-alert, --webhook, --bell, --notify) or None
+        self.alerts = None  # its AlertDispatcher, made at mount
+        self._alert_tracker = None
+        self._alert_passes: dict[str, int] = {}  # view id -> the detection pass its alerts came from
+        self._alert_notes: deque[str] = deque(maxlen=20)  # from worker threads, shown by the next tick
+        self._alert_bells = 0
+        self._alert_status: str | None = None
 
     def notify(
         self,
@@ -187,6 +196,7 @@ class MonitorApp(App):
             self.notify(f"{self.config_error} (settings will not be saved)", severity="error", timeout=10)
         for error in self.load_errors:
             self.notify(error, severity="error", timeout=10)
+        self._start_alerts()
         self.set_interval(1 / REFRESH_HZ, self.tick)
         self._install_hangup_handler()
         self.call_after_refresh(self.tick)
@@ -203,12 +213,68 @@ class MonitorApp(App):
         for view in self.views:
             view.tick(now, visible=main and view is active, paused=self.paused)
         self._check_training()
+        self._feed_alerts()
 
     def header_extra(self, view: RunView) -> Text | None:
-        """Training process status (demo) for the header."""
-        if self._training_state is None:
-            return None
-        return Text(self._training_state, style="dim" if "running" in self._training_state else "bold yellow")
+        """Training process status (demo) and what went wrong sending alerts, for the header."""
+        text = Text()
+        if self._training_state is not None:
+            text.append(self._training_state, style="dim" if "running" in self._training_state else "bold yellow")
+        status = self.alerts.status() if self.alerts is not None else None
+        if status:
+            text.append(("  " if text else "") + status, style="bold yellow")
+        return text if text else None
+
+    # -- alerts out ------------------------------------------------------------------------------------------
+    def _start_alerts(self) -> None:
+        options = self.alert_options
+        if options is None or not options.sends:
+            return
+        from rlhf_tui.tui.alerts import AlertDispatcher, AlertTracker
+
+        self._alert_tracker = AlertTracker(options.level)
+        self.alerts = AlertDispatcher(options, note=self._alert_notes.append, bell=self._ring)
+
+    def _ring(self) -> None:
+        self._alert_bells += 1  # rung by the next tick, on the screen's thread
+
+    def _feed_alerts(self) -> None:
+        """Each view's newest detection pass goes to the alert tracker (on a worker: the reward episodes are
+        built under the store lock); notes and bells from the alert threads are shown here."""
+        while self._alert_notes:
+            self.notify(self._alert_notes.popleft(), severity="warning", timeout=8)
+        if self._alert_bells:
+            self._alert_bells = 0
+            self.bell()
+        if self.alerts is None:
+            return
+        status = self.alerts.status()
+        if status != self._alert_status:  # the header says what went wrong
+            self._alert_status = status
+            for view in self.views:
+                view.invalidate()
+        for view in self.views:
+            model = view.model
+            if self._alert_passes.get(view.id or "") == model.detect_count or model.anomalies_run is None:
+                continue
+            self._alert_passes[view.id or ""] = model.detect_count
+            episodes, run_id = list(model.anomalies), model.anomalies_run
+            self.run_worker(
+                lambda v=view, e=episodes, r=run_id: self._alert_pass(v.store, r, e),
+                thread=True,
+                group="alerts",
+                exit_on_error=False,
+            )
+
+    def _alert_pass(self, store: Store, run_id: str, episodes: list[dict]) -> None:
+        from rlhf_tui.tui.follow import run_episodes
+
+        if self._alert_tracker is None or self.alerts is None:
+            return
+        for alert in self._alert_tracker.new_alerts(
+            run_id, run_episodes(store, run_id, episodes, self.thresholds), store.source
+        ):
+            self.alerts.submit(alert)
 
     def _check_training(self) -> None:
         proc = self.training_process
@@ -497,6 +563,8 @@ class MonitorApp(App):
 
     def on_unmount(self) -> None:
         self.stop_sources()
+        if self.alerts is not None:
+            self.alerts.close(timeout=1.0)
 
 
 __all__ = ["MonitorApp", "spark_width_for", "source_label"]

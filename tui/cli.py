@@ -24,6 +24,7 @@ usage:
   rlhf-tui [SOURCE ...] [options]    live monitor (default SOURCE tcp://127.0.0.1:5555)
   rlhf-tui demo [--steps N] [--headless]
   rlhf-tui report SOURCE [--format text|markdown|json] [-o FILE] [--wait-steps N] [--timeout S] [--fail-on LEVEL]
+  rlhf-tui report SOURCE --follow [ALERT OPTIONS] [--timeout S] [--fail-on LEVEL]   alarms as lines until the run ends
   rlhf-tui backtest RUN... [--thresholds FILE] [--level LEVEL] [--format text|json] [-o FILE]
   rlhf-tui analyze-checkpoint PATH [--reference PATH] [--format text|json]
   rlhf-tui keygen DIR                CURVE keys for remote attach (docs/security.md)
@@ -32,6 +33,8 @@ SOURCE: tcp://HOST:PORT or ipc://PATH (a live run), a JSONL log written by the c
 a trainer_state.json, a training output_dir, a TensorBoard log dir or event file, or a trackio
 project (trackio:PROJECT or its .db); files are followed as they grow (docs/sources.md).
 Run `rlhf-tui COMMAND --help` for a command's options.
+ALERT OPTIONS (the monitor and `report --follow`; docs/alerts.md): --alert-level LEVEL, --on-alert CMD,
+--alert-timeout S, --alert-rate N, --bell, --notify, --webhook URL.
 """
 
 
@@ -49,6 +52,81 @@ def _add_key_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-key", metavar="FILE", help="the run's public CURVE key (server.key)")
     p.add_argument("--client-key", metavar="FILE", help="this monitor's CURVE key pair (client.key_secret)")
     p.add_argument("--keys-dir", metavar="DIR", help="DIR/server.key + DIR/client.key_secret")
+
+
+def _add_alert_options(p: argparse.ArgumentParser) -> None:
+    """Alerts out for new episodes (the live monitor and `report --follow`): see docs/alerts.md."""
+    g = p.add_argument_group("alerts (docs/alerts.md)")
+    g.add_argument(
+        "--alert-level",
+        choices=Severity.names(),
+        metavar="LEVEL",
+        default=None,
+        help="alert on new episodes of LEVEL (low|medium|high|critical) or worse (default medium)",
+    )
+    g.add_argument(
+        "--on-alert",
+        metavar="CMD",
+        default=None,
+        help="run CMD (split like a shell would, run without one) per new episode: its JSON on stdin, "
+        "RLHF_TUI_RUN_ID/SEVERITY/DETECTOR/METRIC/STEP/MESSAGE in the environment",
+    )
+    g.add_argument(
+        "--alert-timeout",
+        type=float,
+        metavar="S",
+        default=None,
+        help="kill an --on-alert command after S seconds (default 10)",
+    )
+    g.add_argument(
+        "--alert-rate",
+        type=int,
+        metavar="N",
+        default=None,
+        help="send at most N alerts a minute; the rest are counted (default 10)",
+    )
+    g.add_argument("--bell", action="store_true", help="ring the terminal bell per alert")
+    g.add_argument("--notify", action="store_true", help="a desktop notification per alert (notify-send)")
+    g.add_argument(
+        "--webhook",
+        metavar="URL",
+        default=None,
+        help='POST each alert as Slack/Discord JSON ({"text": ..., "content": ...}) to URL',
+    )
+
+
+def alert_options(ns, follow: bool = True):
+    """The AlertOptions the alert flags ask for (None when none is given); a bad value is a CliError."""
+    from rlhf_tui.tui.alerts import DEFAULT_COMMAND_TIMEOUT, DEFAULT_LEVEL, DEFAULT_RATE, AlertOptions
+
+    given = [ns.alert_level, ns.on_alert, ns.alert_timeout, ns.alert_rate, ns.webhook]
+    if not follow:
+        if any(v is not None for v in given) or ns.bell or ns.notify:
+            raise CliError("the alert options (--on-alert, --webhook, --bell, ...) need --follow")
+        return None
+    if ns.alert_timeout is not None and not ns.alert_timeout > 0:
+        raise CliError(f"--alert-timeout must be > 0 seconds, got {ns.alert_timeout:g}")
+    if ns.alert_rate is not None and ns.alert_rate < 1:
+        raise CliError(f"--alert-rate must be at least 1 a minute, got {ns.alert_rate}")
+    options = AlertOptions(
+        level=ns.alert_level or DEFAULT_LEVEL,
+        command=ns.on_alert,
+        command_timeout=ns.alert_timeout or DEFAULT_COMMAND_TIMEOUT,
+        rate=ns.alert_rate or DEFAULT_RATE,
+        bell=ns.bell,
+        notify=ns.notify,
+        webhook=ns.webhook,
+    )
+    from rlhf_tui.tui.alerts import check_webhook, parse_command
+
+    try:
+        if options.command is not None:
+            parse_command(options.command)
+        if options.webhook is not None:
+            check_webhook(options.webhook)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return options
 
 
 def _curve(ns):
@@ -105,6 +183,7 @@ def _monitor_parser() -> argparse.ArgumentParser:
         help="config file (default $XDG_CONFIG_HOME/rlhf-tui/config.toml): thresholds and [keys]",
     )
     _add_key_options(p)
+    _add_alert_options(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -112,7 +191,13 @@ def _monitor_parser() -> argparse.ArgumentParser:
 def _report_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rlhf-tui report", description="Headless report of a source (same view as the snapshot key).")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("--format", choices=("text", "markdown", "json"), default="text")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep following a live address or growing log until its run ends (or --timeout, Ctrl-C, SIGTERM), "
+        "printing each new alarm as a line; the report only with --format or -o",
+    )
+    p.add_argument("--format", choices=("text", "markdown", "json"), default=None, help="default text")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     p.add_argument(
         "--wait-steps",
@@ -125,8 +210,8 @@ def _report_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         metavar="S",
-        default=10.0,
-        help="live source: give up waiting after S seconds (default %(default)s)",
+        default=None,
+        help="live source: give up waiting after S seconds (default 10; with --follow: no limit)",
     )
     p.add_argument(
         "--fail-on",
@@ -138,6 +223,7 @@ def _report_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", metavar="FILE", help="detector thresholds (TOML)")
     p.add_argument("--width", type=int, default=110, help="text width of the text/markdown report")
     _add_key_options(p)
+    _add_alert_options(p)
     return p
 
 
@@ -252,15 +338,25 @@ def format_report(store, thresholds, fmt: str, width: int = 110) -> tuple[str, d
 
 def cmd_report(argv: list[str]) -> int:
     ns = _report_parser().parse_args(argv)
+    alerts = alert_options(ns, follow=ns.follow)
     thresholds = _load_thresholds(ns.thresholds)
-    store = load_store(ns.source, wait_steps=ns.wait_steps, timeout=ns.timeout, curve=_curve(ns))
-    out, report = format_report(store, thresholds, ns.format, ns.width)
+    if ns.follow:
+        from rlhf_tui.tui.follow import follow_source
+
+        store, worst = follow_source(ns.source, thresholds, alerts, curve=_curve(ns), timeout=ns.timeout)
+        if ns.format or ns.output:
+            _write(format_report(store, thresholds, ns.format or "text", ns.width)[0], ns.output)
+        return _exit_code(worst, ns.fail_on)
+    timeout = 10.0 if ns.timeout is None else ns.timeout
+    store = load_store(ns.source, wait_steps=ns.wait_steps, timeout=timeout, curve=_curve(ns))
+    out, report = format_report(store, thresholds, ns.format or "text", ns.width)
     _write(out, ns.output)
-    if ns.fail_on:
-        worst = worst_severity(report["anomalies"])
-        if worst is not None and Severity.at_least(worst, ns.fail_on):
-            return EXIT_ANOMALY
-    return EXIT_OK
+    return _exit_code(worst_severity(report["anomalies"]), ns.fail_on)
+
+
+def _exit_code(worst: str | None, fail_on: str | None) -> int:
+    """EXIT_ANOMALY when an anomaly of `fail_on` or worse was found (--fail-on)."""
+    return EXIT_ANOMALY if fail_on and worst is not None and Severity.at_least(worst, fail_on) else EXIT_OK
 
 
 def _write(text: str, path: str | None) -> None:
@@ -314,6 +410,7 @@ def cmd_monitor(argv: list[str]) -> int:
         return EXIT_OK
     thresholds = _load_thresholds(ns.thresholds, default=False)
     curve = _curve(ns)
+    alerts = alert_options(ns)
     from rlhf_tui.tui.config import ConfigError, load_config
 
     try:
@@ -341,7 +438,13 @@ def cmd_monitor(argv: list[str]) -> int:
         from rlhf_tui.tui.app import MonitorApp
 
         app = MonitorApp(
-            sources, thresholds=thresholds, snapshot_dir=ns.snapshot_dir, labels=labels, config=config, curve=curve
+            sources,
+            thresholds=thresholds,
+            snapshot_dir=ns.snapshot_dir,
+            labels=labels,
+            config=config,
+            curve=curve,
+            alerts=alerts,
         )
         app.run()
         app.cancel_hangup_timer()

@@ -169,11 +169,28 @@ def _guess_trainer(entries: list[Any]) -> str:
     return "unknown"
 
 
+def apply_jsonl_line(store: Store, line: bytes, default_run: str) -> bool | None:
+    """Land one line of a JSONL log (store.lock held): True for an rlhf-tui event, False for any other line
+    (counted as rejected when malformed), None when it is not JSON (the caller knows whether it was cut off)."""
+    from rlhf_tui.bridge.monitor.ingest import apply_jsonl_event  # local: keeps this module's import light
+
+    try:
+        event = json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(event, dict):
+        store.reject("JSONL line is not an object")
+        return False
+    try:
+        return apply_jsonl_event(store, event, default_run=default_run)
+    except Exception as exc:  # one odd line must not make the whole log unreadable
+        store.reject(f"bad JSONL event: {type(exc).__name__}")
+        return False
+
+
 def load_jsonl(path: Path | str, store: Store | None = None) -> Store:
     """Read an rlhf-tui JSONL log. A truncated last line (training killed mid-write) is skipped;
     other unparseable lines are counted as rejected."""
-    from rlhf_tui.bridge.monitor.ingest import apply_jsonl_event  # local: keeps this module's import light
-
     store = store or Store()
     path = Path(path)
     try:
@@ -186,25 +203,24 @@ def load_jsonl(path: Path | str, store: Store | None = None) -> Store:
             line = raw.strip()
             if not line:
                 continue
-            try:
-                event = json.loads(line)
-            except (ValueError, UnicodeDecodeError, RecursionError):
+            landed = apply_jsonl_line(store, line, default_run=f"file:{path.stem}")
+            if landed is None:
                 if not raw.endswith(b"\n") and not fh.read(1):
                     continue  # the last line, cut off by a killed training: expected, not an error
                 store.reject("unparseable JSONL line")
-                continue
-            if not isinstance(event, dict):
-                store.reject("JSONL line is not an object")
-                continue
-            try:
-                if apply_jsonl_event(store, event, default_run=f"file:{path.stem}"):
-                    parsed += 1
-            except Exception as exc:  # one odd line must not make the whole log unreadable
-                store.reject(f"bad JSONL event: {type(exc).__name__}")
+            parsed += bool(landed)
         store.touch()
     if parsed == 0:
         raise SourceError(f"{path}: no rlhf-tui events found (is this a JSONL log written by the callback?)")
     return store
 
 
-__all__ = ["SourceError", "is_live", "load_file_source", "load_trainer_state", "load_jsonl", "resolve_file_source"]
+__all__ = [
+    "SourceError",
+    "apply_jsonl_line",
+    "is_live",
+    "load_file_source",
+    "load_trainer_state",
+    "load_jsonl",
+    "resolve_file_source",
+]
