@@ -169,6 +169,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         "system": _system(run),
         "summary": run_summary(run),
         "transport": transport,
+        "rejected_fields": {"count": run.rejected_fields, "recent": list(run.field_rejections)},
         "source": store.source,
         "connection": store.connection,
         "runs": list(store.runs),
