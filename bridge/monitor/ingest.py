@@ -311,6 +311,7 @@ def _apply_reward(run: RunHistory, data: Any) -> None:
     data = checked(data, schema.REWARD, "reward", reject)
     if not data:
         return
+    data.pop("analysis", None)  # the training side's mixed analysis: the monitor judges each function itself
     data["samples"] = checked_list(data.get("samples"), schema.SAMPLE, "reward.samples", reject, MAX_SAMPLES)
     scores = data.get("scores")
     data["scores"] = (
