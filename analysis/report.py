@@ -126,6 +126,24 @@ def run_summary(run: RunHistory) -> dict[str, Any]:
     return {k: v if isinstance(v, str) else finite(v) for k, v in run.summary.items()}
 
 
+def run_actions(run: RunHistory) -> list[dict[str, Any]]:
+    """What the training side did on its alarms (`on_alarm`), oldest first: action, step and why."""
+    out = []
+    for ep in run.training_anomalies:
+        if isinstance(ep, dict) and ep.get("action") in ("save", "stop"):
+            out.append(
+                {
+                    "action": ep["action"],
+                    "step": ep.get("action_step"),
+                    "detector": ep.get("detector"),
+                    "metric": ep.get("metric"),
+                    "severity": ep.get("severity"),
+                    "reason": ep.get("action_reason") or ep.get("message"),
+                }
+            )
+    return out
+
+
 def build_report(store: Store, thresholds=None, run_id: str | None = None, anomalies: list | None = None) -> dict:
     """The whole report for one run (default: the current one) as plain JSON-able data."""
     run = store.runs.get(run_id) if run_id else store.current_run
@@ -140,6 +158,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
             "checkpoints": [],
             "rewards": {"reliability_metrics": {}},
             "summary": {},
+            "actions": [],
             "transport": transport,
             "source": store.source,
             "connection": store.connection,
@@ -168,6 +187,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         "rewards": rewards_section(run, rewards),
         "system": _system(run),
         "summary": run_summary(run),
+        "actions": run_actions(run),
         "transport": transport,
         "rejected_fields": {"count": run.rejected_fields, "recent": list(run.field_rejections)},
         "source": store.source,

@@ -37,7 +37,10 @@ try:
 except ImportError:  # pragma: no cover - checkout without `pip install -e .`
     sys.exit("install the package first: pip install -e .")
 
-WITHIN = 25  # steps after the onset that count as detected
+WITHIN = 25  # steps after the onset that count as detected (sudden faults)
+WITHIN_GRADUAL = 80  # the same for gradual faults (label "kind": "gradual")
+# Issue 13's goals, per corpus: caught, false-alarm runs, median delays, low entries on healthy runs.
+GOALS = {"recall": 0.90, "false_alarm_rate": 0.05, "delay_sudden": 3.0, "delay_gradual": 25.0, "lows_per_100": 5.0}
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -77,10 +80,14 @@ class Run:
         )
 
 
-def traces_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    return Path(os.environ.get("RLHF_TUI_TRACES") or ROOT / "tests" / "data" / "traces")
+def traces_dirs(args: list[str] | None) -> list[Path]:
+    """The corpora: as given, else $RLHF_TUI_TRACES, else the shared traces and our own corpus."""
+    if args:
+        return [Path(a) for a in args]
+    if os.environ.get("RLHF_TUI_TRACES"):
+        return [Path(os.environ["RLHF_TUI_TRACES"])]
+    ours = ROOT / "benchmarks" / "corpus" / "runs"
+    return [ROOT / "tests" / "data" / "traces", *([ours] if (ours / "labels.json").is_file() else [])]
 
 
 def load_runs(folder: Path) -> list[Run]:
@@ -119,6 +126,32 @@ def alarm_steps_seed(run: Run) -> list[tuple[int, str]]:
     return [(a["step"], f"seed_zscore/{a['metric']}") for a in seed_detect(run.steps, run.metrics)]
 
 
+CUSUM_METRICS = ("kl", "reward", "entropy", "loss", "grad_norm", "rewards/accuracies")
+
+
+def alarm_steps_cusum(run: Run, warmup: int = 30, k: float = 0.5, h: float = 8.0) -> list[tuple[int, str]]:
+    """A textbook baseline: per metric, standardised by the mean and spread of its first `warmup` finite
+    values, a two-sided CUSUM (allowance k, decision h); an alarm where either side crosses h."""
+    out = []
+    for name in CUSUM_METRICS:
+        x = run.metrics.get(name)
+        if x is None:
+            continue
+        fin = np.flatnonzero(np.isfinite(x))
+        if fin.size <= warmup:
+            continue
+        ref = x[fin[:warmup]]
+        sd = float(np.std(ref)) or 1e-12
+        z = np.nan_to_num((x - float(np.mean(ref))) / sd)
+        hi = lo = 0.0
+        for i in fin[warmup:]:
+            hi, lo = max(0.0, hi + z[i] - k), max(0.0, lo - z[i] - k)
+            if hi > h or lo > h:
+                out.append((int(run.steps[i]), f"cusum/{name}"))
+                break
+    return sorted(out)
+
+
 def score_run(run: Run, alarms: list[tuple[int, str]], within: int = WITHIN) -> dict:
     onset = run.onset
     before = [a for a in alarms if onset is None or a[0] <= onset]
@@ -134,16 +167,33 @@ def score_run(run: Run, alarms: list[tuple[int, str]], within: int = WITHIN) -> 
     }
 
 
+# Faults of corpora whose labels carry no "kind": a KL coefficient set to ~0 lets the policy drift away
+# step by step, the kind issue 13 calls gradual ("KL runaway after beta -> 0"); the others act at once.
+KIND_OF_FAULT = {"reward_hack": "gradual", "memory_leak": "gradual", "entropy_collapse": "gradual"}
+
+
+def gradual(run: Run) -> bool:
+    return (run.label.get("kind") or KIND_OF_FAULT.get(run.fault, "sudden")) == "gradual"
+
+
 def overall(runs: list[Run], scores: list[dict]) -> dict:
-    faulty = [s for r, s in zip(runs, scores) if r.onset is not None]
-    delays = [s["delay"] for s in faulty if s["detected"]]
+    """Caught: the first alarm after the onset in time and none before it (a faulty run alarmed early is a
+    false-alarm run, not a catch)."""
+    faulty = [(r, s) for r, s in zip(runs, scores) if r.onset is not None]
+    caught = [(r, s) for r, s in faulty if s["detected"] and not s["false_alarm"]]
+
+    def median(xs: list) -> float:
+        return statistics.median(xs) if xs else math.nan
+
     return {
         "runs": len(runs),
         "faulty": len(faulty),
-        "recall": (sum(s["detected"] for s in faulty) / len(faulty)) if faulty else math.nan,
+        "recall": (len(caught) / len(faulty)) if faulty else math.nan,
         "false_alarm_runs": sum(s["false_alarm"] for s in scores),
         "false_alarm_rate": sum(s["false_alarm"] for s in scores) / len(runs) if runs else math.nan,
-        "median_delay": statistics.median(delays) if delays else math.nan,
+        "median_delay": median([s["delay"] for _r, s in caught]),
+        "delay_sudden": median([s["delay"] for r, s in caught if not gradual(r)]),
+        "delay_gradual": median([s["delay"] for r, s in caught if gradual(r)]),
     }
 
 
@@ -151,7 +201,7 @@ def within_for(run: Run, th: Thresholds) -> int:
     """Slow faults get their detector's window on top: a leak is judged over memory_leak_blocks blocks."""
     if run.fault == "memory_leak":
         return WITHIN + th.memory_leak_blocks * th.block_steps
-    return WITHIN
+    return WITHIN_GRADUAL if gradual(run) else WITHIN
 
 
 def evaluate(runs: list[Run], th: Thresholds) -> tuple[list[dict], dict]:
@@ -159,11 +209,19 @@ def evaluate(runs: list[Run], th: Thresholds) -> tuple[list[dict], dict]:
     return scores, overall(runs, scores)
 
 
+def lows_per_100(runs: list[Run], th: Thresholds) -> float:
+    """Low entries per 100 logged steps on the healthy runs."""
+    healthy = [r for r in runs if r.onset is None]
+    rows = sum(r.steps.shape[0] for r in healthy)
+    lows = sum(e["severity"] == "low" for r in healthy for e in detect(r.arrays(), th))
+    return 100.0 * lows / rows if rows else math.nan
+
+
 def fmt_overall(name: str, o: dict) -> str:
     return (
-        f"{name:34s} recall {o['recall']:5.2f} ({round(o['recall'] * o['faulty'])}/{o['faulty']})   "
+        f"{name:34s} caught {o['recall']:5.2f} ({round(o['recall'] * o['faulty'])}/{o['faulty']})   "
         f"false-alarm runs {o['false_alarm_runs']}/{o['runs']} ({100 * o['false_alarm_rate']:.0f}%)   "
-        f"median delay {o['median_delay']:.1f}"
+        f"median delay {o['median_delay']:.1f} (sudden {o['delay_sudden']:.1f}, gradual {o['delay_gradual']:.1f})"
     )
 
 
@@ -330,21 +388,12 @@ def variations(runs: list[Run], th: Thresholds) -> list[tuple[str, list[Run]]]:
 
 
 # -- main ------------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="anomaly detection on labelled TRL traces: ours vs the seed rule")
-    ap.add_argument("--traces", help="folder with labels.json and <run>/trainer_state.json")
-    ap.add_argument("--no-holdout", action="store_true")
-    ap.add_argument("--no-variations", action="store_true")
-    args = ap.parse_args(argv)
-    folder = traces_dir(args.traces)
-    if not (folder / "labels.json").is_file():
-        print(f"no labelled traces in {folder} (labels.json missing)", file=sys.stderr)
-        return 2
+def report_corpus(folder: Path, args: argparse.Namespace, th: Thresholds) -> list[str]:
+    """Print one corpus's table and figures; the goals it misses."""
     runs = load_runs(folder)
-    th = Thresholds()
-
-    ours = [score_run(r, alarm_steps_ours(r, th)) for r in runs]
-    seed = [score_run(r, alarm_steps_seed(r)) for r in runs]
+    ours = [score_run(r, alarm_steps_ours(r, th), within_for(r, th)) for r in runs]
+    seed = [score_run(r, alarm_steps_seed(r), within_for(r, th)) for r in runs]
+    cusum = [score_run(r, alarm_steps_cusum(r), within_for(r, th)) for r in runs]
 
     def cell(s: dict) -> str:
         if s["first"] is None:
@@ -358,16 +407,20 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"traces: {folder}\n")
     print(
-        f"{'run':10s} {'trainer':12s} {'fault':18s} {'onset':>5s}  {'ours: first medium+ alarm (delay)':46s}  seed rule"
+        f"{'run':10s} {'trainer':12s} {'fault':18s} {'kind':7s} {'onset':>5s}  "
+        f"{'ours: first medium+ alarm (delay)':46s}  seed rule"
     )
     for r, o, s in zip(runs, ours, seed):
         print(
-            f"{r.name:10s} {str(r.label.get('trainer'))[:12]:12s} {r.fault:18s} {str(r.onset):>5s}  "
-            f"{cell(o)[:46]:46s}  {cell(s)[:60]}"
+            f"{r.name:10s} {str(r.label.get('trainer'))[:12]:12s} {r.fault:18s} {str(r.label.get('kind') or '')[:7]:7s} "
+            f"{str(r.onset):>5s}  {cell(o)[:46]:46s}  {cell(s)[:60]}"
         )
     print()
-    print(fmt_overall("ours", overall(runs, ours)))
+    score = overall(runs, ours)
+    lows = lows_per_100(runs, th)
+    print(fmt_overall("ours", score) + f"   lows per 100 healthy steps {lows:.1f}")
     print(fmt_overall("seed z-score (w=100 incl., n>=10, z>3)", overall(runs, seed)))
+    print(fmt_overall("CUSUM baseline (k=0.5, h=8)", overall(runs, cusum)))
 
     if not args.no_holdout:
         print("\nhold-out (thresholds tuned on one half, scored on the other):")
@@ -414,11 +467,45 @@ def main(argv: list[str] | None = None) -> int:
                         f"    {fault:18s} detected within {horizon:3d} steps {len(det):2d}/{len(ss):2d}  "
                         f"median delay {d:5.1f}  false alarms before onset {fa}"
                     )
-    # The goal docs/anomaly-detection.md reports: every faulty run alarmed in time, no false-alarm run.
-    score = overall(runs, ours)
-    if score["recall"] < 1 or score["false_alarm_runs"] > 0:
-        print(f"\nGOAL MISSED: recall {score['recall']:.2f}, false-alarm runs {score['false_alarm_runs']}")
+    missed = []
+    if not score["recall"] >= GOALS["recall"]:
+        missed.append(f"caught {score['recall']:.2f} < {GOALS['recall']}")
+    if not score["false_alarm_rate"] <= GOALS["false_alarm_rate"]:
+        missed.append(f"false-alarm runs {score['false_alarm_rate']:.2f} > {GOALS['false_alarm_rate']}")
+    for key in ("delay_sudden", "delay_gradual"):
+        if score[key] > GOALS[key]:  # (NaN: no such fault in this corpus)
+            missed.append(f"{key} {score[key]:.1f} > {GOALS[key]}")
+    if not lows <= GOALS["lows_per_100"]:
+        missed.append(f"lows per 100 steps {lows:.1f} > {GOALS['lows_per_100']}")
+    return [f"{folder.name}: {m}" for m in missed]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="anomaly detection on labelled TRL traces: ours vs the seed rule")
+    ap.add_argument(
+        "--traces",
+        action="append",
+        help="folder with labels.json and <run>/trainer_state.json "
+        "(repeatable; default: tests/data/traces and benchmarks/corpus/runs)",
+    )
+    ap.add_argument("--no-holdout", action="store_true")
+    ap.add_argument("--no-variations", action="store_true")
+    args = ap.parse_args(argv)
+    folders = traces_dirs(args.traces)
+    for folder in folders:
+        if not (folder / "labels.json").is_file():
+            print(f"no labelled traces in {folder} (labels.json missing)", file=sys.stderr)
+            return 2
+    th = Thresholds()
+    missed = []
+    for i, folder in enumerate(folders):
+        if i:
+            print("\n" + "=" * 100 + "\n")
+        missed += report_corpus(folder, args, th)
+    if missed:
+        print("\nGOAL MISSED: " + "; ".join(missed))
         return 1
+    print("\nall goals met on " + ", ".join(str(f) for f in folders))
     return 0
 
 

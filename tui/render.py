@@ -47,6 +47,18 @@ def clean(value: Any, limit: int = 200) -> str:
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
+def _number(value: float, exponent: str) -> str:
+    """A float with 4 significant digits, in `exponent` format when it is tiny or huge; NaN / ±Inf spelled out."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Inf" if value > 0 else "-Inf"
+    magnitude = abs(value)
+    if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
+        return format(value, exponent)
+    return f"{value:.4g}"
+
+
 class PlainTable(Table):
     """A Rich table whose str title, headers and cells are plain text: Rich parses a str as markup there, so a
     metric name like `[/]` would raise (and `[link=…]` would make a link)."""
@@ -64,16 +76,7 @@ class PlainTable(Table):
 def fmt(value: Any) -> str:
     if value is None:
         return "—"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Inf" if value > 0 else "-Inf"
-        magnitude = abs(value)
-        if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
-            return f"{value:.3e}"
-        return f"{value:.4g}"
-    return str(value)
+    return _number(value, ".3e") if isinstance(value, float) else str(value)
 
 
 def short(value: Any) -> str:
@@ -82,15 +85,7 @@ def short(value: Any) -> str:
         return "—"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Inf" if value > 0 else "-Inf"
-    magnitude = abs(value)
-    if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
-        return f"{value:.2e}".replace("e-0", "e-").replace("e+0", "e")
-    return f"{value:.4g}"
+    return _number(float(value), ".2e").replace("e-0", "e-").replace("e+0", "e")
 
 
 def compact(value: Any) -> str:
@@ -135,15 +130,20 @@ def connection_text(report: dict) -> Text:
     return text
 
 
+def run_title(run: dict, id_width: int, trainer_width: int) -> Text:
+    """The start of every header: the tool, the run id and the trainer (untrusted text, made safe)."""
+    return Text.assemble(
+        ("rlhf-tui", "bold"),
+        "  run ",
+        (clean(run.get("run_id"), id_width), "bold cyan"),
+        f"  {clean(run.get('trainer'), trainer_width)}",
+    )
+
+
 def header_text(report: dict, width: int = 200) -> Text:
     """Run, trainer, step and connection first; the model and the logged-row count only when there is room."""
     run = report.get("run") or {}
-    text = Text.assemble(
-        ("rlhf-tui", "bold"),
-        "  run ",
-        (clean(run.get("run_id"), 40), "bold cyan"),
-        f"  {clean(run.get('trainer'), 24)}",
-    )
+    text = run_title(run, 40, 24)
     steps = f"  step {clean(fmt(report.get('last_step')), 20)}"
     if run.get("max_steps"):
         steps += f"/{clean(fmt(run.get('max_steps')), 20)}"
@@ -157,6 +157,11 @@ def header_text(report: dict, width: int = 200) -> Text:
         extra += f"  model {clean(run.get('model'), 40)}"
     if len(text) + len(extra) <= width - 30:
         text.append(extra, style="dim")
+    actions = report.get("actions") or []
+    if actions:  # the training side saved or stopped the run on an alarm: said where it is always seen
+        last = actions[-1]
+        what = "STOPPED" if last.get("action") == "stop" else "SAVED"
+        text.append(f"  {what} by on_alarm at step {clean(last.get('step'), 12)}", style="bold white on red")
     return text
 
 
@@ -500,6 +505,21 @@ def transport_text(report: dict) -> Text:
     return text
 
 
+def actions_text(report: dict) -> Text | None:
+    """What the training side did on its alarms (on_alarm), newest last, or None."""
+    actions = report.get("actions") or []
+    if not actions:
+        return None
+    text = Text()
+    for a in actions[-3:]:
+        what = "stopped the run" if a.get("action") == "stop" else "saved a checkpoint"
+        text.append(f"on_alarm: {what} at step {clean(a.get('step'), 12)}", style="bold red")
+        text.append(
+            f" ({clean(a.get('severity'), 10)} {clean(a.get('detector'), 40)} on {clean(a.get('metric'), 60)})  "
+        )
+    return text
+
+
 def summary_text(report: dict) -> Text | None:
     """The trainer's end-of-run summary in one line (train_loss, train_runtime ...), or None before the end."""
     summary = report.get("summary") or {}
@@ -511,6 +531,7 @@ def summary_text(report: dict) -> Text | None:
 
 SECTIONS = (
     ("header", header_text),
+    ("actions", actions_text),
     ("summary", summary_text),
     ("metrics", metrics_table),
     ("anomalies", anomalies_table),

@@ -85,7 +85,7 @@ def max_completion_length(meta: Mapping[str, Any]) -> float | None:
 def canonical_copies(names: Iterable[str]) -> set[str]:
     """Trainer keys already represented by a canonical name (every alias present, not only the first)."""
     names = set(names)
-    out = set()
+    out: set[str] = set()
     for canonical, sources in CANONICAL_SOURCES.items():
         if canonical in names:
             out.update(src for src in sources if src in names)
@@ -185,3 +185,7 @@ class Plan:
             any(t in trainer for t in ("GRPO", "RLOO")) or (not trainer and "frac_reward_zero_std" in names)
         )
         self.reward_metrics = [] if self.dpo else [n for n in ["reward", *self.reward_parts] if n in names]
+        # per-function spreads (TRL's rewards/<f>/std): a function that turns constant is dead
+        self.reward_spreads = [
+            n[: -len("mean")] + "std" for n in self.reward_parts if n[: -len("mean")] + "std" in names
+        ]

@@ -153,6 +153,18 @@ _RECORDS = (
         ),
     ),
     Detector(
+        "reward_dead",
+        "a reward function's per-batch spread exactly 0 for k of the last n steps after it varied (high)",
+        ("rewards/*/std",),
+        ("persist_k", "persist_n", "early_steps"),
+        (HIGH,),
+        _fixed(
+            "{metric} is exactly 0: the reward function returns one value for every completion",
+            "check the reward function (a crashed reward model, a parser that always fails, a constant "
+            "fallback); its signal is gone",
+        ),
+    ),
+    Detector(
         "reward_mismatch",
         "reward no longer equals the sum of per-function means: NaN rewards dropped (high)",
         ("reward", "rewards/*/mean"),

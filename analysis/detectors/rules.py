@@ -205,14 +205,55 @@ def reward_level(c: Context) -> Flags:
     th, plan = c.th, c.plan
     for name in plan.reward_metrics:
         ser = c.series[name]
-        up = c.cusum(f"{name}:up", ser.z, th.rise_kref, 1.0)
-        down = c.cusum(f"{name}:down", ser.z, th.shift_kref, -1.0)
+        z = early_floored_z(c, name, ser)
+        up = c.cusum(f"{name}:up", z, th.rise_kref, 1.0)
+        down = c.cusum(f"{name}:down", z, th.shift_kref, -1.0)
         # A climb is what training is for: it alarms with a tell (reward hacking, below) or when it is far
         # faster than learning goes (climb_h, several times the evidence a hacking climb needs).
         lev = np.where((down >= th.shift_h) | (up >= th.climb_h), 2, 0).astype(np.int8)
         yield "reward_shift", name, lev, np.where(up >= down, up, -down)
         if name == "reward":
             c.shared["reward_up"] = up
+
+
+def early_floored_z(c: Context, name: str, ser: Series) -> np.ndarray:
+    """The z-score against a scale of at least EARLY_RANGE_FLOOR of the range of the run's first
+    `early_steps` values: a reward that saturates (a format reward at 1.0) has a tiny recent spread, and a
+    dip of one sample in a batch must not read as many spreads."""
+    values, _rows = c.p.first_values(f"early:{name}", ser.x, int(c.th.early_steps))
+    if len(values) < int(c.th.early_steps):
+        return ser.z
+    floor = EARLY_RANGE_FLOOR * (max(values) - min(values))
+    if not floor > 0:
+        return ser.z
+    z = (ser.x - ser.center) / np.maximum(ser.scale, floor)
+    z[~ser.ok] = np.nan
+    return z
+
+
+EARLY_RANGE_FLOOR = 0.1
+
+
+@rule
+def reward_dead(c: Context) -> Flags:
+    """A reward function that turned constant (its per-batch spread exactly 0, held) at a value that is not
+    the best it reached: it no longer tells completions apart (a crashed reward model, a parser that always
+    fails). Constant at its best is saturation (every completion right: too easy), not a dead function."""
+    pn, k = c.pn, c.k
+    for name in c.plan.reward_spreads:
+        ser, mean = c.series.get(name), c.series.get(name[: -len("std")] + "mean")
+        if ser is None or mean is None:
+            continue
+        early, _row = c.early(name, ser.x)
+        if not early > 0:
+            continue
+        m = mean.x
+        best = np.fmax.accumulate(np.concatenate([[c.p.max_before(f"{name}:best", m)], m]))[:-1]
+        worst = -np.fmax.accumulate(np.concatenate([[c.p.max_before(f"{name}:worst", -m)], -m]))[:-1]
+        below_best = m < best - 0.1 * (best - worst)
+        flat = (np.abs(ser.x) <= 1e-9 * early) & below_best
+        held = count_last(flat, pn) >= k
+        yield "reward_dead", name, np.where(held, 3, 0).astype(np.int8), ser.x
 
 
 @rule

@@ -181,6 +181,9 @@ ANOMALY = {
     "value": number,
     "score": number,
     "ongoing": flag,
+    "action": one_of(frozenset({"save", "stop"})),  # what on_alarm did about it (docs/protocol.md)
+    "action_step": count,
+    "action_reason": text,
 }
 TRAINER_STATE = {"max_steps": integer(-1), "logging_steps": either(count, finite(0.0)), "global_step": count}
 HEARTBEAT = {

@@ -19,6 +19,7 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
+from rlhf_tui.bridge.training.actions import AlarmActions, parse_policy
 from rlhf_tui.bridge.training.forwarder import Forwarder
 from rlhf_tui.bridge.training.publisher import Publisher
 from rlhf_tui.bridge.training.recorder import Recorder
@@ -125,6 +126,11 @@ class RLHFMonitorCallback(_Base):
             public keys in DIR/authorized/. A key problem disables monitoring (fail closed), never training.
         detect_anomalies: run the anomaly engine on the training side too, on its recent history at most once a
             second (the JSONL log's per-step `anomalies` and live `anomaly` messages); the monitor runs it anyway.
+        on_alarm: actions on the training side's alarms, e.g. `{"critical": "stop", "high": "save"}`: at the next
+            step boundary "save" asks the trainer for a checkpoint (`control.should_save`), "stop" for a
+            checkpoint and a clean stop (`control.should_training_stop` too). The strongest action configured
+            at or below an episode's severity is taken, once per episode, never during the run's grace period
+            (except for non-finite values). Needs `detect_anomalies`. Off by default.
         run_id: fixed run id (default: time + random). Each `train()` is its own run: a second one with the
             same callback gets a new id (`<run_id>-2`, ... for a fixed one).
 
@@ -152,6 +158,7 @@ class RLHFMonitorCallback(_Base):
         forward_ranks: bool = True,
         forward_address: str | None = None,
         detect_anomalies: bool = True,
+        on_alarm: dict[str, str] | None = None,
     ):
         self.address = address
         self.log_dir_option = log_dir
@@ -174,6 +181,7 @@ class RLHFMonitorCallback(_Base):
         self.forward_ranks = forward_ranks
         self.forward_address = forward_address
         self.detect_anomalies = detect_anomalies
+        self.on_alarm = parse_policy(on_alarm)  # a bad policy is a configuration error: raised here, at once
         self.trainer = trainer
         self.rank = 0
         self.is_main = True
@@ -194,6 +202,7 @@ class RLHFMonitorCallback(_Base):
         self._ckpt_results: deque[dict] = deque(maxlen=256)
         if self.thresholds is None:
             self.thresholds = self._default_thresholds()
+        self.actions = AlarmActions(self.on_alarm, int(getattr(self.thresholds, "grace_steps", 10)))
 
     def _default_thresholds(self):
         try:
@@ -283,6 +292,7 @@ class RLHFMonitorCallback(_Base):
         self.meta = meta()
         pub = self._ensure_started()
         if pub is not None:
+            self.actions.reset()
             pub.put(events.RunStarted(self.meta))
             self._run_open = pub.run_open = True
             _open_runs.add(pub)
@@ -414,7 +424,36 @@ class RLHFMonitorCallback(_Base):
         # The seed's manual loop calls on_step_end(step, logs).
         if isinstance(args, int) and not isinstance(args, bool) and isinstance(state, dict):
             self.log_step(args, state)
+            return None
+        if self.on_alarm and control is not None:
+            return self._act(state, control)
         return None
+
+    def _act(self, state, control):
+        """Take an action the training-side engine asked for (training thread): through TrainerControl only."""
+        try:
+            decision = self.actions.take()
+            if decision is None:
+                return None
+            control.should_save = True
+            if decision.action == "stop":
+                control.should_training_stop = True
+            step = int(getattr(state, "global_step", 0) or 0)
+            log.warning(
+                "rlhf-tui: %s at step %d: %s %s on %s",
+                "saving a checkpoint and stopping" if decision.action == "stop" else "saving a checkpoint",
+                step,
+                decision.episode.get("severity"),
+                decision.episode.get("detector"),
+                decision.episode.get("metric"),
+            )
+            pub = self._publisher
+            if pub is not None:
+                pub.put(events.ActionTaken(step, decision.action, decision.episode))
+            return control
+        except Exception as exc:  # never into training
+            log.warning("rlhf-tui: on_alarm action failed: %s", exc)
+            return None
 
     def on_evaluate(self, args=None, state=None, control=None, **kwargs):
         if self._publisher is not None:  # marks the step: its time/step_s leaves the evaluation out

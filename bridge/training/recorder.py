@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from rlhf_tui.bridge.training.actions import Decision, record
 from rlhf_tui.bridge.training.jsonl_log import JsonlLog
 from rlhf_tui.bridge.training.rewards import MAX_SAMPLES, _samples
 from rlhf_tui.bridge.training.system import SystemSampler, memory_metrics
@@ -56,6 +57,7 @@ class Recorder:
             events.CheckpointAnalysed: self._on_checkpoint_result,
             events.RewardBatch: self._on_rewards,
             events.RunEnded: self._on_run_end,
+            events.ActionTaken: self._on_action,
         }
 
     def __call__(self, event: Any) -> list[events.Message]:
@@ -94,6 +96,7 @@ class Recorder:
                 self.detector = TrainingAnomalies(self.cb.thresholds, meta=self.cb.meta)
             self.detector.add(step, metrics)
             new, changed = self.detector.poll()
+            self.cb.actions.consider(changed, self.detector.first_step)  # on_alarm: decided here, taken in training
             return new, [events.Message(protocol.ANOMALY, protocol.to_json_safe(ep), self.cb.rank) for ep in changed]
         except Exception as exc:  # the analysis is optional on the training side; counted, logged once
             self._detector_failed = True
@@ -245,6 +248,13 @@ class Recorder:
             except Exception as exc:  # the analysis is optional; the scores are still published
                 log.debug("reward analysis unavailable: %s", exc)
         return self.reward_monitor
+
+    def _on_action(self, event: events.ActionTaken) -> list[events.Message]:
+        """An on_alarm action was taken: the JSONL log says what and why; the wire gets the episode update."""
+        done = record(Decision(event.action, event.episode), event.step)
+        self.cb.actions.taken.append(done)
+        self._event({"event": "action", "timestamp": _iso(time.time()), **protocol.to_json_safe(done)})
+        return [events.Message(protocol.ANOMALY, protocol.to_json_safe(done), self.cb.rank)]
 
     def _on_run_end(self, event: events.RunEnded) -> list[events.Message]:
         if self.ended:

@@ -62,6 +62,15 @@ class RewardBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class ActionTaken:
+    """`on_alarm`: the training thread asked the trainer to save (and stop) at `step` because of `episode`."""
+
+    step: int
+    action: str
+    episode: dict
+
+
+@dataclass(frozen=True, slots=True)
 class RunEnded:
     global_step: int | None
 
@@ -157,6 +166,7 @@ _JSONL_KINDS = {
     "checkpoint_analysis": protocol.CHECKPOINT,
     "reward_batch": protocol.REWARD,
     "run_end": protocol.RUN_END,
+    "action": protocol.ANOMALY,  # an on_alarm action: the episode that asked for it, with what was done
 }
 
 

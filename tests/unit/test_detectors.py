@@ -640,3 +640,23 @@ def test_every_alias_of_a_canonical_name_is_left_to_its_canonical():
     names = ["entropy", "objective/entropy", "policy/entropy_avg", "step_time", "time/step_s", "my_metric"]
     names += ["completions/min_length", "completions/min_terminated_length"]
     assert generic_metrics(names) == {"my_metric", "completions/min_length"}
+
+
+def test_a_reward_that_saturates_is_not_dead_or_dropping_but_one_that_turns_constant_below_its_best_is():
+    rng = np.random.default_rng(15)
+    n, t = 400, np.arange(400)
+    m = grpo_run(n, 15)
+    p = np.clip(0.6 + 0.4 * t / 150, 0, 1)  # a format reward learned to 1.0, then a dip of one sample now and then
+    fmt = rng.binomial(32, p) / 32
+    m["rewards/format_ok/mean"] = fmt
+    m["rewards/format_ok/std"] = np.sqrt(fmt * (1 - fmt))
+    quiet = run(m, GRPO)
+    assert not [e for e in alarms(quiet) if e["metric"].startswith("rewards/format_ok")], alarms(quiet)
+    dead = {k: v.copy() for k, v in m.items()}
+    corr = np.clip(0.4 + 0.1 * rng.standard_normal(n), 0, 1)
+    corr[250:] = 0.0  # the correctness function starts returning 0 for everything
+    dead["rewards/correctness/mean"] = corr
+    dead["rewards/correctness/std"] = np.where(t >= 250, 0.0, 0.45 + 0.02 * rng.standard_normal(n))
+    found = [e for e in run(dead, GRPO) if e["detector"] == "reward_dead"]
+    assert found and found[0]["metric"] == "rewards/correctness/std" and 251 <= found[0]["step"] <= 256
+    assert found[0]["severity"] == "high"

@@ -15,7 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Static
 
 from rlhf_tui.analysis.store import Store
-from rlhf_tui.tui.render import CONNECTION, clean, connection_text, header_text, short
+from rlhf_tui.tui.render import CONNECTION, clean, connection_text, header_text, run_title, short
 from rlhf_tui.tui.run_model import LOCK_WAIT, BuildResult, DetectResult, RunModel, header_info
 from rlhf_tui.tui.widgets.anomalies import AnomaliesPane
 from rlhf_tui.tui.widgets.checkpoints import CheckpointsPane
@@ -232,13 +232,8 @@ class RunView(Vertical):
 
 
 def _short_header(info: dict) -> Text:
-    run = info.get("run") or {}
-    text = Text.assemble(
-        ("rlhf-tui", "bold"),
-        "  run ",
-        (clean(run.get("run_id"), 60), "bold cyan"),
-        f"  {clean(run.get('trainer'), 40)}  newest step {info.get('last_step')}  ",
-    )
+    text = run_title(info.get("run") or {}, 60, 40)
+    text.append(f"  newest step {info.get('last_step')}  ")
     text.append_text(connection_text(info))
     return text
 
