@@ -35,16 +35,16 @@ def _printable_keys(raw: dict) -> bool:
         return False
 
 
-def _metrics(raw: Any, run: RunHistory | None = None) -> dict[str, float | None]:
+def _metrics(raw: Any, run: RunHistory | None = None, safe_names: bool = False) -> dict[str, float | None]:
     """A step's metrics as {display-safe name: float or None}; values that are not numbers are dropped (and
-    counted on `run`)."""
+    counted on `run`). `safe_names`: the names went through `safe_envelopes` already."""
     out: dict[str, float | None] = {}
     if not isinstance(raw, dict):
         return out
     if (
         len(raw) <= protocol.MAX_METRICS
         and set(map(type, raw.values())) <= {float, type(None)}
-        and _printable_keys(raw)
+        and (safe_names or _printable_keys(raw))
     ):
         return raw  # the common case, already validated: floats and None only, printable names
     reject = run.reject_field if run is not None else lambda what: None

@@ -312,12 +312,14 @@ class Subscriber:
         this batch admitted before it (`pending`, updated)."""
         state = self._run_state(env["run"])
         names = env["data"]["metrics"].keys()
+        run = self.store.runs.get(env["run"])
+        if run is not None and run.columns.keys() >= names:  # the common case: every name known
+            return self._sequence(state, env["seq"])
         if not self._columns_ok(env["run"], names, pending):
             self.store.reject("too many metric names")
             return False
         if not self._sequence(state, env["seq"]):
             return False
-        run = self.store.runs.get(env["run"])
         pending.update(names - run.columns.keys() if run is not None else names)
         return True
 
@@ -335,7 +337,9 @@ class Subscriber:
 
             steps = np.array([e["data"]["step"] for e in envs], dtype=np.int64)
             stamps = np.array([e["ts"] for e in envs], dtype=np.float64)
-            add_rows(run, steps, stamps, rows_to_columns([_metrics(e["data"]["metrics"]) for e in envs]))
+            add_rows(
+                run, steps, stamps, rows_to_columns([_metrics(e["data"]["metrics"], safe_names=True) for e in envs])
+            )
         store.transport["received"] += len(envs)
         return True
 
