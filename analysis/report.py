@@ -14,28 +14,16 @@ from rlhf_tui.analysis.detectors.episodes import EPISODE_ORDER
 from rlhf_tui.analysis.reward_report import rewards_section, run_reward_episodes
 from rlhf_tui.analysis.severity import Severity
 from rlhf_tui.analysis.store import RunHistory, Store
+from rlhf_tui.analysis.workloads import RL, RL_ORDER, eval_pairs, workload_kind
+from rlhf_tui.analysis.workloads import ordered_metrics as workload_order
 
-# Display order: the canonical names of CONTRACT.md first, then everything else alphabetically.
-CANONICAL_ORDER = (
-    "reward",
-    "reward_std",
-    "kl",
-    "entropy",
-    "loss",
-    "policy_loss",
-    "value_loss",
-    "clip_ratio",
-    "grad_norm",
-    "learning_rate",
-    "completion_length",
-)
+# Display order of an RL run: the canonical names of CONTRACT.md first, then everything else alphabetically (other
+# kinds of run put their own block first: analysis/workloads.py).
+CANONICAL_ORDER = RL_ORDER
 
 
-def ordered_metrics(names) -> list[str]:
-    names = list(names)
-    head = [n for n in CANONICAL_ORDER if n in names]
-    rest = sorted(n for n in names if n not in CANONICAL_ORDER)
-    return head + rest
+def ordered_metrics(names, kind: str = RL) -> list[str]:
+    return workload_order(names, kind)
 
 
 severity_at_least = Severity.at_least
@@ -59,11 +47,16 @@ def run_anomalies(run: RunHistory, thresholds=None) -> list[dict]:
     return detect(run, thresholds or Thresholds())
 
 
-def metric_table(run: RunHistory) -> dict[str, dict]:
+def run_kind(run: RunHistory) -> str:
+    """The kind of run (analysis/workloads.py): from its trainer, else from the keys it logs."""
+    return workload_kind(run.meta.get("trainer"), run.metric_names())
+
+
+def metric_table(run: RunHistory, kind: str | None = None) -> dict[str, dict]:
     from rlhf_tui.analysis.trends import summarise
 
     out = {}
-    for name in ordered_metrics(run.metric_names()):
+    for name in ordered_metrics(run.metric_names(), kind or run_kind(run)):
         values = run.values(name)
         ok = np.isfinite(values)
         data = values if ok.all() else values[ok]  # one pass over a long column, one copy at most
@@ -120,6 +113,31 @@ def _system(run: RunHistory) -> dict:
     return {"ranks": ranks, "gpu_available": any(r["gpu_available"] for r in ranks)}
 
 
+def eval_section(run: RunHistory, table: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Every eval metric against its training twin (`loss` → {"eval": "eval_loss", train_last, eval_last, gap,
+    gap_mean, points, gap_trend, train_trend, eval_trend, better, overfitting}; see trends.eval_pair). `table`:
+    the run's metric_table, whose summaries are reused."""
+    from rlhf_tui.analysis.trends import eval_pair
+
+    table = table or {}
+    out = {}
+    for train, evaluated in eval_pairs(run.metric_names()):
+        summaries = (table.get(train), table.get(evaluated))
+        pair = eval_pair(train, run.values(train), run.values(evaluated), *summaries)
+        if pair["points"]:
+            out[train] = {"eval": evaluated, **{k: finite(v) if isinstance(v, float) else v for k, v in pair.items()}}
+    return out
+
+
+def run_units(run: RunHistory) -> dict[str, str]:
+    """The units the training side recorded for the run's trainer class ({"kl": "per token", ...}); the
+    monitor completes them from the keys logged (tui/widgets/model.py)."""
+    units = run.meta.get("units")
+    if not isinstance(units, dict):
+        return {}
+    return {k: v for k, v in units.items() if k in ("kl", "entropy") and v in ("per token", "per sequence")}
+
+
 def run_summary(run: RunHistory) -> dict[str, Any]:
     """The trainer's end-of-run summary (train_loss, train_runtime, train_samples_per_second, total_flos ...;
     from run_end, or a trainer_state.json's last entry): {} while the run has not finished."""
@@ -150,13 +168,14 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
     transport = dict(store.transport)
     if run is None:
         return {
-            "run": {"run_id": None, "trainer": None},
+            "run": {"run_id": None, "trainer": None, "kind": RL, "units": {}},
             "steps": 0,
             "last_step": None,
             "metrics": {},
             "anomalies": [],
             "checkpoints": [],
             "rewards": {"reliability_metrics": {}},
+            "eval_pairs": {},
             "summary": {},
             "actions": [],
             "transport": transport,
@@ -169,10 +188,14 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
     if rewards:  # reward-function episodes are anomalies like any other (feed, reports, --fail-on)
         anomalies = sorted([*anomalies, *rewards], key=EPISODE_ORDER)
     meta = run.meta
+    kind = run_kind(run)
+    metrics = metric_table(run, kind)
     return {
         "run": {
             "run_id": run.run_id,
             "trainer": run.trainer,
+            "kind": kind,
+            "units": run_units(run),
             "model": meta.get("model"),
             "started": meta.get("started"),
             "args": meta.get("args") or {},
@@ -181,11 +204,12 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         },
         "steps": int(run.rows),
         "last_step": run.last_step,
-        "metrics": metric_table(run),
+        "metrics": metrics,
         "anomalies": anomalies,
         "checkpoints": _checkpoints(run),
         "rewards": rewards_section(run, rewards),
         "system": _system(run),
+        "eval_pairs": eval_section(run, metrics),
         "summary": run_summary(run),
         "actions": run_actions(run),
         "transport": transport,

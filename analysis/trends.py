@@ -145,3 +145,70 @@ def derived_ratios(metrics: Mapping[str, Any]) -> dict[str, Any]:
     if metrics.get("value_loss") is not None:
         out["value_policy_ratio"] = _ratio(metrics["value_loss"], pl)
     return out
+
+
+# -- eval metrics against their training twins -------------------------------------------------------------
+HIGHER_IS_BETTER = ("accuracy", "accuracies", "margin", "margins")
+
+
+def eval_gap_series(train: Any, evaluated: Any) -> np.ndarray:
+    """Row-aligned `eval − train` at the rows holding an eval value (NaN elsewhere). The training side of each
+    gap is the mean of the finite training values since the previous eval row (up to and including this row),
+    or the newest earlier one when none was logged in between: an eval loss is averaged over the eval set, so
+    it is compared with the training loss of the same stretch, not with one noisy step."""
+    t = np.asarray(train, dtype=np.float64)
+    e = np.asarray(evaluated, dtype=np.float64)
+    n = min(t.shape[0], e.shape[0])
+    t, e = t[:n], e[:n]
+    out = np.full(n, np.nan)
+    rows = np.flatnonzero(np.isfinite(e))
+    if rows.size == 0:
+        return out
+    ok = np.isfinite(t)
+    csum = np.concatenate(([0.0], np.cumsum(np.where(ok, t, 0.0))))
+    ccount = np.concatenate(([0], np.cumsum(ok)))
+    newest = np.where(ok, np.arange(n), -1)
+    np.maximum.accumulate(newest, out=newest)
+    start = np.concatenate(([0], rows[:-1] + 1))
+    count = ccount[rows + 1] - ccount[start]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (csum[rows + 1] - csum[start]) / count
+    before = newest[rows]
+    fallback = np.where(before >= 0, t[np.maximum(before, 0)], np.nan)
+    out[rows] = e[rows] - np.where(count > 0, mean, fallback)
+    return out
+
+
+def eval_pair(
+    name: str, train: Any, evaluated: Any, train_summary: Any = None, eval_summary: Any = None
+) -> dict[str, Any]:
+    """One eval metric against its training twin: the newest values, the newest gap (eval − train, see
+    eval_gap_series), its mean, the trends of the three series and `overfitting`: eval is behind training (a
+    higher eval loss, a lower eval accuracy or margin) and the gap keeps moving that way while the eval metric
+    itself does not improve. None when there are too few eval points to tell (a trend needs 3) or the metric
+    has no direction (`better`: losses lower, accuracies and margins higher). `train_summary` / `eval_summary`:
+    the `summarise()` of the two series when the caller has them already (the report's metric table)."""
+    gaps = eval_gap_series(train, evaluated)
+    g = _finite(gaps)
+    t_sum = train_summary if train_summary is not None else summarise(train)
+    e_sum = eval_summary if eval_summary is not None else summarise(evaluated)
+    gap_trend = trend(g)
+    higher = any(part in name.lower() for part in HIGHER_IS_BETTER)
+    lower = "loss" in name.lower()
+    overfitting: bool | None = None
+    if g.shape[0] >= 3 and (higher or lower):
+        worse, improving = ("decreasing", "increasing") if higher else ("increasing", "decreasing")
+        behind = g[-1] < 0 if higher else g[-1] > 0  # eval is on the worse side of training now
+        overfitting = bool(behind) and gap_trend == worse and e_sum["trend"] != improving
+    return {
+        "train_last": t_sum["last"],
+        "eval_last": e_sum["last"],
+        "gap": float(g[-1]) if g.size else None,
+        "gap_mean": float(g.mean()) if g.size else None,
+        "points": int(g.shape[0]),
+        "gap_trend": gap_trend,
+        "train_trend": t_sum["trend"],
+        "eval_trend": e_sum["trend"],
+        "better": "higher" if higher else "lower" if lower else None,
+        "overfitting": overfitting,
+    }

@@ -29,6 +29,7 @@ from rlhf_tui.tui.run_model import keep_large_arrays_off_the_heap
 from rlhf_tui.tui.widgets.chart import ChartScreen
 from rlhf_tui.tui.widgets.help import HelpScreen
 from rlhf_tui.tui.widgets.metrics import MetricsPane
+from rlhf_tui.tui.widgets.model import run_metric_units, split_units
 from rlhf_tui.tui.widgets.model import series as metric_series
 from rlhf_tui.tui.widgets.runview import PANES, RunView
 from rlhf_tui.tui.widgets.thresholds import ThresholdEditor
@@ -341,11 +342,12 @@ class MonitorApp(App):
                 if run is None:
                     return {"series": [], "metrics": [], "version": store.version}
                 steps, values = metric_series(run, metric)
-                band = zscore_band(run.values(metric), self.thresholds, metric)
+                unit = run_metric_units(run).get(metric)
+                band = zscore_band(run.values(metric), self.thresholds, metric) if metric in run.columns else None
                 names = list((view.report.get("metrics") or {}).keys()) or run.metric_names()
                 version = (store.version, id(self.thresholds))
             return {
-                "series": [{"label": f"{view.label} · {run.run_id}", "steps": steps, "values": values}],
+                "series": [{"label": f"{view.label} · {run.run_id}", "steps": steps, "values": values, "unit": unit}],
                 "band": band,
                 "metrics": names,
                 "version": version,
@@ -368,15 +370,22 @@ class MonitorApp(App):
                         if n not in names:
                             names.append(n)
                     steps, values = metric_series(run, metric)
-                out.append({"label": f"{view.label} · {run.run_id}", "steps": steps, "values": values})
+                    unit = run_metric_units(run).get(metric)
+                label = f"{view.label} · {run.run_id}"
+                out.append(
+                    {"label": label, "steps": steps, "values": values, "unit": unit, "active": view is self.view}
+                )
             from rlhf_tui.analysis.report import ordered_metrics
 
-            return {"series": out, "metrics": ordered_metrics(names), "version": tuple(version), "band": None}
+            kept, left_out = split_units(out)  # never two units in one overlay
+            data = {"series": kept, "left_out": left_out, "metrics": ordered_metrics(names), "band": None}
+            return {**data, "version": tuple(version)}
 
         return provide
 
     def on_metrics_pane_chart_requested(self, event: MetricsPane.ChartRequested) -> None:
-        view = next((v for v in self.views if event.metric in v.pane("metrics").names), self.view)
+        views = [self.view, *self.views]  # the active tab's metric first (several tabs may log the same name)
+        view = next((v for v in views if event.metric in v.pane("metrics").names), self.view)
         self.push_screen(ChartScreen(event.metric, self._chart_provider(view)))
 
     def action_overlay(self) -> None:

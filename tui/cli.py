@@ -235,9 +235,10 @@ def format_report(store, thresholds, fmt: str, width: int = 110) -> tuple[str, d
     """The report of a store as text, markdown (the snapshot key's view) or JSON (the contract's dict)."""
     if fmt == "json":
         from rlhf_tui.bridge.wire.protocol import to_json_safe
+        from rlhf_tui.tui.widgets.model import complete_units
 
-        with store.lock:
-            report = build_report(store, thresholds)
+        with store.lock:  # units: what the training side recorded, completed from the trainer and the keys
+            report = complete_units(build_report(store, thresholds), store.current_run)
         return json.dumps(to_json_safe(report), indent=2, allow_nan=False) + "\n", report
     from rlhf_tui.tui.render import render_markdown, render_text, spark_width_for
     from rlhf_tui.tui.widgets.model import view_report

@@ -23,7 +23,7 @@ from rich.text import Text
 
 from rlhf_tui.analysis.safe_text import safe_text
 from rlhf_tui.analysis.severity import Severity
-from rlhf_tui.tui.view import SPARK_CHARS, newest_first, severity_counts, spark_lines
+from rlhf_tui.tui.view import SPARK_CHARS, newest_first, severity_counts, spark_lines, unit_suffix
 
 TREND_ARROWS = {"increasing": "↑", "decreasing": "↓", "stable": "→"}
 SEVERITY_STYLE = {"low": "cyan", "medium": "yellow", "high": "bold red", "critical": "bold white on red"}
@@ -200,7 +200,8 @@ def metrics_table(report: dict, names: list[str] | None = None) -> Table:
             continue
         active = row.get("active", name in anomalous)
         value = row.get("at") if at_step is not None else row.get("last")
-        label = ("● " if active else "") + fit(clean(name, 80), 28 if active else 30)
+        suffix = unit_suffix(row)
+        label = ("● " if active else "") + fit(clean(name, 80), (28 if active else 30) - len(suffix)) + suffix
         cells = [label, short(value), range_text(row), TREND_ARROWS.get(row.get("trend"), "?")]
         if has_band:
             cells.append(band_text(row.get("band")))
@@ -529,15 +530,31 @@ def summary_text(report: dict) -> Text | None:
     return Text("Run summary: " + " · ".join(parts))
 
 
+def eval_pairs_section(report: dict) -> Table | None:
+    from rlhf_tui.tui.workload import eval_pairs_table  # local: tui.workload imports this module
+
+    return eval_pairs_table(report)
+
+
+def rewards_section(report: dict) -> Table:
+    """The reward functions, or for a run that is not RL (DPO, reward model, SFT) its own block."""
+    from rlhf_tui.tui.workload import pane_title, workload_table
+
+    rewards = report.get("rewards") or {}
+    other = not rewards.get("batches") and pane_title(report) is not None
+    return workload_table(report) if other else rewards_table(report)
+
+
 SECTIONS = (
     ("header", header_text),
     ("actions", actions_text),
     ("summary", summary_text),
     ("metrics", metrics_table),
+    ("eval vs train", eval_pairs_section),
     ("anomalies", anomalies_table),
     ("GPU / system", system_table),
     ("checkpoints", checkpoints_table),
-    ("rewards", rewards_table),
+    ("rewards", rewards_section),
     ("reward samples", reward_samples_table),
     ("transport", transport_text),
 )

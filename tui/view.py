@@ -1,5 +1,6 @@
-"""View helpers shared by the panes and the text renderer: the feed's order, counts per severity and the
-unicode sparkline (one copy; `analysis/` computes numbers and never draws). Pure numpy + stdlib.
+"""View helpers shared by the panes and the text renderer: the feed's order, counts per severity, a metric's
+label with its unit and the unicode sparkline (one copy; `analysis/` computes numbers and never draws). Pure
+numpy + stdlib.
 """
 
 from __future__ import annotations
@@ -9,6 +10,13 @@ import numpy as np
 SEVERITY_ORDER = ("critical", "high", "medium", "low")
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 EIGHTHS = " ▁▂▃▄▅▆▇█"
+UNIT_SHORT = {"per token": "/tok", "per sequence": "/seq"}
+
+
+def unit_suffix(row: dict) -> str:
+    """ " /tok" or " /seq" for a metric whose unit differs between trainers (KL, entropy), else ""."""
+    unit = UNIT_SHORT.get(row.get("unit") or "")
+    return f" {unit}" if unit else ""
 
 
 def newest_first(anomalies: list[dict]) -> list[dict]:

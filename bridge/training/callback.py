@@ -24,6 +24,7 @@ from rlhf_tui.bridge.training.forwarder import Forwarder
 from rlhf_tui.bridge.training.publisher import Publisher
 from rlhf_tui.bridge.training.recorder import Recorder
 from rlhf_tui.bridge.wire import events, protocol
+from rlhf_tui.bridge.wire.metrics import trainer_units
 
 try:  # the callback works without transformers for custom loops (log_step)
     from transformers import TrainerCallback as _Base
@@ -522,6 +523,9 @@ class RLHFMonitorCallback(_Base):
         elif args is not None:
             name = type(args).__name__
             meta["trainer"] = name[:-6] + "Trainer" if name.endswith("Config") else "Trainer"
+        units = trainer_units(trainer if trainer is not None else meta.get("trainer", ""))
+        if units:  # per-token or per-sequence kl / entropy, from the trainer class (its MRO)
+            meta["units"] = units
         model = kwargs.get("model")
         cfg = getattr(model, "config", None)
         meta["model"] = (

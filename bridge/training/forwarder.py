@@ -102,7 +102,7 @@ class Forwarder(Publisher):
 
         while True:
             stopping = self._stop.is_set()
-            if not stopping:  # samples are at most 2 Hz: look a few times a second (stop() wakes it at once)
+            if not stopping:  # samples are at most 1 Hz: look a few times a second (stop() wakes it at once)
                 select.select([self._wake_recv], [], [], FORWARD_POLL_S)
                 try:
                     self._wake_recv.recv(4096)

@@ -23,32 +23,34 @@ class JsonlLog:
         self._dirty = False
         self.errors = 0
 
+    def _file(self):
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Binary: the lines are ASCII JSON bytes already (json escapes everything else), nothing to decode
+            # and encode again on the way to the file.
+            self._fh = open(self.path, "ab", buffering=1 << 16)
+        return self._fh
+
     def write(self, event: dict, clean: bool = False) -> None:
         """Append one event. `clean`: the event is JSON-safe already (no cleaning pass)."""
         try:
-            if self._fh is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)
-            line = json.dumps(event if clean else to_json_safe(event), separators=(",", ":"), allow_nan=False) + "\n"
-            self._fh.write(line)
-            self._dirty = True
-            if self.autoflush:
-                self.flush()
-        except (OSError, ValueError, TypeError):
-            self.errors += 1  # a full disk must not stop training; counted and shown in heartbeats
+            self.write_raw(
+                json.dumps(event if clean else to_json_safe(event), separators=(",", ":"), allow_nan=False).encode()
+            )
+        except (ValueError, TypeError):
+            self.errors += 1
 
     def write_raw(self, line: bytes) -> None:
-        """Append one event already encoded as one line of strict JSON (no newline)."""
+        """Append one event already encoded as one line of strict JSON (ASCII, no newline)."""
         try:
-            if self._fh is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)
-            self._fh.write(line.decode() + "\n")
+            fh = self._file()
+            fh.write(line)
+            fh.write(b"\n")
             self._dirty = True
             if self.autoflush:
                 self.flush()
-        except (OSError, ValueError, UnicodeDecodeError):
-            self.errors += 1
+        except (OSError, ValueError):
+            self.errors += 1  # a full disk must not stop training; counted and shown in heartbeats
 
     def flush(self) -> None:
         if self._dirty and self._fh is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import ipaddress
 import logging
+import math
 import os
 import threading
 import time
@@ -34,7 +35,8 @@ POLL_MS = 10  # retry interval while a monitor's pipe is full
 BATCH_S = 0.25  # the thread handles queued items at most this often, in one go. Every wake-up of a thread
 # costs ~0.1-0.2 ms of CPU on this VM whatever it does (measured: a bare 50 ms sleep loop, 0.1 ms a turn), so
 # the thread wakes ~4 times a second: 0.1 s batches cost 1.0 ms per step of a tiny GRPO run, see performance.md
-IDLE_POLL_S = 0.25  # with nothing queued the thread looks this often (put() never wakes it)
+IDLE_POLL_S = 0.25  # with nothing queued the thread looks this often (put() never wakes it) ...
+IDLE_POLL_MAX_S = 1.0  # ... backing off to this while it keeps finding nothing (slow steps: fewer wake-ups)
 MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted)
 RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
 RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long
@@ -235,6 +237,7 @@ class Publisher(History):
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait (bounded) until the queue is empty; for tests and train end, never for the hot path."""
         deadline = time.monotonic() + timeout
+        self._wake()  # an idle thread may be backed off to IDLE_POLL_MAX_S: look now
         while (self._queue or self._busy) and time.monotonic() < deadline:
             time.sleep(0.002)
         return not self._queue
@@ -335,6 +338,7 @@ class Publisher(History):
             poller.register(sock, zmq.POLLIN)
         wake = self._wake_recv
         last_heartbeat = last_drain = 0.0
+        idle_s = IDLE_POLL_S
         while True:
             if self._release.is_set() and not self._released.is_set():
                 if sock is not None:  # taken over: no socket from now on (the owner closes it again: a no-op)
@@ -344,6 +348,7 @@ class Publisher(History):
                     self._clients.clear()
                     self.bound = False
                 self._released.set()
+            idle_turn = False
             stopping = self._stop.is_set()
             now = time.monotonic()
             since_drain = now - last_drain
@@ -358,13 +363,18 @@ class Publisher(History):
             ):
                 timeout = POLL_MS / 1000
             else:
-                # ... after that it looks every IDLE_POLL_S: put() never makes a system call or wakes a thread
-                # (which cost a step ~45 µs when measured), and a step is visible within ~50 ms.
-                timeout = IDLE_POLL_S
+                # ... after that it looks every IDLE_POLL_S, doubling to IDLE_POLL_MAX_S while it finds nothing:
+                # put() never makes a system call or wakes a thread (which cost a step ~45 µs when measured),
+                # and every wake-up costs this thread ~0.1-0.2 ms, so a slow step is not looked for 4 times a second.
+                timeout, idle_turn = idle_s, True
+                if self._clients:  # monitors get their heartbeat on time
+                    timeout = min(timeout, max(0.0, last_heartbeat + HEARTBEAT_S - now))
             if sock is not None:  # what peers send is not read while throttled
                 poller.register(sock, zmq.POLLIN if now >= self._rx_backoff_until else 0)
             poller.register(wake, zmq.POLLIN)  # stop() wakes the thread at once
-            ready = dict(poller.poll(timeout * 1000))
+            # Rounded up: pyzmq truncates a float timeout to whole ms, so 0.7 ms left would poll with 0 and the
+            # thread would spin (a loop turn each) until the drain is due.
+            ready = dict(poller.poll(math.ceil(timeout * 1000)))
             if wake.fileno() in ready:
                 try:
                     wake.recv(4096)
@@ -374,8 +384,10 @@ class Publisher(History):
                 self._receive(sock)
             now = time.monotonic()
             if self._queue and (stopping or now - last_drain >= BATCH_S):
-                last_drain = now
+                last_drain, idle_s = now, IDLE_POLL_S
                 self._drain()
+            elif idle_turn and not self._queue:
+                idle_s = min(2 * idle_s, IDLE_POLL_MAX_S)
             if self._idle is not None:
                 self._publish_all(self._idle())
             if sock is not None:

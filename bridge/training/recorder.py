@@ -5,6 +5,7 @@ JSONL events (metric names, system samples, training-side anomalies, reward batc
 from __future__ import annotations
 
 import logging
+import math
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rlhf_tui.bridge")
 
-SYSTEM_PERIOD_S = 0.5  # at most 2 Hz
+SYSTEM_PERIOD_S = 1.0  # at most 1 Hz: RSS and GPU memory move slowly; each sample is a JSONL line and a message
 REWARD_ANALYSIS_S = 5.0  # reward reliability analysis (1.5-5 ms a pass on this VM): at most every 5 s per function
 REWARD_PUBLISH_S = 0.5  # reward batches are gathered and published together at most this often
 
@@ -49,6 +50,7 @@ class Recorder:
         self.reward_analysed: dict[str, float] = {}
         self._detector_failed = False
         self._plans: dict[tuple, tuple] = {}
+        self._templates: dict[tuple, str] = {}
         self._handlers = {
             events.LoggedStep: self._on_log,
             events.RunStarted: self._on_run_start,
@@ -76,14 +78,25 @@ class Recorder:
             self.jsonl.flush()
         return out
 
-    def _event(self, event: dict, clean: bool = False) -> None:
+    def _logged(self, name: str, data: dict) -> protocol.Clean:
+        """`data` cleaned and encoded once for both ends: the JSONL line `{"event": name, "timestamp": now,
+        **data}` is written around the encoded data, and the wire envelope (`protocol.encode_clean`) reuses it."""
+        clean = data if type(data) is protocol.Clean else protocol.Clean(protocol.to_json_safe(data))
+        clean.encoded = protocol.dumps(clean)
         if self.jsonl is not None:
-            self.jsonl.write(event, clean)
+            stamp = _iso(time.time())
+            if clean and "event" not in clean and "timestamp" not in clean:
+                self.jsonl.write_raw(
+                    b'{"event":"%s","timestamp":"%s",%s' % (name.encode(), stamp.encode(), clean.encoded[1:])
+                )
+            else:  # the seed's shape, where the data's own keys would clash with it (or there are none)
+                self.jsonl.write({"event": name, "timestamp": stamp, **clean}, clean=True)
+        return clean
 
     def _on_run_start(self, event: events.RunStarted) -> list[events.Message]:
         self._reward_integrator()  # imported now, not in the middle of the run
-        self._event({"event": "run_start", "timestamp": _iso(time.time()), **event.meta})
-        return [events.Message(protocol.RUN_START, event.meta, self.cb.rank)] + self.sample_system(force=True)
+        meta = self._logged("run_start", event.meta)
+        return [events.Message(protocol.RUN_START, meta, self.cb.rank)] + self.sample_system(force=True)
 
     def _detect(self, step: int, metrics: dict) -> tuple[list[dict], list[events.Message]]:
         """(episodes new since the last pass, for the JSONL log; one ANOMALY message per new or changed one)."""
@@ -96,7 +109,9 @@ class Recorder:
                 self.detector = TrainingAnomalies(self.cb.thresholds, meta=self.cb.meta)
             self.detector.add(step, metrics)
             new, changed = self.detector.poll()
-            self.cb.actions.consider(changed, self.detector.first_step)  # on_alarm: decided here, taken in training
+            actions = getattr(self.cb, "actions", None)  # on_alarm: decided here, taken on the training thread
+            if actions is not None:
+                actions.consider(changed, self.detector.first_step)
             return new, [events.Message(protocol.ANOMALY, protocol.to_json_safe(ep), self.cb.rank) for ep in changed]
         except Exception as exc:  # the analysis is optional on the training side; counted, logged once
             self._detector_failed = True
@@ -108,18 +123,24 @@ class Recorder:
         if is_summary(logs):
             self.summary = summary_values(logs)
             return []
-        metrics = self._normalise(logs)
+        metrics, floats = self._normalise(logs)
         if self.last_log_t is not None and self.last_log_step is not None and step > self.last_log_step:
-            metrics["time/step_s"] = (wall - self.last_log_t) / (step - self.last_log_step)
+            metrics["time/step_s"] = per_step = (wall - self.last_log_t) / (step - self.last_log_step)
+            floats = floats and type(per_step) is float
         self.last_log_t, self.last_log_step = wall, step
         out = self.sample_system()
         metrics.update(self.memory)
         anomalies, messages = self._detect(step, metrics)
         out.extend(messages)
         # Cleaned (non-finite floats as strings) and encoded once, for both the JSONL log and the wire:
-        # turning floats into text is most of what a step costs this thread.
-        clean = protocol.Clean(protocol.clean_metrics(metrics))
-        clean.encoded = protocol.dumps(clean)
+        # turning floats into text is most of what a step costs this thread. Floats whose sum is finite are
+        # all finite: nothing to clean (a NaN or an infinity makes the sum non-finite, as does an overflow).
+        if floats and math.isfinite(sum(metrics.values())):  # memory columns are floats too
+            clean = protocol.Clean(metrics)
+            clean.encoded = self._encode_floats(clean)
+        else:
+            clean = protocol.Clean(protocol.clean_metrics(metrics))
+            clean.encoded = protocol.dumps(clean)
         if self.jsonl is not None:
             self.jsonl.write_raw(
                 b'{"event":"step_end","step":%d,"timestamp":"%s","ppo_metrics":%s,"anomalies":%s,"memory_usage":%s}'
@@ -134,9 +155,24 @@ class Recorder:
         out.append(events.Message(protocol.STEP, {"step": step, "metrics": clean, "wall": wall}, self.cb.rank))
         return out
 
-    def _normalise(self, logs: dict) -> dict:
+    def _encode_floats(self, metrics: dict) -> bytes:
+        """`protocol.dumps(metrics)` for finite floats, through a template per key set (a third cheaper): json
+        writes a finite float as its repr, and the keys' text is the same every step."""
+        keys = tuple(metrics)
+        template = self._templates.get(keys)
+        if template is None:
+            if not all(type(k) is str for k in keys):
+                return protocol.dumps(metrics)
+            if len(self._templates) >= 64:
+                self._templates.clear()
+            names = (protocol.dumps(k).decode().replace("%", "%%") for k in keys)
+            template = self._templates[keys] = "{" + ",".join(f"{name}:%r" for name in names) + "}"
+        return (template % tuple(metrics.values())).encode()
+
+    def _normalise(self, logs: dict) -> tuple[dict, bool]:
         """`normalise(logs)` through a plan per set of keys (a trainer logs the same keys every step): which keys
-        to keep and which canonical names to copy. Values that are not all floats take the general path."""
+        to keep and which canonical names to copy. Values that are not all floats take the general path.
+        Returns (metrics, whether every value is a float)."""
         keys = tuple(logs)
         plan = self._plans.get(keys)
         if plan is None:
@@ -151,15 +187,15 @@ class Recorder:
                     aliases.append((name, source))
                     present.add(name)
             plan = self._plans[keys] = (kept, aliases)
-            return out
+            return out, False
         values = logs.values()
         if not all(type(v) is float for v in values):
-            return normalise(logs)
+            return normalise(logs), False
         kept, aliases = plan
         out = {k: logs[k] for k in kept}
         for name, source in aliases:
             out[name] = out[source]
-        return out
+        return out, True
 
     def _seed_memory(self) -> dict:
         return {"rss_mb": self.memory.get("memory/rss_mb"), "gpu_memory_mb": self.memory.get("memory/gpu_mb")}
@@ -176,8 +212,7 @@ class Recorder:
         sample.update(self.cb.rank_info)
         self.memory = memory_metrics(sample)
         self.memory_json = protocol.dumps(self._seed_memory())  # encoded once per sample, not per step
-        self._event({"event": "system", "timestamp": _iso(time.time()), **sample})
-        return [events.Message(protocol.SYSTEM, sample, self.cb.rank)]
+        return [events.Message(protocol.SYSTEM, self._logged("system", sample), self.cb.rank)]
 
     def _on_pause(self, event: events.Evaluated | events.CheckpointSaved) -> list[events.Message]:
         """An evaluation or a save after the newest logged step: the next step's time/step_s starts when it
@@ -188,15 +223,13 @@ class Recorder:
 
     def _on_checkpoint(self, event: events.CheckpointSaved) -> list[events.Message]:
         self._on_pause(event)
-        data = {"step": event.step, "path": event.path, "status": "saved"}
-        self._event({"event": "checkpoint", "timestamp": _iso(time.time()), **data})
+        data = self._logged("checkpoint", {"step": event.step, "path": event.path, "status": "saved"})
         if self.cb.analyze_checkpoints:
             self.cb._analyze_checkpoint_async(event.step, event.path)
         return [events.Message(protocol.CHECKPOINT, data, self.cb.rank)]
 
     def _on_checkpoint_result(self, event: events.CheckpointAnalysed) -> list[events.Message]:
-        self._event({"event": "checkpoint_analysis", "timestamp": _iso(time.time()), **event.result})
-        return [events.Message(protocol.CHECKPOINT, event.result, self.cb.rank)]
+        return [events.Message(protocol.CHECKPOINT, self._logged("checkpoint_analysis", event.result), self.cb.rank)]
 
     def _on_rewards(self, event: events.RewardBatch) -> list[events.Message]:
         # Gathered, then published together by tick(): one message per reward function every
@@ -224,9 +257,10 @@ class Recorder:
                 analysis = self._analyse_rewards(name, scores, data["step"])
                 if analysis is not None:
                     data["analysis"] = protocol.to_json_safe(analysis)
-            data = protocol.Clean(data)  # cleaned once for the log and the wire
-            self._event({"event": "reward_batch", "timestamp": _iso(time.time()), **data}, clean=True)
-            out.append(events.Message(protocol.REWARD, data, self.cb.rank))
+            # Made JSON-safe piece by piece above: encoded once for the log and the wire.
+            out.append(
+                events.Message(protocol.REWARD, self._logged("reward_batch", protocol.Clean(data)), self.cb.rank)
+            )
         self.reward_pending = {}
         return out
 
@@ -253,8 +287,7 @@ class Recorder:
         """An on_alarm action was taken: the JSONL log says what and why; the wire gets the episode update."""
         done = record(Decision(event.action, event.episode), event.step)
         self.cb.actions.taken.append(done)
-        self._event({"event": "action", "timestamp": _iso(time.time()), **protocol.to_json_safe(done)})
-        return [events.Message(protocol.ANOMALY, protocol.to_json_safe(done), self.cb.rank)]
+        return [events.Message(protocol.ANOMALY, self._logged("action", done), self.cb.rank)]
 
     def _on_run_end(self, event: events.RunEnded) -> list[events.Message]:
         if self.ended:
@@ -263,8 +296,7 @@ class Recorder:
         step = event.global_step if event.global_step is not None else self.last_log_step
         data = {"global_step": step, "summary": self.summary}
         out = self.sample_system(force=True) + (self._publish_rewards() if self.reward_pending else [])
-        self._event({"event": "run_end", "timestamp": _iso(time.time()), **data})
-        return out + [events.Message(protocol.RUN_END, data, self.cb.rank)]
+        return out + [events.Message(protocol.RUN_END, self._logged("run_end", data), self.cb.rank)]
 
 
 def _iso(t: float) -> str:

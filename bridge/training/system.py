@@ -15,6 +15,57 @@ from typing import Any
 MB = 1024 * 1024
 
 
+class StatmRss:
+    """The process's resident set size from `/proc/<pid>/statm` through one descriptor kept open: one pread per
+    sample (psutil opens, reads and closes the file, ~10 µs against <1 µs). Same figure: resident pages × page
+    size. Reopened in a forked child (the descriptor would read the parent)."""
+
+    def __init__(self) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._pid = -1
+        self._fd = -1
+        self._open()
+
+    def _open(self) -> None:
+        self.close()
+        self._pid = os.getpid()
+        self._fd = os.open(f"/proc/{self._pid}/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def rss(self) -> int:
+        if os.getpid() != self._pid:
+            self._open()
+        return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _rss_source(process: Any):
+    """A callable giving RSS bytes: `process.memory_info().rss` when given one (tests, other platforms), else the
+    statm reader where there is /proc, else psutil; None when neither works."""
+    if process != "auto":
+        return None if process is None else (lambda: process.memory_info().rss)
+    try:
+        return StatmRss().rss
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        proc = psutil.Process(os.getpid())
+        return lambda: proc.memory_info().rss
+    except Exception:
+        return None
+
+
 def _load_nvml():
     try:
         import pynvml
@@ -31,16 +82,10 @@ class SystemSampler:
     def __init__(self, nvml: Any = "auto", torch_module: Any = "auto", process: Any = "auto"):
         self._nvml = _load_nvml() if nvml == "auto" else nvml
         self._torch = torch_module
-        if process == "auto":
-            try:
-                import psutil
-
-                process = psutil.Process(os.getpid())
-            except Exception:
-                process = None
-        self._process = process
+        self._rss = _rss_source(process)
         self._handles: list | None = None
         self._peak_used: dict[int, float] = {}
+        self._names: dict[int, str] = {}
 
     def _torch_cuda(self):
         torch = sys.modules.get("torch") if self._torch == "auto" else self._torch
@@ -67,9 +112,9 @@ class SystemSampler:
 
     def sample(self) -> dict:
         out: dict[str, Any] = {"rss_mb": None, "gpus": [], "gpu_available": False}
-        if self._process is not None:
+        if self._rss is not None:
             try:
-                out["rss_mb"] = round(self._process.memory_info().rss / MB, 2)
+                out["rss_mb"] = round(self._rss() / MB, 2)
             except Exception:
                 pass
         devices: dict[int, dict] = {}
@@ -85,11 +130,15 @@ class SystemSampler:
                 dev["util"] = float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
             except Exception:
                 pass
-            try:
-                name = self._nvml.nvmlDeviceGetName(handle)
-                dev["name"] = name.decode() if isinstance(name, bytes) else str(name)
-            except Exception:
-                pass
+            name = self._names.get(index)
+            if name is None:  # a device's name does not change: asked once (each NVML call is a driver call)
+                try:
+                    raw = self._nvml.nvmlDeviceGetName(handle)
+                    name = self._names[index] = raw.decode() if isinstance(raw, bytes) else str(raw)
+                except Exception:
+                    pass
+            if name is not None:
+                dev["name"] = name
             devices[index] = dev
         cuda = self._torch_cuda()
         if cuda is not None:

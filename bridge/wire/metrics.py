@@ -27,10 +27,10 @@ CANONICAL_SOURCES: dict[str, tuple[str, ...]] = {
 }
 CANONICAL: tuple[str, ...] = tuple(CANONICAL_SOURCES)
 
-# Keys of the end-of-training summary that TRL/transformers logs last; such an entry is not a step.
-SUMMARY_KEYS = frozenset(
-    {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"}
-)
+# Keys of the end-of-training summary that TRL/transformers logs last; such an entry is not a step. Not
+# `train_runtime` alone: with `include_num_input_tokens_seen` every step's log has `train_runtime` and
+# `train_tokens_per_second` (the running throughput) beside its loss.
+SUMMARY_KEYS = frozenset({"train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"})
 # Bookkeeping keys that are not metrics.
 NON_METRIC_KEYS = frozenset({"step", "epoch_step"})
 
@@ -111,3 +111,77 @@ def normalise(logs: Mapping[str, Any]) -> dict[str, float | None]:
                 out[canonical] = out[source]
                 break
     return out
+
+
+# -- units --------------------------------------------------------------------------------------------------
+# KL and entropy are logged per token by some trainers and summed per sequence by others: OnlineDPO's entropy
+# (~68 on a 64-token completion) and GRPO's (~5.7) must not be read, compared or overlaid as one quantity.
+PER_TOKEN = "per token"
+PER_SEQUENCE = "per sequence"
+UNITS = (PER_TOKEN, PER_SEQUENCE)
+UNIT_METRICS = ("kl", "entropy")  # the canonical names whose unit differs between trainers
+# Keys whose unit is the same whichever trainer logs them.
+SOURCE_UNITS: dict[str, str] = {
+    "objective/kl": PER_SEQUENCE,  # PPO (0.12+), OnlineDPO, legacy PPO: KL summed over a completion
+    "objective/entropy": PER_SEQUENCE,  # -log p summed over a completion
+    "policy/entropy_avg": PER_TOKEN,  # PPO (0.12+): mean over tokens
+    "ppo/policy/entropy": PER_TOKEN,  # legacy PPO: masked mean over tokens
+}
+# What the plain `kl` / `entropy` keys of each trainer class are (and so the canonical names it fills).
+TRAINER_UNITS: dict[str, dict[str, str]] = {
+    "GRPOTrainer": {"kl": PER_TOKEN, "entropy": PER_TOKEN},
+    "RLOOTrainer": {"kl": PER_TOKEN, "entropy": PER_TOKEN},
+    "OnlineDPOTrainer": {"kl": PER_SEQUENCE, "entropy": PER_SEQUENCE},
+    "PPOTrainer": {"kl": PER_SEQUENCE, "entropy": PER_TOKEN},
+    "KTOTrainer": {"kl": PER_SEQUENCE, "entropy": PER_TOKEN},
+    "DPOTrainer": {"entropy": PER_TOKEN},
+    "SFTTrainer": {"entropy": PER_TOKEN},
+}
+
+
+def trainer_units(trainer: Any) -> dict[str, str]:
+    """The units of `kl` and `entropy` for a trainer class, instance or class name: the first class of its MRO
+    that TRAINER_UNITS knows (so a subclass of GRPOTrainer has GRPO's units); {} when none is known."""
+    if isinstance(trainer, str):  # a name, or a guess such as "GRPOTrainer/RLOOTrainer" (one family's units)
+        return dict(TRAINER_UNITS.get(trainer.split("/")[0], {}))
+    cls = trainer if isinstance(trainer, type) else type(trainer)
+    for klass in getattr(cls, "__mro__", ()):
+        if klass.__name__ in TRAINER_UNITS:
+            return dict(TRAINER_UNITS[klass.__name__])
+    return {}
+
+
+def canonical_source(name: str, names: Any, same: Any = None) -> str | None:
+    """Which logged key a canonical name was copied from: the first of its sources present in `names` other than
+    itself, unless `same(name, source)` says their values differ (then the trainer logged `name` itself).
+    None when the canonical name is its own key."""
+    present = set(names)
+    for source in CANONICAL_SOURCES.get(name, ())[1:]:
+        if source in present:
+            if name in present and same is not None and not same(name, source):
+                return None
+            return source
+    return None
+
+
+def metric_units(trainer: str | None, names: Any, same: Any = None, recorded: Any = None) -> dict[str, str]:
+    """{metric: unit} for the KL and entropy metrics of a run: keys of fixed unit (SOURCE_UNITS), the canonical
+    `kl` / `entropy` from the key they were copied from, else (the trainer logged `kl` / `entropy` itself) from
+    the trainer class (`recorded`: the units the training side put in the run's meta, found through the class's
+    MRO, which win over the name's; only known unit strings are taken), and every `eval_` twin with its training
+    twin's unit. Metrics of unknown unit are left out."""
+    present = set(names)
+    known = trainer_units(trainer or "")
+    if isinstance(recorded, Mapping):
+        known.update({k: v for k, v in recorded.items() if k in UNIT_METRICS and v in UNITS})
+    units = {key: unit for key, unit in SOURCE_UNITS.items() if key in present}
+    for name in UNIT_METRICS:
+        if name in present:
+            source = canonical_source(name, present, same)
+            unit = SOURCE_UNITS.get(source or name) or known.get(name)
+            if unit is not None:
+                units[name] = unit
+    for name in present:
+        if name.startswith("eval_") and name[5:] in units:
+            units[name] = units[name[5:]]
+    return units

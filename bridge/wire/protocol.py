@@ -9,6 +9,7 @@ metric), which decode several times faster than rows. Non-finite floats travel a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any, cast
@@ -49,7 +50,8 @@ _NUMBER_TYPES = frozenset({float, int, _NoneType})
 class Clean(dict):
     """A payload already made JSON-safe (`to_json_safe`): encoders skip the cleaning pass."""
 
-    # Set by the training side once the payload is encoded, so `encode_step` does not encode it again.
+    # Set by the training side once the payload is encoded (`dumps` of it), so the envelope does not encode it
+    # again (`encode_clean`, `encode_step`).
     encoded: bytes
 
 
@@ -106,8 +108,40 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _scalar(value: Any) -> bytes:
+    """`dumps(value)` for an envelope's number: json writes a finite float as its repr, an int as digits."""
+    t = type(value)
+    if t is float and math.isfinite(value):
+        return float.__repr__(value).encode()
+    return b"%d" % value if t is int else dumps(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _name(text: str) -> bytes:
+    """`dumps(text)` of a kind or run id (a few per process, written into every envelope)."""
+    return dumps(text)
+
+
+def encode_encoded(kind: str, run_id: str, seq: int, ts: float, data_json: bytes, rank: int = 0) -> bytes:
+    """The bytes `encode_clean` gives, around data encoded already (`dumps` of its clean data): a payload that
+    goes to the JSONL log and the wire has its floats turned into text once."""
+    run = _name(run_id) if type(run_id) is str else dumps(run_id)
+    return b'{"v":%d,"kind":%s,"run":%s,"rank":%s,"seq":%s,"ts":%s,"data":%s}' % (
+        PROTOCOL_VERSION,
+        _name(kind),
+        run,
+        _scalar(rank),
+        _scalar(seq),
+        _scalar(ts),
+        data_json,
+    )
+
+
 def encode_clean(kind: str, run_id: str, seq: int, ts: float, clean_data: dict, rank: int = 0) -> bytes:
     """One envelope as bytes; `clean_data` has been through `to_json_safe` already."""
+    encoded = getattr(clean_data, "encoded", None) if type(clean_data) is Clean else None
+    if encoded is not None and type(kind) is str:
+        return encode_encoded(kind, run_id, seq, ts, encoded, rank)
     return dumps(
         {"v": PROTOCOL_VERSION, "kind": kind, "run": run_id, "rank": rank, "seq": seq, "ts": ts, "data": clean_data}
     )
@@ -121,16 +155,8 @@ def encode(kind: str, run_id: str, seq: int, ts: float, data: dict, rank: int = 
 def encode_step(run_id: str, seq: int, ts: float, step: int, metrics: Clean, wall: Any, rank: int = 0) -> bytes:
     """A step envelope around metrics encoded once already (`metrics.encoded`): the same bytes as
     `encode_clean` would give, without turning the floats into text a second time."""
-    return b'{"v":%d,"kind":"step","run":%s,"rank":%d,"seq":%d,"ts":%s,"data":{"step":%d,"metrics":%s,"wall":%s}}' % (
-        PROTOCOL_VERSION,
-        dumps(run_id),
-        rank,
-        seq,
-        dumps(ts),
-        step,
-        metrics.encoded,
-        dumps(wall),
-    )
+    data = b'{"step":%d,"metrics":%s,"wall":%s}' % (step, metrics.encoded, _scalar(wall))
+    return encode_encoded(STEP, run_id, seq, ts, data, rank)
 
 
 def encode_batch(frames: list[bytes]) -> bytes:

@@ -81,3 +81,32 @@ def test_chart_screen_of_kl(snap_compare, make_store, settle):
 
     app = _app(make_store)
     assert snap_compare(app, terminal_size=(120, 36), run_before=_opened(app, settle, "enter", ChartScreen, pick_kl))
+
+
+def _dpo_store():
+    """A DPO run (deterministic): the implicit rewards climb, an evaluation every 4 steps."""
+    import math
+
+    from rlhf_tui.analysis.store import Store
+    from rlhf_tui.bridge.wire.metrics import normalise
+
+    store = Store()
+    with store.lock:
+        run = store.run("dpo-demo-0001")
+        run.meta.update({"run_id": "dpo-demo-0001", "trainer": "DPOTrainer", "model": "tiny-gpt2", "max_steps": 80})
+        for s in range(1, 61):
+            margin = 0.02 * s + 0.05 * math.sin(s)
+            logs = {"loss": 0.69 - 0.004 * s + 0.01 * math.cos(s), "grad_norm": 1 + 0.1 * math.sin(s / 3)}
+            logs |= {"rewards/chosen": margin / 2, "rewards/rejected": -margin / 2, "rewards/margins": margin}
+            logs |= {"rewards/accuracies": min(1.0, 0.5 + 0.01 * s), "logps/chosen": -9 + 0.01 * s}
+            logs |= {"logps/rejected": -9 - 0.02 * s, "entropy": 4.5, "learning_rate": 5e-6, "num_tokens": 22.0 * s}
+            run.add_step(s, {**normalise(logs), "time/step_s": 0.25})
+            if s % 4 == 0:
+                run.add_step(s, normalise({"eval_loss": 0.66 + 0.0005 * s, "eval_rewards/accuracies": 0.75}))
+        store.touch()
+    return store
+
+
+def test_main_screen_of_a_dpo_run(snap_compare, settle):
+    app = MonitorApp([], stores=[_dpo_store()], labels=["dpo.jsonl"], config=Config(CONFIG))
+    assert snap_compare(app, terminal_size=(120, 36), run_before=_settled(app, settle))

@@ -101,3 +101,55 @@ def test_failing_sources_degrade_to_no_gpu():
 def test_this_machine_reports_no_gpu_plainly():
     sample = SystemSampler().sample()
     assert sample["gpu_available"] is False and sample["gpus"] == [] and sample["rss_mb"] > 0
+
+
+def test_rss_is_read_through_one_open_statm_descriptor_and_matches_psutil():
+    import os
+
+    import psutil
+
+    from rlhf_tui.bridge.training import system
+
+    sampler = SystemSampler(nvml=None, torch_module=None)
+    reader = getattr(sampler._rss, "__self__", None)
+    assert isinstance(reader, system.StatmRss)  # the default on Linux: no psutil open/read/close per sample
+    fd = reader._fd
+    before = reader.rss()
+    assert abs(before - psutil.Process(os.getpid()).memory_info().rss) < 4 * MB
+    block = bytearray(64 * MB)
+    block[::4096] = b"\1" * len(block[::4096])  # touch every page: resident now
+    after = sampler.sample()["rss_mb"]
+    assert after * MB >= before + 60 * MB and reader._fd == fd  # fresh figures, same descriptor
+    del block
+
+
+def test_the_recorder_samples_the_system_at_most_once_a_second(tmp_path, monkeypatch):
+    from rlhf_tui.bridge.training import recorder as recorder_module
+    from rlhf_tui.bridge.training.recorder import Recorder
+    from rlhf_tui.bridge.wire import events, protocol
+
+    clock = SimpleNamespace(t=0.0)
+    monkeypatch.setattr(
+        recorder_module, "time", SimpleNamespace(monotonic=lambda: 100.0 + clock.t, time=lambda: clock.t)
+    )
+    cb = SimpleNamespace(log_dir=None, run_id="r", rank=0, rank_info={"rank": 0}, detect_anomalies=False, meta={})
+    rec = Recorder(cb)
+    rec.sampler = SystemSampler(nvml=None, torch_module=None, process=FakeProcess())
+    kinds = []
+    for step in range(1, 61):  # 3 s of 50 ms steps
+        kinds += [m.kind for m in rec(events.LoggedStep(step, float(step), {"loss": 0.5}))]
+        clock.t += 0.05
+    assert kinds.count(protocol.SYSTEM) == 3 and kinds.count(protocol.STEP) == 60
+
+
+def test_a_devices_name_is_asked_of_nvml_once():
+    class CountingNVML(FakeNVML):
+        names = 0
+
+        def nvmlDeviceGetName(self, h):
+            CountingNVML.names += 1
+            return super().nvmlDeviceGetName(h)
+
+    sampler = SystemSampler(nvml=CountingNVML([("H200", MB, 2 * MB, 5)] * 2), torch_module=None, process=None)
+    samples = [sampler.sample() for _ in range(5)]
+    assert CountingNVML.names == 2 and all([g["name"] for g in s["gpus"]] == ["H200", "H200"] for s in samples)

@@ -233,6 +233,12 @@ class ChartScreen(Screen):
         title = Text()
         title.append("Overlay: " if self.overlay else "Chart: ", style="bold")
         title.append(clean(self.metric, 80), style="bold cyan")
+        unit = next((s.get("unit") for s in data.get("series", []) if s.get("unit")), None)
+        if unit:
+            title.append(f" ({unit})", style="cyan")
+        left_out = data.get("left_out") or []
+        if left_out:  # an overlay never mixes per-token and per-sequence values
+            title.append(f"  {len(left_out)} run(s) left out: other unit", style="bold yellow")
         if x_range is None:
             title.append("  whole history", style="dim")
         else:
@@ -250,6 +256,8 @@ class ChartScreen(Screen):
                 f"{clean(s.get('label'), 60)}  last {short(float(values[-1])) if len(values) else '—'}"
                 f"  ({len(values)} points)   "
             )
+        for s in data.get("left_out") or []:
+            legend.append(f"left out: {clean(s.get('label'), 60)} ({s.get('unit')}: not comparable)   ", style="yellow")
         if not data.get("series"):
             legend.append("no data for this metric", style="dim")
         self.query_one("#chart-legend", Static).update(legend)

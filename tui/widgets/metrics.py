@@ -10,7 +10,7 @@ from textual.widgets import DataTable, Input
 
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.render import TREND_ARROWS, band_text, clean, fit, range_text, short
-from rlhf_tui.tui.view import spark_lines
+from rlhf_tui.tui.view import spark_lines, unit_suffix
 from rlhf_tui.tui.widgets.common import Pane, SyncedTable
 from rlhf_tui.tui.widgets.model import filter_metrics
 
@@ -63,6 +63,7 @@ class MetricsPane(Pane):
         self.pattern = ""
         self.pattern_error: str | None = None
         self.names: list[str] = []
+        self.labels: list[str] = []  # the names as shown (with their unit), for the name column's width
         self.border_title = "Metrics"
 
     def compose(self) -> ComposeResult:
@@ -87,7 +88,9 @@ class MetricsPane(Pane):
 
     def spark_width(self, names: list[str] | None = None) -> int:
         width = self.size.width or 80
-        fixed = self._name_width(names or self.names, width) + sum(self._widths(width).values()) + 2 * 6 + 1
+        fixed = (
+            self._name_width(names or self.labels or self.names, width) + sum(self._widths(width).values()) + 2 * 6 + 1
+        )
         return max(MIN_SPARK, width - fixed)
 
     # -- filter --------------------------------------------------------------------------------------
@@ -132,7 +135,8 @@ class MetricsPane(Pane):
         names, _ = filter_metrics(all_names, self.pattern)
         self.names = names
         width = self.size.width or 80
-        name_w = self._name_width(names, width)
+        self.labels = [n + unit_suffix(metrics[n]) for n in names]
+        name_w = self._name_width(self.labels, width)
         at_step = report.get("at_step")
         widths = self._widths(width)
         columns = [
@@ -141,7 +145,7 @@ class MetricsPane(Pane):
             ("range", "min…max", widths["range"]),
             ("trend", "↕", 1),
             ("band", f"band z±{short(report.get('thresholds', {}).get('anomaly_threshold'))}", widths["band"]),
-            ("history", "history", self.spark_width(names)),
+            ("history", "history", self.spark_width(self.labels)),
         ]
         space = max(1, (self.size.height or 10) - 2 - (1 if self.pattern else 0))
         height = 3 if len(names) * 3 <= space else 2 if len(names) * 2 <= space else 1
@@ -150,7 +154,8 @@ class MetricsPane(Pane):
             row = metrics[name]
             active = bool(row.get("active"))
             value = row.get("at") if at_step is not None else row.get("last")
-            label = ("● " if active else "") + fit(clean(name, 80), name_w - (2 if active else 0))
+            suffix = unit_suffix(row)  # " /tok" or " /seq": KL and entropy units differ between trainers
+            label = ("● " if active else "") + fit(clean(name, 80), name_w - len(suffix) - (2 if active else 0))
             lines = spark_lines(row.get("buckets") or [], height)
             spark = Text("\n".join(lines), style="bold red" if active else "cyan", no_wrap=True, overflow="crop")
             marker = row.get("marker")
@@ -159,8 +164,11 @@ class MetricsPane(Pane):
                     if 0 <= marker < len(line):
                         start = sum(len(x) + 1 for x in lines[:line_no]) + marker
                         spark.stylize("reverse bold", start, start + 1)
+            name_cell = Text(label, style="bold red" if active else "italic" if row.get("derived") else "")
+            name_cell.append(suffix, style="dim")
+            name_cell.no_wrap, name_cell.overflow = True, "ellipsis"
             cells = [
-                Text(label, style="bold red" if active else "", no_wrap=True, overflow="ellipsis"),
+                name_cell,
                 Text(
                     short(value),
                     style="bold red" if row.get("out_of_band") else "",
@@ -176,7 +184,7 @@ class MetricsPane(Pane):
             rows.append((name, cells))
             sigs.append(
                 (
-                    label,
+                    label + suffix,
                     short(value),
                     range_text(row),
                     row.get("trend"),

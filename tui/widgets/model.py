@@ -15,9 +15,17 @@ from typing import Any
 import numpy as np
 
 from rlhf_tui.analysis.detectors import band_metrics, zscore_band
-from rlhf_tui.analysis.report import build_report
+from rlhf_tui.analysis.report import build_report, run_units
 from rlhf_tui.analysis.store import RunHistory, Store
+from rlhf_tui.analysis.trends import eval_gap_series, summarise
+from rlhf_tui.bridge.wire.metrics import metric_units
 from rlhf_tui.tui.view import bucket_means, spark_marker
+
+# Rows the monitor derives from logged metrics (not in the store, not judged by the detectors):
+GAP_SUFFIX = ": eval−train"  # "loss: eval−train", the overfitting signal (trends.eval_gap_series)
+GAP_METRICS = ("loss",)  # the pairs that get a row in the Metrics pane (every pair is in the report's eval_pairs)
+TOKENS_PER_S = "tokens/s"  # throughput from the cumulative token count and the training time per step
+TOKEN_COUNTS = ("num_tokens", "num_input_tokens_seen")
 
 
 def _row_of_step(run: RunHistory, step: int | None) -> int | None:
@@ -40,6 +48,111 @@ def active_metrics(anomalies: list[dict], at_step: int | None = None) -> set[str
             if isinstance(first, int) and isinstance(last, int) and first <= at_step <= last:
                 out.add(a.get("metric"))
     return out
+
+
+def _same_values(run: RunHistory):
+    def same(a: str, b: str) -> bool:
+        return bool(np.array_equal(run.values(a), run.values(b), equal_nan=True))
+
+    return same
+
+
+def run_metric_units(run: RunHistory) -> dict[str, str]:
+    """{metric: "per token" | "per sequence"} for the run's KL and entropy metrics (bridge/wire/metrics.py): from
+    the keys logged, the trainer and the units the training side recorded."""
+    names = run.metric_names()
+    return metric_units(run.meta.get("trainer"), names, same=_same_values(run), recorded=run_units(run))
+
+
+def tokens_per_second(run: RunHistory) -> np.ndarray | None:
+    """Row-aligned training throughput: tokens since the previous row with a count, over the training time in
+    between (`time/step_s` × steps, which leaves out evaluation and saving; the rows' wall clocks without it).
+    None when the run logs no cumulative token count."""
+    source = next((n for n in TOKEN_COUNTS if n in run.columns), None)
+    if source is None or TOKENS_PER_S in run.columns:
+        return None
+    tokens, steps = run.values(source), run.steps.astype(np.float64)
+    rows = np.flatnonzero(np.isfinite(tokens))
+    out = np.full(run.rows, np.nan)
+    if rows.size < 2:
+        return out
+    cur, prev = rows[1:], rows[:-1]
+    step_s = run.values("time/step_s")[cur]
+    seconds = np.where(np.isfinite(step_s), step_s * (steps[cur] - steps[prev]), run.times[cur] - run.times[prev])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = (tokens[cur] - tokens[prev]) / seconds
+    out[cur] = np.where(np.isfinite(rate) & (seconds > 0) & (rate >= 0), rate, np.nan)
+    return out
+
+
+def derived_series(run: RunHistory, name: str) -> np.ndarray | None:
+    """The row-aligned values of a derived row (`loss: eval−train`, `tokens/s`), None for any other name."""
+    if name == TOKENS_PER_S:
+        return tokens_per_second(run)
+    if name.endswith(GAP_SUFFIX) and name not in run.columns:
+        train = name[: -len(GAP_SUFFIX)]
+        if train in run.columns and "eval_" + train in run.columns:
+            return eval_gap_series(run.values(train), run.values("eval_" + train))
+    return None
+
+
+def _derived_rows(run: RunHistory, report: dict) -> list[tuple[str, str, bool, np.ndarray]]:
+    """(name, anchor, after, values): each derived row and the metric it is shown next to (after it, or before)."""
+    out = []
+    for train in GAP_METRICS:
+        pair = (report.get("eval_pairs") or {}).get(train)
+        name = train + GAP_SUFFIX
+        values = derived_series(run, name) if pair and name not in report["metrics"] else None
+        if values is not None:
+            out.append((name, pair["eval"], True, values))
+    rate = tokens_per_second(run)
+    if rate is not None and np.isfinite(rate).any():
+        source = next(n for n in TOKEN_COUNTS if n in run.columns)
+        out.append((TOKENS_PER_S, source, False, rate))
+    return out
+
+
+def _with_derived(run: RunHistory, report: dict) -> dict[str, np.ndarray]:
+    """Put the derived rows into report["metrics"] next to their anchors; returns their values by name."""
+    rows = _derived_rows(run, report)
+    if not rows:
+        return {}
+    metrics, values = report["metrics"], {}
+    before = {anchor: [] for _, anchor, after, _ in rows if not after}
+    after = {anchor: [] for _, anchor, is_after, _ in rows if is_after}
+    for name, anchor, is_after, series_ in rows:
+        data = series_[np.isfinite(series_)]
+        entry = {k: (v if k == "trend" else None if v is None else float(v)) for k, v in summarise(data).items()}
+        entry.update(count=int(data.size), derived=True)
+        (after if is_after else before)[anchor].append((name, entry))
+        values[name] = series_
+    ordered: dict[str, dict] = {}
+    for name, entry in metrics.items():
+        ordered.update(before.get(name, []))
+        ordered[name] = entry
+        ordered.update(after.get(name, []))
+    report["metrics"] = ordered
+    return values
+
+
+def complete_units(report: dict, run: RunHistory | None) -> dict:
+    """report["run"]["units"] from everything known (recorded, trainer, keys) and each metric's "unit"."""
+    if run is None:
+        return report
+    units = run_metric_units(run)
+    report["run"]["units"] = {k: units[k] for k in ("kl", "entropy") if k in units}
+    for name, entry in (report.get("metrics") or {}).items():
+        entry["unit"] = units.get(name)
+    return report
+
+
+def split_units(series: list[dict]) -> tuple[list[dict], list[dict]]:
+    """An overlay never mixes units: the series whose known unit differs from the reference one (the active
+    tab's, else the first known) are left out. Series of unknown unit stay (nothing says they differ)."""
+    reference = next((s.get("unit") for s in series if s.get("active") and s.get("unit")), None)
+    reference = reference or next((s.get("unit") for s in series if s.get("unit")), None)
+    kept = [s for s in series if not s.get("unit") or s.get("unit") == reference]
+    return kept, [s for s in series if s.get("unit") and s.get("unit") != reference]
 
 
 KEEP_LOW = 1000  # the monitor keeps the newest low-severity episodes ...
@@ -80,12 +193,17 @@ def view_report(
         return report
     row = _row_of_step(run, at_step)
     active = active_metrics(report["anomalies"], at_step)
+    derived = _with_derived(run, report)
+    complete_units(report, run)
     banded = band_metrics(list(report["metrics"]))
     for name, entry in report["metrics"].items():
-        values = run.values(name)
+        values = derived.get(name)
+        if values is None:
+            values = run.values(name)
         buckets = bucket_means(values, spark_width)
         entry["buckets"] = buckets.tolist()
-        entry["band"] = zscore_band(values, thresholds, name) if name in banded and thresholds is not None else None
+        judged = name in banded and name not in derived and thresholds is not None
+        entry["band"] = zscore_band(values, thresholds, name) if judged else None
         entry["active"] = name in active
         if row is not None:
             v = float(values[row]) if row < values.size else math.nan
@@ -109,8 +227,10 @@ def filter_metrics(names: list[str], pattern: str) -> tuple[list[str], str | Non
 
 
 def series(run: RunHistory, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) copies of one metric's finite points, for charts."""
-    values = run.values(name)
+    """(steps, values) copies of one metric's finite points (a derived row's too), for charts."""
+    values = derived_series(run, name)
+    if values is None:
+        values = run.values(name)
     mask = np.isfinite(values)
     return run.steps[mask].copy(), values[mask].copy()
 

@@ -1,7 +1,8 @@
 """The Rewards pane: the combined reliability (stability, consistency, variance, mean), one row per reward
 function (mean, spread, stability, share of the total's variance, strongest correlation, its reward alarms), a
 score distribution (sparkline histogram), drift and the latest sample completions with their scores (escaped:
-no markup or control sequences)."""
+no markup or control sequences). A run that is not RL (DPO/KTO, reward model, SFT / plain Trainer) and has no
+reward batches shows its own "reward" block instead (tui/workload.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from rlhf_tui.tui.render import (
     strongest_correlation,
 )
 from rlhf_tui.tui.widgets.common import Pane
+from rlhf_tui.tui.workload import pane_title, workload_lines
 
 
 def _reliability_line(out: Text, rel: dict, width: int) -> None:
@@ -111,14 +113,20 @@ class RewardsPane(Pane):
     def show(self, report: dict) -> None:
         rewards = report.get("rewards") or {}
         width = self.size.width or 60
-        body = (
-            rewards_lines(report, width=width - 2, samples=3)
-            if rewards.get("batches")
-            else Text("no reward batches yet (wrap reward functions with monitor_rewards)", style="dim")
-        )
+        other = None if rewards.get("batches") else pane_title(report)
+        if rewards.get("batches"):
+            body = rewards_lines(report, width=width - 2, samples=3)
+        elif other is not None:
+            body = workload_lines(report, width=width - 2)
+        else:
+            body = Text("no reward batches yet (wrap reward functions with monitor_rewards)", style="dim")
         if body.plain != self._last:
             self._last = body.plain
             self.query_one("#rewards-body", Static).update(body)
+        if other is not None:
+            trainer = (report.get("run") or {}).get("trainer")
+            self.border_title = Text(other, style="bold") + Text(f" · {clean(trainer, 30)}", style="dim")
+            return
         title = Text("Rewards", style="bold")
         mean = (rewards.get("reliability_metrics") or {}).get("mean_reward")
         functions = rewards.get("functions") or {}
