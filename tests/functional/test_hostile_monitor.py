@@ -319,18 +319,46 @@ def hostile_logs(draw) -> list[dict]:
     ]  # fmt: skip
 
 
+WIRE_KINDS = {"run_start": "run_start", "system": "system", "checkpoint": "checkpoint", "reward_batch": "reward",
+              "run_end": "run_end"}  # fmt: skip
+
+
+def _wire_frames(events: list[dict], run_id: str) -> list[bytes]:
+    """The same log as a hostile peer would send it (a step's values must be numbers on the wire)."""
+    frames = []
+    for seq, event in enumerate(events):
+        data = {k: v for k, v in event.items() if k != "event"}
+        if event["event"] == "step_end":
+            metrics = {k: v for k, v in event["ppo_metrics"].items() if type(v) is float and v == v and abs(v) < 1e300}
+            frames.append(_env("step", seq, {"step": event["step"], "metrics": metrics}, run_id))
+        else:
+            frames.append(_env(WIRE_KINDS[event["event"]], seq, data, run_id))
+    return frames
+
+
+def _render_everything(report: dict) -> None:
+    text = render_text(report, width=100)
+    assert_terminal_safe(text, "text")
+    assert_terminal_safe(render_markdown(report), "markdown")
+    assert_terminal_safe(json.dumps(to_json_safe(report), ensure_ascii=False, allow_nan=False), "json")
+    assert "could not be shown" not in text  # ingest let nothing odd through
+
+
 @settings(max_examples=120, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(events=hostile_logs())
-def test_no_hostile_field_reaches_any_renderer(events):
+@given(events=hostile_logs(), run_id=hostile_text.filter(lambda r: 0 < len(r) <= 128))
+def test_no_hostile_field_reaches_any_renderer(events, run_id):
     store = Store(capacity=64)
     with store.lock:
         for event in events:
             apply_jsonl_event(store, json.loads(json.dumps(event)), default_run="file:x")
         report = view_report(store, None, spark_width=12)
-    assert_terminal_safe(render_text(report, width=100), "text")
-    assert_terminal_safe(render_markdown(report), "markdown")
-    assert_terminal_safe(json.dumps(to_json_safe(report), ensure_ascii=False, allow_nan=False), "json")
-    assert "could not be shown" not in render_text(report, width=100)  # ingest let nothing odd through
+    _render_everything(report)
+    sub = Subscriber("tcp://127.0.0.1:1", Store(capacity=64))
+    sub.feed_many([f for f in _wire_frames([e for e in events if "anomalies" not in e], run_id) if len(f) < 60_000])
+    assert sub.store.current_run is not None and sub.store.transport["rejected"] == 0
+    with sub.store.lock:
+        report = view_report(sub.store, None, spark_width=12)
+    _render_everything(report)
 
 
 def test_a_report_section_that_fails_is_an_error_line(monkeypatch, tmp_path):
