@@ -215,6 +215,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         "summary": run_summary(run),
         "actions": run_actions(run),
         "transport": transport,
+        "rejected_fields": {"count": run.rejected_fields, "recent": list(run.field_rejections)},
         "source": store.source,
         "connection": store.connection,
         "runs": list(store.runs),

@@ -3,7 +3,10 @@
 Pure numpy + stdlib. One `Store` holds several runs (a restarted training is a new run id). Columns are
 aligned on the step axis; a value is NaN where the metric was absent, None or NaN, and `logged` says whether
 the trainer logged the key at that step (so "None where a value was expected" can be told from "absent").
-Memory is bounded: when a run reaches `capacity` rows the older half is thinned by two.
+Memory is bounded: a run's arrays start small and double as rows arrive (a run that never logs much costs
+little, so a stream of new run ids is cheap); when a run reaches `capacity` rows the older half is thinned by
+two. A run keeps at most `MAX_COLUMNS` metric names and a store at most `MAX_RUNS` runs (the oldest go first):
+these caps hold whatever source fills the store (the wire, a JSONL log, a trainer_state.json).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import numpy as np
 from rlhf_tui.analysis.reward_streams import RewardStreams
 
 DEFAULT_CAPACITY = 1 << 17  # rows per run before the older half is thinned (~131k steps at full resolution)
+FIRST_ROWS = 256  # rows a new run allocates; its arrays double up to `capacity` as rows arrive
+MAX_COLUMNS = 512  # metric names per run (protocol.MAX_METRICS: what one step message may carry)
+MAX_RUNS = 8  # runs per store (a restarted training is a new run; the oldest are dropped first)
 
 
 class Column:
@@ -39,9 +45,13 @@ class RunHistory:
         self.capacity = max(16, int(capacity))
         self.meta: dict[str, Any] = {}
         self.rows = 0
-        self._steps = np.zeros(self.capacity, dtype=np.int64)
-        self._times = np.full(self.capacity, np.nan)
+        self._size = min(self.capacity, FIRST_ROWS)  # rows allocated (grows by doubling up to capacity)
+        self._steps = np.zeros(self._size, dtype=np.int64)
+        self._times = np.full(self._size, np.nan)
         self.columns: dict[str, Column] = {}
+        self.max_columns = MAX_COLUMNS
+        self.rejected_fields = 0  # fields dropped at ingest: wrong type or range, names past the cap (schema.py)
+        self.field_rejections: deque[str] = deque(maxlen=20)  # which, most recent last
         self.thinned = 0  # rows removed by thinning (older history at half resolution)
         self.out_of_order = 0  # step records older than the newest step, ignored
         self.checkpoints: list[dict] = []
@@ -100,8 +110,7 @@ class RunHistory:
             self.out_of_order += 1
             return False
         if not self.rows or step > self._steps[self.rows - 1]:
-            if self.rows == self.capacity:
-                self._thin()
+            self.make_room(1)
             row = self.rows
             self._steps[row] = step
             self._times[row] = np.nan if timestamp is None else timestamp
@@ -109,12 +118,47 @@ class RunHistory:
         else:
             row = self.rows - 1
         for name, value in metrics.items():
-            col = self.columns.get(name)
-            if col is None:
-                col = self.columns[name] = Column(self.capacity)
-            col.values[row] = math.nan if value is None else value
-            col.logged[row] = True
+            col = self.columns.get(name) or self.column(name)
+            if col is not None:
+                col.values[row] = math.nan if value is None else value
+                col.logged[row] = True
         return True
+
+    def column(self, name: str) -> Column | None:
+        """The column of `name`, made when new; None (and counted) when the run already has `max_columns`."""
+        col = self.columns.get(name)
+        if col is None:
+            if len(self.columns) >= self.max_columns:
+                self.reject_field(f"metric names: more than {self.max_columns}")
+                return None
+            col = self.columns[name] = Column(self._size)
+        return col
+
+    def reject_field(self, what: str) -> None:
+        """A field dropped at ingest (wrong type or range): counted and kept for the status line."""
+        self.rejected_fields += 1
+        self.field_rejections.append(what[:200])
+
+    def make_room(self, wanted: int) -> int:
+        """Room for up to `wanted` more rows: the arrays grown (doubling) while below `capacity`, the older half
+        thinned at it. Returns how many rows fit now (at least 1)."""
+        if self._size - self.rows < wanted and self._size < self.capacity:
+            self._grow(min(self.capacity, max(2 * self._size, self.rows + wanted)))
+        if self.rows >= self._size:
+            self._thin()
+        return min(wanted, self._size - self.rows)
+
+    def _grow(self, size: int) -> None:
+        rows = self.rows
+        steps, times = np.zeros(size, dtype=np.int64), np.full(size, np.nan)
+        steps[:rows], times[:rows] = self._steps[:rows], self._times[:rows]
+        self._steps, self._times = steps, times
+        for col in self.columns.values():
+            if col.values.size < size:
+                values, logged = np.full(size, np.nan), np.zeros(size, dtype=bool)
+                values[:rows], logged[:rows] = col.values[:rows], col.logged[:rows]
+                col.values, col.logged = values, logged
+        self._size = size
 
     def add_reward(self, batch: dict) -> None:
         """Keep one reward batch (newest last) and take it into its function's reliability stream."""
@@ -162,10 +206,11 @@ class Store:
     def __init__(self, capacity: int = DEFAULT_CAPACITY):
         self.capacity = capacity
         self.runs: dict[str, RunHistory] = {}
+        self.max_runs = MAX_RUNS
         self.current: str | None = None
         self.lock = threading.RLock()
         self.version = 0
-        self.transport = {"received": 0, "rejected": 0, "gaps": 0, "dropped": 0, "duplicates": 0}
+        self.transport = {"received": 0, "rejected": 0, "gaps": 0, "dropped": 0, "duplicates": 0, "runs_dropped": 0}
         self.rejections: deque[str] = deque(maxlen=20)  # why recent messages were rejected
         self.source: str = ""
         # connecting | live | stalled | stale | unreachable | ended (live sources); offline (files)
@@ -173,12 +218,24 @@ class Store:
         self.stale_since: float | None = None  # wall time the connection went stale
 
     def run(self, run_id: str) -> RunHistory:
-        """The run with this id, created (and made current) when new."""
+        """The run with this id, created (and made current) when new; beyond `max_runs` the oldest runs other
+        than the current one are dropped (and counted) first."""
         hist = self.runs.get(run_id)
         if hist is None:
+            while len(self.runs) >= self.max_runs:
+                oldest = next((r for r in self.runs if r != self.current), None)
+                if oldest is None:
+                    break
+                self.drop_run(oldest)
             hist = self.runs[run_id] = RunHistory(run_id, self.capacity)
             self.current = run_id
         return hist
+
+    def drop_run(self, run_id: str) -> None:
+        if self.runs.pop(run_id, None) is not None:
+            self.transport["runs_dropped"] += 1
+            if self.current == run_id:
+                self.current = next(reversed(self.runs), None)
 
     @property
     def current_run(self) -> RunHistory | None:

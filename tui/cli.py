@@ -374,19 +374,20 @@ def _write(text: str, path: str | None) -> None:
 def cmd_analyze_checkpoint(argv: list[str]) -> int:
     ns = _ckpt_parser().parse_args(argv)
     from rlhf_tui.analysis.checkpoint import CheckpointAnalyzer, CheckpointError, format_checkpoint_text
+    from rlhf_tui.analysis.safe_text import safe_name, safe_text
 
     try:
         result = CheckpointAnalyzer().analyze_checkpoint(
             ns.path, ns.step, reference_checkpoint=ns.reference, strict=True
         )
-    except CheckpointError as exc:
-        raise CliError(str(exc).splitlines()[0] if str(exc) else "unreadable checkpoint") from None
+    except CheckpointError as exc:  # tensor names and header text come from the file: shown display-safe
+        raise CliError(safe_name(str(exc).splitlines()[0]) if str(exc) else "unreadable checkpoint") from None
     if ns.format == "json":
         from rlhf_tui.bridge.wire.protocol import to_json_safe
 
         _write(json.dumps(to_json_safe(result), indent=2, allow_nan=False) + "\n", None)
     else:
-        text = format_checkpoint_text(result)
+        text = safe_text(format_checkpoint_text(result))  # tensor names, paths: no terminal control passes
         _write(text if text.endswith("\n") else text + "\n", None)
     return EXIT_OK
 

@@ -2,15 +2,16 @@
 
 Used by `rlhf-tui report --format text|markdown`, by the monitor's snapshot key and (piece by piece) by the
 monitor's panes, so all of them show the same things: header, metrics with sparklines, trends and threshold
-bands, anomalies, GPU/system, checkpoints, rewards, transport. Every string that came from the wire is passed
-through `clean()` and shown as `Text` (never parsed as markup), so it cannot inject markup or control sequences.
+bands, anomalies, GPU/system, checkpoints, rewards, transport. Strings from the wire were made display-safe at
+ingest (bridge/monitor/schema.py); here they pass through `clean()` once more (one line, clipped) and are shown
+as `Text`: every table is a `PlainTable`, whose str cells and titles are plain text, never parsed as markup. A
+section that fails to build shows one error line in its place (`report_sections`), never a traceback.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import re
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from rlhf_tui.analysis.safe_text import safe_text
 from rlhf_tui.analysis.severity import Severity
 from rlhf_tui.tui.view import SPARK_CHARS, newest_first, severity_counts, spark_lines, unit_suffix
 
@@ -37,18 +39,12 @@ CONNECTION = {  # state → (glyph, words, style)
     "crashed": ("✖", "run crashed", "bold red"),
     "offline": ("▣", "recorded", "cyan"),
 }
-# C0/C1 controls and ANSI escape sequences (CSI first, so a whole sequence goes, not just its ESC),
-# plus bidirectional overrides that could disguise text.
-_CONTROL = re.compile(
-    r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
-    r"|[\u200b-\u200f\u202a-\u202e\u2066-\u2069]"
-)
 
 
 def clean(value: Any, limit: int = 200) -> str:
-    """Untrusted text made safe to show: control/escape sequences removed, one line, clipped."""
-    text = str(value if value is not None else "").replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
-    text = _CONTROL.sub("", text).replace("\t", " ")
+    """Untrusted text made safe to show: control/escape sequences removed (analysis/safe_text.py), one line,
+    clipped."""
+    text = safe_text(str(value if value is not None else ""), one_line=True)
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
@@ -62,6 +58,20 @@ def _number(value: float, exponent: str) -> str:
     if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
         return format(value, exponent)
     return f"{value:.4g}"
+
+
+class PlainTable(Table):
+    """A Rich table whose str title, headers and cells are plain text: Rich parses a str as markup there, so a
+    metric name like `[/]` would raise (and `[link=…]` would make a link)."""
+
+    def __init__(self, *headers: Any, title: Any = None, **kwargs: Any) -> None:
+        super().__init__(*headers, title=Text(title) if isinstance(title, str) else title, **kwargs)
+
+    def add_column(self, header: Any = "", *args: Any, **kwargs: Any) -> None:
+        super().add_column(Text(header) if isinstance(header, str) else header, *args, **kwargs)
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kwargs)
 
 
 def fmt(value: Any) -> str:
@@ -141,11 +151,14 @@ def header_text(report: dict, width: int = 200) -> Text:
     """Run, trainer, step and connection first; the model and the logged-row count only when there is room."""
     run = report.get("run") or {}
     text = run_title(run, 40, 24)
-    steps = f"  step {fmt(report.get('last_step'))}"
+    steps = f"  step {clean(fmt(report.get('last_step')), 20)}"
     if run.get("max_steps"):
-        steps += f"/{fmt(run.get('max_steps'))}"
+        steps += f"/{clean(fmt(run.get('max_steps')), 20)}"
     text.append(steps + "  ")
     text.append_text(connection_text(report))
+    rejected = (report.get("rejected_fields") or {}).get("count")
+    if rejected:
+        text.append(f"  ⚠ {rejected} rejected field{'s' if rejected != 1 else ''}", style="bold yellow")
     extra = f"  ({report.get('steps', 0)} logged)"
     if run.get("model"):
         extra += f"  model {clean(run.get('model'), 40)}"
@@ -175,7 +188,7 @@ def fit(text: str, width: int) -> str:
 def metrics_table(report: dict, names: list[str] | None = None) -> Table:
     """One row per metric: last value (or the value at the picked step), min…max, trend, the z-score band
     (when known) and a unicode sparkline of the whole history."""
-    table = Table(title="Metrics", box=box.SIMPLE_HEAD, title_justify="left", expand=False, pad_edge=False)
+    table = PlainTable(title="Metrics", box=box.SIMPLE_HEAD, title_justify="left", expand=False, pad_edge=False)
     metrics = report.get("metrics") or {}
     has_band = any("band" in row for row in metrics.values())
     at_step = report.get("at_step")
@@ -235,7 +248,7 @@ def anomalies_table(report: dict, limit: int = 50) -> Table:
     totals = report.get("anomaly_counts")
     total = sum(totals.values()) if totals else len(anomalies)
     counts = severity_summary(anomalies, totals)
-    table = Table(
+    table = PlainTable(
         title=f"Anomalies ({total}{': ' + counts if counts else ''})",
         box=box.SIMPLE_HEAD,
         title_justify="left",
@@ -332,7 +345,7 @@ def system_lines(report: dict, gauge_width: int = 16) -> Text:
 
 
 def system_table(report: dict) -> Table:
-    table = Table(title="GPU / system", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    table = PlainTable(title="GPU / system", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     for col in ("rank", "device", "memory", "used / total", "peak", "util", "RSS"):
         table.add_column(col, no_wrap=True)
     system = report.get("system") or {}
@@ -371,7 +384,7 @@ def health_text(c: dict) -> Text:
 
 
 def checkpoints_table(report: dict) -> Table:
-    table = Table(title="Checkpoints", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    table = PlainTable(title="Checkpoints", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     for col in ("step", "health", "issues", "drift", "size", "path"):
         table.add_column(col, overflow="fold")
     ckpts = report.get("checkpoints") or []
@@ -425,7 +438,7 @@ def rewards_table(report: dict) -> Table:
         )
     )
     title += f" · {rewards.get('batches', 0)} batches"
-    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    table = PlainTable(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     for col in ("function", "mean", "std", "stab", "share", "corr", "drift", "distribution", "batches", "alarms"):
         table.add_column(col, no_wrap=True)
     functions = rewards.get("functions") or {}
@@ -470,7 +483,7 @@ def reward_samples_table(report: dict) -> Table | None:
     samples = rewards.get("samples") or []
     if not samples:
         return None
-    table = Table(
+    table = PlainTable(
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         title_justify="left",
@@ -488,11 +501,16 @@ def reward_samples_table(report: dict) -> Table | None:
 
 def transport_text(report: dict) -> Text:
     t = report.get("transport") or {}
-    return Text(
+    text = Text(
         f"Transport: received {t.get('received', 0)} · rejected {t.get('rejected', 0)} · "
         f"gaps {t.get('gaps', 0)} · dropped {t.get('dropped', 0)}  ·  source {clean(report.get('source'), 80)}",
         style="dim",
     )
+    fields = report.get("rejected_fields") or {}
+    if fields.get("count"):
+        recent = "; ".join(clean(why, 80) for why in (fields.get("recent") or [])[-5:])
+        text.append(f"\nRejected fields: {fields['count']} (type or range; dropped at ingest): {recent}")
+    return text
 
 
 def actions_text(report: dict) -> Text | None:
@@ -519,23 +537,56 @@ def summary_text(report: dict) -> Text | None:
     return Text("Run summary: " + " · ".join(parts))
 
 
-def report_renderable(report: dict) -> Group:
-    from rlhf_tui.tui.workload import eval_pairs_table, pane_title, workload_table
+def eval_pairs_section(report: dict) -> Table | None:
+    from rlhf_tui.tui.workload import eval_pairs_table  # local: tui.workload imports this module
+
+    return eval_pairs_table(report)
+
+
+def rewards_section(report: dict) -> Table:
+    """The reward functions, or for a run that is not RL (DPO, reward model, SFT) its own block."""
+    from rlhf_tui.tui.workload import pane_title, workload_table
 
     rewards = report.get("rewards") or {}
-    other = not rewards.get("batches") and pane_title(report) is not None  # DPO, reward model, SFT: their block
-    return Group(
-        header_text(report),
-        *[t for t in [actions_text(report), summary_text(report)] if t is not None],
-        metrics_table(report),
-        *[t for t in [eval_pairs_table(report)] if t is not None],
-        anomalies_table(report),
-        system_table(report),
-        checkpoints_table(report),
-        workload_table(report) if other else rewards_table(report),
-        *[t for t in [reward_samples_table(report)] if t is not None],
-        transport_text(report),
-    )
+    other = not rewards.get("batches") and pane_title(report) is not None
+    return workload_table(report) if other else rewards_table(report)
+
+
+SECTIONS = (
+    ("header", header_text),
+    ("actions", actions_text),
+    ("summary", summary_text),
+    ("metrics", metrics_table),
+    ("eval vs train", eval_pairs_section),
+    ("anomalies", anomalies_table),
+    ("GPU / system", system_table),
+    ("checkpoints", checkpoints_table),
+    ("rewards", rewards_section),
+    ("reward samples", reward_samples_table),
+    ("transport", transport_text),
+)
+
+
+def section_error(name: str, exc: BaseException) -> Text:
+    """The line shown where a section could not be drawn (a bug of ours, or data no check foresaw)."""
+    return Text(f"⚠ {name}: could not be shown ({type(exc).__name__}: {clean(exc, 160)})", style="bold red")
+
+
+def report_sections(report: dict) -> list:
+    """Each section's renderable (None ones left out); one that raises is its error line instead."""
+    out = []
+    for name, build in SECTIONS:
+        try:
+            section = build(report)
+        except Exception as exc:
+            section = section_error(name, exc)
+        if section is not None:
+            out.append((name, section))
+    return out
+
+
+def report_renderable(report: dict) -> Group:
+    return Group(*(section for _, section in report_sections(report)))
 
 
 def spark_width_for(text_width: int) -> int:
@@ -543,10 +594,20 @@ def spark_width_for(text_width: int) -> int:
     return max(12, min(60, text_width - 88))
 
 
-def render_text(report: dict, width: int = 110, stamp: bool = True) -> str:
+def _plain_text(section: Any, name: str, width: int) -> str:
+    """One section as plain text, drawn on its own: one that fails to draw is its error line."""
     console = Console(record=True, width=width, file=io.StringIO(), color_system=None, force_terminal=False)
-    console.print(report_renderable(report))
-    text = console.export_text(styles=False).rstrip() + "\n"
+    try:
+        console.print(section)
+    except Exception as exc:
+        console = Console(record=True, width=width, file=io.StringIO(), color_system=None, force_terminal=False)
+        console.print(section_error(name, exc))
+    return console.export_text(styles=False)
+
+
+def render_text(report: dict, width: int = 110, stamp: bool = True) -> str:
+    parts = [_plain_text(section, name, width) for name, section in report_sections(report)]
+    text = "".join(parts).rstrip() + "\n"
     if stamp:
         text += f"(snapshot {datetime.now().strftime('%Y-%m-%d %H:%M:%S')})\n"
     return text

@@ -73,6 +73,7 @@ def header_info(store: Store) -> dict:
             "max_steps": run.meta.get("max_steps"),
         }
         info["steps"], info["last_step"] = int(run.rows), run.last_step
+        info["rejected_fields"] = {"count": run.rejected_fields}
         if run.last_step_time is not None:
             info["last_step_wall"] = time.time() - (time.monotonic() - run.last_step_time)
     return info

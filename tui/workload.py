@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rlhf_tui.analysis.workloads import BLOCKS, LANGUAGE_MODEL, PREFERENCE, REWARD_MODEL, RL
-from rlhf_tui.tui.render import TREND_ARROWS, clean, compact, short
+from rlhf_tui.tui.render import TREND_ARROWS, PlainTable, clean, compact, short
 from rlhf_tui.tui.view import bucket_means, spark_lines
 
 TITLES = {
@@ -119,7 +119,7 @@ def workload_lines(report: dict, width: int = 60) -> Text:
 def workload_table(report: dict) -> Table:
     """The text report's block for a run that is not RL (in place of the empty reward-batch table)."""
     kind = kind_of(report)
-    table = Table(
+    table = PlainTable(
         title=f"{TITLES.get(kind, 'Rewards')}: {SHORT_INTROS.get(kind, '')}",
         box=box.SIMPLE_HEAD,
         title_justify="left",
@@ -146,7 +146,7 @@ def eval_pairs_table(report: dict) -> Table | None:
     pairs = report.get("eval_pairs") or {}
     if not pairs:
         return None
-    table = Table(title="Eval vs train", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    table = PlainTable(title="Eval vs train", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     for col in ("metric", "train", "eval", "gap", "gap ↕", "evals", "verdict"):
         table.add_column(col, no_wrap=True, justify="left" if col in ("metric", "verdict") else "right")
     for name, pair in pairs.items():

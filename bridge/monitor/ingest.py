@@ -1,5 +1,9 @@
 """Applying what arrives (wire envelopes or JSONL events) to a `Store`: the one place that knows how each
 message kind lands in a run's history. Pure Python; every value is re-checked so nothing can crash the store.
+
+This is the monitor's sanitising boundary: every string kept (metric names, run ids, every field of `data`) is
+made display-safe here, once, and every field a renderer reads is checked for its type and range
+(`bridge/monitor/schema.py`); a bad field is dropped and counted on its run (`RunHistory.rejected_fields`).
 """
 
 from __future__ import annotations
@@ -10,63 +14,84 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_tui.analysis import store as store_module
+from rlhf_tui.analysis.safe_text import safe_name
 from rlhf_tui.analysis.store import RunHistory, Store
+from rlhf_tui.bridge.monitor import schema
+from rlhf_tui.bridge.monitor.schema import checked, checked_list, safe_copy
 from rlhf_tui.bridge.wire import events, protocol
 from rlhf_tui.bridge.wire.metrics import summary_values, to_float
 
 MAX_SAMPLES = 8
-MAX_ITEMS = 20_000  # values kept from one message (scores, samples, analysis ...)
 MAX_RANKS = 1024  # system samples kept per run (one per rank)
 MAX_CHECKPOINTS = 1000
 MAX_META_KEYS = 256
-_NONFINITE_FLOAT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+MAX_RUN_ID = 128
 
 
-def _metrics(raw: Any) -> dict[str, float | None]:
+def _printable_keys(raw: dict) -> bool:
+    try:
+        return "".join(raw).isprintable()
+    except TypeError:
+        return False
+
+
+def _metrics(raw: Any, run: RunHistory | None = None, safe_names: bool = False) -> dict[str, float | None]:
+    """A step's metrics as {display-safe name: float or None}; values that are not numbers are dropped (and
+    counted on `run`). `safe_names`: the names went through `safe_envelopes` already."""
     out: dict[str, float | None] = {}
     if not isinstance(raw, dict):
         return out
-    if len(raw) <= protocol.MAX_METRICS and set(map(type, raw.values())) <= {float, type(None)}:
-        return raw  # the common case, already validated: floats and None only
+    if (
+        len(raw) <= protocol.MAX_METRICS
+        and set(map(type, raw.values())) <= {float, type(None)}
+        and (safe_names or _printable_keys(raw))
+    ):
+        return raw  # the common case, already validated: floats and None only, printable names
+    reject = run.reject_field if run is not None else lambda what: None
+    if len(raw) > protocol.MAX_METRICS:
+        reject(f"step.metrics: more than {protocol.MAX_METRICS} names")
     for key, value in list(raw.items())[: protocol.MAX_METRICS]:
-        if isinstance(key, str) and len(key) <= 200:
-            try:
-                number = to_float(value)
-            except (OverflowError, ValueError):  # 10**400 and friends
-                continue
-            if number is not None or value is None:
-                out[key] = number
+        if not isinstance(key, str) or len(key) > 200:
+            reject("step.metrics: a name that is not text of at most 200 characters")
+            continue
+        try:
+            number = to_float(value)
+            ok = number is not None or value is None
+        except (OverflowError, ValueError):  # 10**400 and friends
+            number, ok = None, False
+        if ok:
+            out[safe_name(key)] = number
+        else:
+            reject(f"step.metrics.{safe_name(key, 60)}: not a number")
     return out
 
 
-def _clip_str(value: Any, limit: int = protocol.MAX_STRING) -> str:
-    return value[:limit] if isinstance(value, str) else ""
+def _safe_columns(cols: dict) -> dict:
+    """A block's {name: column} with display-safe names."""
+    return cols if _printable_keys(cols) else {safe_name(name): col for name, col in cols.items()}
 
 
-def _plain(value: Any, depth: int = 0, budget: list | None = None) -> Any:
-    """A bounded copy of JSON data (non-finite strings made floats, strings clipped, at most MAX_ITEMS
-    values per message: a hostile message cannot make one record huge)."""
-    if budget is None:
-        budget = [MAX_ITEMS]
-    budget[0] -= 1
-    if budget[0] < 0:
-        return None
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        if value in ("NaN", "Infinity", "-Infinity"):
-            return to_float(value)
-        return value[: protocol.MAX_STRING]
-    if depth > protocol.MAX_DEPTH:
-        return None
-    if isinstance(value, dict):
-        return {str(k)[:200]: _plain(v, depth + 1, budget) for k, v in list(value.items())[:1000]}
-    if isinstance(value, list):
-        return [_plain(v, depth + 1, budget) for v in value[:5000]]
-    return None
+def safe_run_id(run_id: str) -> str:
+    return safe_name(run_id, MAX_RUN_ID) or "?"
+
+
+def safe_envelopes(envelopes: list[dict]) -> list[dict]:
+    """Validated envelopes with display-safe run ids (those of a block's inner envelopes too) and metric names,
+    so every id and name the subscriber keys its state and caps by is the one the store keeps and shows."""
+    for env in envelopes:
+        kind, run_id = env["kind"], env.get("run")
+        if isinstance(run_id, str) and not run_id.isprintable():
+            env["run"] = safe_run_id(run_id)
+            if kind == protocol.BLOCK:
+                for inner in env["data"]["other"]:
+                    inner["run"] = env["run"]
+        if kind == protocol.STEP:
+            metrics = env["data"]["metrics"]
+            if not _printable_keys(metrics):
+                env["data"]["metrics"] = {safe_name(name): value for name, value in metrics.items()}
+        elif kind == protocol.BLOCK:
+            env["data"]["cols"] = _safe_columns(env["data"]["cols"])
+    return envelopes
 
 
 def apply_envelope(store: Store, env: dict) -> None:
@@ -75,7 +100,7 @@ def apply_envelope(store: Store, env: dict) -> None:
     run = store.run(env["run"])
     run.last_heartbeat = time.monotonic()
     if kind == protocol.HEARTBEAT:
-        run.server_status = _plain(env["data"]) or {}
+        run.server_status = checked(safe_copy(env["data"]), schema.HEARTBEAT, "heartbeat", run.reject_field)
         return
     if env["seq"] > run.last_seq:
         run.last_seq = env["seq"]
@@ -89,32 +114,34 @@ def apply_message(run: RunHistory, message: events.Message, ts: float | None = N
     """Land one message (from the wire or a JSONL log) in a run: the one place that knows how each kind is
     stored. Returns True when a new step row was written."""
     kind, data = message.kind, message.data
+    reject = run.reject_field
     if kind == protocol.STEP:
-        if run.add_step(data["step"], _metrics(data["metrics"]), ts):
+        if run.add_step(data["step"], _metrics(data["metrics"], run), ts):
             run.last_step_time = time.monotonic()
             return True
     elif kind == protocol.RUN_START:
-        _update_meta(run, _plain(data))
+        _update_meta(run, checked(safe_copy(data), schema.RUN_START, "run_start", reject))
     elif kind == protocol.SYSTEM:
         _apply_system(run, data, message.rank)
     elif kind == protocol.CHECKPOINT:
-        _apply_checkpoint(run, _plain(data))
+        _apply_checkpoint(run, checked(safe_copy(data), schema.CHECKPOINT, "checkpoint", reject))
     elif kind == protocol.REWARD:
-        for batch in events.split_rewards(_plain(data)):
+        copy = safe_copy(data)
+        for batch in events.split_rewards(copy) if isinstance(copy, dict) else []:
             _apply_reward(run, batch)
     elif kind == protocol.RUN_END:
-        run.ended = _plain(data) or {}
-        if isinstance(run.ended, dict) and isinstance(run.ended.get("summary"), dict):
+        run.ended = checked(safe_copy(data), schema.RUN_END, "run_end", reject)
+        if isinstance(run.ended.get("summary"), dict):
             run.summary = summary_values(run.ended["summary"])
     elif kind == protocol.ANOMALY:
-        _apply_anomaly(run, _plain(data))
+        _apply_anomaly(run, checked(safe_copy(data), schema.ANOMALY, "anomaly", reject))
     return False
 
 
 def _apply_anomaly(run: RunHistory, episode: Any) -> None:
     """A training-side episode, new or an update of one sent before (same detector, metric and overlapping
     steps: the training side judges a bounded window, so an old episode's first step may move)."""
-    if not isinstance(episode, dict):
+    if not episode:
         return
     key = (episode.get("detector"), episode.get("metric"))
     first, last = episode.get("first_step", episode.get("step")), episode.get("last_step", episode.get("step"))
@@ -137,6 +164,7 @@ def apply_block(store: Store, env: dict, min_seq: int = 0) -> int:
     """Land a validated `block` envelope (steps as columns, other messages as envelopes); rows and messages
     with seq < `min_seq` were already received and are skipped. Returns how many messages were applied."""
     data = env["data"]
+    data["cols"] = _safe_columns(data["cols"])
     run = store.run(env["run"])
     if data["last"] > run.last_seq:
         run.last_seq = data["last"]
@@ -191,26 +219,22 @@ def rows_to_columns(metrics_list: list[dict]) -> dict:
 def add_rows(run: RunHistory, steps: np.ndarray, times: np.ndarray, cols: dict) -> int:
     """Append many step rows at once (the late-join path). Steps increasing and newer than the run's last
     step are written column-wise; anything else goes row by row through `RunHistory.add_step` (merge/ignore
-    rules unchanged). Returns the number of rows written."""
+    rules unchanged). Names past the run's column cap are dropped (counted). Returns the number of rows
+    written."""
     n = int(steps.size)
     if n == 0:
         return 0
     last = run.last_step
-    if not _bulk_ok(run) or (last is not None and steps[0] <= last) or (n > 1 and (np.diff(steps) <= 0).any()):
+    if (last is not None and steps[0] <= last) or (n > 1 and (np.diff(steps) <= 0).any()):
         return _add_rows_one_by_one(run, steps, times, cols)
-    Column = store_module.Column
+    targets = [(col, index, values) for name, (index, values) in cols.items() if (col := run.column(name)) is not None]
     done = 0
     while done < n:
-        if run.rows >= run.capacity:
-            run._thin()
-        k = min(n - done, run.capacity - run.rows)
+        k = run.make_room(n - done)  # grown or thinned: the Column objects stay, their arrays may be new
         r0 = run.rows
         run._steps[r0 : r0 + k] = steps[done : done + k]
         run._times[r0 : r0 + k] = times[done : done + k]
-        for name, (index, values) in cols.items():
-            col = run.columns.get(name)
-            if col is None:
-                col = run.columns[name] = Column(run.capacity)
+        for col, index, values in targets:
             if index is None:
                 col.values[r0 : r0 + k] = values[done : done + k]
                 col.logged[r0 : r0 + k] = True
@@ -223,12 +247,6 @@ def add_rows(run: RunHistory, steps: np.ndarray, times: np.ndarray, cols: dict) 
         done += k
     run.last_step_time = time.monotonic()
     return n
-
-
-def _bulk_ok(run: RunHistory) -> bool:
-    return all(hasattr(run, a) for a in ("_steps", "_times", "_thin", "columns", "capacity")) and hasattr(
-        store_module, "Column"
-    )
 
 
 def _add_rows_one_by_one(run: RunHistory, steps, times, cols) -> int:
@@ -245,27 +263,39 @@ def _add_rows_one_by_one(run: RunHistory, steps, times, cols) -> int:
     return written
 
 
-def _update_meta(run: RunHistory, data: Any) -> None:
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if key in run.meta or len(run.meta) < MAX_META_KEYS:
-                run.meta[key] = value
+def _update_meta(run: RunHistory, data: dict) -> None:
+    reject = run.reject_field
+    if "args" in data:
+        data["args"] = checked(data["args"], schema.ARGS, "run_start.args", reject)
+    versions = data.get("versions")
+    if isinstance(versions, dict):
+        for key in [k for k, v in versions.items() if v is not None and not isinstance(v, str)]:
+            del versions[key]
+            reject(f"run_start.versions.{key}: not text")
+    for key, value in data.items():
+        if key in run.meta or len(run.meta) < MAX_META_KEYS:
+            run.meta[key] = value
 
 
 def _apply_system(run: RunHistory, data: dict, rank: int) -> None:
-    sample = _plain(data)
-    if not isinstance(sample, dict) or (rank not in run.system and len(run.system) >= MAX_RANKS):
+    if rank not in run.system and len(run.system) >= MAX_RANKS:
         return
-    gpus = sample.get("gpus")
-    sample["gpus"] = [g for g in gpus if isinstance(g, dict)][:64] if isinstance(gpus, list) else []
+    sample = checked(safe_copy(data), schema.SYSTEM, "system", run.reject_field)
+    if not sample:
+        return
+    sample["gpus"] = checked_list(sample.get("gpus"), schema.GPU, "system.gpus", run.reject_field, 64)
     sample["rank"] = rank
     sample["received"] = time.time()
     run.system[int(rank)] = sample
 
 
-def _apply_checkpoint(run: RunHistory, data: Any) -> None:
-    if not isinstance(data, dict) or not isinstance(data.get("step"), int):
+def _apply_checkpoint(run: RunHistory, data: dict) -> None:
+    if not isinstance(data.get("step"), int):
+        if data:
+            run.reject_field("checkpoint.step: missing")
         return
+    if isinstance(data.get("drift"), dict):
+        data["drift"] = checked(data["drift"], schema.DRIFT, "checkpoint.drift", run.reject_field)
     for i, existing in enumerate(run.checkpoints):
         if existing.get("step") == data["step"]:
             run.checkpoints[i] = {**existing, **data}
@@ -277,10 +307,12 @@ def _apply_checkpoint(run: RunHistory, data: Any) -> None:
 
 
 def _apply_reward(run: RunHistory, data: Any) -> None:
-    if not isinstance(data, dict):
+    reject = run.reject_field
+    data = checked(data, schema.REWARD, "reward", reject)
+    if not data:
         return
-    samples = data.get("samples")
-    data["samples"] = [s for s in samples if isinstance(s, dict)][:MAX_SAMPLES] if isinstance(samples, list) else []
+    data.pop("analysis", None)  # the training side's mixed analysis: the monitor judges each function itself
+    data["samples"] = checked_list(data.get("samples"), schema.SAMPLE, "reward.samples", reject, MAX_SAMPLES)
     scores = data.get("scores")
     data["scores"] = (
         [s if isinstance(s, (int, float)) and not isinstance(s, bool) else None for s in scores]
@@ -299,7 +331,7 @@ def apply_jsonl_event(store: Store, event: dict, default_run: str = "file") -> b
         return False
     if not messages:
         return False
-    run_id = event.get("run_id") if isinstance(event.get("run_id"), str) else None
+    run_id = safe_run_id(event["run_id"]) if isinstance(event.get("run_id"), str) else None
     if messages[0].kind == protocol.RUN_START:
         run = store.run(run_id or default_run)
     else:

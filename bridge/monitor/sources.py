@@ -11,7 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from rlhf_tui.analysis.safe_text import safe_text
 from rlhf_tui.analysis.store import RunHistory, Store
+from rlhf_tui.bridge.monitor import schema
+from rlhf_tui.bridge.monitor.ingest import _metrics, apply_jsonl_event, safe_run_id
 from rlhf_tui.bridge.wire.metrics import is_summary, normalise, summary_values
 
 LIVE_PREFIXES = ("tcp://", "ipc://")
@@ -119,21 +122,23 @@ def load_trainer_state(path: Path | str, store: Store | None = None) -> Store:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
         raise SourceError(f"{path}: not a trainer_state.json (no 'log_history' list)")
-    run_id = f"file:{path.parent.name or path.stem}"
+    run_id = safe_run_id(f"file:{path.parent.name or path.stem}")
     with store.lock:
         run = store.run(run_id)
+        numbers = {key: state.get(key) for key in ("max_steps", "logging_steps", "global_step")}
+        numbers = schema.checked(numbers, schema.TRAINER_STATE, "trainer_state", run.reject_field)
         run.meta.update(
             {
                 "run_id": run_id,
-                "source": str(path),
+                "source": safe_text(str(path)),
                 "trainer": _guess_trainer(state["log_history"]),
-                "max_steps": state.get("max_steps"),
-                "logging_steps": state.get("logging_steps"),
+                "max_steps": numbers.get("max_steps"),
+                "logging_steps": numbers.get("logging_steps"),
             }
         )
         _ingest_log_history(run, state["log_history"])
-        if isinstance(state.get("global_step"), int):
-            run.meta["global_step"] = state["global_step"]
+        if numbers.get("global_step") is not None:
+            run.meta["global_step"] = numbers["global_step"]
         store.transport["received"] += run.rows
         store.touch()
     return store
@@ -147,10 +152,10 @@ def _ingest_log_history(run: RunHistory, entries: list[Any]) -> None:
         if not isinstance(step, int) or isinstance(step, bool):
             continue
         if is_summary(entry):
-            run.ended = {k: v for k, v in entry.items() if isinstance(v, (int, float, str))}
-            run.summary = summary_values(entry)
+            ended = schema.safe_copy({k: v for k, v in entry.items() if isinstance(v, (int, float, str))})
+            run.ended, run.summary = ended, summary_values(ended)
             continue
-        run.add_step(step, normalise(entry))
+        run.add_step(step, _metrics(normalise(entry), run))
 
 
 def _guess_trainer(entries: list[Any]) -> str:

@@ -12,8 +12,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from rlhf_tui.analysis import store as store_module
 from rlhf_tui.analysis.store import Store, run_status
-from rlhf_tui.bridge.monitor.ingest import _metrics, _select, add_rows, apply_block, apply_envelope, rows_to_columns
+from rlhf_tui.bridge.monitor.ingest import (
+    _metrics,
+    _select,
+    add_rows,
+    apply_block,
+    apply_envelope,
+    rows_to_columns,
+    safe_envelopes,
+)
 from rlhf_tui.bridge.wire import protocol
 
 HELLO_S = 1.0
@@ -21,8 +30,8 @@ STALE_S = 3.5  # no heartbeat this long: stale
 UNREACHABLE_S = 5.0  # nothing at all this long after starting: unreachable
 STALLED_MIN_S = 30.0  # heartbeats but no step this long (or 10x the usual step interval): stalled
 HANDSHAKE_FAILED = 0x800 | 0x2000 | 0x4000  # EVENT_HANDSHAKE_FAILED_{NO_DETAIL,PROTOCOL,AUTH} (libzmq 4.3)
-MAX_RUNS = 8  # runs kept per monitor (a restarted training is a new run; the oldest go first)
-MAX_COLUMNS = protocol.MAX_METRICS  # metric names per run
+MAX_RUNS = store_module.MAX_RUNS  # runs kept per monitor (a restarted training is a new run; the oldest go first)
+MAX_COLUMNS = store_module.MAX_COLUMNS  # metric names per run (protocol.MAX_METRICS)
 COLUMN_BUDGET_BYTES = 512 << 20  # all runs' metric columns together (older runs are dropped first)
 MAX_AHEAD = 100_000  # messages held past a gap while the resync comes
 
@@ -198,20 +207,22 @@ class Subscriber:
                     store.reject(reason)
         if not envelopes:
             return False
+        safe_envelopes(envelopes)
         changed = False
         with store.lock:
             pending: list[dict] = []  # consecutive new step messages of one run, stored in one go
+            names: set[str] = set()  # their metric names: the column cap counts them before they are stored
             for env in envelopes:
                 try:
                     if env["kind"] == protocol.STEP and (not pending or pending[0]["run"] == env["run"]):
-                        if self._admit(env):
+                        if self._admit(env, names):
                             pending.append(env)
                         continue
                     if pending:
                         changed |= self._store_steps(pending)
-                        pending = []
+                        pending, names = [], set()
                         if env["kind"] == protocol.STEP:
-                            if self._admit(env):
+                            if self._admit(env, names):
                                 pending.append(env)
                             continue
                     changed |= self._apply(env)
@@ -233,26 +244,28 @@ class Subscriber:
         state = self._seq.get(run_id)
         if state is None:
             runs = self.store.runs
-            while len(runs) >= MAX_RUNS:
+            while len(runs) >= min(MAX_RUNS, self.store.max_runs):
                 oldest = next((r for r in runs if r != self._current_run), None)
                 if oldest is None:
                     break
-                del runs[oldest]
-                self._seq.pop(oldest, None)
+                self.store.drop_run(oldest)
+            for gone in [r for r in self._seq if r not in runs]:  # dropped by the store (its own run cap)
+                del self._seq[gone]
             state = self._seq[run_id] = _RunSeq()
         if run_id != self._current_run:
             self._current_run = run_id  # a new run id: training restarted; the old run stays in the store
         return state
 
-    def _columns_ok(self, run_id: str, names) -> bool:
+    def _columns_ok(self, run_id: str, names, pending: set | frozenset = frozenset()) -> bool:
         """Room for these metric names? A run keeps at most MAX_COLUMNS names, and all runs together at most
-        COLUMN_BUDGET_BYTES of columns (the store preallocates each column): older runs are dropped first."""
+        COLUMN_BUDGET_BYTES of columns (a column may grow to the store's capacity): older runs are dropped
+        first. `pending`: new names of messages admitted in this batch but not stored yet (they count too)."""
         runs = self.store.runs
         run = runs.get(run_id)
         columns = run.columns if run is not None else {}
         if columns.keys() >= names:
             return True
-        new = sum(1 for name in names if name not in columns)
+        new = len(pending) + sum(1 for name in names if name not in columns and name not in pending)
         if len(columns) + new > MAX_COLUMNS:
             return False
         per_column = 9 * max(16, int(getattr(self.store, "capacity", 1 << 17)))
@@ -263,7 +276,7 @@ class Subscriber:
             if oldest is None:
                 return False
             total -= len(runs[oldest].columns)
-            del runs[oldest]
+            self.store.drop_run(oldest)
             self._seq.pop(oldest, None)
         return True
 
@@ -294,13 +307,21 @@ class Subscriber:
             state.ahead.clear()
         return True
 
-    def _admit(self, env: dict) -> bool:
-        """A step message: new (by seq) and within the column bound."""
+    def _admit(self, env: dict, pending: set) -> bool:
+        """A step message: new (by seq) and within the column bound, counting the new names of the messages of
+        this batch admitted before it (`pending`, updated)."""
         state = self._run_state(env["run"])
-        if not self._columns_ok(env["run"], env["data"]["metrics"].keys()):
+        names = env["data"]["metrics"].keys()
+        run = self.store.runs.get(env["run"])
+        if run is not None and run.columns.keys() >= names:  # the common case: every name known
+            return self._sequence(state, env["seq"])
+        if not self._columns_ok(env["run"], names, pending):
             self.store.reject("too many metric names")
             return False
-        return self._sequence(state, env["seq"])
+        if not self._sequence(state, env["seq"]):
+            return False
+        pending.update(names - run.columns.keys() if run is not None else names)
+        return True
 
     def _store_steps(self, envs: list[dict]) -> bool:
         store = self.store
@@ -316,7 +337,9 @@ class Subscriber:
 
             steps = np.array([e["data"]["step"] for e in envs], dtype=np.int64)
             stamps = np.array([e["ts"] for e in envs], dtype=np.float64)
-            add_rows(run, steps, stamps, rows_to_columns([_metrics(e["data"]["metrics"]) for e in envs]))
+            add_rows(
+                run, steps, stamps, rows_to_columns([_metrics(e["data"]["metrics"], safe_names=True) for e in envs])
+            )
         store.transport["received"] += len(envs)
         return True
 

@@ -258,7 +258,7 @@ def test_mutated_real_frames_and_hand_made_cases(fuzz_sub):
     assert fuzz_sub.store.transport["rejected"] - rejected > 5000
 
 
-def test_text_from_the_wire_is_clipped_and_kept_verbatim_for_escaping():
+def test_text_from_the_wire_is_clipped_and_made_display_safe_at_ingest():
     sub = Subscriber("tcp://127.0.0.1:1")
     markup = "[bold]x[/]\x1b[31m" + "y" * 10_000
     sub.feed(protocol.encode("run_start", "r", 0, 1.0, {"trainer": markup}))
@@ -268,7 +268,9 @@ def test_text_from_the_wire_is_clipped_and_kept_verbatim_for_escaping():
         )
     )
     run = sub.store.current_run
-    assert run.meta["trainer"] == markup[: protocol.MAX_STRING]  # the UI escapes it (rich.markup.escape)
+    # the escape sequence is gone at ingest; the markup stays text (renderers show it as rich.text.Text)
+    assert run.meta["trainer"] == "[bold]x[/]" + "y" * (protocol.MAX_STRING - len("[bold]x[/]\x1b[31m"))
+    assert run.rewards[-1]["samples"][0]["completion"] == run.meta["trainer"]
     assert run.rewards[-1]["scores"][0] == float("inf") and run.rewards[-1]["scores"][1] is None
     assert sub.store.transport["rejected"] == 0
 

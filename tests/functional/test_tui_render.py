@@ -16,7 +16,8 @@ from rlhf_tui.tui.widgets.model import view_report
         ("plain", "plain"),
         ("\x1b[31mred\x1b[0m", "red"),
         ("\x1b]0;title\x07after", "after"),
-        ("a\x00b\x07c\x9bd", "abcd"),
+        ("a\x00b\x07c\x9b31md", "abcd"),  # 8-bit CSI: the whole sequence goes, as a terminal would read it
+        ("\x1bP1$r\x1b\\x\x1b]52;c;aGk=\x07y\x1b", "xy"),  # DCS, OSC 52 (clipboard), a lone ESC
         ("line1\nline2\r\nline3", "line1 line2 line3"),
         ("[bold]markup[/bold]", "[bold]markup[/bold]"),
         ("evil\u202etxt.exe", "eviltxt.exe"),

@@ -1,12 +1,14 @@
-"""Shared pieces of the panes: the pane frame (titled top border) and a table that updates its rows in place."""
+"""Shared pieces of the panes: the pane frame (titled top border, an error line when drawing fails) and a table
+that updates its rows in place (str cells shown as plain text: a DataTable parses str cells as markup)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from rich.text import Text
 from textual.containers import Vertical
-from textual.widgets import DataTable
+from textual.widgets import DataTable, Static
 
 
 class Pane(Vertical):
@@ -26,12 +28,33 @@ class Pane(Vertical):
     Pane .detail { height: auto; max-height: 8; padding: 0 1; background: $boost; display: none; }
     Pane .detail.-shown { display: block; }
     Pane .body { height: 1fr; padding: 0 1; }
+    Pane .pane-error { height: auto; padding: 0 1; color: $error; text-style: bold; }
     """
 
     pane_name = ""
+    error: str | None = None  # why the last draw failed (None when it worked)
 
     def show(self, report: dict) -> None:  # pragma: no cover - every pane overrides it
         raise NotImplementedError
+
+    def safe_show(self, report: dict) -> None:
+        """`show`, and when it raises (a bug of ours, or data no ingest check foresaw) an error line at the top of
+        the pane instead of a blank or half-drawn pane; the line goes at the next draw that works."""
+        try:
+            self.show(report)
+        except Exception as exc:
+            from rlhf_tui.tui.render import clean
+
+            self.error = f"⚠ {self.pane_name or 'pane'} could not be drawn: {type(exc).__name__}: {clean(exc, 160)}"
+            line = self.query(".pane-error")
+            if line:
+                line.first(Static).update(Text(self.error))
+            else:
+                self.mount(Static(Text(self.error), classes="pane-error"), before=0)
+            return
+        if self.error is not None:
+            self.error = None
+            self.query(".pane-error").remove()
 
 
 class SyncedTable(DataTable):
@@ -83,7 +106,7 @@ class SyncedTable(DataTable):
             if self._signatures.get(key) == sig:
                 continue
             for col, cell in zip(col_keys, cells):
-                self.update_cell(key, col, cell)
+                self.update_cell(key, col, _plain(cell))
             self._signatures[key] = sig
         return False
 
@@ -91,7 +114,11 @@ class SyncedTable(DataTable):
         kept, old_row = self.cursor_key, self.cursor_row
         self.clear()
         for key, cells in rows:
-            self.add_row(*cells, key=key, height=height)
+            self.add_row(*map(_plain, cells), key=key, height=height)
         if keys:
             target = keys.index(kept) if kept in keys else min(max(old_row, 0), len(keys) - 1)
             self.move_cursor(row=target, animate=False, scroll=False)
+
+
+def _plain(cell: Any) -> Any:
+    return Text(cell) if isinstance(cell, str) else cell

@@ -172,8 +172,13 @@ class RunView(Vertical):
         for name in PANES:
             pane = self.pane(name)
             if pane.display:
-                pane.show(report)
-        self._draw_header(report, paused=False)
+                pane.safe_show(report)  # a pane that fails shows an error line, the others are drawn
+        try:
+            self._draw_header(report, paused=False)
+        except Exception as exc:
+            self.query_one(RunHeader).update(
+                Text(f"⚠ header could not be drawn: {type(exc).__name__}", style="bold red")
+            )
         self.model.drawn(result.cost + time.perf_counter() - started, self._spark_width())
 
     def _draw_header(self, report: dict, paused: bool) -> None:
