@@ -39,6 +39,9 @@ MAX_RUNS = 64  # run directories followed under one path
 READ_CHUNK = 32 << 20  # bytes read from one file per poll (the rest on the next)
 RESYNC_BYTES = 1 << 20  # bytes searched for the next valid header per read after a corrupt length
 ARG_KEYS = 256  # training arguments kept from the `args` text summary
+# The end-of-run summary's tags (train_runtime too: in an event file it is only written at the end, whereas a
+# plain Trainer's per-step logs may carry it, which is why `is_summary` does not key on it).
+SUMMARY_TAGS = SUMMARY_KEYS | {"train_runtime"}
 
 _MASK_DELTA = 0xA282EAD8
 
@@ -303,7 +306,7 @@ class TensorBoardReader:
             if run.pending_step is None:
                 run.pending_step, run.pending_time = step, float(event.wall_time) or None
             name = tag_name(value.tag)
-            if name in SUMMARY_KEYS:
+            if name in SUMMARY_TAGS:
                 run.summary[name] = number
             elif step == run.pending_step:
                 run.pending[name] = number
