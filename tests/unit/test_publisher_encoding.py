@@ -5,7 +5,8 @@ samples, the end) drained a few at a time gives the same JSONL lines and the sam
 sealed history block) as the recorder and publisher did before they were made cheaper
 (tests/data/publisher_golden.json, written by the code of commit 26d974d).
 
-Regenerate the golden file only for an intended change of the formats (docs/protocol.md):
+Regenerate the golden file only for an intended change of the formats (docs/protocol.md; last: reward batches
+carry no training-side `analysis` since the monitor judges each reward function itself):
 RLHF_TUI_WRITE_GOLDEN=1 pytest tests/unit/test_publisher_encoding.py
 """
 
@@ -99,16 +100,6 @@ class FakeDetector:
         return [], []
 
 
-class FakeRewardMonitor:
-    def monitor_reward_model(self, scores, step, context=None):
-        return {
-            "step": step,
-            "reliability_metrics": {"stability": 0.9, "mean_reward": float(np.mean(scores)), "variance": np.nan},
-            "anomalies": [],
-            "context": context,
-        }
-
-
 def _logs(step: int) -> dict:
     logs = {
         "loss": 0.1 / step,
@@ -199,7 +190,6 @@ def run_publisher(tmp_path, monkeypatch) -> tuple[list[str], list[str]]:
     rec = Recorder(cb)
     rec.sampler = SystemSampler(nvml=None, torch_module=SimpleNamespace(cuda=FakeCuda()), process=FakeProcess())
     rec.detector = FakeDetector()
-    rec.reward_monitor = FakeRewardMonitor()
     pub = Publisher(False, "golden", rec, idle=rec.tick)
     for drain in _events():
         for event in drain:
