@@ -14,7 +14,7 @@ from typing import Any
 from rlhf_tui.analysis.safe_text import safe_text
 from rlhf_tui.analysis.store import RunHistory, Store
 from rlhf_tui.bridge.monitor import schema
-from rlhf_tui.bridge.monitor.ingest import _metrics, apply_jsonl_event, safe_run_id
+from rlhf_tui.bridge.monitor.ingest import _metrics, safe_run_id
 from rlhf_tui.bridge.wire.metrics import is_summary, normalise, summary_values
 
 LIVE_PREFIXES = ("tcp://", "ipc://")

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("rlhf_tui.bridge")
 
 SYSTEM_PERIOD_S = 1.0  # at most 1 Hz: RSS and GPU memory move slowly; each sample is a JSONL line and a message
-REWARD_ANALYSIS_S = 5.0  # reward reliability analysis (1.5-5 ms a pass on this VM): at most every 5 s per function
 REWARD_PUBLISH_S = 0.5  # reward batches are gathered and published together at most this often
 
 
@@ -43,11 +42,8 @@ class Recorder:
         self.detector = None
         self.summary: dict = {}
         self.ended = False
-        self.reward_monitor = None
         self.reward_pending: dict[str, list[events.RewardBatch]] = {}  # batches not published yet, per function
-        self.reward_scores: dict[str, list] = {}  # scores not analysed yet, per function
         self.reward_published = 0.0
-        self.reward_analysed: dict[str, float] = {}
         self._detector_failed = False
         self._plans: dict[tuple, tuple] = {}
         self._templates: dict[tuple, str] = {}
@@ -94,7 +90,6 @@ class Recorder:
         return clean
 
     def _on_run_start(self, event: events.RunStarted) -> list[events.Message]:
-        self._reward_integrator()  # imported now, not in the middle of the run
         meta = self._logged("run_start", event.meta)
         return [events.Message(protocol.RUN_START, meta, self.cb.rank)] + self.sample_system(force=True)
 
@@ -238,7 +233,7 @@ class Recorder:
         return []
 
     def _publish_rewards(self) -> list[events.Message]:
-        self.reward_published = now = time.monotonic()
+        self.reward_published = time.monotonic()
         out = []
         for name, batches in self.reward_pending.items():
             data = events.coalesced_rewards(name, batches)
@@ -247,41 +242,12 @@ class Recorder:
             if samples is None:
                 samples = _samples(newest.prompts, newest.completions, newest.scores)
             data["samples"] = protocol.to_json_safe(samples[:MAX_SAMPLES])
-            # The reliability analysis runs on the scores gathered since the last one, at most every
-            # REWARD_ANALYSIS_S per reward function (the first batch is analysed at once).
-            scores = self.reward_scores.setdefault(name, [])
-            for batch in batches:
-                scores.extend(batch.scores[:4096])
-            if now - self.reward_analysed.get(name, -1e9) >= REWARD_ANALYSIS_S:  # none forced at the end
-                self.reward_analysed[name], self.reward_scores[name] = now, []
-                analysis = self._analyse_rewards(name, scores, data["step"])
-                if analysis is not None:
-                    data["analysis"] = protocol.to_json_safe(analysis)
             # Made JSON-safe piece by piece above: encoded once for the log and the wire.
             out.append(
                 events.Message(protocol.REWARD, self._logged("reward_batch", protocol.Clean(data)), self.cb.rank)
             )
         self.reward_pending = {}
         return out
-
-    def _analyse_rewards(self, name: str, scores: list, step: int) -> dict | None:
-        try:
-            monitor = self._reward_integrator()
-            context = {"num_generations": self.cb.meta.get("args", {}).get("num_generations"), "reward_func": name}
-            return monitor.monitor_reward_model(scores, step, context=context)
-        except Exception as exc:
-            log.debug("reward analysis unavailable: %s", exc)
-            return None
-
-    def _reward_integrator(self):
-        if self.reward_monitor is None:
-            try:
-                from rlhf_tui.analysis.rewards import RewardModelIntegrator
-
-                self.reward_monitor = RewardModelIntegrator(anomaly_threshold=self.cb.thresholds_z())
-            except Exception as exc:  # the analysis is optional; the scores are still published
-                log.debug("reward analysis unavailable: %s", exc)
-        return self.reward_monitor
 
     def _on_action(self, event: events.ActionTaken) -> list[events.Message]:
         """An on_alarm action was taken: the JSONL log says what and why; the wire gets the episode update."""

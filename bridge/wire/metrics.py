@@ -67,7 +67,7 @@ def to_float(value: Any) -> float | None:
 
 def is_summary(logs: Mapping[str, Any]) -> bool:
     """True for the end-of-training summary entry (train_runtime, train_loss, ...)."""
-    return any(k in logs for k in SUMMARY_KEYS)
+    return any(map(logs.__contains__, SUMMARY_KEYS))  # once per logged step on the publisher thread: no genexpr
 
 
 def summary_values(logs: Mapping[str, Any], limit: int = 64) -> dict[str, float | str]:

@@ -164,24 +164,39 @@ def encode_batch(frames: list[bytes]) -> bytes:
     return b"[" + b",".join(frames) + b"]"
 
 
+def _block_columns(steps: list[tuple]) -> dict[str, Any]:
+    """The `cols` of a block: a list per metric every row logged, {"i": rows, "x": values} for the others (in the
+    order the names first appear). Rows that all logged the same names in the same order (a trainer's steps,
+    nearly always) are turned into columns in one pass."""
+    rows = [row[3] for row in steps]
+    names = list(rows[0]) if rows else []
+    if rows and all(list(m) == names for m in rows):
+        return {name: list(col) for name, col in zip(names, zip(*(m.values() for m in rows)))}
+    return _sparse_columns(rows)
+
+
+def _sparse_columns(rows: list[dict]) -> dict[str, Any]:
+    n = len(rows)
+    cols: dict[str, Any] = {}
+    names: dict[str, None] = {}
+    for metrics in rows:
+        names.update(dict.fromkeys(metrics))
+    for name in names:
+        present = [i for i, m in enumerate(rows) if name in m]
+        if len(present) == n:
+            cols[name] = [m[name] for m in rows]
+        else:  # sparse: only the rows that logged it
+            cols[name] = {"i": present, "x": [rows[i][name] for i in present]}
+    return cols
+
+
 def encode_block(
     run_id: str, rank: int, first: int, last: int, ts: float, steps: list[tuple], others: list[bytes]
 ) -> bytes:
     """A history block: the messages with seq in [first, last]. `steps` are (seq, step, ts, clean metrics) of
     the step messages (sent as columns), `others` the encoded frames of every other message (sent as they
     are). A seq in the range that is in neither was thinned away on purpose (not a gap)."""
-    n = len(steps)
-    cols: dict[str, Any] = {}
-    if n:
-        names: dict[str, None] = {}
-        for _, _, _, metrics in steps:
-            names.update(dict.fromkeys(metrics))
-        for name in names:
-            present = [i for i, row in enumerate(steps) if name in row[3]]
-            if len(present) == n:
-                cols[name] = [row[3][name] for row in steps]
-            else:  # sparse: only the rows that logged it
-                cols[name] = {"i": present, "x": [steps[i][3][name] for i in present]}
+    cols = _block_columns(steps)
     data = {
         "last": last,
         "seq": [s[0] for s in steps],

@@ -5,7 +5,8 @@ samples, the end) drained a few at a time gives the same JSONL lines and the sam
 sealed history block) as the recorder and publisher did before they were made cheaper
 (tests/data/publisher_golden.json, written by the code of commit 26d974d).
 
-Regenerate the golden file only for an intended change of the formats (docs/protocol.md):
+Regenerate the golden file only for an intended change of the formats (docs/protocol.md; last: reward batches
+carry no training-side `analysis` since the monitor judges each reward function itself):
 RLHF_TUI_WRITE_GOLDEN=1 pytest tests/unit/test_publisher_encoding.py
 """
 
@@ -99,16 +100,6 @@ class FakeDetector:
         return [], []
 
 
-class FakeRewardMonitor:
-    def monitor_reward_model(self, scores, step, context=None):
-        return {
-            "step": step,
-            "reliability_metrics": {"stability": 0.9, "mean_reward": float(np.mean(scores)), "variance": np.nan},
-            "anomalies": [],
-            "context": context,
-        }
-
-
 def _logs(step: int) -> dict:
     logs = {
         "loss": 0.1 / step,
@@ -199,7 +190,6 @@ def run_publisher(tmp_path, monkeypatch) -> tuple[list[str], list[str]]:
     rec = Recorder(cb)
     rec.sampler = SystemSampler(nvml=None, torch_module=SimpleNamespace(cuda=FakeCuda()), process=FakeProcess())
     rec.detector = FakeDetector()
-    rec.reward_monitor = FakeRewardMonitor()
     pub = Publisher(False, "golden", rec, idle=rec.tick)
     for drain in _events():
         for event in drain:
@@ -239,3 +229,19 @@ def test_an_envelope_around_encoded_data_is_the_bytes_of_the_plain_encoder():
         )
         assert protocol.encode_clean("system", run_id, seq, ts, data, rank) == plain
         assert protocol.encode_encoded("system", run_id, seq, ts, data.encoded, rank) == plain
+
+
+def test_a_block_of_rows_with_the_same_names_is_the_same_as_column_by_column():
+    rng = np.random.default_rng(3)
+    names = [f"metric/{i}" for i in range(30)]
+    same = [(i, i + 1, 100.0 + i, {k: float(rng.normal()) for k in names}) for i in range(64)]
+    same[5][3]["metric/3"] = "NaN"
+    mixed = same[:10] + [(10, 11, 110.0, {"metric/0": 1.0})] + same[11:20]
+    for steps in (same, mixed, [], same[:1]):
+        rows = [row[3] for row in steps]
+        assert protocol._block_columns(steps) == protocol._sparse_columns(rows)
+        assert list(protocol._block_columns(steps)) == list(protocol._sparse_columns(rows))  # the same order
+    assert protocol._block_columns(mixed)["metric/1"] == {
+        "i": [i for i in range(len(mixed)) if i != 10],
+        "x": [r[3]["metric/1"] for r in mixed if "metric/1" in r[3]],
+    }
