@@ -185,7 +185,6 @@ def _guess_trainer(entries: list[Any]) -> str:
 def apply_jsonl_line(store: Store, line: bytes, default_run: str) -> bool | None:
     """Land one line of a JSONL log (store.lock held): True for an rlhf-tui event, False for any other line
     (counted as rejected when malformed), None when it is not JSON (the caller knows whether it was cut off)."""
-    from rlhf_tui.bridge.monitor.ingest import apply_jsonl_event  # local: keeps this module's import light
 
     try:
         event = json.loads(line)
