@@ -259,6 +259,7 @@ def _report_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--width",
         type=_int_option(*REPORT_WIDTHS),
+        metavar="N",
         default=110,
         help=f"text width of the text/markdown report, {REPORT_WIDTHS[0]} to {REPORT_WIDTHS[1]} (default %(default)s)",
     )
@@ -321,18 +322,13 @@ def check_muted(names, where: str) -> None:
     import difflib
 
     from rlhf_tui.analysis.detectors.registry import REGISTRY
+    from rlhf_tui.analysis.safe_text import safe_name
 
     for name in names:
         if name not in REGISTRY:
             close = difflib.get_close_matches(name, list(REGISTRY), n=1)
             hint = f"did you mean {close[0]!r}?" if close else "the detectors are listed in docs/anomaly-detection.md"
-            raise CliError(f"{where}: unknown detector {clean_name(name)!r} ({hint})")
-
-
-def clean_name(text: str) -> str:
-    """A user's string made safe for one line of the terminal (no control characters, at most 60 chars)."""
-    text = "".join(c if c.isprintable() else "?" for c in str(text))
-    return text if len(text) <= 60 else text[:59] + "…"
+            raise CliError(f"{where}: unknown detector {safe_name(name, 60)!r} ({hint})")
 
 
 def _check_live_address(source: str) -> None:
@@ -535,13 +531,16 @@ def cmd_monitor(argv: list[str]) -> int:
 def default_source() -> str:
     """The live monitor's source when none is given: $RLHF_TUI_ADDRESS (the training side reads it too), else
     tcp://127.0.0.1:5555."""
+    from rlhf_tui.analysis.safe_text import safe_name
     from rlhf_tui.bridge.monitor.sources import is_live
 
     value = os.environ.get(ADDRESS_ENV, "").strip()
     if not value:
         return DEFAULT_SOURCE
     if not is_live(value):
-        raise CliError(f"{ADDRESS_ENV}={clean_name(value)!r} is not an address: expected tcp://HOST:PORT or ipc://PATH")
+        raise CliError(
+            f"{ADDRESS_ENV}={safe_name(value, 60)!r} is not an address: expected tcp://HOST:PORT or ipc://PATH"
+        )
     try:
         _check_live_address(value)
     except CliError as exc:
