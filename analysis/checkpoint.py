@@ -59,6 +59,25 @@ __all__ = [
 ]
 
 
+def _open(path: str | os.PathLike) -> Checkpoint:
+    """`open_checkpoint`, with what a file that is no checkpoint makes the readers raise (a pickle loader's
+    KeyError on random bytes, a header nested too deeply for the JSON parser, ...) as one CheckpointError line."""
+    try:
+        return open_checkpoint(path)
+    except (CheckpointError, OSError, MemoryError):
+        raise
+    except RecursionError:
+        raise CheckpointError(
+            f"bad header: {os.fspath(path)}: nested too deeply to parse (not a checkpoint?)"
+        ) from None
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"not a checkpoint: {os.fspath(path)} could not be read as one "
+            f"({type(exc).__name__}{': ' + detail if detail else ''})"
+        ) from None
+
+
 class CheckpointAnalyzer:
     """Analyse saved checkpoints (seed API): ``analyze_checkpoint(model_path, step, reference_checkpoint)``."""
 
@@ -98,7 +117,7 @@ class CheckpointAnalyzer:
         }
         findings = Findings()
         try:
-            ckpt = open_checkpoint(path)
+            ckpt = _open(path)
             self._analyze(ckpt, result, findings, step)
         except CheckpointError as exc:
             if strict:
@@ -116,7 +135,7 @@ class CheckpointAnalyzer:
         else:
             if reference_checkpoint is not None:
                 try:
-                    reference = open_checkpoint(reference_checkpoint)
+                    reference = _open(reference_checkpoint)
                     result["drift"] = self._drift(ckpt, reference, findings)
                 except CheckpointError as exc:
                     if strict:

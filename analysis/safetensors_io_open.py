@@ -308,7 +308,7 @@ def read_training_state(folder: str | None) -> dict[str, Any]:
                         out["learning_rate"] = float(lr)
                         out["learning_rate_source"] = "trainer_state.json"
                         break
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
         pass
     sched_path = os.path.join(folder, "scheduler.pt")
     if "learning_rate" not in out and os.path.isfile(sched_path):

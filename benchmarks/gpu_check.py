@@ -328,7 +328,7 @@ def main() -> int:
     try:
         import torch
     except ImportError:
-        print("torch is not installed here: pip install 'rlhf-tui[train]'", file=sys.stderr)
+        print("torch is not installed here: pip install -e '.[train]' (README: Install)", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to check", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -16,12 +17,15 @@ from rlhf_tui.analysis.severity import Severity
 
 EXIT_OK, EXIT_ANOMALY, EXIT_USAGE = 0, 1, 2
 DEFAULT_SOURCE = "tcp://127.0.0.1:5555"
+ADDRESS_ENV = "RLHF_TUI_ADDRESS"  # the training side's variable too (bridge/training/publisher.py)
+REPORT_WIDTHS = (40, 1000)  # narrower than 40 columns the tables no longer fit; wider is a typo
+MAX_DEMO_STEPS = 100_000  # the demo builds a prompt list of steps × 4 rows
 
 MAIN_HELP = """\
 Terminal live monitor for RLHF training (TRL GRPO, RLOO, DPO, PPO).
 
 usage:
-  rlhf-tui [SOURCE ...] [options]    live monitor (default SOURCE tcp://127.0.0.1:5555)
+  rlhf-tui [monitor] [SOURCE ...] [options]    live monitor
   rlhf-tui demo [--steps N] [--headless]
   rlhf-tui report SOURCE [--format text|markdown|json] [-o FILE] [--wait-steps N] [--timeout S] [--fail-on LEVEL]
   rlhf-tui report SOURCE --follow [ALERT OPTIONS] [--timeout S] [--fail-on LEVEL]   alarms as lines until the run ends
@@ -31,8 +35,9 @@ usage:
 
 SOURCE: tcp://HOST:PORT or ipc://PATH (a live run), a JSONL log written by the callback,
 a trainer_state.json, a training output_dir, a TensorBoard log dir or event file, or a trackio
-project (trackio:PROJECT or its .db); files are followed as they grow (docs/sources.md).
-Run `rlhf-tui COMMAND --help` for a command's options.
+project (trackio:PROJECT or its .db); files are followed as they grow (docs/sources.md). The live
+monitor without SOURCE watches $RLHF_TUI_ADDRESS when it is set, else tcp://127.0.0.1:5555 (SOURCE on
+the command line > $RLHF_TUI_ADDRESS > the default). Run `rlhf-tui COMMAND --help` for a command's options.
 ALERT OPTIONS (the monitor and `report --follow`; docs/alerts.md): --alert-level LEVEL, --on-alert CMD,
 --alert-timeout S, --alert-rate N, --bell, --notify, --webhook URL.
 """
@@ -45,6 +50,37 @@ class CliError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
         raise CliError(f"{self.prog}: {message}")
+
+
+def _int_option(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high], else one line naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else ("positive" if low == 1 else f">= {low}")
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {value})")
+        return value
+
+    return parse
+
+
+def _seconds_option(allow_zero: bool = False):
+    """An argparse type: a finite number of seconds, > 0 (or >= 0 with `allow_zero`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>= 0' if allow_zero else '> 0'} (got {text})")
+        return value
+
+    return parse
 
 
 def _add_key_options(p: argparse.ArgumentParser) -> None:
@@ -73,14 +109,14 @@ def _add_alert_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--alert-timeout",
-        type=float,
+        type=_seconds_option(),
         metavar="S",
         default=None,
         help="kill an --on-alert command after S seconds (default 10)",
     )
     g.add_argument(
         "--alert-rate",
-        type=int,
+        type=_int_option(1),
         metavar="N",
         default=None,
         help="send at most N alerts a minute; the rest are counted (default 10)",
@@ -104,10 +140,6 @@ def alert_options(ns, follow: bool = True):
         if any(v is not None for v in given) or ns.bell or ns.notify:
             raise CliError("the alert options (--on-alert, --webhook, --bell, ...) need --follow")
         return None
-    if ns.alert_timeout is not None and not ns.alert_timeout > 0:
-        raise CliError(f"--alert-timeout must be > 0 seconds, got {ns.alert_timeout:g}")
-    if ns.alert_rate is not None and ns.alert_rate < 1:
-        raise CliError(f"--alert-rate must be at least 1 a minute, got {ns.alert_rate}")
     options = AlertOptions(
         level=ns.alert_level or DEFAULT_LEVEL,
         command=ns.on_alert,
@@ -154,7 +186,10 @@ def _monitor_parser() -> argparse.ArgumentParser:
         usage=argparse.SUPPRESS,
     )
     p.add_argument(
-        "sources", nargs="*", metavar="SOURCE", help="what to monitor (default %(default)s)", default=[DEFAULT_SOURCE]
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help=f"what to monitor (default ${ADDRESS_ENV} when set, else {DEFAULT_SOURCE})",
     )
     p.add_argument("--thresholds", metavar="FILE", help="load detector thresholds from a TOML file")
     p.add_argument(
@@ -172,7 +207,7 @@ def _monitor_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ssh-timeout",
         metavar="S",
-        type=float,
+        type=_seconds_option(),
         default=20.0,
         help="seconds to wait for each SSH port-forward (default %(default)s)",
     )
@@ -201,14 +236,14 @@ def _report_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     p.add_argument(
         "--wait-steps",
-        type=int,
+        type=_int_option(1),
         metavar="N",
         default=None,
         help="live source: wait until N steps have arrived (default: until the history is in)",
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds_option(),
         metavar="S",
         default=None,
         help="live source: give up waiting after S seconds (default 10; with --follow: no limit)",
@@ -221,7 +256,13 @@ def _report_parser() -> argparse.ArgumentParser:
         help="exit 1 if an anomaly of LEVEL (low|medium|high|critical) or worse was found",
     )
     p.add_argument("--thresholds", metavar="FILE", help="detector thresholds (TOML)")
-    p.add_argument("--width", type=int, default=110, help="text width of the text/markdown report")
+    p.add_argument(
+        "--width",
+        type=_int_option(*REPORT_WIDTHS),
+        metavar="N",
+        default=110,
+        help=f"text width of the text/markdown report, {REPORT_WIDTHS[0]} to {REPORT_WIDTHS[1]} (default %(default)s)",
+    )
     _add_key_options(p)
     _add_alert_options(p)
     return p
@@ -229,15 +270,25 @@ def _report_parser() -> argparse.ArgumentParser:
 
 def _demo_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rlhf-tui demo", description="Run a real tiny TRL GRPO training and monitor it live.")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
+    p.add_argument(
+        "--steps",
+        type=_int_option(1, MAX_DEMO_STEPS),
+        default=300,
+        help=f"training steps, 1 to {MAX_DEMO_STEPS} (default %(default)s)",
+    )
     p.add_argument("--headless", action="store_true", help="no TUI: print the text report when training ends")
     p.add_argument(
         "--step-delay",
-        type=float,
+        type=_seconds_option(allow_zero=True),
         default=None,
         help="seconds to sleep per step so the run is watchable (default 0.1 live, 0 headless)",
     )
-    p.add_argument("--save-steps", type=int, default=50, help="save (and analyse) a checkpoint every N steps")
+    p.add_argument(
+        "--save-steps",
+        type=_int_option(1),
+        default=50,
+        help="save (and analyse) a checkpoint every N steps (default %(default)s)",
+    )
     p.add_argument("--format", choices=("text", "markdown", "json"), default="text", help="headless report format")
     return p
 
@@ -246,7 +297,7 @@ def _ckpt_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rlhf-tui analyze-checkpoint", description="Health, weight statistics and drift of a checkpoint.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--reference", metavar="PATH", help="reference checkpoint for drift")
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--step", type=_int_option(0), default=None, help="the training step to label the result with")
     p.add_argument("--format", choices=("text", "json"), default="text")
     return p
 
@@ -259,9 +310,25 @@ def _load_thresholds(path: str | None, default=True):
     if not os.path.isfile(path):
         raise CliError(f"thresholds file not found: {path}")
     try:
-        return load_thresholds(path)
+        thresholds = load_thresholds(path)
     except (ValueError, OSError) as exc:
         raise CliError(str(exc).splitlines()[0]) from None  # the message names the file
+    check_muted(thresholds.muted, f"thresholds file {path}: muted")
+    return thresholds
+
+
+def check_muted(names, where: str) -> None:
+    """Refuse a muted detector name no detector has (a typo would silently mute nothing)."""
+    import difflib
+
+    from rlhf_tui.analysis.detectors.registry import REGISTRY
+    from rlhf_tui.analysis.safe_text import safe_name
+
+    for name in names:
+        if name not in REGISTRY:
+            close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "the detectors are listed in docs/anomaly-detection.md"
+            raise CliError(f"{where}: unknown detector {safe_name(name, 60)!r} ({hint})")
 
 
 def _check_live_address(source: str) -> None:
@@ -394,11 +461,14 @@ def cmd_analyze_checkpoint(argv: list[str]) -> int:
 
 def cmd_demo(argv: list[str]) -> int:
     ns = _demo_parser().parse_args(argv)
-    from rlhf_tui.tui.demo import run_demo
+    from rlhf_tui.tui.demo import DemoError, run_demo
 
-    return run_demo(
-        steps=ns.steps, headless=ns.headless, step_delay=ns.step_delay, save_steps=ns.save_steps, fmt=ns.format
-    )
+    try:
+        return run_demo(
+            steps=ns.steps, headless=ns.headless, step_delay=ns.step_delay, save_steps=ns.save_steps, fmt=ns.format
+        )
+    except DemoError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_monitor(argv: list[str]) -> int:
@@ -418,8 +488,11 @@ def cmd_monitor(argv: list[str]) -> int:
         config = load_config(ns.config)
     except ConfigError as exc:
         raise CliError(f"{exc} (fix it or delete it)") from None
+    check_muted(config.thresholds.muted, f"config file {config.path}: [thresholds] muted")
     from rlhf_tui.bridge.monitor.sources import SourceError, is_live, resolve_file_source
 
+    if not ns.sources:
+        ns.sources = [default_source()]
     for source in ns.sources:
         if is_live(source):
             _check_live_address(source)
@@ -453,6 +526,26 @@ def cmd_monitor(argv: list[str]) -> int:
     finally:
         for tunnel in tunnels:
             tunnel.close()
+
+
+def default_source() -> str:
+    """The live monitor's source when none is given: $RLHF_TUI_ADDRESS (the training side reads it too), else
+    tcp://127.0.0.1:5555."""
+    from rlhf_tui.analysis.safe_text import safe_name
+    from rlhf_tui.bridge.monitor.sources import is_live
+
+    value = os.environ.get(ADDRESS_ENV, "").strip()
+    if not value:
+        return DEFAULT_SOURCE
+    if not is_live(value):
+        raise CliError(
+            f"{ADDRESS_ENV}={safe_name(value, 60)!r} is not an address: expected tcp://HOST:PORT or ipc://PATH"
+        )
+    try:
+        _check_live_address(value)
+    except CliError as exc:
+        raise CliError(f"{ADDRESS_ENV}: {exc}") from None
+    return value
 
 
 def _open_ssh(destination: str, sources: list[str], timeout: float):
@@ -492,6 +585,7 @@ def cmd_backtest(argv: list[str]) -> int:
 
 
 COMMANDS = {
+    "monitor": cmd_monitor,
     "report": cmd_report,
     "demo": cmd_demo,
     "backtest": cmd_backtest,

@@ -6,6 +6,7 @@ free loopback port; its output goes to a log file so the terminal stays the moni
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -13,6 +14,59 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+TRAINING_MODULES = ("torch", "transformers", "trl")
+INSTALL_TRAIN = "pip install -e '.[train]' in the clone, or pip install 'rlhf-tui[train] @ git+<repository URL>'"
+
+
+class DemoError(Exception):
+    """Why the demo cannot run or did not finish: one line for the user (the CLI exits 2)."""
+
+
+def missing_training_modules() -> list[str]:
+    """The training extras that are not installed (found without importing them: torch alone takes seconds)."""
+    missing = []
+    for name in TRAINING_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def check_can_run(headless: bool) -> None:
+    """Refuse, in one line, a demo that cannot work here: no training extras, or the live view without a terminal."""
+    missing = missing_training_modules()
+    if missing:
+        raise DemoError(
+            f"rlhf-tui demo trains a real model and needs the training extras ({', '.join(missing)} not "
+            f"installed): {INSTALL_TRAIN}"
+        )
+    if not headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise DemoError("rlhf-tui demo: the live view needs a terminal; use `rlhf-tui demo --headless` for a report")
+
+
+def last_log_line(log_path: Path) -> str:
+    """The informative line of a crashed training's log: its last non-empty line (the exception), display-safe."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 8192))
+            tail = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return "no log"
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    if not lines:
+        return "empty log"
+    line = "".join(c if c.isprintable() else "?" for c in lines[-1])
+    return line if len(line) <= 200 else line[:199] + "…"
+
+
+def _crashed(proc: subprocess.Popen, log_path: Path, when: str) -> DemoError:
+    return DemoError(
+        f"rlhf-tui demo: the training {when} (exit code {proc.returncode}: {last_log_line(log_path)}); log: {log_path}"
+    )
 
 
 def free_port() -> int:
@@ -55,6 +109,8 @@ def start_training(
 def run_demo(
     steps: int = 300, headless: bool = False, step_delay: float | None = None, save_steps: int = 50, fmt: str = "text"
 ) -> int:
+    """The demo: 0 when it ran; DemoError (one line) when it cannot run here or its training crashed."""
+    check_can_run(headless)
     workdir = Path(tempfile.mkdtemp(prefix="rlhf-tui-demo-"))
     address = f"tcp://127.0.0.1:{free_port()}"
     log_path = workdir / "training.log"
@@ -70,6 +126,8 @@ def run_demo(
         print(f"rlhf-tui demo: training on {address} (log: {log_path})", file=sys.stderr)
         app = MonitorApp([address], training_process=proc, training_log=str(log_path))
         app.run()
+        if proc.poll() not in (None, 0):
+            raise _crashed(proc, log_path, "crashed")
         return 0
     finally:
         if proc.poll() is None:
@@ -96,16 +154,17 @@ def _headless(address: str, proc: subprocess.Popen, log_path: Path, fmt: str) ->
     finally:
         sub.stop()
     if sub.store.current_run is None:
-        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-        print(
-            f"rlhf-tui demo: the training produced no data (exit code {proc.poll()}). Log tail:\n{tail}",
-            file=sys.stderr,
-        )
-        return 2
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+        raise _crashed(proc, log_path, "sent no data")
     from rlhf_tui.analysis.thresholds import Thresholds
     from rlhf_tui.tui.cli import format_report
 
     sys.stdout.write(format_report(sub.store, Thresholds(), fmt)[0])
+    sys.stdout.flush()
+    if proc.poll() not in (None, 0):
+        raise _crashed(proc, log_path, "crashed")  # the report above shows what it logged before
     return 0
 
 

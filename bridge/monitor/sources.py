@@ -19,6 +19,7 @@ from rlhf_tui.bridge.wire.metrics import is_summary, normalise, summary_values
 
 LIVE_PREFIXES = ("tcp://", "ipc://")
 MAX_FILE_BYTES = 4 << 30  # refuse absurd files rather than exhausting memory
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # checkpoints: `analyze-checkpoint` reads them
 
 
 class SourceError(Exception):
@@ -92,6 +93,8 @@ def load_file_source(source: str, store: Store | None = None) -> Store:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not head:
         raise SourceError(f"{path}: file is empty")
+    if path.suffix.lower() in WEIGHT_SUFFIXES:
+        raise SourceError(f"{path}: looks like a checkpoint, not a run log (use `rlhf-tui analyze-checkpoint {path}`)")
     if path.suffix == ".jsonl" or _looks_like_jsonl(path):
         load_jsonl(path, store)
     else:
@@ -105,7 +108,7 @@ def _looks_like_jsonl(path: Path) -> bool:
             first = fh.readline()
         obj = json.loads(first)
         return isinstance(obj, dict) and "event" in obj
-    except (ValueError, OSError, UnicodeDecodeError):
+    except (ValueError, OSError, UnicodeDecodeError, RecursionError):
         return False
 
 
@@ -117,7 +120,12 @@ def load_trainer_state(path: Path | str, store: Store | None = None) -> Store:
         with open(path, "rb") as fh:
             state = json.load(fh)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise SourceError(f"{path}: not a JSONL log or trainer_state.json (not valid JSON: {why})") from None
+    except RecursionError:
+        raise SourceError(
+            f"{path}: JSON nested too deeply to read (a trainer_state.json is a few levels deep)"
+        ) from None
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
@@ -177,7 +185,6 @@ def _guess_trainer(entries: list[Any]) -> str:
 def apply_jsonl_line(store: Store, line: bytes, default_run: str) -> bool | None:
     """Land one line of a JSONL log (store.lock held): True for an rlhf-tui event, False for any other line
     (counted as rejected when malformed), None when it is not JSON (the caller knows whether it was cut off)."""
-    from rlhf_tui.bridge.monitor.ingest import apply_jsonl_event  # local: keeps this module's import light
 
     try:
         event = json.loads(line)
@@ -202,7 +209,7 @@ def load_jsonl(path: Path | str, store: Store | None = None) -> Store:
         fh = open(path, "rb")
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
-    parsed = 0
+    parsed, rejected_before = 0, store.transport["rejected"]
     with fh, store.lock:
         for raw in fh:
             line = raw.strip()
@@ -216,7 +223,9 @@ def load_jsonl(path: Path | str, store: Store | None = None) -> Store:
             parsed += bool(landed)
         store.touch()
     if parsed == 0:
-        raise SourceError(f"{path}: no rlhf-tui events found (is this a JSONL log written by the callback?)")
+        rejected = store.transport["rejected"] - rejected_before
+        why = f"{rejected} unreadable line{'s' if rejected != 1 else ''}, " if rejected else ""
+        raise SourceError(f"{path}: no rlhf-tui events found ({why}is this a JSONL log written by the callback?)")
     return store
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from conftest import TRACES, free_address
 from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
 from rlhf_tui.tui.cli import main
 
+DEEP = 100_000  # nesting levels: far past the JSON parser's recursion limit
 CONTRACT_KEYS = {"run", "steps", "last_step", "metrics", "anomalies", "checkpoints", "rewards", "transport"}
 
 
@@ -109,13 +111,65 @@ def test_bad_input_is_one_line_and_exit_2(args, fragment):
         ('{"log_history": 3}', "not a trainer_state.json"),
         ("[1, 2, 3]", "not a trainer_state.json"),
         ('{"event": "mystery"}\n', "no rlhf-tui events"),
+        ('{"log_history": ' + "[" * DEEP + "]" * DEEP + "}", "JSON nested too deeply to read"),
+        ('{"log_history": [{"step": 1, "loss": ' + "[" * DEEP + "]" * DEEP + "}]}", "JSON nested too deeply"),
+        (
+            '{"event": "mystery"}\n{"event": "step", "step": 1, "metrics": '
+            + '{"a":' * DEEP
+            + "1"
+            + "}" * DEEP
+            + "}\n",
+            "1 unreadable line",
+        ),
     ],
+    ids=["empty", "bad-json", "log-history-int", "list", "mystery-event", "deep-state", "deep-value", "deep-jsonl"],
 )
 def test_malformed_files_are_one_line_and_exit_2(tmp_path, content, fragment):
     path = tmp_path / "input.json"
     path.write_text(content)
     result = run_cli("report", str(path))
     assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "internal error" not in result.stderr
+
+
+def _safetensors(header: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header
+
+
+@pytest.mark.parametrize(
+    "name, data, fragment",
+    [
+        ("pytorch_model.bin", b"hello world" * 10, "not a checkpoint: "),
+        ("text.pt", b"hello, not a pickle\n" * 20, "not a checkpoint: "),
+        ("deep.safetensors", _safetensors(b'{"a":' * DEEP + b"1" + b"}" * DEEP), "nested too deeply to parse"),
+    ],
+    ids=["text-bin", "text-pt", "deep-header"],
+)
+def test_non_checkpoint_files_are_one_line_and_exit_2(tmp_path, name, data, fragment):
+    path = tmp_path / name
+    path.write_bytes(data)
+    result = run_cli("analyze-checkpoint", str(path))
+    assert result.returncode == 2 and fragment in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "internal error" not in result.stderr
+
+
+def test_a_checkpoint_with_a_deep_trainer_state_is_still_analysed(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(_safetensors(header) + struct.pack("<2f", 0.5, -0.25))
+    (tmp_path / "trainer_state.json").write_text('{"log_history": ' + "[" * DEEP + "]" * DEEP + "}")
+    result = run_cli("analyze-checkpoint", str(tmp_path), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["num_parameters"] == 2
+
+
+def test_report_on_a_checkpoint_file_points_to_analyze_checkpoint(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(_safetensors(b"{}"))
+    result = run_cli("report", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        f"looks like a checkpoint, not a run log (use `rlhf-tui analyze-checkpoint {path}`)"
+    )
 
 
 def test_monitor_without_a_terminal_says_so():

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rlhf_tui.bridge.training.integration.config import UNMAPPED_REASONS, TRLIntegrationConfig
+from rlhf_tui.bridge.training.integration.context import fitted_completion_length
 from rlhf_tui.bridge.training.integration.datasets import TEXT_PROMPT_WORDS, load_prompt_dataset
 from rlhf_tui.bridge.training.integration.errors import IntegrationError, TRLMappingWarning, first_line
 from rlhf_tui.bridge.training.integration.ppo import setup_ppo_trainer, trl_version
@@ -158,6 +159,13 @@ class TRLIntegrationManager:
         if processing_class is None:
             processing_class = _load_tokenizer(model)
         reward_funcs = self._reward_funcs(reward_funcs)
+        # Before the monitor opens: a refusal leaves nothing behind.
+        fitted = fitted_completion_length(
+            cfg.to_trl_kwargs(warn=False)["max_completion_length"],
+            model,
+            processing_class,
+            {"train": train_dataset, "eval": eval_data},
+        )
         cb, collector = self._monitor()
         funcs = reward_funcs
         self.profiler = PhaseProfiler() if cfg.enable_profiling else None
@@ -169,6 +177,8 @@ class TRLIntegrationManager:
             funcs = monitor_rewards(funcs, collector)  # kept for the results, forwarded to cb
 
         args = cfg.to_trl_config(run_id=cb.run_id, has_eval=eval_data is not None)
+        if fitted is not None:
+            args.max_completion_length = fitted
         self._final_checkpoint = _FinalCheckpoint()
         # The profiler writes time/* timings into the logs before our callback copies them.
         ours = ([self.profiler] if self.profiler else []) + [cb, collector, self._final_checkpoint]
