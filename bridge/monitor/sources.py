@@ -14,7 +14,7 @@ from typing import Any
 from rlhf_tui.analysis.safe_text import safe_text
 from rlhf_tui.analysis.store import RunHistory, Store
 from rlhf_tui.bridge.monitor import schema
-from rlhf_tui.bridge.monitor.ingest import _metrics, safe_run_id
+from rlhf_tui.bridge.monitor.ingest import _metrics, apply_jsonl_event, safe_run_id
 from rlhf_tui.bridge.wire.metrics import is_summary, normalise, summary_values
 
 LIVE_PREFIXES = ("tcp://", "ipc://")
@@ -185,7 +185,6 @@ def _guess_trainer(entries: list[Any]) -> str:
 def apply_jsonl_line(store: Store, line: bytes, default_run: str) -> bool | None:
     """Land one line of a JSONL log (store.lock held): True for an rlhf-tui event, False for any other line
     (counted as rejected when malformed), None when it is not JSON (the caller knows whether it was cut off)."""
-
     try:
         event = json.loads(line)
     except (ValueError, UnicodeDecodeError, RecursionError):
