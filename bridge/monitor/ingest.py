@@ -280,14 +280,16 @@ def _apply_reward(run: RunHistory, data: Any) -> None:
     if not isinstance(data, dict):
         return
     samples = data.get("samples")
-    data["samples"] = [s for s in samples if isinstance(s, dict)][:MAX_SAMPLES] if isinstance(samples, list) else []
+    kept = [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
+    step = data.get("step")
+    data["samples"] = [s for s in kept if s.get("step", step) == step][:MAX_SAMPLES]  # the Rewards pane's few
     scores = data.get("scores")
     data["scores"] = (
         [s if isinstance(s, (int, float)) and not isinstance(s, bool) else None for s in scores]
         if isinstance(scores, list)
         else []
     )
-    run.add_reward(data)  # judged per reward function by the monitor (the training side's `analysis` mixed them)
+    run.add_reward(data, kept)  # judged per reward function by the monitor (the training side's `analysis` mixed them)
 
 
 def apply_jsonl_event(store: Store, event: dict, default_run: str = "file") -> bool:

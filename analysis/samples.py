@@ -1,0 +1,230 @@
+"""Every step's sample completions for the completions browser: a bounded buffer keyed by step.
+
+Each reward message carries its function's scores for the whole batch; the first wrapped function's batches
+also carry the kept samples (prompt, completion, `index` in the batch, truncation; bridge/training/rewards.py).
+Here the scores of every function are joined to the samples on (step, rank, batch, index), so a sample shows
+each function's score, the weighted total and the group-normalised advantage where the batch is whole groups.
+Untrusted text is made display-safe here (control characters shown as `\\xNN`, never passed to a terminal).
+Bounded: per step (`STEP_BYTES`) and in total (`total_bytes`, the oldest steps dropped). Pure numpy + stdlib.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from rlhf_tui.analysis.groups import RewardRange, group_split
+
+TOTAL_BYTES = 24 << 20  # text kept in all (the oldest steps dropped first)
+STEP_BYTES = 256 << 10  # text kept per step
+TEXT_CHARS = 8000  # characters kept of one prompt or completion
+MAX_SCORES = 4096  # scores kept per function per batch
+MAX_FUNCTIONS = 32
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(value: Any, limit: int = TEXT_CHARS) -> str:
+    """Untrusted text shown as it is: control and escape characters spelled `\\xNN` (newlines and tabs kept)."""
+    text = value if isinstance(value, str) else ("" if value is None else str(value))
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text[:limit])
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+class _Batch:
+    __slots__ = ("rank", "scores", "samples", "texts_from", "size")
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.scores: dict[str, np.ndarray] = {}
+        self.samples: dict[int, dict] = {}
+        self.texts_from: str | None = None
+        self.size = 0
+
+
+class SampleBuffer:
+    """The kept samples of every step (newest last), joined with every reward function's scores."""
+
+    def __init__(self, total_bytes: int = TOTAL_BYTES) -> None:
+        self.total_bytes = max(1 << 16, int(total_bytes))
+        self.steps: OrderedDict[int, list[_Batch]] = OrderedDict()
+        self.names: list[str] = []
+        self.bytes = 0
+        self.dropped_steps = 0
+        self.range = RewardRange()
+        self.version = 0
+        self._step_bytes: dict[int, int] = {}
+
+    # -- taking reward batches -----------------------------------------------------------------------
+    def add(self, batch: dict, num_generations: Any = None, weights: Any = None) -> dict[int, dict[str, float]]:
+        """One stored reward batch (`reward_func`, `step`, `scores`, `samples`, `rank`). Returns the prompt
+        group split ({step: metrics}) of the steps whose batches it completed."""
+        step, name = batch.get("step"), batch.get("reward_func")
+        if not isinstance(step, int) or isinstance(step, bool):
+            return {}
+        name = (name if isinstance(name, str) and name else "reward")[:120]
+        if name not in self.names:
+            if len(self.names) >= MAX_FUNCTIONS:
+                return {}
+            self.names.append(name)
+        rank = batch.get("rank") if isinstance(batch.get("rank"), int) else 0
+        raw = batch.get("scores")
+        scores = np.asarray([_num(s) for s in (raw if isinstance(raw, list) else [])[:MAX_SCORES]], dtype=np.float64)
+        target = self._batch_for(step, rank, name, scores.size)
+        target.scores[name] = scores
+        target.size = max(target.size, scores.size)
+        samples = batch.get("samples")
+        for sample in samples if isinstance(samples, list) else []:
+            if isinstance(sample, dict):
+                where = sample.get("step")
+                self._take(sample, target if where in (None, step) else self._texts_batch(where, rank, name), name)
+        self._trim()
+        self.version += 1
+        out = {}
+        split = self._split(step, num_generations, weights)
+        if split is not None:
+            out[step] = split
+        return out
+
+    def _batch_for(self, step: int, rank: int, name: str, size: int) -> _Batch:
+        batches = self.steps.get(step)
+        if batches is None:
+            batches = self.steps[step] = []
+        for b in batches:
+            if b.rank == rank and name not in b.scores and (not b.size or b.size == size):
+                return b
+        batches.append(_Batch(rank))
+        del batches[:-64]
+        return batches[-1]
+
+    def _texts_batch(self, step: Any, rank: int, name: str) -> _Batch | None:
+        """Where samples of an earlier step of the same message go: that step's first batch of this function
+        without texts yet."""
+        if not isinstance(step, int) or isinstance(step, bool):
+            return None
+        for b in self.steps.get(step, []):
+            if b.rank == rank and name in b.scores and b.texts_from is None:
+                return b
+        return None
+
+    def _take(self, sample: dict, batch: _Batch | None, name: str) -> None:
+        index = sample.get("index")
+        if batch is None or not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            return
+        if batch.texts_from not in (None, name):
+            return  # another function already carries this batch's texts
+        step = next((s for s, bs in self.steps.items() if batch in bs), None)
+        if step is None:
+            return
+        record = {
+            "index": index,
+            "label": visible(sample.get("label"), 16),
+            "prompt": visible(sample.get("prompt")),
+            "completion": visible(sample.get("completion")),
+            "truncated": sample.get("truncated") is True,
+            "length": sample.get("length") if isinstance(sample.get("length"), int) else None,
+        }
+        size = len(record["prompt"]) + len(record["completion"]) + 64
+        if self._step_bytes.get(step, 0) + size > STEP_BYTES or index in batch.samples:
+            return
+        batch.texts_from = name
+        batch.samples[index] = record
+        self._step_bytes[step] = self._step_bytes.get(step, 0) + size
+        self.bytes += size
+
+    def _trim(self) -> None:
+        while self.bytes > self.total_bytes and len(self.steps) > 1:
+            step, _ = self.steps.popitem(last=False)
+            self.bytes -= self._step_bytes.pop(step, 0)
+            self.dropped_steps += 1
+        while len(self.steps) > 100_000:  # steps with scores only
+            step, _ = self.steps.popitem(last=False)
+            self.bytes -= self._step_bytes.pop(step, 0)
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def totals(self, batch: _Batch, weights: Any = None) -> np.ndarray | None:
+        """The weighted total per completion (NaN-ignoring, as TRL sums), once every function has scored."""
+        if any(n not in batch.scores or batch.scores[n].size != batch.size for n in self.names) or not batch.size:
+            return None
+        w = _weights(weights, len(self.names))
+        matrix = np.column_stack([batch.scores[n] for n in self.names]) * w
+        with np.errstate(invalid="ignore"):
+            total = np.nansum(matrix, axis=1)
+        total[np.isnan(matrix).all(axis=1)] = np.nan
+        return total
+
+    def _split(self, step: int, num_generations: Any, weights: Any) -> dict[str, float] | None:
+        parts = [t for t in (self.totals(b, weights) for b in self.steps.get(step, [])) if t is not None]
+        if not parts:
+            return None
+        totals = np.concatenate(parts)
+        self.range.update(totals)
+        splits = [group_split(t, num_generations, self.range.low, self.range.high) for t in parts]
+        if any(s is None for s in splits):
+            return None
+        sizes = [t.size for t in parts]
+        return {k: float(sum(s[k] * n for s, n in zip(splits, sizes)) / sum(sizes)) for k in splits[0]}  # type: ignore[index]
+
+    def sample_steps(self) -> list[int]:
+        """Steps with at least one kept sample, oldest first."""
+        return [s for s, bs in self.steps.items() if any(b.samples for b in bs)]
+
+    def rows(self, step: int, num_generations: Any = None, weights: Any = None) -> list[dict]:
+        """One step's samples: index, label, prompt, completion, scores {function: value}, total, advantage
+        (group-normalised, where the batch is whole groups), truncated, length, nonfinite."""
+        out = []
+        for bi, batch in enumerate(self.steps.get(step, [])):
+            if not batch.samples:
+                continue
+            total = self.totals(batch, weights)
+            adv = _advantages(total, num_generations)
+            for index in sorted(batch.samples):
+                rec = batch.samples[index]
+                scores = {
+                    n: float(batch.scores[n][index]) for n in self.names if index < batch.scores.get(n, _EMPTY).size
+                }
+                t = float(total[index]) if total is not None and index < total.size else None
+                out.append(
+                    {
+                        **rec,
+                        "batch": bi,
+                        "rank": batch.rank,
+                        "scores": scores,
+                        "total": t,
+                        "advantage": float(adv[index]) if adv is not None and index < adv.size else None,
+                        "nonfinite": any(not math.isfinite(v) for v in scores.values())
+                        or (t is not None and not math.isfinite(t)),
+                        "chars": len(rec["completion"]),
+                    }
+                )
+        return out
+
+
+_EMPTY = np.zeros(0)
+
+
+def _weights(weights: Any, n: int) -> np.ndarray:
+    if isinstance(weights, (list, tuple)) and len(weights) == n:
+        values = [_num(v) for v in weights]
+        if all(math.isfinite(v) for v in values):
+            return np.asarray(values, dtype=np.float64)
+    return np.ones(n)
+
+
+def _advantages(total: np.ndarray | None, num_generations: Any) -> np.ndarray | None:
+    """GRPO's advantage: (total − group mean) / (group std + 1e-4), groups of `num_generations`."""
+    if total is None or not isinstance(num_generations, int) or isinstance(num_generations, bool):
+        return None
+    if num_generations < 2 or total.size % num_generations:
+        return None
+    groups = total.reshape(-1, num_generations)
+    with np.errstate(invalid="ignore"):
+        mean = groups.mean(axis=1, keepdims=True)
+        std = groups.std(axis=1, ddof=1, keepdims=True)
+        return ((groups - mean) / (std + 1e-4)).ravel()
