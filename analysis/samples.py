@@ -59,6 +59,7 @@ class SampleBuffer:
         self.dropped_steps = 0
         self.range = RewardRange()
         self.version = 0
+        self.width = 0  # the most functions that scored one batch: a batch with fewer is not complete yet
         self._step_bytes: dict[int, int] = {}
 
     # -- taking reward batches -----------------------------------------------------------------------
@@ -149,19 +150,24 @@ class SampleBuffer:
 
     # -- reading ---------------------------------------------------------------------------------------
     def totals(self, batch: _Batch, weights: Any = None) -> np.ndarray | None:
-        """The weighted total per completion (NaN-ignoring, as TRL sums), once every function has scored."""
-        if any(n not in batch.scores or batch.scores[n].size != batch.size for n in self.names) or not batch.size:
+        """The weighted total per completion over the functions that scored this batch (NaN-ignoring, as TRL
+        sums); GRPO's weights apply when every known function scored it."""
+        names = [n for n in self.names if n in batch.scores and batch.scores[n].size == batch.size]
+        if not names or not batch.size:
             return None
-        w = _weights(weights, len(self.names))
-        matrix = np.column_stack([batch.scores[n] for n in self.names]) * w
+        w = _weights(weights, len(names)) if len(names) == len(self.names) else np.ones(len(names))
+        matrix = np.column_stack([batch.scores[n] for n in names]) * w
         with np.errstate(invalid="ignore"):
             total = np.nansum(matrix, axis=1)
         total[np.isnan(matrix).all(axis=1)] = np.nan
         return total
 
     def _split(self, step: int, num_generations: Any, weights: Any) -> dict[str, float] | None:
-        parts = [t for t in (self.totals(b, weights) for b in self.steps.get(step, [])) if t is not None]
-        if not parts:
+        batches = self.steps.get(step, [])
+        self.width = max([self.width, *(len(b.scores) for b in batches)])
+        complete = [b for b in batches if len(b.scores) == self.width]  # every function the run has scored with
+        parts = [t for t in (self.totals(b, weights) for b in complete) if t is not None]
+        if not parts or len(complete) < len(batches):
             return None
         totals = np.concatenate(parts)
         self.range.update(totals)

@@ -399,6 +399,18 @@ class MonitorApp(App):
             metric = names[0]
         self.push_screen(ChartScreen(metric, self._overlay_provider(), overlay=True))
 
+    def action_completions(self) -> None:
+        from rlhf_tui.tui.widgets.completions import CompletionsScreen
+
+        store = self.view.store
+
+        def source():
+            run = store.current_run
+            args = run.meta.get("args") if run is not None else None
+            return (run.samples if run is not None else None), (args if isinstance(args, dict) else {})
+
+        self.push_screen(CompletionsScreen(source, store.lock))
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.config.keymap, str(self.config.path)))
 

@@ -144,7 +144,7 @@ def _logs(step: int) -> dict:
     if step >= 25:  # the trainer starts logging one more key: a new plan
         logs["frac_reward_zero_std"] = 0.5
     if step >= 30:  # names json escapes, and a % sign
-        logs["entropie/\u00e9\"q\""] = 1.0 + step / 10
+        logs['entropie/\u00e9"q"'] = 1.0 + step / 10
         logs["ratio%d/%s"] = 0.25
     return logs
 
