@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
 
 from rlhf_tui.analysis.groups import RewardRange, group_split
 
+LIVE_STEPS = 64  # newest steps whose batches keep every function's scores (joins, the group split)
 TOTAL_BYTES = 24 << 20  # text kept in all (the oldest steps dropped first)
 STEP_BYTES = 256 << 10  # text kept per step
 TEXT_CHARS = 8000  # characters kept of one prompt or completion
@@ -38,7 +39,7 @@ def _num(value: Any) -> float:
 
 
 class _Batch:
-    __slots__ = ("rank", "scores", "samples", "texts_from", "size")
+    __slots__ = ("rank", "scores", "samples", "texts_from", "size", "frozen")
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
@@ -46,6 +47,8 @@ class _Batch:
         self.samples: dict[int, dict] = {}
         self.texts_from: str | None = None
         self.size = 0
+        # older steps: each function's scores, the total and the advantage of the kept samples only
+        self.frozen: tuple[np.ndarray | None, np.ndarray | None] | None = None
 
 
 class SampleBuffer:
@@ -61,6 +64,7 @@ class SampleBuffer:
         self.version = 0
         self.width = 0  # the most functions that scored one batch: a batch with fewer is not complete yet
         self._step_bytes: dict[int, int] = {}
+        self._live: deque[int] = deque()
 
     # -- taking reward batches -----------------------------------------------------------------------
     def add(self, batch: dict, num_generations: Any = None, weights: Any = None) -> dict[int, dict[str, float]]:
@@ -74,7 +78,8 @@ class SampleBuffer:
             if len(self.names) >= MAX_FUNCTIONS:
                 return {}
             self.names.append(name)
-        rank = batch.get("rank") if isinstance(batch.get("rank"), int) else 0
+        rank_value = batch.get("rank")
+        rank = rank_value if isinstance(rank_value, int) and not isinstance(rank_value, bool) else 0
         raw = batch.get("scores")
         scores = np.asarray([_num(s) for s in (raw if isinstance(raw, list) else [])[:MAX_SCORES]], dtype=np.float64)
         target = self._batch_for(step, rank, name, scores.size)
@@ -84,8 +89,12 @@ class SampleBuffer:
         for sample in samples if isinstance(samples, list) else []:
             if isinstance(sample, dict):
                 where = sample.get("step")
-                self._take(sample, target if where in (None, step) else self._texts_batch(where, rank, name), name)
+                if where is None or where == step:
+                    self._take(sample, target, step, name)
+                elif isinstance(where, int) and not isinstance(where, bool):
+                    self._take(sample, self._texts_batch(where, rank, name), where, name)
         self._trim()
+        self._freeze(step, num_generations, weights)
         self.version += 1
         out = {}
         split = self._split(step, num_generations, weights)
@@ -104,26 +113,21 @@ class SampleBuffer:
         del batches[:-64]
         return batches[-1]
 
-    def _texts_batch(self, step: Any, rank: int, name: str) -> _Batch | None:
+    def _texts_batch(self, step: int, rank: int, name: str) -> _Batch | None:
         """Where samples of an earlier step of the same message go: that step's first batch of this function
         without texts yet."""
-        if not isinstance(step, int) or isinstance(step, bool):
-            return None
         for b in self.steps.get(step, []):
             if b.rank == rank and name in b.scores and b.texts_from is None:
                 return b
         return None
 
-    def _take(self, sample: dict, batch: _Batch | None, name: str) -> None:
+    def _take(self, sample: dict, batch: _Batch | None, step: int, name: str) -> None:
         index = sample.get("index")
         if batch is None or not isinstance(index, int) or isinstance(index, bool) or index < 0:
             return
         if batch.texts_from not in (None, name):
             return  # another function already carries this batch's texts
-        step = next((s for s, bs in self.steps.items() if batch in bs), None)
-        if step is None:
-            return
-        record = {
+        record: dict[str, Any] = {
             "index": index,
             "label": visible(sample.get("label"), 16),
             "prompt": visible(sample.get("prompt")),
@@ -131,7 +135,9 @@ class SampleBuffer:
             "truncated": sample.get("truncated") is True,
             "length": sample.get("length") if isinstance(sample.get("length"), int) else None,
         }
-        size = len(record["prompt"]) + len(record["completion"]) + 64
+        size = (
+            len(record["prompt"].encode("utf-8", "replace")) + len(record["completion"].encode("utf-8", "replace")) + 64
+        )
         if self._step_bytes.get(step, 0) + size > STEP_BYTES or index in batch.samples:
             return
         batch.texts_from = name
@@ -147,6 +153,28 @@ class SampleBuffer:
         while len(self.steps) > 100_000:  # steps with scores only
             step, _ = self.steps.popitem(last=False)
             self.bytes -= self._step_bytes.pop(step, 0)
+
+    def _freeze(self, newest: int, num_generations: Any, weights: Any) -> None:
+        """Steps LIVE_STEPS behind `newest` keep their samples' rows and drop the whole batches' scores (a
+        step without samples goes): the buffer's memory is its text, not 10^4 steps of score arrays."""
+        while self._live and self._live[0] <= newest - LIVE_STEPS:
+            step = self._live.popleft()
+            batches = self.steps.get(step)
+            if batches is None:
+                continue
+            if not any(b.samples for b in batches):
+                del self.steps[step]
+                continue
+            for batch in batches:
+                kept = np.asarray(sorted(batch.samples), dtype=np.int64)
+                kept = kept[kept < batch.size]
+                total = self.totals(batch, weights)
+                adv = _advantages(total, num_generations)
+                batch.scores = {n: v[kept[kept < v.size]] for n, v in batch.scores.items() if v.size == batch.size}
+                batch.frozen = (None if total is None else total[kept], None if adv is None else adv[kept])
+                batch.samples = {int(i): batch.samples[int(i)] for i in kept}
+        if not self._live or newest > self._live[-1]:
+            self._live.append(newest)
 
     # -- reading ---------------------------------------------------------------------------------------
     def totals(self, batch: _Batch, weights: Any = None) -> np.ndarray | None:
@@ -171,11 +199,14 @@ class SampleBuffer:
             return None
         totals = np.concatenate(parts)
         self.range.update(totals)
-        splits = [group_split(t, num_generations, self.range.low, self.range.high) for t in parts]
-        if any(s is None for s in splits):
-            return None
+        splits: list[dict[str, float]] = []
+        for t in parts:
+            split = group_split(t, num_generations, self.range.low, self.range.high)
+            if split is None:
+                return None
+            splits.append(split)
         sizes = [t.size for t in parts]
-        return {k: float(sum(s[k] * n for s, n in zip(splits, sizes)) / sum(sizes)) for k in splits[0]}  # type: ignore[index]
+        return {k: sum(s[k] * n for s, n in zip(splits, sizes)) / sum(sizes) for k in splits[0]}
 
     def sample_steps(self) -> list[int]:
         """Steps with at least one kept sample, oldest first."""
@@ -184,18 +215,24 @@ class SampleBuffer:
     def rows(self, step: int, num_generations: Any = None, weights: Any = None) -> list[dict]:
         """One step's samples: index, label, prompt, completion, scores {function: value}, total, advantage
         (group-normalised, where the batch is whole groups), truncated, length, nonfinite."""
-        out = []
+        out: list[dict] = []
         for bi, batch in enumerate(self.steps.get(step, [])):
-            if not batch.samples:
-                continue
-            total = self.totals(batch, weights)
-            adv = _advantages(total, num_generations)
-            for index in sorted(batch.samples):
+            out.extend(self._batch_rows(bi, batch, num_generations, weights))
+        return out
+
+    def _batch_rows(self, bi: int, batch: _Batch, num_generations: Any, weights: Any) -> list[dict]:
+        out: list[dict] = []
+        if batch.samples:
+            if batch.frozen is None:
+                total = self.totals(batch, weights)
+                adv = _advantages(total, num_generations)
+            else:
+                total, adv = batch.frozen
+            for j, index in enumerate(sorted(batch.samples)):
                 rec = batch.samples[index]
-                scores = {
-                    n: float(batch.scores[n][index]) for n in self.names if index < batch.scores.get(n, _EMPTY).size
-                }
-                t = float(total[index]) if total is not None and index < total.size else None
+                at = j if batch.frozen is not None else index  # frozen arrays hold the kept samples only
+                scores = {n: float(batch.scores[n][at]) for n in self.names if at < batch.scores.get(n, _EMPTY).size}
+                t = float(total[at]) if total is not None and at < total.size else None
                 out.append(
                     {
                         **rec,
@@ -203,7 +240,7 @@ class SampleBuffer:
                         "rank": batch.rank,
                         "scores": scores,
                         "total": t,
-                        "advantage": float(adv[index]) if adv is not None and index < adv.size else None,
+                        "advantage": float(adv[at]) if adv is not None and at < adv.size else None,
                         "nonfinite": any(not math.isfinite(v) for v in scores.values())
                         or (t is not None and not math.isfinite(t)),
                         "chars": len(rec["completion"]),

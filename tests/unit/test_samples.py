@@ -94,3 +94,19 @@ def test_a_run_gets_groups_metrics_and_every_steps_samples():
 
 def test_visible_spells_out_control_characters():
     assert visible("a\x1b]0;x\x07b\nc\x9b") == "a\\x1b]0;x\\x07b\nc\\x9b"
+
+
+def test_older_steps_keep_their_rows_but_not_the_whole_batches_scores():
+    buf = SampleBuffer()
+    texts = [{"index": i, "prompt": "q", "completion": f"c{i}"} for i in (1, 6)]
+    before = None
+    for step in range(200):
+        buf.add(_batch("a", step, [float(i % 3) for i in range(8)], texts if step % 2 == 0 else []), num_generations=4)
+        buf.add(_batch("b", step, [0.5] * 8), num_generations=4)
+        if step == 0:
+            before = buf.rows(0, num_generations=4)
+    assert buf.rows(0, num_generations=4) == before
+    assert [r["total"] for r in before] == [1.5, 0.5] and before[0]["advantage"] > 0 > before[1]["advantage"]
+    old = buf.steps[0][0]
+    assert old.frozen is not None and all(v.size == 2 for v in old.scores.values())
+    assert 1 not in buf.steps and len(buf.steps) < 200  # old steps without samples are gone
