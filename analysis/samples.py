@@ -92,7 +92,7 @@ class SampleBuffer:
                 if where is None or where == step:
                     self._take(sample, target, step, name)
                 elif isinstance(where, int) and not isinstance(where, bool):
-                    self._take(sample, self._texts_batch(where, rank, name), where, name)
+                    self._take(sample, self._texts_batch(where, rank, name, sample.get("index")), where, name)
         self._trim()
         self._freeze(step, num_generations, weights)
         self.version += 1
@@ -113,11 +113,11 @@ class SampleBuffer:
         del batches[:-64]
         return batches[-1]
 
-    def _texts_batch(self, step: int, rank: int, name: str) -> _Batch | None:
-        """Where samples of an earlier step of the same message go: that step's first batch of this function
-        without texts yet."""
+    def _texts_batch(self, step: int, rank: int, name: str, index: Any) -> _Batch | None:
+        """Where a sample of an earlier step of the same message goes: that step's first batch this function
+        scored that has no sample at `index` yet (a step's accumulated batches, in order)."""
         for b in self.steps.get(step, []):
-            if b.rank == rank and name in b.scores and b.texts_from is None:
+            if b.rank == rank and name in b.scores and b.texts_from in (None, name) and index not in b.samples:
                 return b
         return None
 

@@ -110,3 +110,36 @@ def test_older_steps_keep_their_rows_but_not_the_whole_batches_scores():
     old = buf.steps[0][0]
     assert old.frozen is not None and all(v.size == 2 for v in old.scores.values())
     assert 1 not in buf.steps and len(buf.steps) < 200  # old steps without samples are gone
+
+
+def test_a_jsonl_log_fills_the_browser_every_step_of_a_coalesced_message(tmp_path):
+    import json
+
+    from rlhf_tui.bridge.monitor.sources import load_jsonl
+
+    def sample(step, i):
+        return {"label": "all", "index": i, "step": step, "prompt": f"q{step}", "completion": f"[b]c{i}[/b]"}
+
+    start = {"event": "run_start", "run_id": "r1", "trainer": "GRPOTrainer", "args": {"num_generations": 2}}
+    first = {
+        "event": "reward_batch",
+        "run_id": "r1",
+        "step": 2,
+        "reward_func": "acc",
+        "steps": [1, 2],
+        "sizes": [2, 2],
+        "scores": [1.0, 1.0, 0.0, 1.0],
+        "samples": [sample(1, 0), sample(1, 1), sample(2, 0), sample(2, 1)],
+    }
+    second = {**first, "reward_func": "fmt", "scores": [0.5, 0.5, 0.0, 0.0], "samples": []}
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in (start, first, second)))
+    run = load_jsonl(path).current_run
+    assert run.samples.sample_steps() == [1, 2]
+    step1 = run.samples.rows(1, num_generations=2)
+    assert [r["total"] for r in step1] == [1.5, 1.5] and step1[0]["completion"] == "[b]c0[/b]"
+    assert [r["scores"] for r in run.samples.rows(2, num_generations=2)] == [
+        {"acc": 0.0, "fmt": 0.0},
+        {"acc": 1.0, "fmt": 0.0},
+    ]
+    assert [len(b["samples"]) for b in run.rewards] == [0, 2, 0, 0]  # the Rewards pane keeps the newest step's
