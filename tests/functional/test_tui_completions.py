@@ -82,6 +82,10 @@ async def test_browser_scrubs_sorts_searches_and_opens_one_sample_literally(make
         assert sorted(r[0] for r in _table_rows(screen)) == ["2", "3"]
         await pilot.press("slash", "enter")  # an empty search clears it
         assert len(_table_rows(screen)) == 4
+        await pilot.press("slash", "q")  # typed into the search, not the close key
+        assert screen.query_one("#completions-input").value == "q" and app.screen is screen
+        await pilot.press("escape")  # closes the input only
+        assert screen.asking is None and app.screen is screen and len(_table_rows(screen)) == 4
 
         screen.query_one("#completions-table").move_cursor(row=1)  # #0 under sort by fmt
         await pilot.press("enter")
