@@ -453,6 +453,7 @@ def test_grpo_two_reward_functions_two_iterations_accumulation_and_sparse_loggin
         assert r["total"] == pytest.approx(sum(r["scores"].values()))
         assert r["truncated"] == (r["length"] >= 8) and r["advantage"] is not None
     assert {"groups/too_easy", "groups/too_hard", "groups/zero_std_other"} <= set(w.run.metric_names())
+    assert w.report["rewards"]["samples"] and w.report["rewards"]["last_step"] == 6  # the Rewards pane's few
     assert w.run.meta["trainer"] == "GRPOTrainer" and w.run.meta["units"]["entropy"] == "per token"  # from the args
 
 
