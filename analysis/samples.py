@@ -19,7 +19,7 @@ import numpy as np
 
 from rlhf_tui.analysis.groups import RewardRange, group_split
 
-LIVE_STEPS = 64  # newest steps whose batches keep every function's scores (joins, the group split)
+LIVE_STEPS = 256  # newest steps whose batches keep every function's scores (joins, the group split)
 TOTAL_BYTES = 24 << 20  # text kept in all (the oldest steps dropped first)
 STEP_BYTES = 256 << 10  # text kept per step
 TEXT_CHARS = 8000  # characters kept of one prompt or completion
@@ -60,6 +60,7 @@ class SampleBuffer:
         self.names: list[str] = []
         self.bytes = 0
         self.dropped_steps = 0
+        self.stale = 0  # batches of steps already frozen, ignored
         self.range = RewardRange()
         self.version = 0
         self.width = 0  # the most functions that scored one batch: a batch with fewer is not complete yet
@@ -72,6 +73,9 @@ class SampleBuffer:
         group split ({step: metrics}) of the steps whose batches it completed."""
         step, name = batch.get("step"), batch.get("reward_func")
         if not isinstance(step, int) or isinstance(step, bool):
+            return {}
+        if self._live and step <= self._live[-1] - LIVE_STEPS:
+            self.stale += 1  # older than the steps that keep their scores: nothing left to join it to
             return {}
         name = (name if isinstance(name, str) and name else "reward")[:120]
         if name not in self.names:
@@ -150,7 +154,7 @@ class SampleBuffer:
             step, _ = self.steps.popitem(last=False)
             self.bytes -= self._step_bytes.pop(step, 0)
             self.dropped_steps += 1
-        while len(self.steps) > 100_000:  # steps with scores only
+        while len(self.steps) > 20_000:  # steps with few or short samples
             step, _ = self.steps.popitem(last=False)
             self.bytes -= self._step_bytes.pop(step, 0)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from rlhf_tui.analysis.groups import group_split
-from rlhf_tui.analysis.samples import SampleBuffer, visible
+from rlhf_tui.analysis.samples import LIVE_STEPS, SampleBuffer, visible
 from rlhf_tui.analysis.store import RunHistory
 from rlhf_tui.bridge.training.rewards import SampleSetting, _samples, batch_samples, stratified_indices
 from rlhf_tui.bridge.wire.events import RewardBatch
@@ -100,7 +100,7 @@ def test_older_steps_keep_their_rows_but_not_the_whole_batches_scores():
     buf = SampleBuffer()
     texts = [{"index": i, "prompt": "q", "completion": f"c{i}"} for i in (1, 6)]
     before = None
-    for step in range(200):
+    for step in range(LIVE_STEPS + 100):
         buf.add(_batch("a", step, [float(i % 3) for i in range(8)], texts if step % 2 == 0 else []), num_generations=4)
         buf.add(_batch("b", step, [0.5] * 8), num_generations=4)
         if step == 0:
@@ -109,7 +109,7 @@ def test_older_steps_keep_their_rows_but_not_the_whole_batches_scores():
     assert [r["total"] for r in before] == [1.5, 0.5] and before[0]["advantage"] > 0 > before[1]["advantage"]
     old = buf.steps[0][0]
     assert old.frozen is not None and all(v.size == 2 for v in old.scores.values())
-    assert 1 not in buf.steps and len(buf.steps) < 200  # old steps without samples are gone
+    assert 1 not in buf.steps and len(buf.steps) < LIVE_STEPS + 100  # old steps without samples are gone
 
 
 def test_a_jsonl_log_fills_the_browser_every_step_of_a_coalesced_message(tmp_path):
@@ -143,3 +143,12 @@ def test_a_jsonl_log_fills_the_browser_every_step_of_a_coalesced_message(tmp_pat
         {"acc": 1.0, "fmt": 0.0},
     ]
     assert [len(b["samples"]) for b in run.rewards] == [0, 2, 0, 0]  # the Rewards pane keeps the newest step's
+
+
+def test_a_batch_older_than_the_live_steps_is_ignored_not_kept():
+    buf = SampleBuffer()
+    for step in range(LIVE_STEPS + 100):
+        buf.add(_batch("a", step, [0.0] * 8))
+    kept = len(buf.steps)
+    buf.add(_batch("a", 3, [0.0] * 4096, [{"index": 0, "prompt": "", "completion": "x"}]))
+    assert len(buf.steps) == kept and buf.stale == 1 and 3 not in buf.steps
