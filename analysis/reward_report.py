@@ -67,9 +67,10 @@ def rewards_section(run: RunHistory, episodes: list[dict]) -> dict[str, Any]:
         "functions": functions,
         "combined": combined,
     }
-    if run.rewards:
-        out["samples"] = list(run.rewards[-1].get("samples") or [])
-        out["last_step"] = run.rewards[-1].get("step")
+    if run.rewards:  # the newest batch with texts (only the first wrapped function's batches carry them)
+        newest = next((b for b in reversed(run.rewards) if b.get("samples")), run.rewards[-1])
+        out["samples"] = list(newest.get("samples") or [])
+        out["last_step"] = newest.get("step")
     return out
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_tui.analysis.reward_streams import RewardStreams
+from rlhf_tui.analysis.samples import SampleBuffer
 
 DEFAULT_CAPACITY = 1 << 17  # rows per run before the older half is thinned (~131k steps at full resolution)
 FIRST_ROWS = 256  # rows a new run allocates; its arrays double up to `capacity` as rows arrive
@@ -57,6 +58,7 @@ class RunHistory:
         self.checkpoints: list[dict] = []
         self.rewards: deque[dict] = deque(maxlen=256)  # reward batches (stats + samples), newest last
         self.reward_streams = RewardStreams()  # per reward function, from every batch (analysis/reward_streams.py)
+        self.samples = SampleBuffer()  # every step's kept completions, all functions' scores (analysis/samples.py)
         self.system: dict[int, dict] = {}  # latest system sample per rank
         self.training_anomalies: deque[dict] = deque(maxlen=1000)  # anomalies found by the training side
         self.ended: dict | None = None  # run_end data (global_step, summary)
@@ -160,11 +162,18 @@ class RunHistory:
                 col.values, col.logged = values, logged
         self._size = size
 
-    def add_reward(self, batch: dict) -> None:
-        """Keep one reward batch (newest last) and take it into its function's reliability stream."""
+    def add_reward(self, batch: dict, samples: list | None = None) -> None:
+        """Keep one reward batch (newest last), take it into its function's reliability stream and its
+        `samples` (default: the batch's) into the completions buffer; the prompt groups' split of a step
+        it completes becomes that step's `groups/*` metrics (unless older steps arrived since)."""
         self.rewards.append(batch)
         args = self.meta.get("args")
-        self.reward_streams.add(batch, args.get("num_generations") if isinstance(args, dict) else None)
+        args = args if isinstance(args, dict) else {}
+        self.reward_streams.add(batch, args.get("num_generations"))
+        full = batch if samples is None else {**batch, "samples": samples}
+        for step, metrics in self.samples.add(full, args.get("num_generations"), args.get("reward_weights")).items():
+            if not self.rows or step >= self._steps[self.rows - 1]:
+                self.add_step(step, metrics)
 
     def _thin(self) -> None:
         """Halve the resolution of the older half so memory stays bounded on very long runs."""

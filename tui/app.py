@@ -28,6 +28,7 @@ from rlhf_tui.tui.config import Config, ConfigError, load_config, save_config, s
 from rlhf_tui.tui.render import CONNECTION, clean, render_text, short, spark_width_for
 from rlhf_tui.tui.run_model import keep_large_arrays_off_the_heap
 from rlhf_tui.tui.widgets.chart import ChartScreen
+from rlhf_tui.tui.widgets.completions import CompletionsScreen
 from rlhf_tui.tui.widgets.help import HelpScreen
 from rlhf_tui.tui.widgets.metrics import MetricsPane
 from rlhf_tui.tui.widgets.model import run_metric_units, split_units
@@ -208,7 +209,7 @@ class MonitorApp(App):
             return  # starting up or shutting down
         now = time.monotonic()
         # The panes are visible on the main screen and under a modal dialog (help, threshold editor).
-        main = not isinstance(self.screen, ChartScreen)
+        main = not isinstance(self.screen, (ChartScreen, CompletionsScreen))
         active = self.view
         for view in self.views:
             view.tick(now, visible=main and view is active, paused=self.paused)
@@ -469,6 +470,16 @@ class MonitorApp(App):
                 return
             metric = names[0]
         self.push_screen(ChartScreen(metric, self._overlay_provider(), overlay=True))
+
+    def action_completions(self) -> None:
+        store = self.view.store
+
+        def source():
+            run = store.current_run
+            args = run.meta.get("args") if run is not None else None
+            return (run.samples if run is not None else None), (args if isinstance(args, dict) else {})
+
+        self.push_screen(CompletionsScreen(source, store.lock))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.config.keymap, str(self.config.path)))

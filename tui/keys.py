@@ -21,6 +21,7 @@ SCOPES = {
     "chart": "Chart / overlay",
     "editor": "Threshold editor",
     "value": "Editor value entry",
+    "completions": "Completions browser",
     "dialog": "Help screen",
 }
 
@@ -115,6 +116,13 @@ KEYS: tuple[Key, ...] = (
         "app.focus_next",
         "Next pane",
         help="move the focus to the next pane (shift+Tab: previous); arrows move inside it",
+    ),
+    Key(
+        "completions",
+        "c",
+        "app.completions",
+        "Completions",
+        help="open the completions browser: every step's samples, their scores, total and advantage",
     ),
     Key("next_run", "right_square_bracket", "app.next_run(1)", "Next run", help="next run tab (several sources)"),
     Key("prev_run", "left_square_bracket", "app.next_run(-1)", "Prev run", help="previous run tab (several sources)"),
@@ -238,6 +246,39 @@ KEYS: tuple[Key, ...] = (
     Key("editor_close", "escape", "close", "Close", scope="editor", show=True, help="close the editor"),
     Key("value_apply", "enter", "submit", "Apply", scope="value", help="apply the typed value"),
     Key("value_cancel", "escape", "cancel", "Cancel", scope="value", help="cancel typing"),
+    # -- completions browser -------------------------------------------------------------------------------
+    Key("completions_prev", "left", "scrub(-1)", "Earlier", scope="completions", show=True, help="the previous step"),
+    Key("completions_next", "right", "scrub(1)", "Later", scope="completions", show=True, help="the next step"),
+    Key("completions_goto", "g", "goto", "Step", scope="completions", show=True, help="type a step number"),
+    Key("completions_newest", "end,f", "newest", "Newest", scope="completions", help="follow the newest step"),
+    Key(
+        "completions_sort",
+        "o",
+        "cycle_sort",
+        "Sort",
+        scope="completions",
+        show=True,
+        help="sort by the total, each reward function, length, advantage (highest first)",
+    ),
+    Key(
+        "completions_search",
+        "slash",
+        "search",
+        "Search",
+        scope="completions",
+        show=True,
+        help="search prompts and completions with a regular expression (empty clears)",
+    ),
+    Key("completions_open", "enter", "open", "Open", scope="completions", show=True, help="open the sample whole"),
+    Key(
+        "completions_close",
+        "escape,q",
+        "close",
+        "Close",
+        scope="completions",
+        show=True,
+        help="close the input, the open sample, then the browser",
+    ),
     # -- dialogs -------------------------------------------------------------------------------------------
     Key(
         "dialog_close",

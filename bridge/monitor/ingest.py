@@ -306,20 +306,26 @@ def _apply_checkpoint(run: RunHistory, data: dict) -> None:
         del run.checkpoints[: len(run.checkpoints) - MAX_CHECKPOINTS]
 
 
+MAX_MESSAGE_SAMPLES = 4096  # samples one reward message may carry (16 per batch over a few batches)
+
+
 def _apply_reward(run: RunHistory, data: Any) -> None:
     reject = run.reject_field
     data = checked(data, schema.REWARD, "reward", reject)
     if not data:
         return
     data.pop("analysis", None)  # the training side's mixed analysis: the monitor judges each function itself
-    data["samples"] = checked_list(data.get("samples"), schema.SAMPLE, "reward.samples", reject, MAX_SAMPLES)
+    # Every kept sample goes to the completions buffer (bounded there); the Rewards pane keeps the newest step's few.
+    kept = checked_list(data.get("samples"), schema.SAMPLE, "reward.samples", reject, MAX_MESSAGE_SAMPLES)
+    step = data.get("step")
+    data["samples"] = [s for s in kept if s.get("step", step) == step][:MAX_SAMPLES]
     scores = data.get("scores")
     data["scores"] = (
         [s if isinstance(s, (int, float)) and not isinstance(s, bool) else None for s in scores]
         if isinstance(scores, list)
         else []
     )
-    run.add_reward(data)  # judged per reward function by the monitor (the training side's `analysis` mixed them)
+    run.add_reward(data, kept)  # judged per reward function by the monitor (the training side's `analysis` mixed them)
 
 
 def apply_jsonl_event(store: Store, event: dict, default_run: str = "file") -> bool:

@@ -167,7 +167,17 @@ REWARD = {
     "num_invalid": count,
     "samples": a_list,
 }
-SAMPLE = {"label": text, "score": number, "prompt": text, "completion": text}
+SAMPLE = {
+    "label": text,
+    "score": number,
+    "prompt": text,
+    "completion": text,
+    "index": count,
+    "step": count,
+    "truncated": flag,
+    "length": count,
+    "clipped": flag,
+}
 RUN_END = {"global_step": count, "summary": mapping, "status": text, "error": text}
 ANOMALY = {
     "detector": text,

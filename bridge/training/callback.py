@@ -529,13 +529,15 @@ class RLHFMonitorCallback(_Base):
         *,
         prompts: Any = None,
         completions: Any = None,
+        completion_ids: Any = None,
     ) -> None:
-        """Publish one batch of reward scores, and a few sample completions: `samples` as given, or picked
-        from `prompts`/`completions` (best, worst, one at random) on the publisher thread."""
+        """Publish one batch of reward scores, and sample completions: `samples` as given, or picked from
+        `prompts`/`completions` on the publisher thread (all, or a stratified pick: `monitor_rewards`' setting;
+        `completion_ids` give lengths and truncation)."""
         if self._ensure_run(start=not self.runs) is not None:  # a batch after close() starts no run
             if samples is not None or completions is None:
                 samples = list(samples or [])
-            self._put(events.RewardBatch(int(step), name, list(scores), samples, prompts, completions))
+            self._put(events.RewardBatch(int(step), name, list(scores), samples, prompts, completions, completion_ids))
 
     def log_checkpoint(self, step: int, path: str) -> None:
         if self._ensure_run(start=not self.runs) is not None:

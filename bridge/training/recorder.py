@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_tui.bridge.training.actions import Decision, record
 from rlhf_tui.bridge.training.jsonl_log import JsonlLog
-from rlhf_tui.bridge.training.rewards import MAX_SAMPLES, _samples
+from rlhf_tui.bridge.training.rewards import DEFAULT_SETTING, batch_samples
 from rlhf_tui.bridge.training.system import SystemSampler, memory_metrics
 from rlhf_tui.bridge.wire import events, protocol
 from rlhf_tui.bridge.wire.metrics import CANONICAL_SOURCES, is_summary, normalise, summary_values
@@ -237,11 +237,9 @@ class Recorder:
         out = []
         for name, batches in self.reward_pending.items():
             data = events.coalesced_rewards(name, batches)
-            newest = batches[-1]
-            samples = newest.samples
-            if samples is None:
-                samples = _samples(newest.prompts, newest.completions, newest.scores)
-            data["samples"] = protocol.to_json_safe(samples[:MAX_SAMPLES])
+            setting = getattr(self.cb, "sample_setting", DEFAULT_SETTING)
+            max_length = self.cb.meta.get("args", {}).get("max_completion_length")
+            data["samples"] = protocol.to_json_safe(batch_samples(batches, setting, max_length))
             # Made JSON-safe piece by piece above: encoded once for the log and the wire.
             out.append(
                 events.Message(protocol.REWARD, self._logged("reward_batch", protocol.Clean(data)), self.cb.rank)

@@ -11,10 +11,25 @@ import functools
 import math
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-SAMPLE_CHARS = 300
-MAX_SAMPLES = 3  # sample completions published per reward message
+SAMPLE_CHARS = 300  # prompt / completion characters the Rewards pane's few samples keep
+MAX_SAMPLES = 3  # samples the Rewards pane shows per reward message (the browser keeps `SampleSetting.per_step`)
+
+
+@dataclass(frozen=True)
+class SampleSetting:
+    """How many sample completions of each batch reach the monitor: every one when the batch has at most
+    `per_step`, else a stratified pick (best, worst, median, every truncated one, then random ones) of
+    `per_step`; each text clipped to `chars` characters and the batch's samples to `max_bytes` (UTF-8)."""
+
+    per_step: int = 16
+    max_bytes: int = 32 << 10
+    chars: int = 2000
+
+
+DEFAULT_SETTING = SampleSetting()
 
 
 def _text(value: Any) -> str:
@@ -27,34 +42,133 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _samples(prompts: Sequence | None, completions: Sequence | None, scores: Sequence) -> list[dict]:
-    if not completions:
-        return []
-    scored = [(i, s) for i, s in enumerate(scores) if isinstance(s, (int, float)) and math.isfinite(s)]
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def stratified_indices(
+    scores: Sequence, n: int, per_step: int, truncated: Sequence[bool] = ()
+) -> list[tuple[str, int]]:
+    """(label, index) of the completions to keep from a batch of `n`: best, worst and median first, then all
+    the others (label "all") when n <= per_step, else the truncated ones, two non-finite ones and random ones,
+    `per_step` in all."""
+    per_step = max(1, int(per_step))
+    order = sorted((i for i in range(min(n, len(scores))) if _finite(scores[i])), key=lambda i: scores[i])
     picks: list[tuple[str, int]] = []
-    if scored:
-        picks.append(("best", max(scored, key=lambda x: x[1])[0]))
-        picks.append(("worst", min(scored, key=lambda x: x[1])[0]))
-    picks.append(("random", random.randrange(len(completions))))
+    if order:
+        picks += [("best", order[-1]), ("worst", order[0]), ("median", order[len(order) // 2])]
+    if n <= per_step:
+        picks += [("all", i) for i in range(n)]
+    picks += [("truncated", i) for i, t in enumerate(truncated[:n]) if t]
+    picks += [("nonfinite", i) for i in range(min(n, len(scores))) if not _finite(scores[i])][:2]
+    rest = list(range(n))
+    random.shuffle(rest)
+    picks += [("random", i) for i in rest]
     out, seen = [], set()
     for label, i in picks:
-        if i in seen or i >= len(completions):
-            continue
-        seen.add(i)
-        prompt = _text(prompts[i]) if prompts is not None and i < len(prompts) else ""
-        score = scores[i] if i < len(scores) else None
-        out.append(
-            {
-                "label": label,
-                "score": score,
-                "prompt": prompt[-SAMPLE_CHARS:],
-                "completion": _text(completions[i])[:SAMPLE_CHARS],
-            }
-        )
+        if i not in seen:
+            seen.add(i)
+            out.append((label, i))
+        if len(out) == per_step:
+            break
     return out
 
 
-def _wrap(fn: Callable, cb: Any) -> Callable:
+def _samples(
+    prompts: Sequence | None,
+    completions: Sequence | None,
+    scores: Sequence,
+    setting: SampleSetting = DEFAULT_SETTING,
+    lengths: Sequence[int] | None = None,
+    max_length: int | None = None,
+    step: int | None = None,
+) -> list[dict]:
+    """The kept samples of one batch (see `SampleSetting`), on the publisher thread: `index` is the
+    completion's place in the batch (the monitor joins every reward function's score on it), `truncated`
+    whether it reached `max_length` tokens. The whole list stays within `setting.max_bytes`."""
+    if not completions:
+        return []
+    n = len(completions)
+    lengths = list(lengths or [])[:n]
+    truncated = [bool(max_length) and lengths[i] >= max_length if i < len(lengths) else False for i in range(n)]
+    out, budget = [], max(0, int(setting.max_bytes))
+    for label, i in stratified_indices(scores, n, setting.per_step, truncated):
+        prompt = _text(prompts[i]) if prompts is not None and i < len(prompts) else ""
+        sample = {
+            "label": label,
+            "index": i,
+            "score": scores[i] if i < len(scores) else None,
+            "prompt": prompt[-setting.chars :],
+            "completion": _text(completions[i])[: setting.chars],
+            "truncated": truncated[i],
+        }
+        if i < len(lengths):
+            sample["length"] = lengths[i]
+        if step is not None:
+            sample["step"] = step
+        size = _size(sample) - 64
+        if size + 64 > budget:  # clip this one to what is left, then stop
+            room = max(0, budget - 64)
+            sample["completion"] = sample["completion"].encode("utf-8", "replace")[:room].decode("utf-8", "ignore")
+            room -= len(sample["completion"].encode("utf-8"))
+            sample["prompt"] = (
+                sample["prompt"].encode("utf-8", "replace")[-room:].decode("utf-8", "ignore") if room > 0 else ""
+            )
+            sample["clipped"] = True
+            if sample["completion"] or sample["prompt"]:
+                out.append(sample)
+            break
+        budget -= size + 64
+        out.append(sample)
+    return out
+
+
+MESSAGE_BYTES = 1 << 20  # samples' text in one reward message (the newest steps' kept when more)
+
+
+def _size(sample: dict) -> int:
+    return 64 + len(sample["prompt"].encode("utf-8", "replace")) + len(sample["completion"].encode("utf-8", "replace"))
+
+
+def batch_samples(batches: Sequence, setting: SampleSetting = DEFAULT_SETTING, max_length: Any = None) -> list[dict]:
+    """The samples of every gathered batch (`RewardBatch`es of one function, oldest first), each tagged with
+    its step; a step's batches (gradient accumulation) share the step's `setting.max_bytes`, and the message's
+    samples stay within MESSAGE_BYTES (the oldest steps' left out)."""
+    out: list[dict] = []
+    used: dict[int, int] = {}
+    limit = max_length if isinstance(max_length, int) and max_length > 0 else None
+    for batch in batches:
+        if batch.samples is not None:
+            out.extend(dict(s, step=s.get("step", batch.step)) for s in batch.samples if isinstance(s, dict))
+            continue
+        left = setting.max_bytes - used.get(batch.step, 0)
+        if left <= 64 or not batch.completions:
+            continue
+        ids = batch.completion_ids
+        lengths = [len(x) for x in ids] if isinstance(ids, (list, tuple)) else None
+        part = _samples(
+            batch.prompts,
+            batch.completions,
+            batch.scores,
+            SampleSetting(setting.per_step, left, setting.chars),
+            lengths,
+            limit,
+            batch.step,
+        )
+        used[batch.step] = used.get(batch.step, 0) + sum(_size(s) for s in part)
+        out.extend(part)
+    total, keep = 0, len(out)
+    while keep and total + _size_of(out[keep - 1]) <= MESSAGE_BYTES:
+        total += _size_of(out[keep - 1])
+        keep -= 1
+    return out[keep:]
+
+
+def _size_of(sample: dict) -> int:
+    return _size({"prompt": str(sample.get("prompt") or ""), "completion": str(sample.get("completion") or "")})
+
+
+def _wrap(fn: Callable, cb: Any, texts: bool = True) -> Callable:
     name = getattr(fn, "__name__", None) or type(fn).__name__
 
     @functools.wraps(fn)
@@ -64,11 +178,14 @@ def _wrap(fn: Callable, cb: Any) -> Callable:
             if scores is not None:
                 prompts = kwargs.get("prompts", args[0] if args else None)
                 completions = kwargs.get("completions", args[1] if len(args) > 1 else None)
+                ids = kwargs.get("completion_ids") if texts else None
                 state = kwargs.get("trainer_state")
                 step_of = getattr(cb, "reward_step", None)  # the step TRL logs this batch under
                 step = step_of(state) if callable(step_of) else int(getattr(state, "global_step", 0) or 0)
                 values = [None if s is None else float(s) for s in scores]
-                cb.log_rewards(step, values, name=name, prompts=prompts, completions=completions)
+                if not texts:  # one function's batches carry the texts; the monitor joins the others' scores
+                    prompts = completions = None
+                cb.log_rewards(step, values, name=name, prompts=prompts, completions=completions, completion_ids=ids)
         except Exception:
             pass  # monitoring must never change what the reward function returns
         return scores
@@ -77,12 +194,34 @@ def _wrap(fn: Callable, cb: Any) -> Callable:
     return wrapped
 
 
-def monitor_rewards(reward_funcs: Callable | Sequence[Callable], cb: Any) -> list | Callable:
+def monitor_rewards(
+    reward_funcs: Callable | Sequence[Callable],
+    cb: Any,
+    samples: int | None = None,
+    sample_bytes: int | None = None,
+) -> list | Callable:
     """Wrap reward functions (a list, or one function) for `cb`; model ids/paths are passed through
-    untouched (TRL logs their `rewards/<name>/*` itself)."""
+    untouched (TRL logs their `rewards/<name>/*` itself). `samples`: completions kept per batch (all of a
+    smaller batch, else a stratified pick; default 16); `sample_bytes`: their bound per step (default 32 KiB).
+    The first wrapped function's batches carry the texts; every function's scores are joined to them."""
+    if samples is not None or sample_bytes is not None:
+        try:
+            cb.sample_setting = SampleSetting(
+                max(1, int(samples if samples is not None else DEFAULT_SETTING.per_step)),
+                max(256, int(sample_bytes if sample_bytes is not None else DEFAULT_SETTING.max_bytes)),
+            )
+        except Exception:
+            pass
     if callable(reward_funcs) and not isinstance(reward_funcs, (list, tuple)):
         return _wrap(reward_funcs, cb)
-    return [f if isinstance(f, str) or not callable(f) or _is_model(f) else _wrap(f, cb) for f in reward_funcs]
+    out, first = [], True
+    for f in reward_funcs:
+        if isinstance(f, str) or not callable(f) or _is_model(f):
+            out.append(f)
+        else:
+            out.append(_wrap(f, cb, texts=first))
+            first = False
+    return out
 
 
 def _is_model(obj: Any) -> bool:

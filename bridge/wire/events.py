@@ -59,6 +59,7 @@ class RewardBatch:
     samples: list | None = None
     prompts: Any = None
     completions: Any = None
+    completion_ids: Any = None  # token ids per completion (reference): lengths, truncation
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,9 +77,9 @@ async def test_filter_by_regular_expression(make_store, settle, title):
         assert app.focused is pane.table and pane.names == ["kl", "entropy"]
         await pilot.press("slash", "(")
         await pilot_wait_for(pilot, lambda: "bad regex" in title(pane), message="bad regex said")
-        assert len(pane.names) == 10  # an unfinished pattern shows everything
+        assert len(pane.names) == 13  # an unfinished pattern shows everything
         await pilot.press("escape")
-        await pilot_wait_for(pilot, lambda: len(pane.names) == 10 and not pane.pattern, message="cleared")
+        await pilot_wait_for(pilot, lambda: len(pane.names) == 13 and not pane.pattern, message="cleared")
         assert app.focused is pane.table
 
 
@@ -368,6 +368,8 @@ async def test_follow_key_leaves_the_picked_step(make_store, settle):
 
 
 def test_every_binding_is_exercised_by_a_test():
-    # overlay and next/prev run are exercised in test_app.py (several sources), the feed's keys in test_tui_feed.py
+    # overlay and next/prev run are exercised in test_app.py (several sources), the feed's keys in test_tui_feed.py,
+    # the completions browser's in test_tui_completions.py
     covered = TESTED | {"overlay", "next_run", "prev_run", "show_lows", "anomaly_follow", "checkpoint_follow"}
+    covered |= {k.id for k in keys.keys_for("completions")} | {"completions"}  # test_tui_completions.py
     assert {k.id for k in keys.KEYS} - covered == set()

@@ -15,7 +15,8 @@ async def test_metrics_pane_rows_values_band_trend_and_active_anomaly(cell, make
         await settle(pilot, app)
         pane = app.view.pane("metrics")
         assert pane.names[:5] == ["reward", "reward_std", "kl", "entropy", "loss"]  # canonical first
-        assert pane.names[-2:] == ["completions/clipped_ratio", "rewards/length_reward/mean"]
+        groups = ["groups/too_easy", "groups/too_hard", "groups/zero_std_other"]  # from the reward batches' scores
+        assert pane.names[-5:] == ["completions/clipped_ratio", *groups, "rewards/length_reward/mean"]
         table = pane.table
         assert cell(table, "kl", 0).startswith("● kl")  # a KL anomaly is in progress
         assert not cell(table, "entropy", 0).startswith("●")
@@ -27,7 +28,7 @@ async def test_metrics_pane_rows_values_band_trend_and_active_anomaly(cell, make
         assert cell(table, "learning_rate", 4) == "—"  # schedules are not judged
         spark = cell(table, "entropy", 5)
         assert set(spark.replace("\n", "")) <= set(" ▁▂▃▄▅▆▇█") and "█" in spark
-        assert "Metrics 10" in title(pane)
+        assert "Metrics 13" in title(pane)
 
 
 async def test_anomaly_feed_newest_first_with_counts_and_details_that_move_the_metrics_view(

@@ -444,6 +444,16 @@ def test_grpo_two_reward_functions_two_iterations_accumulation_and_sparse_loggin
         assert np.isfinite(w.run.values(f"rewards/{name}/mean")).all()
     steps = {s for b in w.run.rewards for s in b.get("steps", [b["step"]])}
     assert steps <= {3, 6} and 6 in steps  # reward batches carry the step of their log_history row
+    # the completions browser's buffer: every batch's 4 completions, both functions' scores joined to them
+    buf = w.run.samples
+    assert set(buf.sample_steps()) <= {3, 6} and 6 in buf.sample_steps()
+    rows = buf.rows(6, num_generations=4, weights=w.run.meta["args"].get("reward_weights"))
+    assert rows and len(rows) % 4 == 0 and all(set(r["scores"]) == {"length_reward", "format_reward"} for r in rows)
+    for r in rows:
+        assert r["total"] == pytest.approx(sum(r["scores"].values()))
+        assert r["truncated"] == (r["length"] >= 8) and r["advantage"] is not None
+    assert {"groups/too_easy", "groups/too_hard", "groups/zero_std_other"} <= set(w.run.metric_names())
+    assert w.report["rewards"]["samples"] and w.report["rewards"]["last_step"] == 6  # the Rewards pane's few
     assert w.run.meta["trainer"] == "GRPOTrainer" and w.run.meta["units"]["entropy"] == "per token"  # from the args
 
 
