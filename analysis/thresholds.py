@@ -54,6 +54,7 @@ class Thresholds:
     kl_spike_factor: float = 20.0  # |KL - baseline| in multiples of max(spread, |baseline|): isolated spike (low)
     kl_runaway_factor: float = 15.0  # the same ratio held for `persist_k` of the last `persist_n` steps: runaway
     kl_runaway_high: float = 100.0  # runaway held at this ratio: high severity
+    kl_floor: float = 0.01  # KL levels below this (nats per token) are the policy leaving the reference, not news
     persist_k: int = 4  # k of the last n steps must exceed a level for it to count as persistent (k <= n)
     persist_n: int = 5
 
@@ -189,6 +190,7 @@ _FIELD_SPECS: list[dict[str, Any]] = [
     _h("kl_spike_factor", "KL deviation (in typical levels) for an isolated spike", 5.0, min=1.0),
     _h("kl_runaway_factor", "KL deviation held k of n steps for runaway KL", 1.0, min=1.0),
     _h("kl_runaway_high", "KL deviation held k of n steps for high severity", 10.0, min=1.0),
+    _h("kl_floor", "smallest KL reference level for spikes and runaway (early growth from 0)", 0.005, min=0.0),
     _h("persist_k", "k of the last n steps for persistence", 1, min=1),
     _h("persist_n", "n steps considered for persistence", 1, min=1, max=50),
     _h("entropy_collapse_frac", "entropy drop from its early level: collapse", 0.01, min=0.0, max=1.0),

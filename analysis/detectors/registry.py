@@ -102,7 +102,7 @@ _RECORDS = (
         "kl_spike",
         "isolated KL spike far above its typical level (low)",
         ("kl",),
-        ("kl_spike_factor",),
+        ("kl_spike_factor", "kl_floor"),
         (LOW,),
         lambda metric, value, score: (
             f"isolated KL spike: kl = {fmt(value)}, {score:.0f}x its typical level",
@@ -113,7 +113,7 @@ _RECORDS = (
         "kl_runaway",
         "KL held far above its baseline for k of the last n steps (medium/high)",
         ("kl",),
-        ("kl_runaway_factor", "kl_runaway_high", "persist_k", "persist_n"),
+        ("kl_runaway_factor", "kl_runaway_high", "kl_floor", "persist_k", "persist_n"),
         (MEDIUM, HIGH),
         lambda metric, value, score: (
             f"KL is running away: kl = {fmt(value)}, held {score:.0f}x above its baseline",
@@ -406,10 +406,10 @@ _RECORDS = (
     ),
     Detector(
         "dpo_logps_falling",
-        "DPO chosen and rejected log-probs both falling (medium)",
+        "DPO chosen and rejected log-probs both falling (low: common in healthy DPO too)",
         ("logps/chosen", "logps/rejected"),
         ("shift_h", "shift_kref", "shift_clip"),
-        (MEDIUM,),
+        (LOW,),
         _fixed(
             "chosen and rejected log-probs are both falling",
             "likelihood displacement: lower the learning rate, add an SFT term (rpo_alpha) or raise beta",

@@ -165,7 +165,8 @@ def kl(c: Context) -> Flags:
     c.shared["kl_held"] = np.zeros(n, dtype=bool)
     kl = s("kl")
     if kl is not None:
-        ratio = np.abs(kl.x - kl.center) / np.maximum(kl.scale, np.abs(kl.center))
+        # (against at least kl_floor: a KL growing from 0 as the policy leaves its reference is no runaway)
+        ratio = np.abs(kl.x - kl.center) / np.maximum(np.maximum(kl.scale, np.abs(kl.center)), th.kl_floor)
         ratio[~kl.ok] = np.nan
         yield "kl_spike", "kl", np.where(ratio >= th.kl_spike_factor, 1, 0).astype(np.int8), ratio
         held = count_last(ratio >= th.kl_runaway_factor, pn) >= k
@@ -416,7 +417,8 @@ def dpo(c: Context) -> Flags:
             dc = c.cusum("logps/chosen:down", lc.z, th.shift_kref, -1.0)
             dr = c.cusum("logps/rejected:down", lrj.z, th.shift_kref, -1.0)
             both = (dc >= th.shift_h) & (dr >= th.shift_h)
-            yield "dpo_logps_falling", "logps/chosen", np.where(both, 2, 0).astype(np.int8), np.minimum(dc, dr)
+            # (both falling is common in healthy DPO too, likelihood displacement: a note, not an alarm)
+            yield "dpo_logps_falling", "logps/chosen", np.where(both, 1, 0).astype(np.int8), np.minimum(dc, dr)
         ls = s("loss")
         if ls is not None:
             cur = ls.recent(rn)
