@@ -71,9 +71,12 @@ class RunCollector(_CallbackBase):
         *,
         prompts: Any = None,
         completions: Any = None,
+        completion_ids: Any = None,
     ) -> None:
         """`RLHFMonitorCallback.log_rewards`'s signature: kept here, then forwarded to the monitor callback."""
-        self.monitor.log_rewards(step, scores, samples, name=name, prompts=prompts, completions=completions)
+        self.monitor.log_rewards(
+            step, scores, samples, name=name, prompts=prompts, completions=completions, completion_ids=completion_ids
+        )
         meta = getattr(self.monitor, "meta", None)
         if "args" not in self.run.meta and isinstance(meta, dict):  # num_generations, for the zero-spread check
             self.run.meta.update(meta)
