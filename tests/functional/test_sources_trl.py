@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import threading
+import time
 
 import pytest
 from conftest import wait_for
@@ -92,9 +93,10 @@ def test_a_tensorboard_run_without_callback_is_followed_live_and_reported(tiny_m
     assert follower is not None
     follower.poll_s = 0.05
     follower.start()
+    deadline = time.monotonic() + 240  # the test fails, never hangs
     try:
         seen = set()
-        while thread.is_alive() or not follower.ended:  # bounded: the training ends, its summary ends the run
+        while (thread.is_alive() or not follower.ended) and time.monotonic() < deadline:
             follower.wait_polls(1, timeout=5)
             run = follower.store.current_run
             if run is not None:
@@ -107,8 +109,10 @@ def test_a_tensorboard_run_without_callback_is_followed_live_and_reported(tiny_m
         follower.stop()
         thread.join(60)
     assert not errors, errors
+    assert not thread.is_alive(), "the training did not finish"
     run = follower.store.current_run
-    assert run.steps.tolist() == list(range(1, STEPS + 1)) and follower.store.connection == "ended"
+    assert run.steps.tolist() == list(range(1, STEPS + 1))
+    assert follower.store.connection == "ended", "the follower did not see the run end within the bound"
     assert len(seen) > 2  # it grew while training ran, not in one read at the end
     assert [b["step"] for b in run.rewards][:3] == [1, 2, 3] and run.rewards[0]["samples"]  # completions parquet
     capsys.readouterr()  # what the training printed
