@@ -29,7 +29,8 @@ def test_on_alarm_stop_saves_a_checkpoint_and_stops_the_run_after_an_lr_spike(ti
 
     out = tmp_path / "out"
     cb = RLHFMonitorCallback(address=False, log_dir=str(tmp_path / "logs"), on_alarm={"medium": "stop"})
-    trainer = make_grpo_trainer(tiny_model, str(out), cb, steps=STEPS, learning_rate=1e-4)
+    # step_delay: the training-side engine judges at most once a second; a fast machine would finish first
+    trainer = make_grpo_trainer(tiny_model, str(out), cb, steps=STEPS, learning_rate=1e-4, step_delay=0.1)
     trainer.add_callback(LrSpike())
     trainer.train()
     stopped = trainer.state.global_step

@@ -65,6 +65,18 @@ def grpo_without_callback(model_path: str, output_dir: str, report_to: str, **ex
     )
 
 
+class _Paced:
+    """A TrainerCallback that sleeps 0.1 s after each step (duck-typed: only the hook the trainer calls)."""
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_step_end(self, *args, **kwargs):
+        time.sleep(0.1)
+
+
 def _assert_fault_found(report: dict) -> None:
     assert {"reward", "kl", "entropy", "loss", "grad_norm", "learning_rate", "completion_length"} <= set(
         report["metrics"]
@@ -78,6 +90,7 @@ def test_a_tensorboard_run_without_callback_is_followed_live_and_reported(tiny_m
     pytest.importorskip("tensorboard")
     out = tmp_path / "out"
     trainer = grpo_without_callback(tiny_model, str(out), "tensorboard")
+    trainer.add_callback(_Paced())  # a pace the follower can watch (a fast machine does the run in ~1 s)
     errors: list[Exception] = []
 
     def train():

@@ -294,7 +294,7 @@ def test_a_finished_run_stays_ended_after_its_process_goes(address, tmp_path, mo
     try:
         wait_for(lambda sub=sub: sub.store.current_run and sub.store.current_run.rows == 1)
         cb.close()  # run_end, then the socket closes: no more heartbeats
-        wait_for(lambda sub=sub: sub.store.connection == "ended", message="ended")
+        wait_for(lambda sub=sub: sub.store.connection == "ended", timeout=30, message="ended")
         gone = _time.monotonic()
         wait_for(lambda: _time.monotonic() - gone > 1.0, message="well past the stale limit")
         assert sub.store.connection == "ended" and sub.stale_since is None
