@@ -89,6 +89,11 @@ def watch(build, tmp, *, trainer_attr: bool = True):
         )
         cb.wait_for_checkpoints(30)
         cb.close()
+        wait_for(  # the analyses' results reach the monitor after the training side has them
+            lambda: all(c.get("status") != "saved" for c in sub.store.current_run.checkpoints),
+            timeout=30,
+            message="the checkpoint analyses at the monitor",
+        )
         with sub.store.lock:
             report = view_report(sub.store, Thresholds(), spark_width=24)
         return SimpleNamespace(
