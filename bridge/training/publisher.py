@@ -45,6 +45,7 @@ MAX_FORWARD_RANKS = 4096
 RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
 
 STOP_GRACE_S = 1.0  # on stop, connected monitors get at most this long to receive the rest of the history
+CLOSE_LINGER_MIN_S = 0.25  # ... and what ZeroMQ still holds at the close at least this long to leave
 
 # The publisher that owns each address in this process. The lock only guards the dict: nothing that waits
 # (stopping a thread, binding) ever runs while it is held, so no order of starts and stops can deadlock.
@@ -284,6 +285,8 @@ class Publisher(History):
             sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_INBOUND_BYTES)  # peers only send hellos/samples
             if self.address.startswith("tcp://"):
                 sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            if protocol.ipv6_address(self.address):
+                sock.setsockopt(zmq.IPV6, 1)
                 sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
             if self._curve is not None:
                 self._auth = self._curve.authenticator(ctx)  # ZAP handler on this context, before the bind
@@ -320,7 +323,11 @@ class Publisher(History):
             self._note_error(exc)
         finally:
             if sock is not None:
-                sock.close(0)
+                # What was handed to ZeroMQ but not yet written (run_end, the last rows) gets what is left of the
+                # stop grace (at least CLOSE_LINGER_MIN_S) to go out: linger 0 would drop it on a busy machine,
+                # and ctx.term() below waits at most this long.
+                left = self._stop_deadline - time.monotonic() if self._stop.is_set() else 0.0
+                sock.close(linger=int(1000 * min(STOP_GRACE_S, max(CLOSE_LINGER_MIN_S, left))))
             self._stop_auth()
             if ctx is not None:
                 ctx.term()

@@ -64,3 +64,24 @@ def test_an_idle_thread_backs_off_to_one_look_a_second_and_an_item_brings_it_bac
         assert time.monotonic() - started < 0.6  # flush() wakes a backed-off thread: train end is not delayed
     finally:
         pub.stop()
+
+
+def test_stop_gives_what_zeromq_still_holds_time_to_leave(monkeypatch):
+    # The socket was closed with linger 0: run_end handed to ZeroMQ but not yet written by its I/O thread was
+    # dropped, and on a busy machine a monitor never saw its run end (it went stale instead).
+    from conftest import free_address
+
+    lingers = []
+    real_close = zmq.Socket.close
+
+    def spy_close(self, linger=None):
+        if self.type == zmq.ROUTER:
+            lingers.append(linger)
+        return real_close(self, linger)
+
+    monkeypatch.setattr(zmq.Socket, "close", spy_close)
+    pub = Publisher(free_address(), "linger-run", handler=lambda item: [item])
+    pub.start()
+    assert pub.bound
+    pub.stop()
+    assert lingers and 250 <= lingers[-1] <= 1000, lingers
