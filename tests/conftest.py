@@ -81,8 +81,14 @@ async def pilot_wait_for(pilot, predicate, timeout: float = 10.0, message: str =
 
 @pytest.fixture(autouse=True)
 def isolated_config(tmp_path, monkeypatch):
-    """Every test gets its own XDG config dir: the monitor saves thresholds and keys there."""
+    """Every test gets its own XDG config dir (the monitor saves thresholds and keys there) and leaves the
+    environment as it found it: `RLHFIntegrationConfig.to_trl_config` sets TENSORBOARD_LOGGING_DIR and
+    WANDB_PROJECT for the process, which would send a later test's TensorBoard events elsewhere."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture

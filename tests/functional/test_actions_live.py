@@ -39,6 +39,10 @@ def test_on_alarm_stop_saves_a_checkpoint_and_stops_the_run_after_an_lr_spike(ti
     lines = [json.loads(line) for line in open(cb.log_path)]
     acts = [e for e in lines if e.get("event") == "action"]
     assert len(acts) == 1 and acts[0]["action"] == "stop" and acts[0]["detector"] == "lr_jump"
-    assert acts[0]["action_step"] == stopped and lines[-1]["event"] == "run_end"
+    kinds = [e.get("event") for e in lines]
+    # run_end goes out when train() ends; the rescue checkpoint's analysis may land in the log after it (close()
+    # waits for analyses still running), nothing else does.
+    after_end = kinds[kinds.index("run_end") + 1 :] if "run_end" in kinds else ["no run_end"]
+    assert acts[0]["action_step"] == stopped and set(after_end) <= {"checkpoint_analysis"}, after_end
     report = build_report(load_file_source(cb.log_path))
     assert report["actions"] and report["actions"][0]["action"] == "stop" and report["actions"][0]["step"] == stopped

@@ -416,3 +416,17 @@ def test_the_integration_does_not_import_the_monitor_side():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_tensorboard_folder_is_set_for_the_managers_trainer_only(tiny_model, tmp_path, monkeypatch):
+    # setup_trl_trainer left TENSORBOARD_LOGGING_DIR set for the process: a later trainer (a notebook cell)
+    # wrote its TensorBoard events into this run's folder, and `rlhf-tui report OUTPUT_DIR` found none.
+    pytest.importorskip("tensorboard")
+    from transformers.integrations import TensorBoardCallback
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    cfg = _config(tmp_path, model_name=tiny_model, log_with="tensorboard", run_id="r1", batch_size=2, ppo_epochs=1)
+    trainer = TRLIntegrationManager(cfg).setup_trl_trainer(dataset_name=["a b c", "d e f"], reward_funcs=[len])
+    [tb] = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
+    assert tb.logging_dir == str(tmp_path / "logs" / "tensorboard" / "r1")
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ

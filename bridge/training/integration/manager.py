@@ -3,6 +3,7 @@ reward monitoring and profiling attached, trains it, and returns the results it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -176,24 +177,27 @@ class TRLIntegrationManager:
 
             funcs = monitor_rewards(funcs, collector)  # kept for the results, forwarded to cb
 
-        args = cfg.to_trl_config(run_id=cb.run_id, has_eval=eval_data is not None)
-        if fitted is not None:
-            args.max_completion_length = fitted
         self._final_checkpoint = _FinalCheckpoint()
         # The profiler writes time/* timings into the logs before our callback copies them.
         ours = ([self.profiler] if self.profiler else []) + [cb, collector, self._final_checkpoint]
         trainer_cls = _trainer_class(cfg.algorithm)
         extra = {"peft_config": peft_config} if peft_config is not None else {}
-        trainer = trainer_cls(
-            model=model,
-            reward_funcs=funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_data,
-            processing_class=processing_class,
-            callbacks=ours + list(callbacks or []),
-            **extra,
-        )
+        # TensorBoardCallback reads TENSORBOARD_LOGGING_DIR when the trainer is built: set for this trainer
+        # only, so a later trainer in the same process (a notebook) does not write into this run's folder.
+        with _environment_kept("TENSORBOARD_LOGGING_DIR"):
+            args = cfg.to_trl_config(run_id=cb.run_id, has_eval=eval_data is not None)
+            if fitted is not None:
+                args.max_completion_length = fitted
+            trainer = trainer_cls(
+                model=model,
+                reward_funcs=funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_data,
+                processing_class=processing_class,
+                callbacks=ours + list(callbacks or []),
+                **extra,
+            )
         cb.trainer = trainer
         self.trainer, self.callback, self.collector, self._trained, self.results = trainer, cb, collector, False, None
         return trainer
@@ -278,6 +282,19 @@ class TRLIntegrationManager:
             return cb.wait_for_checkpoints(timeout)
         finally:
             cb.close()
+
+
+@contextlib.contextmanager
+def _environment_kept(name: str):
+    """Restores environment variable `name` (or its absence) on the way out."""
+    before = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _trainer_class(algorithm: str):
