@@ -89,6 +89,8 @@ class Subscriber:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # hellos wait for a live connection
         if self.address.startswith("tcp://"):
             sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        if protocol.ipv6_address(self.address):
+            sock.setsockopt(zmq.IPV6, 1)
         try:
             if self._curve is not None:
                 self._curve.apply_client(sock)  # fails closed (raises) without CURVE support

@@ -85,6 +85,8 @@ class Forwarder(Publisher):
             sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_INBOUND_BYTES)
             sock.setsockopt(zmq.RECONNECT_IVL, 200)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+            if protocol.ipv6_address(self.address):
+                sock.setsockopt(zmq.IPV6, 1)
             if self._curve is not None:
                 client = self._curve.rank_client() if hasattr(self._curve, "rank_client") else self._curve
                 client.apply_client(sock)

@@ -59,6 +59,15 @@ class ProtocolError(ValueError):
     """A message that is not a valid envelope; the text says why (for the rejected counter)."""
 
 
+def ipv6_address(address: str) -> bool:
+    """True for a tcp:// address whose host is an IPv6 literal (`tcp://[::1]:5555`): ZeroMQ sockets are IPv4-only
+    until their IPV6 option is set, and then fail with "No such device"."""
+    if not address.startswith("tcp://"):
+        return False
+    host = address[len("tcp://") :].rsplit(":", 1)[0]
+    return host.startswith("[") or host.count(":") > 0
+
+
 def _non_finite(value: float) -> str:
     return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
 

@@ -300,3 +300,29 @@ def test_a_finished_run_stays_ended_after_its_process_goes(address, tmp_path, mo
         assert sub.store.connection == "ended" and sub.stale_since is None
     finally:
         sub.stop()
+
+
+def test_an_ipv6_loopback_address_carries_a_run(tmp_path):
+    # tcp://[::1]:P failed with "No such device": ZeroMQ sockets are IPv4-only until their IPV6 option is set.
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    address = f"tcp://[::1]:{port}"
+    cb = _cb(address, tmp_path)
+    try:
+        assert cb._ensure_run() is not None and cb._publisher.bound
+        for step in range(1, 4):
+            cb.log_step(step, {"loss": 1.0 / step})
+        sub = Subscriber(address).start()
+        try:
+            wait_for(lambda: sub.store.current_run and sub.store.current_run.rows == 3, message="three steps")
+            assert sub.store.current_run.values("loss").tolist()[-1] == pytest.approx(1 / 3)
+        finally:
+            sub.stop()
+    finally:
+        cb.close()
