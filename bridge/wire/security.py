@@ -56,21 +56,42 @@ def keygen(directory: str | os.PathLike, *, client_name: str = CLIENT, overwrite
 
     root = Path(directory).expanduser()
     if not root.exists():
-        root.mkdir(parents=True)
-        os.chmod(root, 0o700)  # a folder we create holds secrets: private (an existing one is left as it is)
+        # A folder we create holds secrets: private from its first moment (an existing one is left as it is).
+        root.mkdir(parents=True, mode=0o700)
     authorized = root / AUTHORIZED
     authorized.mkdir(exist_ok=True)
     out = {}
     for name in (SERVER, client_name):
         public, secret = root / f"{name}.key", root / f"{name}.key_secret"
         if overwrite or not (public.is_file() and secret.is_file()):
-            public_path, secret_path = zmq.auth.create_certificates(root, name)
-            os.chmod(secret_path, 0o600)
+            public_key, secret_key = zmq.curve_keypair()
+            _write_certificate(public, public_key, None)
+            _write_certificate(secret, public_key, secret_key)
         out[name] = str(public)
         out[f"{name}_secret"] = str(secret)
     shutil.copyfile(root / f"{client_name}.key", authorized / f"{client_name}.key")
     out[AUTHORIZED] = str(authorized)
     return out
+
+
+def _write_certificate(path: Path, public_key: bytes, secret_key: bytes | None) -> None:
+    """A ZeroMQ certificate file (the format of `zmq.auth.create_certificates`, read by `load_certificate`),
+    created with its final mode: 0600 for a secret key, so it is never readable by others, not even between
+    its creation and a chmod (pyzmq creates with the umask's mode)."""
+    mode = 0o600 if secret_key is not None else 0o644
+    text = f"#   rlhf-tui {'secret' if secret_key else 'public'} key\nmetadata\ncurve\n"
+    text += f'    public-key = "{public_key.decode()}"\n'
+    if secret_key is not None:
+        text += f'    secret-key = "{secret_key.decode()}"\n'
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(text)
+        os.replace(tmp, path)  # an existing file (overwrite=True) is swapped whole, mode included
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_public(path: str | os.PathLike) -> bytes:

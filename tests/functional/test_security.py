@@ -44,6 +44,28 @@ def test_keygen_lays_out_keys_and_keeps_secrets_private(tmp_path):
     assert "--server-key" in text and "--client-key" in text
 
 
+def test_secret_keys_and_their_folder_are_private_from_their_creation(tmp_path, monkeypatch):
+    # They were created with the umask's mode (0644) and chmod'ed afterwards: in an existing folder another user
+    # could open the secret between the two. With no chmod at all they must still come out private.
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
+    old_umask = os.umask(0o022)
+    try:
+        keygen(tmp_path / "new" / "keys", overwrite=True)
+        existing = tmp_path / "existing"
+        existing.mkdir(mode=0o755)
+        keygen(existing)
+        keygen(existing, overwrite=True)  # replaced whole, still private
+    finally:
+        os.umask(old_umask)
+    for root in (tmp_path / "new" / "keys", existing):
+        for name in ("server.key_secret", "client.key_secret"):
+            assert os.stat(root / name).st_mode & 0o777 == 0o600, (root, name)
+        assert os.stat(root / "server.key").st_mode & 0o777 == 0o644
+        assert not list(root.glob(".*.tmp"))
+    assert os.stat(tmp_path / "new" / "keys").st_mode & 0o777 == 0o700
+    assert security.load_public(existing / "server.key") == security.load_pair(existing / "server.key_secret")[0]
+
+
 def test_authorised_monitor_receives_and_others_get_nothing(tmp_path):
     keys, stranger = tmp_path / "keys", tmp_path / "stranger"
     keygen(keys)
