@@ -22,6 +22,12 @@ from rlhf_tui.analysis.workloads import ordered_metrics as workload_order
 CANONICAL_ORDER = RL_ORDER
 
 
+def log_errors(run: RunHistory) -> dict:
+    """The training's JSONL log writes that failed (from its heartbeats): a count and the first one's line."""
+    status = run.server_status
+    return {"count": int(status.get("log_errors") or 0), "first": str(status.get("log_error") or "")}
+
+
 def ordered_metrics(names, kind: str = RL) -> list[str]:
     return workload_order(names, kind)
 
@@ -216,6 +222,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         "actions": run_actions(run),
         "transport": transport,
         "rejected_fields": {"count": run.rejected_fields, "recent": list(run.field_rejections)},
+        "log_errors": log_errors(run),
         "source": store.source,
         "connection": store.connection,
         "runs": list(store.runs),

@@ -37,6 +37,7 @@ CONNECTION = {  # state → (glyph, words, style)
     "unreachable": ("✖", "unreachable", "bold red"),
     "ended": ("■", "run ended", "cyan"),
     "crashed": ("✖", "run crashed", "bold red"),
+    "full": ("✖", "refused: the run's monitor slots are full (retrying)", "bold red"),
     "offline": ("▣", "recorded", "cyan"),
 }
 
@@ -159,6 +160,9 @@ def header_text(report: dict, width: int = 200) -> Text:
     rejected = (report.get("rejected_fields") or {}).get("count")
     if rejected:
         text.append(f"  ⚠ {rejected} rejected field{'s' if rejected != 1 else ''}", style="bold yellow")
+    log_failed = (report.get("log_errors") or {}).get("count")
+    if log_failed:  # the training's own record is incomplete: said where it is always seen
+        text.append(f"  ✖ run log: {log_failed} failed write{'s' if log_failed != 1 else ''}", style="bold red")
     extra = f"  ({report.get('steps', 0)} logged)"
     if run.get("model"):
         extra += f"  model {clean(run.get('model'), 40)}"
@@ -510,6 +514,11 @@ def transport_text(report: dict) -> Text:
     if fields.get("count"):
         recent = "; ".join(clean(why, 80) for why in (fields.get("recent") or [])[-5:])
         text.append(f"\nRejected fields: {fields['count']} (type or range; dropped at ingest): {recent}")
+    failed = report.get("log_errors") or {}
+    if failed.get("count"):
+        text.append(
+            f"\nRun log: {failed['count']} failed write(s) on the training side: {clean(failed.get('first'), 160)}"
+        )
     return text
 
 

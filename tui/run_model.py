@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_tui.analysis.detectors import DetectionCache, evaluate
+from rlhf_tui.analysis.report import log_errors
 from rlhf_tui.analysis.store import Store
 from rlhf_tui.tui.widgets.model import KEEP_LOW, KEEP_OTHER, view_report
 
@@ -74,6 +75,7 @@ def header_info(store: Store) -> dict:
         }
         info["steps"], info["last_step"] = int(run.rows), run.last_step
         info["rejected_fields"] = {"count": run.rejected_fields}
+        info["log_errors"] = log_errors(run)
         if run.last_step_time is not None:
             info["last_step_wall"] = time.time() - (time.monotonic() - run.last_step_time)
     return info

@@ -206,6 +206,8 @@ HEARTBEAT = {
     "pid": count,
     "cpu_s": finite(0.0),
     "history_mb": megabytes,
+    "log_errors": count,  # the training's JSONL log writes that failed
+    "log_error": text,  # ... and the first one's line
 }
 
 

@@ -62,6 +62,7 @@ class Subscriber:
         self._resync_pending = True
         self.stale_since: float | None = None  # wall time
         self.error: str | None = None
+        self.full = False  # the run answered "full" and has served this monitor nothing since
 
     def start(self) -> Subscriber:
         self._thread = threading.Thread(target=self._run, name=f"rlhf-tui-sub {self.address}", daemon=True)
@@ -192,8 +193,6 @@ class Subscriber:
         """Decode frames (each rejected on its own) and apply them under one lock: a backlog of step
         messages is stored column-wise in one go. Returns whether the store changed. Never raises."""
         store = self.store
-        self._last_message = time.monotonic()
-        self.error = None
         envelopes: list[dict] = []
         rejected: list[str] = []
         for frame in frames:
@@ -207,8 +206,17 @@ class Subscriber:
             with store.lock:
                 for reason in rejected:
                     store.reject(reason)
+        full = [e for e in envelopes if e["kind"] == protocol.FULL]
+        if full:  # refused (its monitor slots are taken): said, and the hellos go on until a slot frees
+            slots = full[-1]["data"].get("slots")
+            count = f" ({slots})" if type(slots) is int and 0 < slots < 1 << 20 else ""
+            self.error = f"the run's monitor slots are full{count}; retrying"
+            self.full = True
+            envelopes = [e for e in envelopes if e["kind"] != protocol.FULL]
         if not envelopes:
             return False
+        self._last_message = time.monotonic()
+        self.error, self.full = None, False
         safe_envelopes(envelopes)
         changed = False
         with store.lock:
@@ -418,7 +426,9 @@ class Subscriber:
         store = self.store
         previous = store.connection
         run = store.current_run
-        if self._last_message is None:
+        if self.full:
+            state = "full"
+        elif self._last_message is None:
             state = "unreachable" if now - self._started > UNREACHABLE_S else "connecting"
         elif run is not None and run.ended is not None:
             # a finished run whose process has gone is not "stale"; one that raised says so

@@ -159,6 +159,8 @@ class RLHFMonitorCallback(_Base):
             checkpoint and a clean stop (`control.should_training_stop` too). The strongest action configured
             at or below an episode's severity is taken, once per episode, never during the run's grace period
             (except for non-finite values). Needs `detect_anomalies`. Off by default.
+        log_mode: the JSONL log's file mode (default 0o600: it holds prompts and completions); folders made
+            for it get the matching mode (0o700), existing ones are left as they are.
         run_id: fixed run id (default: time + random). Each `train()` is its own run: a second one with the
             same callback gets a new id (`<run_id>-2`, ... for a fixed one).
 
@@ -187,10 +189,12 @@ class RLHFMonitorCallback(_Base):
         forward_address: str | None = None,
         detect_anomalies: bool = True,
         on_alarm: dict[str, str] | None = None,
+        log_mode: int = 0o600,
     ):
         self.address = address
         self.log_dir_option = log_dir
         self.log_dir = FALLBACK_LOG_DIR if log_dir == AUTO_LOG_DIR else log_dir  # resolved at each run start
+        self.log_mode = log_mode
         self.anomaly_threshold = anomaly_threshold
         self.enable_detailed_logging = enable_detailed_logging
         self.insecure = insecure
@@ -294,6 +298,7 @@ class RLHFMonitorCallback(_Base):
                             insecure=self.insecure,
                             curve=curve,
                             idle=self._recorder.tick,
+                            status=self._recorder.status,
                         )
                     pub.start()
                     self._publisher = pub

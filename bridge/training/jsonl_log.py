@@ -10,26 +10,49 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from rlhf_tui.bridge.wire.protocol import to_json_safe
 
+PRIVATE = 0o600  # the log holds prompts and completions: the user's own unless configured otherwise
+
+
+def folder_mode(file_mode: int) -> int:
+    """The mode for a folder holding files of `file_mode`: each class that may read them may also enter."""
+    return file_mode | ((file_mode & 0o444) >> 2)
+
 
 class JsonlLog:
-    def __init__(self, log_dir: str | os.PathLike, run_id: str, autoflush: bool = True):
+    def __init__(self, log_dir: str | os.PathLike, run_id: str, autoflush: bool = True, mode: int = PRIVATE):
         self.autoflush = autoflush
         self.path = Path(log_dir) / f"run-{run_id}.jsonl"
+        self.mode = mode  # of the file and of the folders made for it (existing ones are left as they are)
         self._fh = None
         self._dirty = False
-        self.errors = 0
+        self.errors = 0  # writes that failed (disk full, log_dir under a file): sent in heartbeats
+        self.first_error = ""
 
     def _file(self):
         if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Binary: the lines are ASCII JSON bytes already (json escapes everything else), nothing to decode
-            # and encode again on the way to the file.
-            self._fh = open(self.path, "ab", buffering=1 << 16)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=folder_mode(self.mode))
+            # Created with its final mode (never readable by others, not even for a moment). Binary: the lines
+            # are ASCII JSON bytes already (json escapes everything else), nothing to decode and encode again.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, self.mode)
+            self._fh = os.fdopen(fd, "ab", buffering=1 << 16)
         return self._fh
+
+    def _failed(self, exc: BaseException) -> None:
+        """Counted; the first failure is warned once in the training's output (never raised into training)."""
+        self.errors += 1
+        if self.errors == 1:
+            why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            self.first_error = f"cannot write the run log {self.path}: {why}"
+            warnings.warn(
+                f"rlhf-tui: {self.first_error}. Training continues; the log is incomplete.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def write(self, event: dict, clean: bool = False) -> None:
         """Append one event. `clean`: the event is JSON-safe already (no cleaning pass)."""
@@ -37,8 +60,8 @@ class JsonlLog:
             self.write_raw(
                 json.dumps(event if clean else to_json_safe(event), separators=(",", ":"), allow_nan=False).encode()
             )
-        except (ValueError, TypeError):
-            self.errors += 1
+        except (ValueError, TypeError) as exc:
+            self._failed(exc)
 
     def write_raw(self, line: bytes) -> None:
         """Append one event already encoded as one line of strict JSON (ASCII, no newline)."""
@@ -49,22 +72,22 @@ class JsonlLog:
             self._dirty = True
             if self.autoflush:
                 self.flush()
-        except (OSError, ValueError):
-            self.errors += 1  # a full disk must not stop training; counted and shown in heartbeats
+        except (OSError, ValueError) as exc:
+            self._failed(exc)  # a full disk must not stop training; counted and shown in heartbeats
 
     def flush(self) -> None:
         if self._dirty and self._fh is not None:
             self._dirty = False
             try:
                 self._fh.flush()
-            except (OSError, ValueError):
-                self.errors += 1
+            except (OSError, ValueError) as exc:
+                self._failed(exc)
 
     def close(self) -> None:
         self.flush()
         if self._fh is not None:
             try:
                 self._fh.close()
-            except OSError:
-                pass
+            except OSError as exc:
+                self._failed(exc)
             self._fh = None

@@ -37,7 +37,8 @@ BATCH_S = 0.25  # the thread handles queued items at most this often, in one go.
 # the thread wakes ~4 times a second: 0.1 s batches cost 1.0 ms per step of a tiny GRPO run, see performance.md
 IDLE_POLL_S = 0.25  # with nothing queued the thread looks this often (put() never wakes it) ...
 IDLE_POLL_MAX_S = 1.0  # ... backing off to this while it keeps finding nothing (slow steps: fewer wake-ups)
-MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted)
+MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted, answered "full")
+FULL_REPLIES_PER_S = 20  # "full" answers sent a second, whatever the number of refused hellos
 RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
 RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long
 FORWARD_MIN_S = 0.1  # at most 10 forwarded samples a second per rank
@@ -119,11 +120,13 @@ class Publisher(History):
         insecure: bool = False,
         curve: Any = None,
         idle: Callable[[], Iterable[tuple]] | None = None,
+        status: Callable[[], dict] | None = None,
     ):
         super().__init__(run_id, history_bytes)
         self.address = resolve_address(address) if address is not False else ""
         self._handler = handler
         self._idle = idle
+        self._status = status  # more heartbeat fields (the JSONL log's errors), called on this thread
         self._queue: deque = deque()
         self._queue_size = queue_size
         self._insecure = insecure
@@ -461,7 +464,7 @@ class Publisher(History):
             try:
                 envelopes = protocol.decode_frame(frame)
                 for env in envelopes:
-                    self._on_peer_message(peer, env)
+                    self._on_peer_message(sock, peer, env)
             except protocol.ProtocolError:
                 self.stats["rejected"] += 1
             except Exception as exc:  # a message we did not foresee: counted, never raised
@@ -470,7 +473,26 @@ class Publisher(History):
         else:
             self._rx_backoff_until = time.monotonic() + RX_BACKOFF_S / 10
 
-    def _on_peer_message(self, peer: bytes, env: dict) -> None:
+    def _say_full(self, sock, peer: bytes, now: float) -> None:
+        """Tell a refused monitor why (it would wait forever otherwise): at most FULL_REPLIES_PER_S answers a
+        second in all, so a flood of hellos costs no more than that in sends."""
+        import zmq
+
+        if now - self._full_window >= 1.0:
+            self._full_window, self._full_replies = now, 0
+        if self._full_replies >= FULL_REPLIES_PER_S:
+            return
+        self._full_replies += 1
+        frame = protocol.encode(protocol.FULL, self.run_id, 0, time.time(), {"slots": MAX_CLIENTS})
+        try:
+            sock.send_multipart([peer, frame], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # gone or not reading: nothing owed
+
+    _full_window = 0.0
+    _full_replies = 0
+
+    def _on_peer_message(self, sock, peer: bytes, env: dict) -> None:
         now = time.monotonic()
         kind, data = env["kind"], env["data"]
         if kind == protocol.HELLO:
@@ -481,6 +503,7 @@ class Publisher(History):
             if client is None:
                 if len(self._clients) >= MAX_CLIENTS:
                     self.stats["refused_clients"] += 1
+                    self._say_full(sock, peer, now)
                     return
                 cursor = since if run == self.run_id else 0
                 self._clients[peer] = _Client(cursor=min(cursor, self._next_seq), run=run, last_seen=now, reset_at=now)
@@ -553,6 +576,11 @@ class Publisher(History):
             "cpu_s": round(self.stats["cpu_s"], 3),
             "history_mb": round(self._history_bytes / (1 << 20), 2),
         }
+        if self._status is not None:
+            try:
+                data.update(self._status())
+            except Exception as exc:  # never let a monitoring problem reach training
+                self._note_error(exc)
         return protocol.encode(protocol.HEARTBEAT, self.run_id, self._next_seq - 1, time.time(), data)
 
     def _send_heartbeat(self, sock, peer: bytes, frame: bytes | None = None) -> bool:

@@ -32,7 +32,11 @@ class Recorder:
     def __init__(self, cb: RLHFMonitorCallback, forwarding: bool = False):
         self.cb = cb
         self.forwarding = forwarding  # a non-main rank: only its system samples leave the process
-        self.jsonl = JsonlLog(cb.log_dir, cb.run_id, autoflush=False) if cb.log_dir and not forwarding else None
+        self.jsonl = (
+            JsonlLog(cb.log_dir, cb.run_id, autoflush=False, mode=cb.log_mode)
+            if cb.log_dir and not forwarding
+            else None
+        )
         self.sampler: SystemSampler | None = None
         self.last_sample_t = 0.0
         self.memory: dict[str, float] = {}
@@ -63,6 +67,12 @@ class Recorder:
             return self.sample_system(force=isinstance(event, (events.RunStarted, events.RunEnded)))
         handler = self._handlers.get(type(event))
         return handler(event) if handler is not None else []
+
+    def status(self) -> dict:
+        """What the heartbeats add to the publisher's counters: the JSONL log's failed writes, when any."""
+        if self.jsonl is None or not self.jsonl.errors:
+            return {}
+        return {"log_errors": self.jsonl.errors, "log_error": self.jsonl.first_error}
 
     def tick(self) -> list[events.Message]:
         """After each drain of the queue: publish the reward batches gathered (at most every REWARD_PUBLISH_S)

@@ -40,9 +40,10 @@ STEP, RUN_START, SYSTEM, CHECKPOINT, REWARD, RUN_END, ANOMALY = (
 HISTORY_KINDS = frozenset({STEP, RUN_START, SYSTEM, CHECKPOINT, REWARD, RUN_END, ANOMALY})
 # ... a history block (a seq range of the above, steps in columns) ...
 BLOCK = "block"
-# ... and out-of-band kinds (not numbered): server heartbeat, client hello, rank forward.
-HEARTBEAT, HELLO, FORWARD = "heartbeat", "hello", "forward"
-ALL_KINDS = HISTORY_KINDS | {BLOCK, HEARTBEAT, HELLO, FORWARD}
+# ... and out-of-band kinds (not numbered): server heartbeat, client hello, rank forward, and the server's
+# answer to a hello it cannot serve (`{"slots": N}`: its N monitor slots are taken).
+HEARTBEAT, HELLO, FORWARD, FULL = "heartbeat", "hello", "forward", "full"
+ALL_KINDS = HISTORY_KINDS | {BLOCK, HEARTBEAT, HELLO, FORWARD, FULL}
 _NoneType = type(None)
 _NUMBER_TYPES = frozenset({float, int, _NoneType})
 

@@ -276,6 +276,13 @@ def test_monitors_beyond_the_cap_are_refused_and_served_ones_unaffected(address,
         wait_for(lambda: sum(s.store.current_run is not None for s in subs) == 2, message="two served")
         wait_for(lambda: pub.stats["refused_clients"] >= 2, message="the others refused")
         assert pub.stats["clients"] == 2
+        # The refused ones are told why (they waited with "is the training running?") and say so.
+        refused = [s for s in subs if s.store.current_run is None]
+        wait_for(lambda: all(s.store.connection == "full" for s in refused), message="told they are refused")
+        assert all(s.error == "the run's monitor slots are full (2); retrying" for s in refused)
+        from rlhf_tui.tui.render import connection_text
+
+        assert "monitor slots are full" in connection_text({"connection": refused[0].store.connection}).plain
     finally:
         for s in subs:
             s.stop()

@@ -178,6 +178,7 @@ def run_publisher(tmp_path, monkeypatch) -> tuple[list[str], list[str]]:
     random.seed(0)  # the random sample completion
     cb = SimpleNamespace(
         log_dir=str(tmp_path),
+        log_mode=0o600,
         run_id="golden",
         rank=0,
         rank_info={"rank": 0, "local_rank": 0, "hostname": "host"},
