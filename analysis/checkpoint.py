@@ -187,11 +187,17 @@ class CheckpointAnalyzer:
         result["learning_rate"] = state.get("learning_rate")
         weight_stats: dict[str, dict[str, Any]] = {}
         skipped: list[dict[str, Any]] = []
+        read: dict[Any, dict[str, Any]] = {}  # tied weights (one view, several names) are read once
         for ref in ckpt.tensors:
             if not ref.supported:
                 skipped.append({"name": ref.name, "dtype": ref.dtype, "shape": list(ref.shape)})
                 continue
-            stats = tensor_stats(ref)
+            if ref.share_key is not None and ref.share_key in read:
+                stats = dict(read[ref.share_key])
+            else:
+                stats = tensor_stats(ref)
+                if ref.share_key is not None:
+                    read[ref.share_key] = dict(stats)
             stats["kind"] = classify_tensor(ref.name, ref.shape)
             weight_stats[ref.name] = stats
         result["weight_stats"] = weight_stats
@@ -232,6 +238,7 @@ class CheckpointAnalyzer:
         missing_in_current = [n for n in ref if n not in current]
         missing_in_reference = [n for n in current if n not in ref]
         mismatched = []
+        read: dict[tuple, tuple[float, float]] = {}  # tied weights on both sides: one reading per pair of views
         for name, cur in current.items():
             other = ref.get(name)
             if other is None or not cur.supported or not other.supported:
@@ -239,7 +246,13 @@ class CheckpointAnalyzer:
             if tuple(cur.shape) != tuple(other.shape):
                 mismatched.append(f"{name} {list(cur.shape)} vs {list(other.shape)}")
                 continue
-            diff_sq, ref_sq = tensor_drift(cur, other)
+            pair = (cur.share_key, other.share_key)
+            if pair in read:
+                diff_sq, ref_sq = read[pair]
+            else:
+                diff_sq, ref_sq = tensor_drift(cur, other)
+                if None not in pair:
+                    read[pair] = (diff_sq, ref_sq)
             if not (math.isfinite(diff_sq) and math.isfinite(ref_sq)):
                 per_tensor[name] = None
                 nonfinite.append(name)

@@ -11,6 +11,7 @@ import re
 import struct
 from typing import Any
 
+from .safetensors_io_limits import scan_json_header, tensor_limit, too_many_tensors
 from .safetensors_io_tensors import (
     DTYPE_BITS,
     MAX_HEADER_BYTES,
@@ -75,6 +76,7 @@ def read_safetensors_header(path: str) -> tuple[list[TensorRef], dict[str, str]]
             raw_header = f.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"unreadable file: {path}: {exc.strerror or exc}") from None
+    scan_json_header(raw_header, path, tensor_limit(size))  # depth, entries, values: before anything is built
     try:
         header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -136,24 +138,44 @@ def read_safetensors_header(path: str) -> tuple[list[TensorRef], dict[str, str]]
 # --------------------------------------------------------------------------------------------- resolution
 
 
+def _weights_bytes(folder: str) -> int:
+    """Bytes of the weight files in ``folder`` (what a shard index may describe)."""
+    total = 0
+    try:
+        with os.scandir(folder or ".") as entries:
+            for entry in entries:
+                if entry.name.endswith(_WEIGHT_SUFFIXES) and entry.is_file():
+                    total += entry.stat().st_size
+    except OSError:
+        pass
+    return total
+
+
 def _open_sharded(index_path: str, fmt: str) -> Checkpoint:
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
+        with open(index_path, "rb") as fb:
+            raw = fb.read(MAX_HEADER_BYTES + 1)
     except FileNotFoundError:
         raise CheckpointError(f"missing file: {index_path}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except OSError as exc:
+        raise CheckpointError(f"unreadable file: {index_path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_HEADER_BYTES:
+        raise CheckpointError(f"bad shard index {index_path}: larger than {MAX_HEADER_BYTES} bytes")
+    # weight_map's names sit at depth 2; the limit comes from the weight files beside the index.
+    scan_json_header(raw, index_path, tensor_limit(_weights_bytes(os.path.dirname(index_path))), entry_depth=2)
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"bad JSON in shard index {index_path}: {exc}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"bad shard index {index_path}: no weight_map")
     folder = os.path.dirname(os.path.abspath(index_path))
-    shard_names: list[str] = []
+    shard_names: dict[str, None] = {}  # ordered, and O(1) per name
     for shard in weight_map.values():
         if not isinstance(shard, str) or os.path.basename(shard) != shard:
             raise CheckpointError(f"bad shard index {index_path}: invalid shard file name {shard!r}")
-        if shard not in shard_names:
-            shard_names.append(shard)
+        shard_names[shard] = None
     files = [os.path.join(folder, s) for s in shard_names]
     tensors: list[TensorRef] = []
     problems: list[str] = []
@@ -165,6 +187,9 @@ def _open_sharded(index_path: str, fmt: str) -> Checkpoint:
         else:
             found = _torch_tensors(shard_path)
         tensors.extend(found)
+    total_bytes = sum(_file_size(p) for p in files)
+    if len(tensors) > tensor_limit(total_bytes):
+        raise too_many_tensors(index_path, f"{len(tensors):,}", tensor_limit(total_bytes))
     present = {t.name for t in tensors}
     missing = [name for name in weight_map if name not in present]
     if missing:
@@ -178,7 +203,7 @@ def _open_sharded(index_path: str, fmt: str) -> Checkpoint:
         files=files,
         tensors=tensors,
         folder=folder,
-        file_size_bytes=sum(_file_size(p) for p in files),
+        file_size_bytes=total_bytes,
         problems=problems,
     )
 

@@ -81,6 +81,8 @@ class TensorRef:
     offset: int = 0
     nbytes: int = 0
     array: Any = None
+    # Equal for tensors that are the same view of the same bytes (tied weights): read once, not once per name.
+    share_key: Any = None
 
     @property
     def numel(self) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .safetensors_io_limits import MAX_NAME_CHARS, check_torch_tensor_count, tensor_limit, too_many_tensors
 from .safetensors_io_tensors import CheckpointError, TensorRef, _file_size
 
 # ------------------------------------------------------------------------------------------------- torch
@@ -80,20 +81,61 @@ def _torch_load(path: str, what: str = "checkpoint") -> Any:
         raise CheckpointError(f"{kind}: {path} cannot be loaded: {msg[:200]}") from None
 
 
-def _collect_tensors(obj: Any, prefix: str, out: dict[str, Any], depth: int = 0) -> None:
+def _collect_tensors(obj: Any, limit: int, path: str) -> dict[str, Any]:
+    """Tensors of nested dicts/lists/tuples (6 levels), by dotted name, in order. Iterative and bounded: a pickle
+    may share one container many times over (a tiny file, a huge tree), so nodes and tensors are counted."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        out[prefix or "tensor"] = obj
-    elif isinstance(obj, dict) and depth < 6:
-        for key, value in obj.items():
-            _collect_tensors(value, f"{prefix}.{key}" if prefix else str(key), out, depth + 1)
-    elif isinstance(obj, (list, tuple)) and depth < 6:
-        for i, value in enumerate(obj):
-            _collect_tensors(value, f"{prefix}.{i}" if prefix else str(i), out, depth + 1)
+    out: dict[str, Any] = {}
+    budget = 4 * limit + 1024
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    while stack:
+        node, prefix, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise too_many_tensors(path, f"more than {limit:,}", limit, "tensors and containers")
+        if len(prefix) > MAX_NAME_CHARS:
+            raise CheckpointError(f"bad tensor name: {path} holds a name longer than {MAX_NAME_CHARS} characters")
+        if isinstance(node, torch.Tensor):
+            out[prefix or "tensor"] = node
+            if len(out) > limit:
+                raise too_many_tensors(path, f"more than {limit:,}", limit)
+        elif depth < 6 and isinstance(node, (dict, list, tuple)):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            children = [(v, f"{prefix}.{k}" if prefix else str(k), depth + 1) for k, v in _take(items, budget)]
+            stack.extend(reversed(children))
+    return out
+
+
+def _take(items: Any, budget: int) -> list[tuple[Any, Any]]:
+    """At most ``budget + 1`` items: enough to run the budget out, never a huge list of names."""
+    taken = []
+    for item in items:
+        taken.append(item)
+        if len(taken) > budget:
+            break
+    return taken
+
+
+def _layout_problem(tensor: Any) -> str | None:
+    """Why a tensor's elements cannot be read once each from its own storage, or None when they can."""
+    numel = tensor.numel()
+    if numel == 0:
+        return None
+    shape, strides = tuple(tensor.shape), tuple(tensor.stride())
+    if any(st == 0 and n > 1 for n, st in zip(shape, strides)):
+        return f"is a stride-0 (expanded) view: {numel:,} elements backed by fewer"
+    extent = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
+    if extent < numel:
+        return f"has overlapping strides: {numel:,} elements in {extent:,} storage slots"
+    if (tensor.storage_offset() + extent) * tensor.element_size() > tensor.untyped_storage().nbytes():
+        return "points past the end of its storage"
+    return None
 
 
 def _torch_tensors(path: str) -> list[TensorRef]:
+    limit = tensor_limit(_file_size(path))
+    check_torch_tensor_count(path, limit)  # before torch's loader pays per tensor
     obj = _torch_load(path)  # raises CheckpointError when torch is missing
     import torch
 
@@ -104,18 +146,49 @@ def _torch_tensors(path: str) -> list[TensorRef]:
             if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
                 obj = inner
                 break
-    found: dict[str, Any] = {}
-    _collect_tensors(obj, "", found)
+    found = _collect_tensors(obj, limit, path)
     if not found:
         raise CheckpointError(f"no tensors in {path}: not a state dict")
+    # Every element is read once: a view that expands or overlaps its storage is refused before any copy, and
+    # identical views (tied weights) share one reading through `share_key`.
+    storages: set[int] = set()
+    views: set[tuple] = set()
+    view_bytes = storage_bytes = 0
     refs = []
     for name, tensor in found.items():
+        problem = _layout_problem(tensor)
+        if problem:
+            raise CheckpointError(f"refused: tensor {name!r} in {path} {problem}")
+        storage = tensor.untyped_storage()
+        view_key = (
+            storage.data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            str(tensor.dtype),
+        )
+        if tensor.numel() and view_key not in views:
+            views.add(view_key)
+            if storage.data_ptr() not in storages:
+                storages.add(storage.data_ptr())
+                storage_bytes += storage.nbytes()
+            view_bytes += tensor.numel() * tensor.element_size()
+            if view_bytes > storage_bytes:
+                raise CheckpointError(
+                    f"refused: tensor {name!r} in {path} overlaps another tensor's storage "
+                    f"({view_bytes:,} bytes of tensors over {storage_bytes:,} bytes of storage)"
+                )
         tag = _TORCH_TAGS.get(str(tensor.dtype).replace("torch.", ""), str(tensor.dtype).replace("torch.", ""))
         ref = TensorRef(
-            name=name, dtype=tag, shape=tuple(tensor.shape), path=path, nbytes=tensor.numel() * tensor.element_size()
+            name=name,
+            dtype=tag,
+            shape=tuple(tensor.shape),
+            path=path,
+            nbytes=tensor.numel() * tensor.element_size(),
+            share_key=view_key,
         )
         if ref.supported:
-            t = tensor.detach().contiguous()
+            t = tensor.detach().contiguous()  # a copy only for a permuted view: at most its own storage's bytes
             if t.dtype == torch.bfloat16:
                 ref.array = t.view(torch.int16).numpy().view(np.uint16)
             elif tag in ("F8_E4M3", "F8_E5M2"):
