@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_tui.bridge.training.connections import HANDSHAKE_MS, ConnectionGuard
 from rlhf_tui.bridge.training.history import History
 from rlhf_tui.bridge.wire import protocol
 
@@ -37,6 +38,7 @@ BATCH_S = 0.25  # the thread handles queued items at most this often, in one go.
 # the thread wakes ~4 times a second: 0.1 s batches cost 1.0 ms per step of a tiny GRPO run, see performance.md
 IDLE_POLL_S = 0.25  # with nothing queued the thread looks this often (put() never wakes it) ...
 IDLE_POLL_MAX_S = 1.0  # ... backing off to this while it keeps finding nothing (slow steps: fewer wake-ups)
+INBOUND_FRAMES = 32  # frames libzmq queues per connection towards this process
 MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted, answered "full")
 FULL_REPLIES_PER_S = 20  # "full" answers sent a second, whatever the number of refused hellos
 RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
@@ -284,8 +286,11 @@ class Publisher(History):
             sock.linger = 0
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown/full peer -> error instead of silent loss
             sock.setsockopt(zmq.SNDHWM, 2000)
-            sock.setsockopt(zmq.RCVHWM, 1000)
-            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_INBOUND_BYTES)  # peers only send hellos/samples
+            # What a connection may make this process hold: peers only send hellos and forwarded samples of a
+            # few hundred bytes, so RCVHWM frames of at most MAX_INBOUND_BYTES (was 1000 x 64 KiB = 64 MiB each).
+            sock.setsockopt(zmq.RCVHWM, INBOUND_FRAMES)
+            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_INBOUND_BYTES)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
             if self.address.startswith("tcp://"):
                 sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
             if protocol.ipv6_address(self.address):
@@ -344,14 +349,31 @@ class Publisher(History):
         import zmq
 
         poller = zmq.Poller()
+        guard = None
         if sock is not None:
             poller.register(sock, zmq.POLLIN)
+            if self.bound_address.startswith(("tcp://", "ipc://")):
+                guard = ConnectionGuard(sock, self.bound_address, self.stats)
+                poller.register(guard.events, zmq.POLLIN)
+        try:
+            self._turns(poller, sock, guard)
+        finally:
+            if guard is not None:
+                guard.close()
+
+    def _turns(self, poller, sock, guard) -> None:
+        import zmq
+
         wake = self._wake_recv
         last_heartbeat = last_drain = 0.0
         idle_s = IDLE_POLL_S
         while True:
             if self._release.is_set() and not self._released.is_set():
                 if sock is not None:  # taken over: no socket from now on (the owner closes it again: a no-op)
+                    if guard is not None:
+                        poller.unregister(guard.events)
+                        guard.close()
+                        guard = None
                     poller.unregister(sock)
                     sock.close(0)
                     sock = None
@@ -381,6 +403,8 @@ class Publisher(History):
                     timeout = min(timeout, max(0.0, last_heartbeat + HEARTBEAT_S - now))
             if sock is not None:  # what peers send is not read while throttled
                 poller.register(sock, zmq.POLLIN if now >= self._rx_backoff_until else 0)
+            if guard is not None and guard.unbound_until is not None:
+                timeout = min(timeout, guard.wait_s(now) or 0.0)  # bind again on time after shedding
             poller.register(wake, zmq.POLLIN)  # stop() wakes the thread at once
             # Rounded up: pyzmq truncates a float timeout to whole ms, so 0.7 ms left would poll with 0 and the
             # thread would spin (a loop turn each) until the drain is due.
@@ -393,6 +417,10 @@ class Publisher(History):
             if sock is not None and sock in ready:
                 self._receive(sock)
             now = time.monotonic()
+            if guard is not None:
+                if guard.events in ready:
+                    guard.drain(now)
+                guard.tick(now)
             if self._queue and (stopping or now - last_drain >= BATCH_S):
                 last_drain, idle_s = now, IDLE_POLL_S
                 self._drain()

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4 << 20  # ZMQ MAXMSGSIZE on the monitor side: a peer cannot make us allocate more
-MAX_INBOUND_BYTES = 64 << 10  # ZMQ MAXMSGSIZE on the training side: hellos and forwarded samples are tiny
+MAX_INBOUND_BYTES = 16 << 10  # ZMQ MAXMSGSIZE on the training side: hellos and forwarded samples are tiny
 MAX_BATCH = 2000  # envelopes per batch frame
 MAX_BATCH_BYTES = 1 << 20  # soft bound when building a batch or a block
 BLOCK_MESSAGES = 512  # messages per history block

@@ -1,0 +1,111 @@
+"""The run's listening socket kept within bounds whatever connects to it.
+
+libzmq accepts every TCP connection it is offered and has no cap of its own: 1,100 idle connections under the
+common `ulimit -n 1024` took the training process's last file descriptors, and TRL's next checkpoint save died
+with "Too many open files". `ConnectionGuard` counts the open connections from the socket's monitor events
+(ZMQ_EVENT_ACCEPTED / ZMQ_EVENT_DISCONNECTED) and, at the cap, sheds them all: it unbinds the endpoint (which
+closes every connection accepted on it) and binds it again SHED_S later. Real monitors reconnect by themselves
+(within a second) and resume from their cursor; a flood only ever holds `cap` descriptors, never training's.
+Connections that never finish the ZMTP handshake are closed by libzmq after HANDSHAKE_MS.
+"""
+
+from __future__ import annotations
+
+try:
+    import resource
+except ImportError:  # not POSIX: no descriptor limit to read
+    resource = None  # type: ignore[assignment]
+
+MAX_CONNECTIONS = 256  # open connections at most, monitors and strangers together ...
+FD_SHARE = 4  # ... and at most a quarter of the process's file-descriptor limit: the rest is training's
+SHED_S = 1.0  # after shedding, the endpoint is bound again this much later
+HANDSHAKE_MS = 5000  # a connection that has not finished its handshake by then is closed (libzmq: 30 s)
+EVENTS_PER_DRAIN = 4096  # monitor events read per loop turn (bounded work)
+
+
+def connection_cap(limit: int = MAX_CONNECTIONS) -> int:
+    """The most connections the run's socket may hold: `limit`, and no more than 1/FD_SHARE of the soft
+    RLIMIT_NOFILE (training keeps the rest for its data loaders, checkpoints and logs)."""
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE) if resource is not None else (1024, 1024)
+    except (ValueError, OSError):
+        soft = 1024
+    if resource is not None and soft == resource.RLIM_INFINITY or soft <= 0:
+        soft = 1 << 20
+    return max(8, min(limit, soft // FD_SHARE))
+
+
+class ConnectionGuard:
+    """Counts a bound socket's open connections and sheds them all at the cap (see the module docstring).
+    Runs on the publisher thread: `events` goes into its poller, `drain()` when it is readable, `tick()` every
+    turn. `stats` (the publisher's counters) gets `connections`, `shed` and `rebind_failed`."""
+
+    def __init__(self, sock, address: str, stats: dict, cap: int | None = None):
+        import zmq
+
+        self.sock = sock
+        self.address = address  # the endpoint as bound (LAST_ENDPOINT: the real port)
+        self.stats = stats
+        self.cap = cap if cap is not None else connection_cap(MAX_CONNECTIONS)
+        self.open: set[int] = set()
+        self.unbound_until: float | None = None
+        self.events = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        for key in ("connections", "shed", "rebind_failed"):
+            stats.setdefault(key, 0)
+
+    def drain(self, now: float) -> None:
+        """Read the monitor's events (bounded) and shed when the open connections reach the cap."""
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        for _ in range(EVENTS_PER_DRAIN):
+            try:
+                event = recv_monitor_message(self.events, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except (zmq.ZMQError, ValueError, KeyError):
+                continue  # a malformed event (never seen): skipped
+            if event.get("event") == zmq.EVENT_ACCEPTED:
+                self.open.add(event.get("value"))
+            elif event.get("event") == zmq.EVENT_DISCONNECTED:
+                self.open.discard(event.get("value"))
+            if len(self.open) >= self.cap and self.unbound_until is None:
+                self.shed(now)
+        self.stats["connections"] = len(self.open)
+
+    def shed(self, now: float) -> None:
+        """Close every connection (unbind) and stop accepting until SHED_S from now."""
+        import zmq
+
+        try:
+            self.sock.unbind(self.address)
+        except zmq.ZMQError:
+            return
+        self.open.clear()  # unbinding closes every connection accepted on the endpoint
+        self.unbound_until = now + SHED_S
+        self.stats["shed"] += 1
+        self.stats["connections"] = 0
+
+    def tick(self, now: float) -> None:
+        """Bind again once the shedding pause is over (retried every SHED_S while the port is taken)."""
+        import zmq
+
+        if self.unbound_until is None or now < self.unbound_until:
+            return
+        try:
+            self.sock.bind(self.address)
+            self.unbound_until = None
+        except zmq.ZMQError:
+            self.unbound_until = now + SHED_S
+            self.stats["rebind_failed"] += 1
+
+    def wait_s(self, now: float) -> float | None:
+        """How long the publisher may sleep before `tick()` is due (None: nothing due)."""
+        return None if self.unbound_until is None else max(0.0, self.unbound_until - now)
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except Exception:
+            pass
+        self.events.close(0)

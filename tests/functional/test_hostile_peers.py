@@ -1,0 +1,122 @@
+"""The training side against hostile local peers (issue 16): whatever connects to the run's port, the training
+process's file descriptors and memory stay bounded, and real monitors still get every step afterwards."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from conftest import wait_for
+
+from rlhf_tui.bridge.monitor.subscriber import Subscriber
+from rlhf_tui.bridge.training import connections
+from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+from rlhf_tui.bridge.wire import protocol
+
+
+def _server_side_connections(port: int) -> int:
+    """Established TCP connections whose local port is `port` (the publisher's end of each), from /proc."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def _open(host: str, port: int, n: int) -> list[socket.socket]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(socket.create_connection((host, port), timeout=1))
+        except OSError:
+            pass  # refused while the endpoint is shed: what a flood gets
+    return out
+
+
+def test_a_flood_of_idle_connections_holds_at_most_the_cap_and_monitors_get_every_step(address, tmp_path, monkeypatch):
+    # libzmq had no cap: 1,100 idle connections took the process's last descriptors under `ulimit -n 1024` and
+    # training died at its next checkpoint save ("Too many open files").
+    pytest.importorskip("zmq")
+    if not open("/proc/net/tcp").read():
+        pytest.skip("no /proc/net/tcp")
+    cap = 16
+    monkeypatch.setattr(connections, "MAX_CONNECTIONS", cap)
+    host, port = address[len("tcp://") :].rsplit(":", 1)
+    cb = RLHFMonitorCallback(address=address, log_dir=str(tmp_path / "logs"), analyze_checkpoints=False)
+    early = Subscriber(address).start()  # a monitor watching before the flood
+    attackers: list[socket.socket] = []
+    try:
+        cb.log_step(1, {"loss": 1.0})
+        wait_for(lambda: early.store.current_run is not None and early.store.current_run.rows == 1, message="step 1")
+        pub = cb._publisher
+        held = []
+        for wave in range(5):  # five waves of 40: 200 connections in all, 12x the cap
+            attackers += _open(host, int(port), 40)
+            cb.log_step(2 + wave, {"loss": 1.0 / (2 + wave)})
+            time.sleep(0.05)  # the publisher thread reads the accept events between waves
+            held.append(_server_side_connections(int(port)))
+        assert max(held) <= cap + 40, held  # at most one wave past the cap before it sheds
+        wait_for(lambda: pub.stats["shed"] >= 1, message="the connections shed")
+        assert len(attackers) < 200 or pub.stats["shed"] >= 2
+        for s in attackers:
+            s.close()
+        cb.log_step(7, {"loss": 0.1})
+        # The monitor that was cut off reconnects and resumes; a late one gets the whole run.
+        late = Subscriber(address).start()
+        try:
+            for sub in (early, late):
+                wait_for(
+                    lambda sub=sub: sub.store.current_run is not None and sub.store.current_run.rows == 7,
+                    timeout=20,
+                    message="every step after the flood",
+                )
+                assert sub.store.current_run.steps.tolist() == list(range(1, 8))
+        finally:
+            late.stop()
+        assert _server_side_connections(int(port)) <= 4  # the two monitors (and nothing left of the flood)
+    finally:
+        for s in attackers:
+            s.close()
+        early.stop()
+        cb.close()
+
+
+def test_the_cap_leaves_training_most_of_its_descriptor_limit(monkeypatch):
+    monkeypatch.setattr(connections.resource, "getrlimit", lambda what: (1024, 4096))
+    assert connections.connection_cap(256) == 256
+    monkeypatch.setattr(connections.resource, "getrlimit", lambda what: (256, 4096))
+    assert connections.connection_cap(256) == 64  # a quarter of a small limit
+
+
+def test_a_peer_frame_or_backlog_is_small(address):
+    # 32 connections pushing ~60 KB frames grew training by 1.8 GB: libzmq kept RCVHWM (1000) frames of up to
+    # 64 KiB for each. Now a frame over 16 KiB closes that connection, and at most 32 frames queue per peer.
+    import zmq
+
+    from rlhf_tui.bridge.training import publisher as publisher_module
+
+    pub = publisher_module.Publisher(address, "rx-run", handler=lambda item: [item])
+    pub.start()
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.linger = 0
+    try:
+        peer.connect(address)
+        peer.send(b"x" * (60 << 10))  # too big: libzmq drops the connection before allocating it
+        hello = protocol.encode(protocol.HELLO, "", 0, time.time(), {"run": None, "since": 0})
+        peer.send(hello)
+        time.sleep(0.3)
+        assert pub.stats["clients"] == 0  # the oversized frame cost the peer its connection (and its hello)
+        assert protocol.MAX_INBOUND_BYTES <= 16 << 10 and publisher_module.INBOUND_FRAMES <= 32
+    finally:
+        peer.close(0)
+        ctx.term()
+        pub.stop()
