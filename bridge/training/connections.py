@@ -3,7 +3,7 @@
 libzmq accepts every TCP connection it is offered and has no cap of its own: 1,100 idle connections under the
 common `ulimit -n 1024` took the training process's last file descriptors, and TRL's next checkpoint save died
 with "Too many open files". `ConnectionGuard` counts the open connections from the socket's monitor events
-(ZMQ_EVENT_ACCEPTED / ZMQ_EVENT_DISCONNECTED) and, at the cap, sheds them all: it unbinds the endpoint (which
+(ZMQ_EVENT_ACCEPTED / ZMQ_EVENT_DISCONNECTED) and, at the cap (or past MAX_ACCEPTS_PER_S), sheds them all: it unbinds the endpoint (which
 closes every connection accepted on it) and binds it again SHED_S later. Real monitors reconnect by themselves
 (within a second) and resume from their cursor; a flood only ever holds `cap` descriptors, never training's.
 Connections that never finish the ZMTP handshake are closed by libzmq after HANDSHAKE_MS.
@@ -18,6 +18,7 @@ except ImportError:  # not POSIX: no descriptor limit to read
 
 MAX_CONNECTIONS = 256  # open connections at most, monitors and strangers together ...
 FD_SHARE = 4  # ... and at most a quarter of the process's file-descriptor limit: the rest is training's
+MAX_ACCEPTS_PER_S = 100  # more new connections than this in a second (a reconnect churn) also sheds
 SHED_S = 1.0  # after shedding, the endpoint is bound again this much later
 HANDSHAKE_MS = 5000  # a connection that has not finished its handshake by then is closed (libzmq: 30 s)
 EVENTS_PER_DRAIN = 4096  # monitor events read per loop turn (bounded work)
@@ -49,6 +50,7 @@ class ConnectionGuard:
         self.cap = cap if cap is not None else connection_cap(MAX_CONNECTIONS)
         self.open: set[int] = set()
         self.unbound_until: float | None = None
+        self.window, self.accepts = 0.0, 0  # connections accepted in the current second
         self.events = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         for key in ("connections", "shed", "rebind_failed"):
             stats.setdefault(key, 0)
@@ -67,9 +69,14 @@ class ConnectionGuard:
                 continue  # a malformed event (never seen): skipped
             if event.get("event") == zmq.EVENT_ACCEPTED:
                 self.open.add(event.get("value"))
+                if now - self.window >= 1.0:
+                    self.window, self.accepts = now, 0
+                self.accepts += 1
             elif event.get("event") == zmq.EVENT_DISCONNECTED:
                 self.open.discard(event.get("value"))
-            if len(self.open) >= self.cap and self.unbound_until is None:
+            # Too many open, or too many opened this second: peers that connect, get dropped (an oversized
+            # frame) and reconnect at once cost libzmq's I/O thread a handshake each, in training's process.
+            if (len(self.open) >= self.cap or self.accepts > MAX_ACCEPTS_PER_S) and self.unbound_until is None:
                 self.shed(now)
         self.stats["connections"] = len(self.open)
 
@@ -82,6 +89,7 @@ class ConnectionGuard:
         except zmq.ZMQError:
             return
         self.open.clear()  # unbinding closes every connection accepted on the endpoint
+        self.accepts = 0
         self.unbound_until = now + SHED_S
         self.stats["shed"] += 1
         self.stats["connections"] = 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from rlhf_tui.bridge.wire import protocol
 
+MAX_CACHED_BATCHES = 8  # encoded tail batches kept (each at most protocol.MAX_BATCH_BYTES)
+
 
 @dataclass
 class _Block:
@@ -30,6 +32,9 @@ class History:
         self._block_lasts: list[int] = []
         self._frames: list[bytes] = []  # the newest messages (not sealed yet), one frame each
         self._seqs: list[int] = []
+        # Tail batches already encoded, by (first seq, last seq): monitors that ask for the same range (a resync,
+        # a late joiner, a flood of either) get the same bytes object, sent zero-copy, never one copy each.
+        self._batches: dict[tuple[int, int], bytes] = {}
         self._tail_steps: list[tuple | None] = []  # (seq, step, ts, clean metrics, rank) of tail steps
         self._tail_bytes = 0
         self._history_bytes = 0
@@ -86,6 +91,7 @@ class History:
         self._block_lasts.append(seqs[-1])
         self._history_bytes += len(block) - self._tail_bytes
         self._frames, self._seqs, self._tail_steps, self._tail_bytes = [], [], [], 0
+        self._batches.clear()
 
     def _thinnable(self) -> bool:
         return any(b.level < 100 for b in self._blocks[:-1] or self._blocks)
@@ -146,5 +152,12 @@ class History:
         while end < len(self._frames) and end - start < protocol.MAX_BATCH and size < protocol.MAX_BATCH_BYTES:
             size += len(self._frames[end])
             end += 1
-        chunk = self._frames[start:end]
-        return (chunk[0] if len(chunk) == 1 else protocol.encode_batch(chunk)), self._seqs[end - 1] + 1
+        if end - start == 1:
+            return self._frames[start], self._seqs[start] + 1
+        key = (self._seqs[start], self._seqs[end - 1])
+        batch = self._batches.get(key)
+        if batch is None:
+            if len(self._batches) >= MAX_CACHED_BATCHES:
+                del self._batches[next(iter(self._batches))]  # the oldest
+            batch = self._batches[key] = protocol.encode_batch(self._frames[start:end])
+        return batch, key[1] + 1

@@ -39,6 +39,7 @@ BATCH_S = 0.25  # the thread handles queued items at most this often, in one go.
 IDLE_POLL_S = 0.25  # with nothing queued the thread looks this often (put() never wakes it) ...
 IDLE_POLL_MAX_S = 1.0  # ... backing off to this while it keeps finding nothing (slow steps: fewer wake-ups)
 INBOUND_FRAMES = 32  # frames libzmq queues per connection towards this process
+OUTBOUND_FRAMES = 256  # ... and towards each monitor (a pump that finds the pipe full tries at its next turn)
 MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted, answered "full")
 FULL_REPLIES_PER_S = 20  # "full" answers sent a second, whatever the number of refused hellos
 RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
@@ -285,7 +286,8 @@ class Publisher(History):
         try:
             sock.linger = 0
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown/full peer -> error instead of silent loss
-            sock.setsockopt(zmq.SNDHWM, 2000)
+            sock.setsockopt(zmq.SNDHWM, OUTBOUND_FRAMES)
+            sock.copy_threshold = 0  # pyzmq copies frames under 64 KiB even with copy=False: share them all
             # What a connection may make this process hold: peers only send hellos and forwarded samples of a
             # few hundred bytes, so RCVHWM frames of at most MAX_INBOUND_BYTES (was 1000 x 64 KiB = 64 MiB each).
             sock.setsockopt(zmq.RCVHWM, INBOUND_FRAMES)
@@ -405,6 +407,10 @@ class Publisher(History):
                 poller.register(sock, zmq.POLLIN if now >= self._rx_backoff_until else 0)
             if guard is not None and guard.unbound_until is not None:
                 timeout = min(timeout, guard.wait_s(now) or 0.0)  # bind again on time after shedding
+            if sock is not None and now < self._rx_backoff_until:
+                # Throttled: look again when the back-off ends, not after a backed-off idle poll (up to 1 s,
+                # which read a flood at ~8 messages a second and left real hellos and samples behind it).
+                timeout = min(timeout, self._rx_backoff_until - now)
             poller.register(wake, zmq.POLLIN)  # stop() wakes the thread at once
             # Rounded up: pyzmq truncates a float timeout to whole ms, so 0.7 ms left would poll with 0 and the
             # thread would spin (a loop turn each) until the drain is due.
@@ -582,7 +588,9 @@ class Publisher(History):
                     client.cursor = self._next_seq
                     break
                 try:
-                    sock.send_multipart([peer, payload], zmq.NOBLOCK, copy=len(payload) < 65536)
+                    # Zero-copy: every monitor's queue holds a reference to the history's own bytes (shared),
+                    # not a copy; SNDHWM frames per monitor at most, whether it reads or not.
+                    sock.send_multipart([peer, payload], zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     self.stats["send_again"] += 1
                     break

@@ -1,0 +1,261 @@
+"""A real tiny GRPO run (CPU, checkpoints every 10 steps, `ulimit -n 1024`) publishing on loopback while local
+peers attack its port (issue 16). For each attack: did the run finish, its peak RSS and median step time
+against an undisturbed run (goals: finishes, RSS +100 MB at most, median step +5 % at most), and what the
+publisher counted.
+
+Attacks (each for the whole run, from this process, loopback only):
+  idle     1,100 idle TCP connections, reopened as they are closed
+  frames   32 connections pushing ~60 KB frames as fast as they go
+  resync   64 monitors that never read and ask for the whole history again every 0.55 s
+  hellos   16 sockets flooding hellos and garbage frames
+  burn     the control: this process spins one core and touches no socket (on a small machine an attacker's own
+           CPU slows training whatever we do; compare the socket attacks with this row)
+
+Run: .venv/bin/python benchmarks/hostile_peers.py [--steps 40] [--attacks idle,frames,resync,hellos]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ATTACKS = ("none", "burn", "idle", "frames", "resync", "hellos")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the training (a child process) -----------------------------------------------------------------------
+def child(address: str, steps: int, workdir: str) -> None:
+    import torch
+    import transformers
+
+    from rlhf_tui.bridge.demo.tiny import build_tiny_model, quiet_libraries
+    from rlhf_tui.bridge.demo.train import make_grpo_trainer
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+
+    # One compute thread: on a small machine the attacker's own CPU would otherwise be what slows the step
+    # (torch's threads wait on each other); training on a GPU box does not share its cores with the attacker.
+    torch.set_num_threads(1)
+    quiet_libraries()
+    model = build_tiny_model(os.path.join(workdir, "model"))
+    cb = RLHFMonitorCallback(address=address, log_dir=os.path.join(workdir, "logs"), analyze_checkpoints=False)
+    ends: list[float] = []
+
+    class Times(transformers.TrainerCallback):
+        def on_step_end(self, *a, **k):
+            ends.append(time.perf_counter())
+
+    trainer = make_grpo_trainer(str(model), os.path.join(workdir, "out"), cb, steps=steps, save_steps=10)
+    trainer.add_callback(Times())
+    out: dict = {"finished": False}
+    try:
+        trainer.train()
+        out["finished"] = True
+    except BaseException as exc:  # what the attack did to training
+        out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    gaps = [b - a for a, b in zip(ends[5:], ends[6:])]  # after warm-up
+    out["median_step_ms"] = 1000 * statistics.median(gaps) if gaps else None
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["rss_mb"] = usage.ru_maxrss / 1024
+    out["cpu_s"] = usage.ru_utime + usage.ru_stime  # all of training's threads, libzmq's included
+    pub = cb._publisher
+    if pub is not None:
+        out["stats"] = {k: pub.stats.get(k) for k in ("shed", "connections", "refused_clients", "rejected", "clients")}
+    print("RESULT " + json.dumps(out), flush=True)
+    cb.close()
+
+
+# -- the attackers (this process) ---------------------------------------------------------------------------
+def attack_idle(host: str, port: int, stop: threading.Event) -> None:
+    held: list[socket.socket] = []
+    while not stop.is_set():
+        held = [s for s in held if _alive(s)]
+        while len(held) < 1100 and not stop.is_set():
+            try:
+                held.append(socket.create_connection((host, port), timeout=0.5))
+            except OSError:
+                time.sleep(0.05)
+                break
+        stop.wait(0.2)
+    for s in held:
+        s.close()
+
+
+def _alive(s: socket.socket) -> bool:
+    try:
+        s.setblocking(False)
+        return s.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _dealers(ctx, address: str, n: int, **opts):
+    import zmq
+
+    socks = []
+    for _ in range(n):
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        for name, value in opts.items():
+            s.setsockopt(getattr(zmq, name), value)
+        s.connect(address)
+        socks.append(s)
+    return socks
+
+
+def attack_frames(address: str, stop: threading.Event) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    socks = _dealers(ctx, address, 32, SNDHWM=100)
+    blob = os.urandom(60_000)
+    while not stop.is_set():
+        for s in socks:
+            try:
+                s.send(blob, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        time.sleep(0.001)
+    for s in socks:
+        s.close(0)
+    ctx.term()
+
+
+def attack_resync(address: str, stop: threading.Event) -> None:
+    import zmq
+
+    from rlhf_tui.bridge.wire import protocol
+
+    ctx = zmq.Context()
+    socks = _dealers(ctx, address, 64, RCVHWM=1, RCVBUF=4096)
+    while not stop.is_set():
+        hello = protocol.encode(protocol.HELLO, "", 0, time.time(), {"run": None, "since": 0, "resync": True})
+        for s in socks:
+            try:
+                s.send(hello, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        stop.wait(0.55)
+    for s in socks:
+        s.close(0)
+    ctx.term()
+
+
+def attack_hellos(address: str, stop: threading.Event) -> None:
+    import zmq
+
+    from rlhf_tui.bridge.wire import protocol
+
+    ctx = zmq.Context()
+    socks = _dealers(ctx, address, 16, SNDHWM=1000)
+    garbage = [b"{", b"\xff" * 200, b'{"v":1,"kind":"hello"}', b"[" * 5000]
+    i = 0
+    while not stop.is_set():
+        for s in socks:
+            i += 1
+            frame = (
+                garbage[i % 4]
+                if i % 2
+                else protocol.encode(protocol.HELLO, "", 0, time.time(), {"run": "x", "since": 0, "resync": True})
+            )
+            try:
+                s.send(frame, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+    for s in socks:
+        s.close(0)
+    ctx.term()
+
+
+def attack_burn(stop: threading.Event) -> None:
+    x = 0
+    while not stop.is_set():
+        for _ in range(10_000):
+            x += 1
+
+
+def run_one(attack: str, steps: int) -> dict:
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    stop = threading.Event()
+    with tempfile.TemporaryDirectory() as workdir:
+
+        def limits():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", address, str(steps), workdir],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            preexec_fn=limits,
+        )
+        target = {
+            "idle": lambda: attack_idle("127.0.0.1", port, stop),
+            "frames": lambda: attack_frames(address, stop),
+            "resync": lambda: attack_resync(address, stop),
+            "hellos": lambda: attack_hellos(address, stop),
+            "burn": lambda: attack_burn(stop),
+        }.get(attack)
+        thread = threading.Thread(target=target, daemon=True) if target else None
+        if thread is not None:
+            thread.start()
+        try:
+            stdout, _ = proc.communicate(timeout=900)
+        finally:
+            stop.set()
+            if thread is not None:
+                thread.join(10)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(lines[-1][7:]) if lines else {"finished": False, "error": f"exit {proc.returncode}"}
+    result["attack"] = attack
+    return result
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--attacks", default=",".join(ATTACKS[1:]))
+    args = parser.parse_args(argv)
+    wanted = ["none"] + [a for a in args.attacks.split(",") if a in ATTACKS and a != "none"]
+    results = [run_one(attack, args.steps) for attack in wanted]
+    base = results[0]
+    print(
+        f"{'attack':8} {'finished':8} {'peak RSS MB':>12} {'ΔRSS':>7} {'median step ms':>15} {'Δstep':>7} "
+        f"{'CPU s':>6} {'ΔCPU':>6}  publisher"
+    )
+    for r in results:
+        d_rss = r["rss_mb"] - base["rss_mb"] if r.get("rss_mb") and base.get("rss_mb") else None
+        step, base_step = r.get("median_step_ms"), base.get("median_step_ms")
+        d_step = 100 * (step / base_step - 1) if step and base_step else None
+        print(
+            f"{r['attack']:8} {str(r['finished']):8} {r.get('rss_mb', 0):12.0f} "
+            f"{'' if d_rss is None else f'{d_rss:+.0f}':>7} {step or 0:15.1f} "
+            f"{'' if d_step is None else f'{d_step:+.1f}%':>7} {r.get('cpu_s', 0):6.1f} "
+            f"{r.get('cpu_s', 0) - base.get('cpu_s', 0):+6.1f}  {r.get('stats') or r.get('error', '')}"
+        )
+    return 0 if all(r["finished"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
