@@ -43,7 +43,8 @@ OUTBOUND_FRAMES = 256  # ... and towards each monitor (a pump that finds the pip
 MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted, answered "full")
 FULL_REPLIES_PER_S = 20  # "full" answers sent a second, whatever the number of refused hellos
 RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
-RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long
+RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long (doubling while the flood goes on ...)
+RX_BACKOFF_MAX_S = 0.25  # ... up to this: a real hello or sample waits at most this long behind a flood
 FORWARD_MIN_S = 0.1  # at most 10 forwarded samples a second per rank
 MAX_FORWARD_RANKS = 4096
 RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
@@ -142,6 +143,7 @@ class Publisher(History):
         self.run_open = False  # set by the callback: run_start sent, run_end not yet
         self._thread: threading.Thread | None = None
         self._rx_backoff_until = 0.0
+        self._rx_backoff_s = RX_BACKOFF_S
         self._wake_send = self._wake_recv = None
         self._forward_last: dict[int, float] = {}
         self._auth = None
@@ -481,12 +483,16 @@ class Publisher(History):
         deadline = time.monotonic() + RX_BUDGET_S
         for _ in range(100):  # bounded per loop so hostile traffic cannot starve publishing or training
             if time.monotonic() > deadline:
+                # A flood: each throttle doubles the pause (up to RX_BACKOFF_MAX_S), so it costs this process
+                # RX_BUDGET_S per pause however long it lasts; the pause is back to RX_BACKOFF_S once drained.
                 self.stats["rx_throttled"] += 1
-                self._rx_backoff_until = time.monotonic() + RX_BACKOFF_S
+                self._rx_backoff_until = time.monotonic() + self._rx_backoff_s
+                self._rx_backoff_s = min(2 * self._rx_backoff_s, RX_BACKOFF_MAX_S)
                 return
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                self._rx_backoff_s = RX_BACKOFF_S
                 return
             except zmq.ZMQError:
                 self.stats["rejected"] += 1
