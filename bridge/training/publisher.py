@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_tui.bridge.training import run_token
 from rlhf_tui.bridge.training.history import History
 from rlhf_tui.bridge.wire import protocol
 
@@ -42,7 +43,8 @@ FULL_REPLIES_PER_S = 20  # "full" answers sent a second, whatever the number of 
 RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
 RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long
 FORWARD_MIN_S = 0.1  # at most 10 forwarded samples a second per rank
-MAX_FORWARD_RANKS = 4096
+DEFAULT_FORWARD_RANKS = 64  # ranks 1..63 may forward when the job's world size is not known
+MAX_FORWARD_GPUS = 16  # devices kept of a forwarded sample
 RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
 
 STOP_GRACE_S = 1.0  # on stop, connected monitors get at most this long to receive the rest of the history
@@ -121,8 +123,13 @@ class Publisher(History):
         curve: Any = None,
         idle: Callable[[], Iterable[tuple]] | None = None,
         status: Callable[[], dict] | None = None,
+        forward_token: str | None = None,
+        world_size: int | None = None,
     ):
         super().__init__(run_id, history_bytes)
+        # Forwarded samples are taken only with this token (None: from nobody) and for ranks 1 .. world_size-1.
+        self._forward_token = forward_token
+        self._forward_ranks = world_size if type(world_size) is int and world_size >= 1 else DEFAULT_FORWARD_RANKS
         self.address = resolve_address(address) if address is not False else ""
         self._handler = handler
         self._idle = idle
@@ -514,20 +521,27 @@ class Publisher(History):
                 client.cursor = min(since if run == self.run_id else 0, self._next_seq)
                 client.run, client.reset_at = run, now
         elif kind == protocol.FORWARD:
-            # Another rank's sample (GPU memory etc.), re-published under this run's numbering.
+            # Another rank's sample (GPU memory etc.), re-published under this run's numbering. Any local process
+            # can connect, so only with the run's token, only for a rank of this job, at most 10 a second each.
             rank = env.get("rank", 0)
-            inner = data.get("kind")
-            last = self._forward_last.get(rank)
-            if inner != protocol.SYSTEM or not isinstance(data.get("data"), dict) or rank == 0:
-                self.stats["rejected"] += 1
-            elif (last is not None and now - last < FORWARD_MIN_S) or (
-                last is None and len(self._forward_last) >= MAX_FORWARD_RANKS
+            sample = data.get("data")
+            if (
+                not run_token.matches(self._forward_token, data.get("token"))
+                or data.get("kind") != protocol.SYSTEM
+                or not isinstance(sample, dict)
+                or type(rank) is not int
+                or not 1 <= rank < self._forward_ranks
             ):
+                self.stats["rejected"] += 1
+            elif now - self._forward_last.get(rank, -math.inf) < FORWARD_MIN_S:
                 self.stats["rejected"] += 1  # a rank may not flood the history
             else:
                 self._forward_last[rank] = now
                 self.stats["forwarded"] += 1
-                self.publish(protocol.SYSTEM, data["data"], rank)
+                gpus = sample.get("gpus")
+                if isinstance(gpus, list) and len(gpus) > MAX_FORWARD_GPUS:
+                    sample["gpus"] = gpus[:MAX_FORWARD_GPUS]
+                self.publish(protocol.SYSTEM, sample, rank)
         else:
             self.stats["rejected"] += 1
 
