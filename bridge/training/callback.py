@@ -20,9 +20,10 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
+from rlhf_tui.bridge.training import run_token
 from rlhf_tui.bridge.training.actions import AlarmActions, parse_policy
-from rlhf_tui.bridge.training.forwarder import Forwarder
-from rlhf_tui.bridge.training.publisher import Publisher
+from rlhf_tui.bridge.training.forwarder import Forwarder, forward_address
+from rlhf_tui.bridge.training.publisher import Publisher, resolve_address
 from rlhf_tui.bridge.training.recorder import Recorder
 from rlhf_tui.bridge.wire import events, protocol
 from rlhf_tui.bridge.wire.metrics import trainer_units
@@ -131,6 +132,20 @@ def _end_open_runs() -> None:
 atexit.register(_end_open_runs)
 
 
+def _arg_world_size(args: Any) -> int | None:
+    world = getattr(args, "world_size", None)
+    return world if type(world) is int and world >= 1 else None
+
+
+def _env_world_size() -> int | None:
+    """WORLD_SIZE as torchrun/accelerate set it (a custom loop has no TrainingArguments), or None."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", ""))
+    except ValueError:
+        return None
+    return world if world >= 1 else None
+
+
 class RLHFMonitorCallback(_Base):
     """Publishes a TRL/transformers training run live (ZeroMQ) and to a JSONL log.
 
@@ -147,6 +162,9 @@ class RLHFMonitorCallback(_Base):
         publish_all_ranks: also publish from non-main processes (each binds its own address).
         forward_ranks: non-main processes (torchrun/accelerate ranks) send their system samples (GPU memory
             per device) to the main process, which publishes them on the run's one address (default True).
+            The main process takes them only with the run token (env RLHF_TUI_RUN_TOKEN, which the launcher
+            passes to every rank: needed across nodes; else derived from the CURVE keys, else a private file on
+            the main node) and only for ranks 1 .. world_size-1; see docs/security.md, "Forwarded samples".
         forward_address: where non-main ranks send (default: `address`; a wildcard host means loopback on
             the main node and MASTER_ADDR on other nodes).
         curve: a `security.ServerCurve` (CURVE encryption + authorised monitor keys; allows non-loopback).
@@ -219,6 +237,8 @@ class RLHFMonitorCallback(_Base):
         self.rank = 0
         self.is_main = True
         self.rank_info: dict[str, Any] = {"rank": 0}
+        self.world_size: int | None = None  # the job's, from TrainingArguments (None: not known)
+        self._token_file: tuple[Any, str] | None = None  # the run token file this process wrote, and its token
         self.meta: dict[str, Any] = {}
         self._active = True
         self._publisher: Publisher | None = None
@@ -290,6 +310,7 @@ class RLHFMonitorCallback(_Base):
                             insecure=self.insecure,
                         )
                     else:
+                        world_size = self.world_size or _env_world_size()
                         pub = Publisher(
                             address,
                             self.run_id,
@@ -299,6 +320,8 @@ class RLHFMonitorCallback(_Base):
                             curve=curve,
                             idle=self._recorder.tick,
                             status=self._recorder.status,
+                            forward_token=self._share_run_token(address, curve, world_size),
+                            world_size=world_size,
                         )
                     pub.start()
                     self._publisher = pub
@@ -313,6 +336,29 @@ class RLHFMonitorCallback(_Base):
                         stacklevel=3,
                     )
         return self._publisher
+
+    def _share_run_token(self, address: Any, curve: Any, world_size: int | None) -> str | None:
+        """The token the other ranks of this job forward their samples with (run_token.py), written to a private
+        file for ranks on this node unless the environment or CURVE gives it to every rank. None: forwards are
+        refused (a single-process job, no socket, or a token that cannot be shared: warned)."""
+        if address is False or world_size == 1:
+            return None
+        try:
+            token = run_token.main_token(curve)
+            if not run_token.shared_without_file(curve):
+                path = run_token.write_token(forward_address(resolve_address(address)), token)
+                self._token_file = (path, token)
+            return token
+        except (OSError, run_token.TokenError) as exc:
+            import warnings
+
+            warnings.warn(
+                f"rlhf-tui: the run token cannot be shared with the other ranks ({exc}); their system samples are "
+                f"refused. Give every rank the same {run_token.TOKEN_ENV}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
 
     def _begin_run(self, meta) -> Publisher | None:
         """Start this callback's next run: a previous one (open or ended) is finished first and this one gets a
@@ -357,12 +403,15 @@ class RLHFMonitorCallback(_Base):
         self._publisher = self._recorder = None
         self.meta = {}
         self._last_checkpoint = None
+        token_file, self._token_file = self._token_file, None
         if pub is not None:
             try:
                 pub.stop()
             finally:
                 if recorder is not None and recorder.jsonl is not None:
                     recorder.jsonl.close()
+        if token_file is not None:
+            run_token.remove_token(*token_file)
 
     def _ensure_run(self, start: bool = True) -> Publisher | None:
         """The open (or ended) run's publisher; without one, a custom loop's call starts a run (`start`)."""
@@ -433,6 +482,7 @@ class RLHFMonitorCallback(_Base):
             self.rank = int(getattr(args, "process_index", 0) or 0)
             if self.rank > 0:
                 self.is_main = False
+            self.world_size = _arg_world_size(args)
             self.rank_info = {
                 "rank": self.rank,
                 "local_rank": int(getattr(args, "local_process_index", 0) or 0),

@@ -6,6 +6,7 @@ with no history and no port of its own; `forward_address` says where that is.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -13,9 +14,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from rlhf_tui.bridge.training.publisher import Publisher
+from rlhf_tui.bridge.training.run_token import TOKEN_ENV, TokenSource
 from rlhf_tui.bridge.wire import protocol
 
+log = logging.getLogger("rlhf_tui.bridge")
+
 FORWARD_POLL_S = 0.2  # a non-main rank's thread looks for samples this often
+NO_TOKEN_WARN_S = 30.0  # a rank that has found no run token this long after its start says so, once
 
 
 def forward_address(address: str) -> str:
@@ -37,7 +42,8 @@ def forward_address(address: str) -> str:
 class Forwarder(Publisher):
     """A non-main rank's side: the same queue and thread discipline as Publisher, but the thread owns a
     DEALER connected to the main process and sends each sample as a `forward` envelope (no history, no
-    port of its own). A sample that cannot be sent at once (main not up yet, pipe full) is dropped, counted."""
+    port of its own). A sample that cannot be sent at once (main not up yet, pipe full) or before the run's token
+    is found (`run_token.TokenSource`: the main process may not have written it yet) is dropped, counted."""
 
     def __init__(
         self,
@@ -49,11 +55,16 @@ class Forwarder(Publisher):
         queue_size: int = 1000,
         curve: Any = None,
         insecure: bool = False,
+        token: TokenSource | None = None,
     ):
         super().__init__(address, run_id, handler, queue_size=queue_size, curve=curve, insecure=insecure)
         self.address = forward_address(self.address) if self.address else ""
         self.rank = rank
         self.stats["sent"] = 0
+        self.stats["no_token"] = 0
+        self._token = token if token is not None else TokenSource(self.address, curve)
+        self._started_at = time.monotonic()
+        self._warned_no_token = False
 
     def start(self) -> None:
         if self._thread is None:
@@ -135,8 +146,27 @@ class Forwarder(Publisher):
             return  # metrics come from the main process only
         import zmq
 
+        token = self._token.get()
+        if token is None:
+            self.stats["no_token"] += 1
+            self._warn_no_token()
+            return
         try:
-            sock.send(protocol.forward(self.run_id, self.rank, kind, data, time.time()), zmq.NOBLOCK)
+            sock.send(protocol.forward(self.run_id, self.rank, kind, data, time.time(), token), zmq.NOBLOCK)
             self.stats["sent"] += 1
         except zmq.ZMQError:
             self.stats["dropped"] += 1
+
+    def _warn_no_token(self) -> None:
+        if self._warned_no_token or time.monotonic() - self._started_at < NO_TOKEN_WARN_S:
+            return
+        self._warned_no_token = True
+        path = self._token.path
+        where = self._token.error or (f"none in {path}" if path else "none found")
+        log.warning(
+            "rlhf-tui: rank %d has no run token (%s): its system samples are not forwarded. On another node, or "
+            "with another address than the main process, give every rank the same %s.",
+            self.rank,
+            where,
+            TOKEN_ENV,
+        )

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_tui.bridge.training import run_token
 from rlhf_tui.bridge.training.connections import HANDSHAKE_MS, ConnectionGuard
 from rlhf_tui.bridge.training.history import History
 from rlhf_tui.bridge.wire import protocol
@@ -39,6 +40,7 @@ BATCH_S = 0.25  # the thread handles queued items at most this often, in one go.
 IDLE_POLL_S = 0.25  # with nothing queued the thread looks this often (put() never wakes it) ...
 IDLE_POLL_MAX_S = 1.0  # ... backing off to this while it keeps finding nothing (slow steps: fewer wake-ups)
 INBOUND_FRAMES = 32  # frames libzmq queues per connection towards this process
+ZERO_COPY_MIN = 1024  # frames this big or bigger are shared with monitors' queues, smaller ones copied
 OUTBOUND_FRAMES = 256  # ... and towards each monitor (a pump that finds the pipe full tries at its next turn)
 MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted, answered "full")
 FULL_REPLIES_PER_S = 20  # "full" answers sent a second, whatever the number of refused hellos
@@ -46,7 +48,8 @@ RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is thrott
 RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long (doubling while the flood goes on ...)
 RX_BACKOFF_MAX_S = 0.25  # ... up to this: a real hello or sample waits at most this long behind a flood
 FORWARD_MIN_S = 0.1  # at most 10 forwarded samples a second per rank
-MAX_FORWARD_RANKS = 4096
+DEFAULT_FORWARD_RANKS = 64  # ranks 1..63 may forward when the job's world size is not known
+MAX_FORWARD_GPUS = 16  # devices kept of a forwarded sample
 RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
 
 STOP_GRACE_S = 1.0  # on stop, connected monitors get at most this long to receive the rest of the history
@@ -125,8 +128,13 @@ class Publisher(History):
         curve: Any = None,
         idle: Callable[[], Iterable[tuple]] | None = None,
         status: Callable[[], dict] | None = None,
+        forward_token: str | None = None,
+        world_size: int | None = None,
     ):
         super().__init__(run_id, history_bytes)
+        # Forwarded samples are taken only with this token (None: from nobody) and for ranks 1 .. world_size-1.
+        self._forward_token = forward_token
+        self._forward_ranks = world_size if type(world_size) is int and world_size >= 1 else DEFAULT_FORWARD_RANKS
         self.address = resolve_address(address) if address is not False else ""
         self._handler = handler
         self._idle = idle
@@ -289,7 +297,7 @@ class Publisher(History):
             sock.linger = 0
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown/full peer -> error instead of silent loss
             sock.setsockopt(zmq.SNDHWM, OUTBOUND_FRAMES)
-            sock.copy_threshold = 0  # pyzmq copies frames under 64 KiB even with copy=False: share them all
+            sock.copy_threshold = ZERO_COPY_MIN  # pyzmq copies frames under 64 KiB even with copy=False
             # What a connection may make this process hold: peers only send hellos and forwarded samples of a
             # few hundred bytes, so RCVHWM frames of at most MAX_INBOUND_BYTES (was 1000 x 64 KiB = 64 MiB each).
             sock.setsockopt(zmq.RCVHWM, INBOUND_FRAMES)
@@ -554,20 +562,27 @@ class Publisher(History):
                 client.cursor = min(since if run == self.run_id else 0, self._next_seq)
                 client.run, client.reset_at = run, now
         elif kind == protocol.FORWARD:
-            # Another rank's sample (GPU memory etc.), re-published under this run's numbering.
+            # Another rank's sample (GPU memory etc.), re-published under this run's numbering. Any local process
+            # can connect, so only with the run's token, only for a rank of this job, at most 10 a second each.
             rank = env.get("rank", 0)
-            inner = data.get("kind")
-            last = self._forward_last.get(rank)
-            if inner != protocol.SYSTEM or not isinstance(data.get("data"), dict) or rank == 0:
-                self.stats["rejected"] += 1
-            elif (last is not None and now - last < FORWARD_MIN_S) or (
-                last is None and len(self._forward_last) >= MAX_FORWARD_RANKS
+            sample = data.get("data")
+            if (
+                not run_token.matches(self._forward_token, data.get("token"))
+                or data.get("kind") != protocol.SYSTEM
+                or not isinstance(sample, dict)
+                or type(rank) is not int
+                or not 1 <= rank < self._forward_ranks
             ):
+                self.stats["rejected"] += 1
+            elif now - self._forward_last.get(rank, -math.inf) < FORWARD_MIN_S:
                 self.stats["rejected"] += 1  # a rank may not flood the history
             else:
                 self._forward_last[rank] = now
                 self.stats["forwarded"] += 1
-                self.publish(protocol.SYSTEM, data["data"], rank)
+                gpus = sample.get("gpus")
+                if isinstance(gpus, list) and len(gpus) > MAX_FORWARD_GPUS:
+                    sample["gpus"] = gpus[:MAX_FORWARD_GPUS]
+                self.publish(protocol.SYSTEM, sample, rank)
         else:
             self.stats["rejected"] += 1
 
@@ -594,9 +609,7 @@ class Publisher(History):
                     client.cursor = self._next_seq
                     break
                 try:
-                    # Zero-copy: every monitor's queue holds a reference to the history's own bytes (shared),
-                    # not a copy; SNDHWM frames per monitor at most, whether it reads or not.
-                    sock.send_multipart([peer, payload], zmq.NOBLOCK, copy=False)
+                    self._send_shared(sock, peer, payload)
                 except zmq.Again:
                     self.stats["send_again"] += 1
                     break
@@ -605,6 +618,20 @@ class Publisher(History):
                     break
                 client.cursor = next_cursor
         self.stats["clients"] = len(self._clients)
+
+    def _send_shared(self, sock, peer: bytes, payload: bytes) -> None:
+        """Zero-copy: every monitor's queue holds a reference to the history's own bytes (shared), not a copy;
+        SNDHWM frames per monitor at most, whether it reads or not. At interpreter exit pyzmq's zero-copy helper
+        thread is already down (its atexit runs before ours) and refuses: then the frame is copied."""
+        import zmq
+
+        if len(payload) >= ZERO_COPY_MIN and not self._stop.is_set():
+            try:
+                sock.send_multipart([peer, payload], zmq.NOBLOCK, copy=False)
+                return
+            except RuntimeError:  # "zmq gc socket requested during shutdown"
+                pass
+        sock.send_multipart([peer, payload], zmq.NOBLOCK)
 
     def _heartbeat_frame(self) -> bytes:
         data = {

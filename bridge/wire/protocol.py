@@ -397,6 +397,10 @@ def hello(run_id: str | None, since: int, resync: bool = False) -> bytes:
     ).encode()
 
 
-def forward(run_id: str, rank: int, kind: str, data: dict, ts: float) -> bytes:
-    """What a non-main rank sends to the main process: one sample to re-publish under the run's numbering."""
-    return encode_clean(FORWARD, run_id, -1, ts, {"kind": kind, "data": _clean(data, 1)}, rank)
+def forward(run_id: str, rank: int, kind: str, data: dict, ts: float, token: str | None = None) -> bytes:
+    """What a non-main rank sends to the main process: one sample to re-publish under the run's numbering, with
+    the run's token (the main process refuses a forward without it)."""
+    body: dict[str, Any] = {"kind": kind, "data": _clean(data, 1)}
+    if token is not None:
+        body["token"] = token
+    return encode_clean(FORWARD, run_id, -1, ts, body, rank)

@@ -247,16 +247,16 @@ def test_forwarded_samples_are_rate_limited_and_never_for_rank_0(address):
 
     from rlhf_tui.bridge.wire import protocol
 
-    pub = _publisher(address)
+    pub = _publisher(address, forward_token="run-token", world_size=4)
     ctx = zmq.Context()
     peer = ctx.socket(zmq.DEALER)
     peer.linger = 0
     peer.connect(address)
     try:
         for i in range(50):
-            peer.send(protocol.forward("other", 3, "system", {"rss_mb": float(i)}, 0.0))
-        peer.send(protocol.forward("other", 0, "system", {"rss_mb": 1.0}, 0.0))  # cannot speak for rank 0
-        peer.send(protocol.forward("other", 2, "step", {"step": 1, "metrics": {}}, 0.0))  # metrics: main only
+            peer.send(protocol.forward("other", 3, "system", {"rss_mb": float(i)}, 0.0, "run-token"))
+        peer.send(protocol.forward("other", 0, "system", {"rss_mb": 1.0}, 0.0, "run-token"))  # not for rank 0
+        peer.send(protocol.forward("other", 2, "step", {"step": 1, "metrics": {}}, 0.0, "run-token"))  # main only
         wait_for(lambda: pub.stats["forwarded"] + pub.stats["rejected"] >= 52, message="all handled")
         assert 1 <= pub.stats["forwarded"] <= 5 and pub.stats["rejected"] >= 47
     finally:

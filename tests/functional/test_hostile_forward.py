@@ -1,0 +1,220 @@
+"""Forwarded samples from strangers (issue 16, item 1): any local process can connect to the run's port and
+send well-formed `forward` envelopes. Before, ~1,500 fake system samples took the history from 0.35 to 76 MB
+and a late joiner saw 1,024 fake GPUs. Now the main process takes a forward only with the run token and only
+for a rank of this job (1 .. world_size-1, 10 a second, 16 devices), while a real non-main rank's `Forwarder`
+with the token still gets its samples through."""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import zmq
+from conftest import free_address, wait_for
+
+from rlhf_tui.bridge.monitor.subscriber import Subscriber
+from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+from rlhf_tui.bridge.wire import protocol
+
+FAKE_RANKS = range(1, 1025)
+STEPS = 40
+
+
+@pytest.fixture
+def token_home(tmp_path, monkeypatch):
+    """The run token folder's parent, private to this test (never the machine's own runtime folder)."""
+    home = tmp_path / "runtime"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(home))
+    monkeypatch.delenv("RLHF_TUI_RUN_TOKEN", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return home
+
+
+def _fake_sample(rank: int) -> dict:
+    gpus = [{"index": i, "name": "FAKE GPU", "util": 99.0, "used_mb": 1.0, "total_mb": 2.0} for i in range(64)]
+    return {"rss_mb": 1.0, "gpus": gpus, "gpu_available": True, "rank": rank, "hostname": "fake"}
+
+
+def _forward_frame(rank: int, data: dict, token=None) -> bytes:
+    """A well-formed forward envelope as any process could write it (no helper of ours needed)."""
+    body = {"kind": "system", "data": data}
+    if token is not None:
+        body["token"] = token
+    return protocol.encode(protocol.FORWARD, "stranger", -1, 0.0, body, rank)
+
+
+def _rank_callback(address: str, tmp_path, rank: int, world: int, run_id: str):
+    args = SimpleNamespace(
+        process_index=rank,
+        local_process_index=rank,
+        world_size=world,
+        output_dir=str(tmp_path / f"out{rank}"),
+        logging_steps=1,
+    )
+    state = SimpleNamespace(is_world_process_zero=rank == 0, global_step=0, max_steps=STEPS, logging_steps=1)
+    cb = RLHFMonitorCallback(address=address, log_dir=str(tmp_path / "logs"), run_id=run_id, analyze_checkpoints=False)
+    cb.on_train_begin(args, state, None)
+    return cb, args, state
+
+
+@pytest.mark.parametrize("shared", ["file", "env"])
+def test_a_strangers_forwards_never_reach_the_history_and_a_real_rank_still_does(
+    tmp_path, token_home, monkeypatch, shared
+):
+    from rlhf_tui.bridge.training import publisher as publisher_module
+
+    # The publisher's thread reads peers for 1 ms a turn and, idle, turns at most once a second: a flood is read
+    # as a trickle. Turning every 5 ms lets the test see all 3 072 fakes handled in seconds, not minutes.
+    monkeypatch.setattr(publisher_module, "IDLE_POLL_S", 0.005)
+    monkeypatch.setattr(publisher_module, "IDLE_POLL_MAX_S", 0.005)
+    if shared == "env":
+        monkeypatch.setenv("RLHF_TUI_RUN_TOKEN", "launcher-given-token-0123456789")
+    address = free_address()
+    main_cb, main_args, main_state = _rank_callback(address, tmp_path, 0, 2, "real-run")
+    pub = main_cb.publisher
+    rank_cb, rank_args, rank_state = _rank_callback(address, tmp_path, 1, 2, "rank1-run")
+    ctx = zmq.Context()
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.linger = 0
+    stranger.connect(address)
+    sub = None
+    try:
+        for step in range(1, STEPS + 1):
+            main_state.global_step = step
+            main_cb.on_log(main_args, main_state, None, logs={"loss": 1.0 / step, "reward": 0.5})
+        sent = 0
+        for rank in FAKE_RANKS:  # no token, a wrong one, one of the wrong type
+            for token in (None, "0" * 32, 12345):
+                stranger.send(_forward_frame(rank, _fake_sample(rank), token))
+                sent += 1
+        wait_for(
+            lambda: pub.stats["rejected"] + pub.stats["forwarded"] >= sent,
+            timeout=60,
+            interval=0.05,
+            message="every fake handled",
+        )
+
+        def rank_1_through():
+            rank_cb.on_log(rank_args, rank_state, None, logs={})  # a cue to sample (at most 1 Hz)
+            return pub.stats["forwarded"] >= 1
+
+        wait_for(rank_1_through, timeout=20, interval=0.1, message="the real rank's sample")
+        # A late joiner: every real step, the real ranks only, no fake device.
+        sub = Subscriber(address).start()
+
+        def caught_up():
+            run = sub.store.current_run
+            return run is not None and run.rows == STEPS and 1 in run.system
+
+        wait_for(caught_up, timeout=20, interval=0.05, message="the late joiner caught up")
+        run = sub.store.current_run
+        assert run.run_id == "real-run"
+        np.testing.assert_array_equal(run.steps, np.arange(1, STEPS + 1))
+        assert set(run.system) == {0, 1}
+        assert run.system[1]["rank"] == 1 and run.system[1]["rss_mb"] > 0
+        names = [g.get("name") for sample in run.system.values() for g in sample.get("gpus") or []]
+        assert "FAKE GPU" not in names
+        assert pub.stats["forwarded"] < 40  # the real rank's samples only (the fakes were 3 072)
+        assert pub._history_bytes < 1 << 20
+        token_files = list((token_home / "rlhf-tui").glob("*.token")) if shared == "file" else []
+        if shared == "file":  # written for the ranks on this node, private
+            assert len(token_files) == 1 and token_files[0].stat().st_mode & 0o777 == 0o600
+            assert (token_home / "rlhf-tui").stat().st_mode & 0o777 == 0o700
+            token = token_files[0].read_text().strip()
+        else:  # the launcher gave it: no file
+            assert not (token_home / "rlhf-tui").exists()
+            token = os.environ["RLHF_TUI_RUN_TOKEN"]
+        assert token not in repr(run.system) and token not in (tmp_path / "logs" / "run-real-run.jsonl").read_text()
+    finally:
+        stranger.close(0)
+        ctx.term()
+        if sub is not None:
+            sub.stop()
+        rank_cb.close()
+        main_cb.close()
+    assert not list(token_home.glob("rlhf-tui/*.token"))  # removed at the run's end
+
+
+def _publisher(address, **kw):
+    from rlhf_tui.bridge.training.publisher import Publisher
+
+    pub = Publisher(address, "bounded-run", handler=lambda item: [item], **kw)
+    pub.start()
+    return pub
+
+
+@pytest.mark.parametrize(("world_size", "allowed"), [(4, {1, 3}), (None, {1, 3, 4, 63})])
+def test_forwards_are_bounded_to_the_jobs_ranks_and_16_devices(address, world_size, allowed):
+    pub = _publisher(address, forward_token="t0k3n", world_size=world_size)
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.linger = 0
+    peer.connect(address)
+    sub = Subscriber(address).start()
+    try:
+        ranks = [1, 3, 4, 63, 64, 1024, 0]
+        for rank in ranks:
+            peer.send(_forward_frame(rank, {"rss_mb": float(rank), "gpus": _fake_sample(rank)["gpus"]}, "t0k3n"))
+        peer.send(_forward_frame(2, {"rss_mb": 2.0}, "t0k3n-but-longer"))  # a token with the right prefix
+        wait_for(lambda: pub.stats["forwarded"] + pub.stats["rejected"] >= len(ranks) + 1, message="all handled")
+        assert pub.stats["forwarded"] == len(allowed)
+        wait_for(lambda: sub.store.current_run is not None and set(sub.store.current_run.system) == allowed)
+        for rank in allowed:
+            assert len(sub.store.current_run.system[rank]["gpus"]) == 16
+    finally:
+        peer.close(0)
+        ctx.term()
+        sub.stop()
+        pub.stop()
+
+
+def test_a_single_process_job_takes_no_forward_and_writes_no_token(tmp_path, token_home):
+    address = free_address()
+    cb, args, state = _rank_callback(address, tmp_path, 0, 1, "single-run")
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.linger = 0
+    peer.connect(address)
+    try:
+        peer.send(_forward_frame(1, {"rss_mb": 1.0}, ""))
+        peer.send(_forward_frame(1, {"rss_mb": 1.0}))
+        wait_for(lambda: cb.publisher.stats["rejected"] >= 2, message="refused")
+        assert cb.publisher.stats["forwarded"] == 0
+        assert not (token_home / "rlhf-tui").exists()
+    finally:
+        peer.close(0)
+        ctx.term()
+        cb.close()
+
+
+def test_a_rank_without_a_token_drops_its_samples_and_says_so_once(tmp_path, token_home, monkeypatch, caplog):
+    from rlhf_tui.bridge.training import forwarder as forwarder_module
+    from rlhf_tui.bridge.training.forwarder import Forwarder
+
+    monkeypatch.setattr(forwarder_module, "NO_TOKEN_WARN_S", 0.0)
+    fwd = Forwarder(free_address(), "lonely", lambda item: [("system", {"rss_mb": 1.0}, 2)], rank=2)
+    fwd.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="rlhf_tui.bridge"):
+            for _ in range(3):
+                fwd.put(("cue",))
+            wait_for(lambda: fwd.stats["no_token"] >= 3, message="samples without a token dropped")
+        assert fwd.stats["sent"] == 0
+        warned = [r.getMessage() for r in caplog.records if "no run token" in r.getMessage()]
+        assert len(warned) == 1 and "rank 2" in warned[0] and "RLHF_TUI_RUN_TOKEN" in warned[0]
+    finally:
+        fwd.stop()
+
+
+def test_a_bad_launcher_token_disables_forwarding_with_one_warning(tmp_path, token_home, monkeypatch):
+    monkeypatch.setenv("RLHF_TUI_RUN_TOKEN", "has spaces in it")
+    with pytest.warns(RuntimeWarning, match="RLHF_TUI_RUN_TOKEN must be"):
+        cb, _, _ = _rank_callback(free_address(), tmp_path, 0, 2, "bad-token-run")
+    try:
+        assert cb.publisher is not None and cb.publisher._forward_token is None  # the run is still published
+    finally:
+        cb.close()
