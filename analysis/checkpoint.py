@@ -34,10 +34,10 @@ from .checkpoint_findings import (
     classify_tensor,
     fmt,
     health_score,
-    json_safe,
     list_names,
     weight_findings,
 )
+from .plain_json import json_safe
 from .safetensors_io import (
     Checkpoint,
     CheckpointError,

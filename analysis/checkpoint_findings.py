@@ -69,22 +69,6 @@ RECOMMENDATIONS = {
 }
 
 
-def json_safe(value: Any) -> Any:
-    """Copy of ``value`` that ``json.dumps(allow_nan=False)`` accepts: NaN/Inf → None, tuples → lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    try:  # numpy scalars
-        return json_safe(value.item())
-    except AttributeError:
-        return str(value)
-
-
 def classify_tensor(name: str, shape: tuple[int, ...] | list[int]) -> str:
     """Kind of a tensor from its name and shape: lora, norm, bias, embedding, attention, mlp or other."""
     lname = name.lower()

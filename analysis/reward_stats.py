@@ -16,22 +16,6 @@ MAD_TO_STD = 1.4826
 EPS = 1e-8
 
 
-def json_safe(value: Any) -> Any:
-    """Plain JSON data: non-finite floats become None, numpy scalars Python numbers, anything else its repr."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    try:
-        return json_safe(value.item())
-    except (AttributeError, ValueError):
-        return repr(value)
-
-
 def to_floats(scores: Any) -> np.ndarray:
     """Scores as float64, NaN for every None or non-number. Accepts lists, numpy arrays and torch tensors."""
     if scores is None:

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_tui.analysis.reward_stats import drift_level, histogram, json_safe, to_floats
+from rlhf_tui.analysis.plain_json import json_safe
+from rlhf_tui.analysis.reward_stats import drift_level, histogram, to_floats
 from rlhf_tui.analysis.rewards import RECOMMENDATIONS, RewardModelIntegrator
 
 __all__ = ["COLUMNS", "FeatureTable", "RewardStream", "RewardStreams"]

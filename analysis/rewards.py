@@ -29,7 +29,8 @@ from typing import Any, cast
 import numpy as np
 
 from rlhf_tui.analysis import reward_stats as stats
-from rlhf_tui.analysis.reward_stats import EPS, json_safe
+from rlhf_tui.analysis.plain_json import json_safe
+from rlhf_tui.analysis.reward_stats import EPS
 
 __all__ = ["RewardModelIntegrator", "SEVERITIES"]
 

@@ -1,0 +1,27 @@
+"""Plain JSON data from analysis results: what `json.dumps(allow_nan=False)` accepts and any reader parses.
+
+(The wire's own encoding, bridge/wire/protocol.to_json_safe, writes non-finite floats as "NaN"/"Infinity"
+strings instead; analysis results say "no value" with None.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of `value` as plain JSON data: non-finite floats become None, tuples lists, dict keys strings,
+    numpy scalars Python numbers, anything else its str()."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    try:  # numpy scalars (a 0-d array too); a bigger array has no .item()
+        return json_safe(value.item())
+    except (AttributeError, ValueError):
+        return str(value)
