@@ -74,6 +74,10 @@ class Thresholds:
     hack_clipped_ratio: float = 0.5  # completions/clipped_ratio at or above: lengths running to the limit
     hack_length_frac: float = 0.95  # completion_length / max_completion_length (when args are known)
     hack_entropy_drop: float = 0.5  # entropy this fraction below its early level counts as falling
+    truncation_ratio: float = 0.9  # completions/clipped_ratio held at or above: the length limit shapes the reward
+    # -- sampling vs training (vLLM) ----------------------------------------------------------------------------
+    sampling_difference: float = 0.01  # sampling/sampling_logp_difference/mean reference level (medium; 10x high)
+    sampling_is_band: float = 0.2  # importance-sampling ratio mean further than this from 1 (either way)
     # per reward function, batch by batch (analysis/reward_episodes.py; docs/reward-reliability.md)
     reward_batch_z: float = 4.0  # batch mean this many spreads from the function's recent batches (medium; 2x high)
     reward_saturation_share: float = 0.8  # share of a function's scores at a bound over persist_n batches
@@ -206,6 +210,9 @@ _FIELD_SPECS: list[dict[str, Any]] = [
     _h("hack_clipped_ratio", "completions/clipped_ratio that counts as running to the limit", 0.05, min=0.0, max=1.0),
     _h("hack_length_frac", "completion length / limit that counts as running to the limit", 0.01, min=0.0, max=1.0),
     _h("hack_entropy_drop", "entropy drop that counts as falling for reward hacking", 0.05, min=0.0, max=1.0),
+    _h("truncation_ratio", "completions/clipped_ratio held at or above: truncation", 0.05, min=0.05, max=1.0),
+    _h("sampling_difference", "sampling/sampling_logp_difference reference level (10x: high)", 0.005, min=1e-4),
+    _h("sampling_is_band", "importance-sampling ratio mean this far from 1: mismatch", 0.05, min=0.01, max=10.0),
     _h("reward_batch_z", "per reward function: batch-mean z for a shift (medium, 2x high, 4x critical)", 0.5, min=3.0),
     _h("reward_saturation_share", "per reward function: share of scores at a bound", 0.05, min=0.05, max=1.0),
     _h("reward_invalid_high", "per reward function: share of None/NaN scores for high", 0.05, min=0.0, max=1.0),

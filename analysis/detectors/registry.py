@@ -439,6 +439,39 @@ _RECORDS = (
         block_medians=True,
     ),
     Detector(
+        "sampling_mismatch",
+        "the sampler's (vLLM) token log-probs drift from the trainer's: sampling/sampling_logp_difference above its "
+        "reference level (0.01; high at 10x), or the importance-sampling ratio's mean off 1",
+        (
+            "sampling/sampling_logp_difference/mean",
+            "training/rollout_probs_diff_mean",
+            "sampling/importance_sampling_ratio/mean",
+        ),
+        ("sampling_difference", "sampling_is_band"),
+        (MEDIUM, HIGH),
+        lambda metric, value, score: (
+            (
+                f"sampling and training disagree: {metric} = {fmt(value)}"
+                if metric.endswith("ratio/mean")
+                else f"sampling and training disagree: {metric} = {fmt(value)} ({score:.1f}x the 0.01 reference)"
+            ),
+            "an inference-precision problem: match vLLM's dtype to training's, check the weight sync to vLLM each "
+            "step; keep vllm_importance_sampling_correction on",
+        ),
+    ),
+    Detector(
+        "truncation",
+        "most completions hit max_completion_length (completions/clipped_ratio held at or above 0.9; low: a note)",
+        ("completions/clipped_ratio",),
+        ("truncation_ratio", "persist_n", "persist_k"),
+        (LOW,),
+        lambda metric, value, score: (
+            f"{100 * (value or 0):.0f}% of completions are cut at max_completion_length: the length limit shapes "
+            "the reward",
+            "raise max_completion_length, or penalise length in the reward; check completions for padding or loops",
+        ),
+    ),
+    Detector(
         "memory_near_oom",
         "device memory above 90% (high/critical)",
         ("memory/gpu_frac",),

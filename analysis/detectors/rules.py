@@ -430,6 +430,43 @@ def dpo(c: Context) -> Flags:
             yield "dpo_loss", "loss", lev, cur
 
 
+# The training-inference mismatch, first key present wins: TRL's (GRPO with vLLM and importance-sampling
+# correction: mean |logp_vllm - logp_train| per token) and verl's rollout-vs-training probability difference
+# (custom loops that log verl's keys). Reference level: ~0.01 (verl's FAQ: above it, an inference-precision
+# problem: dtype, kernels, a stale weight sync).
+SAMPLING_DIFFERENCE = (
+    "sampling/sampling_logp_difference/mean",
+    "training/rollout_probs_diff_mean",
+)
+SAMPLING_IS_RATIO = "sampling/importance_sampling_ratio/mean"
+
+
+@rule
+def sampling(c: Context) -> Flags:
+    """Sampling vs training mismatch (vLLM), and completions running into the length limit."""
+    th, s, pn, k = c.th, c.s, c.pn, c.k
+    for name in SAMPLING_DIFFERENCE:
+        diff = s(name)
+        if diff is None:
+            continue
+        ratio = diff.x / max(th.sampling_difference, 1e-12)
+        held = count_last(ratio >= 1.0, 3) >= 2  # one odd batch of hard tokens is not a precision problem
+        high = count_last(ratio >= 10.0, 3) >= 2
+        yield "sampling_mismatch", name, np.where(high, 3, np.where(held, 2, 0)).astype(np.int8), ratio
+        break
+    isr = s(SAMPLING_IS_RATIO)
+    if isr is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            off = np.abs(np.log(np.where(isr.x > 0, isr.x, np.nan)))  # 0 when sampler and trainer agree
+        held = count_last(off >= np.log1p(th.sampling_is_band), 3) >= 2
+        yield "sampling_mismatch", SAMPLING_IS_RATIO, np.where(held, 2, 0).astype(np.int8), isr.x
+    cr = s("completions/clipped_ratio")
+    if cr is not None:
+        held = count_last(cr.x >= th.truncation_ratio, pn) >= k
+        # A note, not an alarm: tiny or deliberately short completions run into the limit by design.
+        yield "truncation", "completions/clipped_ratio", np.where(held, 1, 0).astype(np.int8), cr.x
+
+
 @rule
 def system(c: Context) -> Flags:
     """Memory growing or near OOM, step time regressing."""

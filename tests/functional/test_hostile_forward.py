@@ -67,10 +67,12 @@ def test_a_strangers_forwards_never_reach_the_history_and_a_real_rank_still_does
 ):
     from rlhf_tui.bridge.training import publisher as publisher_module
 
-    # The publisher's thread reads peers for 1 ms a turn and, idle, turns at most once a second: a flood is read
-    # as a trickle. Turning every 5 ms lets the test see all 3 072 fakes handled in seconds, not minutes.
+    # The publisher's thread reads peers for 1 ms a turn and pauses longer while a flood goes on (up to 250 ms):
+    # a flood is read as a trickle (the ROUTER fair-queues, so real peers are not behind it). Turning every 5 ms
+    # lets the test see all 3 072 fakes handled in seconds, not minutes.
     monkeypatch.setattr(publisher_module, "IDLE_POLL_S", 0.005)
     monkeypatch.setattr(publisher_module, "IDLE_POLL_MAX_S", 0.005)
+    monkeypatch.setattr(publisher_module, "RX_BACKOFF_MAX_S", publisher_module.RX_BACKOFF_S)
     if shared == "env":
         monkeypatch.setenv("RLHF_TUI_RUN_TOKEN", "launcher-given-token-0123456789")
     address = free_address()

@@ -671,3 +671,49 @@ def test_kl_growing_from_zero_as_the_policy_leaves_its_reference_is_not_a_runawa
     m["kl"][200:] *= 40  # then a real runaway
     first = first_alarm(run(m, GRPO), "kl_runaway")
     assert first is not None and 201 <= first["step"] <= 206
+
+
+# -- TRL 1.x signals: sampling vs training, truncation ------------------------------------------------------
+def test_sampling_mismatch_rises_above_its_reference_level():
+    base = grpo_run(300, 3)
+    t = np.arange(300)
+    diff = np.where(t < 150, 0.002, np.where(t < 220, 0.03, 0.2))  # fine, 3x the reference, then 20x
+    eps = [
+        e
+        for e in run(dict(base, **{"sampling/sampling_logp_difference/mean": diff}))
+        if e["detector"] == "sampling_mismatch"
+    ]
+    assert eps and eps[0]["metric"] == "sampling/sampling_logp_difference/mean"
+    assert 150 < eps[0]["step"] <= 155 and eps[0]["severity"] == "high"  # the episode reached 20x the reference
+    three_x = np.where(t < 150, 0.002, 0.03)
+    mild = [
+        e
+        for e in run(dict(base, **{"sampling/sampling_logp_difference/mean": three_x}))
+        if e["detector"] == "sampling_mismatch"
+    ]
+    assert [e["severity"] for e in mild] == ["medium"]
+    assert "disagree" in eps[0]["message"] and "vLLM" in eps[0]["recommendation"]
+    quiet = run(dict(base, **{"sampling/sampling_logp_difference/mean": np.full(300, 0.002)}))
+    assert not [e for e in quiet if e["detector"] == "sampling_mismatch"]
+    # verl's key in a custom loop, and the importance-sampling ratio drifting off 1
+    verl = run(dict(base, **{"training/rollout_probs_diff_mean": diff}))
+    assert [e for e in verl if e["detector"] == "sampling_mismatch"]
+    ratio = np.where(t < 200, 1.0, 0.6)
+    off = [
+        e
+        for e in run(dict(base, **{"sampling/importance_sampling_ratio/mean": ratio}))
+        if e["detector"] == "sampling_mismatch"
+    ]
+    assert off and 200 < off[0]["step"] <= 205 and off[0]["metric"] == "sampling/importance_sampling_ratio/mean"
+
+
+def test_truncation_is_a_note_when_most_completions_hit_the_limit():
+    base = grpo_run(300, 4)
+    t = np.arange(300)
+    clipped = np.where(t < 180, 0.1, 0.95)
+    eps = [e for e in run(dict(base, **{"completions/clipped_ratio": clipped})) if e["detector"] == "truncation"]
+    assert eps and eps[0]["severity"] == "low" and 180 < eps[0]["step"] <= 190
+    assert "max_completion_length" in eps[0]["message"]
+    assert not [
+        e for e in run(dict(base, **{"completions/clipped_ratio": np.full(300, 0.5)})) if e["detector"] == "truncation"
+    ]
