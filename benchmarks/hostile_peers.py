@@ -8,6 +8,7 @@ Attacks (each for the whole run, from this process, loopback only):
   frames   32 connections pushing ~60 KB frames as fast as they go
   resync   64 monitors that never read and ask for the whole history again every 0.55 s
   hellos   16 sockets flooding hellos and garbage frames
+  curve    (the run with CURVE keys, `keys_dir=`) handshakes with keys it never authorised, as fast as they go
   burn     the control: this process spins one core and touches no socket (on a small machine an attacker's own
            CPU slows training whatever we do; compare the socket attacks with this row)
 
@@ -30,7 +31,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ATTACKS = ("none", "burn", "idle", "frames", "resync", "hellos")
+ATTACKS = ("none", "burn", "idle", "frames", "resync", "hellos", "curve")
 
 
 def free_port() -> int:
@@ -40,7 +41,7 @@ def free_port() -> int:
 
 
 # -- the training (a child process) -----------------------------------------------------------------------
-def child(address: str, steps: int, workdir: str) -> None:
+def child(address: str, steps: int, workdir: str, keys: str = "") -> None:
     import torch
     import transformers
 
@@ -53,7 +54,9 @@ def child(address: str, steps: int, workdir: str) -> None:
     torch.set_num_threads(1)
     quiet_libraries()
     model = build_tiny_model(os.path.join(workdir, "model"))
-    cb = RLHFMonitorCallback(address=address, log_dir=os.path.join(workdir, "logs"), analyze_checkpoints=False)
+    cb = RLHFMonitorCallback(
+        address=address, log_dir=os.path.join(workdir, "logs"), analyze_checkpoints=False, keys_dir=keys or None
+    )
     ends: list[float] = []
 
     class Times(transformers.TrainerCallback):
@@ -184,6 +187,25 @@ def attack_hellos(address: str, stop: threading.Event) -> None:
     ctx.term()
 
 
+def attack_curve(address: str, server_public: bytes, stop: threading.Event) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    while not stop.is_set():
+        socks = []
+        for _ in range(20):
+            public, secret = zmq.curve_keypair()  # a key the run never authorised
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_public, public, secret
+            s.connect(address)
+            socks.append(s)
+        stop.wait(0.05)
+        for s in socks:
+            s.close(0)
+    ctx.term()
+
+
 def attack_burn(stop: threading.Event) -> None:
     x = 0
     while not stop.is_set():
@@ -196,12 +218,19 @@ def run_one(attack: str, steps: int) -> dict:
     address = f"tcp://127.0.0.1:{port}"
     stop = threading.Event()
     with tempfile.TemporaryDirectory() as workdir:
+        keys, server_public = "", b""
+        if attack == "curve":
+            from rlhf_tui.bridge.wire import security
+
+            keys = os.path.join(workdir, "keys")
+            security.keygen(keys)
+            server_public = security.load_public(os.path.join(keys, "server.key"))
 
         def limits():
             resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
 
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", address, str(steps), workdir],
+            [sys.executable, __file__, "--child", address, str(steps), workdir, keys],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -213,6 +242,7 @@ def run_one(attack: str, steps: int) -> dict:
             "resync": lambda: attack_resync(address, stop),
             "hellos": lambda: attack_hellos(address, stop),
             "burn": lambda: attack_burn(stop),
+            "curve": lambda: attack_curve(address, server_public, stop),
         }.get(attack)
         thread = threading.Thread(target=target, daemon=True) if target else None
         if thread is not None:
@@ -231,7 +261,7 @@ def run_one(attack: str, steps: int) -> dict:
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else "")
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)

@@ -22,6 +22,31 @@ MAX_ACCEPTS_PER_S = 100  # more new connections than this in a second (a reconne
 SHED_S = 1.0  # after shedding, the endpoint is bound again this much later
 HANDSHAKE_MS = 5000  # a connection that has not finished its handshake by then is closed (libzmq: 30 s)
 EVENTS_PER_DRAIN = 4096  # monitor events read per loop turn (bounded work)
+INBOUND_FRAMES = 32  # frames libzmq queues per connection towards this process
+OUTBOUND_FRAMES = 256  # ... and towards each monitor (a pump that finds the pipe full tries at its next turn)
+ZERO_COPY_MIN = 1024  # frames this big or bigger are shared with monitors' queues, smaller ones copied
+
+
+def bound_router(sock, address: str) -> None:
+    """The run's ROUTER options that bound what a peer can make this process hold or do: peers only send
+    hellos and forwarded samples of a few hundred bytes, so RCVHWM frames of at most MAX_INBOUND_BYTES (was
+    1000 x 64 KiB = 64 MiB a connection); SNDHWM frames towards each monitor, shared zero-copy from the history
+    (pyzmq copies frames under its copy_threshold, 64 KiB by default, even with copy=False); the handshake
+    timeout; TCP keep-alive; IPv6 for an IPv6 literal."""
+    import zmq
+
+    from rlhf_tui.bridge.wire import protocol
+
+    sock.setsockopt(zmq.SNDHWM, OUTBOUND_FRAMES)
+    sock.copy_threshold = ZERO_COPY_MIN
+    sock.setsockopt(zmq.RCVHWM, INBOUND_FRAMES)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_INBOUND_BYTES)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+    if address.startswith("tcp://"):
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+    if protocol.ipv6_address(address):
+        sock.setsockopt(zmq.IPV6, 1)
 
 
 def connection_cap(limit: int = MAX_CONNECTIONS) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf_tui.bridge.training import run_token
-from rlhf_tui.bridge.training.connections import HANDSHAKE_MS, ConnectionGuard
+from rlhf_tui.bridge.training.connections import ZERO_COPY_MIN, ConnectionGuard, bound_router
 from rlhf_tui.bridge.training.history import History
 from rlhf_tui.bridge.wire import protocol
 
@@ -39,9 +39,6 @@ BATCH_S = 0.25  # the thread handles queued items at most this often, in one go.
 # the thread wakes ~4 times a second: 0.1 s batches cost 1.0 ms per step of a tiny GRPO run, see performance.md
 IDLE_POLL_S = 0.25  # with nothing queued the thread looks this often (put() never wakes it) ...
 IDLE_POLL_MAX_S = 1.0  # ... backing off to this while it keeps finding nothing (slow steps: fewer wake-ups)
-INBOUND_FRAMES = 32  # frames libzmq queues per connection towards this process
-ZERO_COPY_MIN = 1024  # frames this big or bigger are shared with monitors' queues, smaller ones copied
-OUTBOUND_FRAMES = 256  # ... and towards each monitor (a pump that finds the pipe full tries at its next turn)
 MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted, answered "full")
 FULL_REPLIES_PER_S = 20  # "full" answers sent a second, whatever the number of refused hellos
 RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
@@ -296,18 +293,7 @@ class Publisher(History):
         try:
             sock.linger = 0
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown/full peer -> error instead of silent loss
-            sock.setsockopt(zmq.SNDHWM, OUTBOUND_FRAMES)
-            sock.copy_threshold = ZERO_COPY_MIN  # pyzmq copies frames under 64 KiB even with copy=False
-            # What a connection may make this process hold: peers only send hellos and forwarded samples of a
-            # few hundred bytes, so RCVHWM frames of at most MAX_INBOUND_BYTES (was 1000 x 64 KiB = 64 MiB each).
-            sock.setsockopt(zmq.RCVHWM, INBOUND_FRAMES)
-            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_INBOUND_BYTES)
-            sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
-            if self.address.startswith("tcp://"):
-                sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-            if protocol.ipv6_address(self.address):
-                sock.setsockopt(zmq.IPV6, 1)
-                sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+            bound_router(sock, self.address)
             if self._curve is not None:
                 self._auth = self._curve.authenticator(ctx)  # ZAP handler on this context, before the bind
                 self._curve.apply_server(sock)

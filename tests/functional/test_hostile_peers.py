@@ -119,7 +119,7 @@ def test_a_peer_frame_or_backlog_is_small(address):
         wait_for(lambda: pub.stats["clients"] >= 1, message="the well-behaved peer served")
         time.sleep(0.3)  # what the other peer would have got by now
         assert pub.stats["clients"] == 1
-        assert protocol.MAX_INBOUND_BYTES <= 16 << 10 and publisher_module.INBOUND_FRAMES <= 32
+        assert protocol.MAX_INBOUND_BYTES <= 16 << 10 and connections.INBOUND_FRAMES <= 32
     finally:
         big.close(0)
         small.close(0)
