@@ -6,6 +6,8 @@ with "Too many open files". `ConnectionGuard` counts the open connections from t
 (ZMQ_EVENT_ACCEPTED / ZMQ_EVENT_DISCONNECTED) and, at the cap (or past MAX_ACCEPTS_PER_S), sheds them all: it unbinds the endpoint (which
 closes every connection accepted on it) and binds it again SHED_S later. Real monitors reconnect by themselves
 (within a second) and resume from their cursor; a flood only ever holds `cap` descriptors, never training's.
+An attack that comes straight back is shed for longer each time (1 s doubling to 8 s), so a reconnect churn
+costs a few handshakes every few seconds.
 Connections that never finish the ZMTP handshake are closed by libzmq after HANDSHAKE_MS.
 """
 
@@ -19,7 +21,9 @@ except ImportError:  # not POSIX: no descriptor limit to read
 MAX_CONNECTIONS = 256  # open connections at most, monitors and strangers together ...
 FD_SHARE = 4  # ... and at most a quarter of the process's file-descriptor limit: the rest is training's
 MAX_ACCEPTS_PER_S = 100  # more new connections than this in a second (a reconnect churn) also sheds
-SHED_S = 1.0  # after shedding, the endpoint is bound again this much later
+SHED_S = 1.0  # after shedding, the endpoint is bound again this much later ...
+SHED_MAX_S = 8.0  # ... doubling, up to this, while each rebind is shed again within SHED_STREAK_S
+SHED_STREAK_S = 5.0
 HANDSHAKE_MS = 5000  # a connection that has not finished its handshake by then is closed (libzmq: 30 s)
 EVENTS_PER_DRAIN = 4096  # monitor events read per loop turn (bounded work)
 INBOUND_FRAMES = 32  # frames libzmq queues per connection towards this process
@@ -76,6 +80,8 @@ class ConnectionGuard:
         self.open: set[int] = set()
         self.unbound_until: float | None = None
         self.window, self.accepts = 0.0, 0  # connections accepted in the current second
+        self.rebound_at: float | None = None
+        self.pause = SHED_S  # the next shedding pause (longer while an attack keeps coming back)
         self.events = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         for key in ("connections", "shed", "rebind_failed"):
             stats.setdefault(key, 0)
@@ -115,7 +121,9 @@ class ConnectionGuard:
             return
         self.open.clear()  # unbinding closes every connection accepted on the endpoint
         self.accepts = 0
-        self.unbound_until = now + SHED_S
+        again = self.rebound_at is not None and now - self.rebound_at < SHED_STREAK_S
+        self.pause = min(2 * self.pause, SHED_MAX_S) if again else SHED_S
+        self.unbound_until = now + self.pause
         self.stats["shed"] += 1
         self.stats["connections"] = 0
 
@@ -127,7 +135,7 @@ class ConnectionGuard:
             return
         try:
             self.sock.bind(self.address)
-            self.unbound_until = None
+            self.unbound_until, self.rebound_at = None, now
         except zmq.ZMQError:
             self.unbound_until = now + SHED_S
             self.stats["rebind_failed"] += 1
