@@ -282,7 +282,7 @@ def main(argv=None) -> int:
             f"{r['attack']:8} {str(r['finished']):8} {r.get('rss_mb', 0):12.0f} "
             f"{'' if d_rss is None else f'{d_rss:+.0f}':>7} {step or 0:15.1f} "
             f"{'' if d_step is None else f'{d_step:+.1f}%':>7} {r.get('cpu_s', 0):6.1f} "
-            f"{r.get('cpu_s', 0) - base.get('cpu_s', 0):+6.1f}  {r.get('stats') or r.get('error', '')}"
+            f"{r.get('cpu_s', 0) - base.get('cpu_s', 0):+6.1f}  {r.get('error') or r.get('stats') or ''}"
         )
     return 0 if all(r["finished"] for r in results) else 1
 
