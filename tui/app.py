@@ -24,8 +24,9 @@ from textual.widgets import Footer, TabbedContent, TabPane
 from rlhf_tui.analysis.detectors import zscore_band
 from rlhf_tui.analysis.store import Store
 from rlhf_tui.tui import keys
+from rlhf_tui.tui.cells import clean, short
 from rlhf_tui.tui.config import Config, ConfigError, load_config, save_config, setting_for, step_setting, toggle_mute
-from rlhf_tui.tui.render import CONNECTION, clean, render_text, short, spark_width_for
+from rlhf_tui.tui.render import CONNECTION, render_text, spark_width_for
 from rlhf_tui.tui.run_model import keep_large_arrays_off_the_heap
 from rlhf_tui.tui.widgets.chart import ChartScreen
 from rlhf_tui.tui.widgets.completions import CompletionsScreen

@@ -12,8 +12,8 @@ from typing import Any
 
 from rlhf_tui.analysis.backtest import DEFAULT_LEVEL, backtest
 from rlhf_tui.analysis.severity import Severity
+from rlhf_tui.tui.cells import clean, fmt
 from rlhf_tui.tui.cli import EXIT_OK, CliError, _load_thresholds, _Parser, _write, load_store
-from rlhf_tui.tui.render import clean, fmt
 
 DESCRIPTION = """\
 Back-test a threshold set on recorded runs: per detector, how many of the runs it would have alarmed on

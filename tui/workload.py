@@ -13,7 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from rlhf_tui.analysis.workloads import BLOCKS, LANGUAGE_MODEL, PREFERENCE, REWARD_MODEL, RL
-from rlhf_tui.tui.render import TREND_ARROWS, PlainTable, clean, compact, short
+from rlhf_tui.tui.cells import PlainTable, clean, compact, short
+from rlhf_tui.tui.render import TREND_ARROWS
 from rlhf_tui.tui.view import bucket_means, spark_lines
 
 TITLES = {

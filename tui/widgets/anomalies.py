@@ -11,7 +11,8 @@ from textual.message import Message
 from textual.widgets import DataTable, Static
 
 from rlhf_tui.tui import keys
-from rlhf_tui.tui.render import SEVERITY_SHORT, SEVERITY_STYLE, clean, fmt, severity_title, short
+from rlhf_tui.tui.cells import clean, fmt, short
+from rlhf_tui.tui.render import SEVERITY_SHORT, SEVERITY_STYLE, severity_title
 from rlhf_tui.tui.view import newest_first
 from rlhf_tui.tui.widgets.common import Pane
 from rlhf_tui.tui.widgets.follow import FollowingTable, follow_hint

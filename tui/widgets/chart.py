@@ -15,7 +15,7 @@ from textual.widget import Widget
 from textual.widgets import Footer, Static
 
 from rlhf_tui.tui import keys
-from rlhf_tui.tui.render import clean, short
+from rlhf_tui.tui.cells import clean, short
 
 COLORS = ("cyan", "magenta", "yellow", "green", "bright_blue", "red", "bright_white")
 _BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.uint16)  # [row][col]

@@ -9,7 +9,8 @@ from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
 from rlhf_tui.tui import keys
-from rlhf_tui.tui.render import clean, fit_left, fmt, health_style, health_text, short
+from rlhf_tui.tui.cells import clean, fit_left, fmt, short
+from rlhf_tui.tui.render import health_style, health_text
 from rlhf_tui.tui.widgets.common import Pane
 from rlhf_tui.tui.widgets.follow import FollowingTable, follow_hint
 

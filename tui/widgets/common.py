@@ -43,7 +43,7 @@ class Pane(Vertical):
         try:
             self.show(report)
         except Exception as exc:
-            from rlhf_tui.tui.render import clean
+            from rlhf_tui.tui.cells import clean
 
             self.error = f"⚠ {self.pane_name or 'pane'} could not be drawn: {type(exc).__name__}: {clean(exc, 160)}"
             line = self.query(".pane-error")

@@ -18,7 +18,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
 from rlhf_tui.tui import keys
-from rlhf_tui.tui.render import clean, short
+from rlhf_tui.tui.cells import clean, short
 
 Source = Callable[[], tuple[Any, dict]]  # () -> (SampleBuffer | None, run args)
 

@@ -9,7 +9,8 @@ from textual.message import Message
 from textual.widgets import DataTable, Input
 
 from rlhf_tui.tui import keys
-from rlhf_tui.tui.render import TREND_ARROWS, band_text, clean, fit, range_text, short
+from rlhf_tui.tui.cells import band_text, clean, fit, range_text, short
+from rlhf_tui.tui.render import TREND_ARROWS
 from rlhf_tui.tui.view import spark_lines, unit_suffix
 from rlhf_tui.tui.widgets.common import Pane, SyncedTable
 from rlhf_tui.tui.widgets.model import filter_metrics

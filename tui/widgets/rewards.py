@@ -11,16 +11,13 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from rlhf_tui.tui.cells import clean, compact, percent, short
 from rlhf_tui.tui.render import (
     SEVERITY_STYLE,
     WORST_FIRST,
     alarm_text,
-    clean,
-    compact,
     drift_text,
     histogram_spark,
-    percent,
-    short,
     strongest_correlation,
 )
 from rlhf_tui.tui.widgets.common import Pane

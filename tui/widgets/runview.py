@@ -15,7 +15,8 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Static
 
 from rlhf_tui.analysis.store import Store
-from rlhf_tui.tui.render import CONNECTION, clean, connection_text, header_text, run_title, short
+from rlhf_tui.tui.cells import clean, short
+from rlhf_tui.tui.render import CONNECTION, connection_text, header_text, run_title
 from rlhf_tui.tui.run_model import LOCK_WAIT, BuildResult, DetectResult, RunModel, header_info
 from rlhf_tui.tui.widgets.anomalies import AnomaliesPane
 from rlhf_tui.tui.widgets.checkpoints import CheckpointsPane

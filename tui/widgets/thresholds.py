@@ -11,8 +11,8 @@ from textual.widgets import DataTable, Footer, Input, Static
 
 from rlhf_tui.analysis.thresholds import THRESHOLD_FIELDS
 from rlhf_tui.tui import keys
+from rlhf_tui.tui.cells import clean, short
 from rlhf_tui.tui.config import parse_value, step_setting, toggle_mute
-from rlhf_tui.tui.render import clean, short
 
 DETECTOR_PREFIX = "detector:"
 
