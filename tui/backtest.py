@@ -13,7 +13,8 @@ from typing import Any
 from rlhf_tui.analysis.backtest import DEFAULT_LEVEL, backtest
 from rlhf_tui.analysis.severity import Severity
 from rlhf_tui.tui.cells import clean, fmt
-from rlhf_tui.tui.cli import EXIT_OK, CliError, _load_thresholds, _Parser, _write, load_store
+from rlhf_tui.tui.cli import _write, load_store
+from rlhf_tui.tui.cli_options import EXIT_OK, CliError, Parser, thresholds_option
 
 DESCRIPTION = """\
 Back-test a threshold set on recorded runs: per detector, how many of the runs it would have alarmed on
@@ -24,10 +25,10 @@ false-alarm rate of a setting before trusting it, and on runs with a known fault
 WIDTH = 110  # the lists of detector names are wrapped to this width
 
 
-def _parser() -> _Parser:
+def _parser() -> Parser:
     import argparse
 
-    p = _Parser(prog="rlhf-tui backtest", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="rlhf-tui backtest", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="a JSONL log, a trainer_state.json or a training output_dir")
     p.add_argument("--thresholds", metavar="FILE", help="detector thresholds (TOML; default: the built-in defaults)")
     p.add_argument(
@@ -107,7 +108,7 @@ def format_text(result: dict) -> str:
 
 def cmd_backtest(argv: list[str]) -> int:
     ns = _parser().parse_args(argv)
-    thresholds = _load_thresholds(ns.thresholds)
+    thresholds = thresholds_option(ns.thresholds)
     result = backtest(load_runs(ns.runs), thresholds, ns.level)
     if ns.format == "json":
         from rlhf_tui.bridge.wire.protocol import to_json_safe

@@ -310,7 +310,7 @@ def follow_source(
     run ends, `timeout`, Ctrl-C or SIGTERM. Returns the store and the worst severity found (for --fail-on).
     A source that cannot be read, or one that gave no data at all, is a CliError."""
     from rlhf_tui.bridge.monitor.sources import SourceError
-    from rlhf_tui.tui.cli import CliError
+    from rlhf_tui.tui.cli_options import CliError
 
     err = err or sys.stderr
     lock = threading.Lock()
