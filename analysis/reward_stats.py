@@ -1,4 +1,5 @@
-"""The statistics reward reliability is made of, as plain functions over numpy arrays: score parsing, stability,
+"""The statistics reward reliability is made of, as plain functions over numpy arrays: score parsing (and GRPO's
+reward weights), stability,
 the expected band and consistency, shares at a bound, drift (PSI and KS), zero-spread groups and a histogram.
 Pure numpy + stdlib; `rewards.RewardModelIntegrator` and `reward_streams.RewardStreams` both use them.
 Formulas: docs/reward-reliability.md.
@@ -35,6 +36,21 @@ def to_floats(scores: Any) -> np.ndarray:
         except (TypeError, ValueError):
             out.append(math.nan)
     return np.asarray(out, dtype=np.float64)
+
+
+def number(value: Any) -> float:
+    """A logged number as a float; anything else (a bool, a string, None) NaN."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def reward_weights(weights: Any, n: int) -> np.ndarray:
+    """GRPO's `reward_weights` when they are n finite numbers (in the order the functions first reported), else
+    ones."""
+    if isinstance(weights, (list, tuple)) and len(weights) == n:
+        values = [number(v) for v in weights]
+        if all(math.isfinite(v) for v in values):
+            return np.asarray(values, dtype=np.float64)
+    return np.ones(n)
 
 
 def stability(means: np.ndarray, variances: np.ndarray, counts: np.ndarray) -> tuple[float, float | None, float | None]:

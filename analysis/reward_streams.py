@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_tui.analysis.plain_json import json_safe
-from rlhf_tui.analysis.reward_stats import drift_level, histogram, to_floats
+from rlhf_tui.analysis.reward_stats import drift_level, histogram, number, reward_weights, to_floats
 from rlhf_tui.analysis.rewards import RECOMMENDATIONS, RewardModelIntegrator
 
 __all__ = ["COLUMNS", "FeatureTable", "RewardStream", "RewardStreams"]
@@ -114,7 +114,7 @@ class RewardStream:
         if self.batches % DRIFT_EVERY == 0:
             stats = self.integrator.drift_stats()
             if stats is not None:
-                self.drift.append({**stats, "step": float(step), "mean_shift": _num(stats.get("mean_shift"))})
+                self.drift.append({**stats, "step": float(step), "mean_shift": number(stats.get("mean_shift"))})
 
     def metric(self, part: str = "mean") -> str:
         """The TRL key of this function's `part` (mean or std): the name its anomalies are flagged under."""
@@ -208,7 +208,7 @@ class RewardStreams:
             return self._summary[2]
         self._flush()
         names = self.names
-        w = _weights(weights, len(names))
+        w = reward_weights(weights, len(names))
         functions = {name: _function_summary(self.streams[name]) for name in names}
         combined: dict[str, Any] = {"functions": names, "weights": w.tolist(), "rows": 0}
         rows = self._aligned_rows(tuple(names))
@@ -242,19 +242,6 @@ class RewardStreams:
         rows = np.vstack(parts[::-1])[-ALIGNED_ROWS:]
         rows = rows[np.isfinite(rows).all(axis=1)]
         return rows if rows.shape[0] >= 2 else None
-
-
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
-def _weights(weights: Any, n: int) -> np.ndarray:
-    """GRPO's `reward_weights` when they match the functions (in the order they first reported), else ones."""
-    if isinstance(weights, (list, tuple)) and len(weights) == n:
-        values = [_num(v) for v in weights]
-        if all(math.isfinite(v) for v in values):
-            return np.asarray(values, dtype=np.float64)
-    return np.ones(n)
 
 
 def _shares(rows: np.ndarray, w: np.ndarray) -> tuple[list, list, np.ndarray]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_tui.analysis.groups import RewardRange, group_split
+from rlhf_tui.analysis.reward_stats import number, reward_weights
 
 LIVE_STEPS = 256  # newest steps whose batches keep every function's scores (joins, the group split)
 TOTAL_BYTES = 24 << 20  # text kept in all (the oldest steps dropped first)
@@ -32,10 +33,6 @@ def visible(value: Any, limit: int = TEXT_CHARS) -> str:
     """Untrusted text shown as it is: control and escape characters spelled `\\xNN` (newlines and tabs kept)."""
     text = value if isinstance(value, str) else ("" if value is None else str(value))
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text[:limit])
-
-
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 class _Batch:
@@ -85,7 +82,7 @@ class SampleBuffer:
         rank_value = batch.get("rank")
         rank = rank_value if isinstance(rank_value, int) and not isinstance(rank_value, bool) else 0
         raw = batch.get("scores")
-        scores = np.asarray([_num(s) for s in (raw if isinstance(raw, list) else [])[:MAX_SCORES]], dtype=np.float64)
+        scores = np.asarray([number(s) for s in (raw if isinstance(raw, list) else [])[:MAX_SCORES]], dtype=np.float64)
         target = self._batch_for(step, rank, name, scores.size)
         target.scores[name] = scores
         target.size = max(target.size, scores.size)
@@ -187,7 +184,7 @@ class SampleBuffer:
         names = [n for n in self.names if n in batch.scores and batch.scores[n].size == batch.size]
         if not names or not batch.size:
             return None
-        w = _weights(weights, len(names)) if len(names) == len(self.names) else np.ones(len(names))
+        w = reward_weights(weights, len(names)) if len(names) == len(self.names) else np.ones(len(names))
         matrix = np.column_stack([batch.scores[n] for n in names]) * w
         with np.errstate(invalid="ignore"):
             total = np.nansum(matrix, axis=1)
@@ -254,14 +251,6 @@ class SampleBuffer:
 
 
 _EMPTY = np.zeros(0)
-
-
-def _weights(weights: Any, n: int) -> np.ndarray:
-    if isinstance(weights, (list, tuple)) and len(weights) == n:
-        values = [_num(v) for v in weights]
-        if all(math.isfinite(v) for v in values):
-            return np.asarray(values, dtype=np.float64)
-    return np.ones(n)
 
 
 def _advantages(total: np.ndarray | None, num_generations: Any) -> np.ndarray | None:

@@ -11,10 +11,9 @@ import textwrap
 from typing import Any
 
 from rlhf_tui.analysis.backtest import DEFAULT_LEVEL, backtest
-from rlhf_tui.analysis.severity import Severity
 from rlhf_tui.tui.cells import clean, fmt
 from rlhf_tui.tui.cli import _write, load_store
-from rlhf_tui.tui.cli_options import EXIT_OK, CliError, Parser, thresholds_option
+from rlhf_tui.tui.cli_options import EXIT_OK, CliError, Parser, add_level_option, thresholds_option
 
 DESCRIPTION = """\
 Back-test a threshold set on recorded runs: per detector, how many of the runs it would have alarmed on
@@ -31,12 +30,11 @@ def _parser() -> Parser:
     p = Parser(prog="rlhf-tui backtest", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="a JSONL log, a trainer_state.json or a training output_dir")
     p.add_argument("--thresholds", metavar="FILE", help="detector thresholds (TOML; default: the built-in defaults)")
-    p.add_argument(
+    add_level_option(
+        p,
         "--level",
-        choices=Severity.names(),
-        metavar="LEVEL",
-        default=DEFAULT_LEVEL,
-        help="what counts as an alarm: LEVEL (low|medium|high|critical) or worse (default %(default)s)",
+        "what counts as an alarm: LEVEL (low|medium|high|critical) or worse (default %(default)s)",
+        DEFAULT_LEVEL,
     )
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")

@@ -80,6 +80,11 @@ def seconds_option(allow_zero: bool = False):
     return parse
 
 
+def add_level_option(p, flag: str, help: str, default: str | None = None) -> None:
+    """A severity option (`--fail-on`, `--alert-level`, backtest's `--level`): one of Severity's names, shown as LEVEL."""
+    p.add_argument(flag, choices=Severity.names(), metavar="LEVEL", default=default, help=help)
+
+
 def add_key_options(p: argparse.ArgumentParser) -> None:
     """CURVE options of a monitor (live monitor and report): see docs/security.md."""
     p.add_argument("--server-key", metavar="FILE", help="the run's public CURVE key (server.key)")
@@ -90,12 +95,8 @@ def add_key_options(p: argparse.ArgumentParser) -> None:
 def add_alert_options(p: argparse.ArgumentParser) -> None:
     """Alerts out for new episodes (the live monitor and `report --follow`): see docs/alerts.md."""
     g = p.add_argument_group("alerts (docs/alerts.md)")
-    g.add_argument(
-        "--alert-level",
-        choices=Severity.names(),
-        metavar="LEVEL",
-        default=None,
-        help="alert on new episodes of LEVEL (low|medium|high|critical) or worse (default medium)",
+    add_level_option(
+        g, "--alert-level", "alert on new episodes of LEVEL (low|medium|high|critical) or worse (default medium)"
     )
     g.add_argument(
         "--on-alert",
@@ -245,13 +246,7 @@ def report_parser() -> argparse.ArgumentParser:
         default=None,
         help="live source: give up waiting after S seconds (default 10; with --follow: no limit)",
     )
-    p.add_argument(
-        "--fail-on",
-        choices=Severity.names(),
-        metavar="LEVEL",
-        default=None,
-        help="exit 1 if an anomaly of LEVEL (low|medium|high|critical) or worse was found",
-    )
+    add_level_option(p, "--fail-on", "exit 1 if an anomaly of LEVEL (low|medium|high|critical) or worse was found")
     p.add_argument("--thresholds", metavar="FILE", help="detector thresholds (TOML)")
     p.add_argument(
         "--width",
