@@ -243,13 +243,7 @@ def weight_findings(weight_stats: dict[str, dict[str, Any]], findings: Findings)
         )
     if exploding:
         exploding.sort(key=lambda e: -e[2])
-        findings.add(
-            "exploding",
-            "high",
-            "exploding weights in " + list_names([f"{n} ({why})" for n, why, _ in exploding], 4),
-            tensor=exploding[0][0],
-            value=exploding[0][2],
-        )
+        _add_reasons(findings, "exploding", "high", "exploding weights", [e[:2] for e in exploding], exploding[0][2])
     if fp16:
         findings.add(
             "exploding",
@@ -257,20 +251,17 @@ def weight_findings(weight_stats: dict[str, dict[str, Any]], findings: Findings)
             f"values beyond the float16 range (65504) in {list_names(fp16)}: this model will overflow in fp16",
             tensor=fp16[0],
         )
-    if vanishing:
-        findings.add(
-            "vanishing",
-            "medium",
-            "vanishing weights in " + list_names([f"{n} ({why})" for n, why in vanishing], 4),
-            tensor=vanishing[0][0],
-        )
-    if shifted:
-        findings.add(
-            "mean_shift",
-            "low",
-            "weights dominated by their mean in " + list_names([f"{n} ({why})" for n, why in shifted], 4),
-            tensor=shifted[0][0],
-        )
+    _add_reasons(findings, "vanishing", "medium", "vanishing weights", vanishing)
+    _add_reasons(findings, "mean_shift", "low", "weights dominated by their mean", shifted)
+
+
+def _add_reasons(
+    findings: Findings, category: str, severity: str, what: str, flagged: list, value: float | None = None
+) -> None:
+    """One finding for the (name, why) pairs `flagged`, when there are any: the first few named with why."""
+    if flagged:
+        names = list_names([f"{n} ({why})" for n, why in flagged], 4)
+        findings.add(category, severity, f"{what} in {names}", tensor=flagged[0][0], value=value)
 
 
 # Findings about the inputs around the checkpoint (an unreadable --reference), not about its weights.

@@ -10,6 +10,9 @@ from rich.text import Text
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
+Columns = Sequence[tuple[str, str, int | None]]  # a SyncedTable's columns: (key, label, width)
+Rows = Sequence[tuple[str, Sequence[Any]]]  # its rows: (key, cells)
+
 
 class Pane(Vertical):
     """A titled pane. Subclasses implement `show(report)` with plain data (a report dict)."""
@@ -79,13 +82,7 @@ class SyncedTable(DataTable):
         except Exception:
             return None
 
-    def sync(
-        self,
-        columns: Sequence[tuple[str, str, int | None]],
-        rows: Sequence[tuple[str, Sequence[Any]]],
-        signature: Sequence[Any] | None = None,
-        height: int = 1,
-    ) -> bool:
+    def sync(self, columns: Columns, rows: Rows, signature: Sequence[Any] | None = None, height: int = 1) -> bool:
         """Bring the table to `columns` (key, label, width) and `rows` (key, cells), each `height` lines tall.
         `signature`: per row, a cheap value that says whether the row changed (default: the cells).
         Returns True when rows were rebuilt."""
@@ -110,7 +107,7 @@ class SyncedTable(DataTable):
             self._signatures[key] = sig
         return False
 
-    def _rebuild(self, rows: Sequence[tuple[str, Sequence[Any]]], keys: tuple, height: int) -> None:
+    def _rebuild(self, rows: Rows, keys: tuple, height: int) -> None:
         kept, old_row = self.cursor_key, self.cursor_row
         self.clear()
         for key, cells in rows:

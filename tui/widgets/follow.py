@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.text import Text
 
-from rlhf_tui.tui.widgets.common import SyncedTable
+from rlhf_tui.tui.widgets.common import Columns, Rows, SyncedTable
 
 
 class FollowingTable(SyncedTable):
@@ -25,13 +25,7 @@ class FollowingTable(SyncedTable):
         self.on_follow_change: Callable[[], None] | None = None  # the pane redraws its title
 
     # -- rows ------------------------------------------------------------------------------------------------
-    def sync(
-        self,
-        columns: Sequence[tuple[str, str, int | None]],
-        rows: Sequence[tuple[str, Sequence[Any]]],
-        signature: Sequence[Any] | None = None,
-        height: int = 1,
-    ) -> bool:
+    def sync(self, columns: Columns, rows: Rows, signature: Sequence[Any] | None = None, height: int = 1) -> bool:
         rebuilt = super().sync(columns, rows, signature, height)
         if self.following:
             if self.row_count and (rebuilt or self.cursor_row != 0):
