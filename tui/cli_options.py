@@ -101,7 +101,6 @@ def add_alert_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--on-alert",
         metavar="CMD",
-        default=None,
         help="run CMD (split like a shell would, run without one) per new episode: its JSON on stdin, "
         "RLHF_TUI_RUN_ID/SEVERITY/DETECTOR/METRIC/STEP/MESSAGE in the environment",
     )
@@ -109,14 +108,12 @@ def add_alert_options(p: argparse.ArgumentParser) -> None:
         "--alert-timeout",
         type=seconds_option(),
         metavar="S",
-        default=None,
         help="kill an --on-alert command after S seconds (default 10)",
     )
     g.add_argument(
         "--alert-rate",
         type=int_option(1),
         metavar="N",
-        default=None,
         help="send at most N alerts a minute; the rest are counted (default 10)",
     )
     g.add_argument("--bell", action="store_true", help="ring the terminal bell per alert")
@@ -124,7 +121,6 @@ def add_alert_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--webhook",
         metavar="URL",
-        default=None,
         help='POST each alert as Slack/Discord JSON ({"text": ..., "content": ...}) to URL',
     )
 
@@ -193,13 +189,11 @@ def monitor_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--snapshot-dir",
         metavar="DIR",
-        default=None,
         help="where the snapshot keys write reports (default: the working directory)",
     )
     p.add_argument(
         "--ssh",
         metavar="USER@HOST",
-        default=None,
         help="open the SSH port-forward(s) for tcp:// sources with the system ssh (closed on exit)",
     )
     p.add_argument(
@@ -212,7 +206,6 @@ def monitor_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         metavar="FILE",
-        default=None,
         help="config file (default $XDG_CONFIG_HOME/rlhf-tui/config.toml): thresholds and [keys]",
     )
     add_key_options(p)
@@ -230,20 +223,18 @@ def report_parser() -> argparse.ArgumentParser:
         help="keep following a live address or growing log until its run ends (or --timeout, Ctrl-C, SIGTERM), "
         "printing each new alarm as a line; the report only with --format or -o",
     )
-    p.add_argument("--format", choices=("text", "markdown", "json"), default=None, help="default text")
+    p.add_argument("--format", choices=("text", "markdown", "json"), help="default text")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     p.add_argument(
         "--wait-steps",
         type=int_option(1),
         metavar="N",
-        default=None,
         help="live source: wait until N steps have arrived (default: until the history is in)",
     )
     p.add_argument(
         "--timeout",
         type=seconds_option(),
         metavar="S",
-        default=None,
         help="live source: give up waiting after S seconds (default 10; with --follow: no limit)",
     )
     add_level_option(p, "--fail-on", "exit 1 if an anomaly of LEVEL (low|medium|high|critical) or worse was found")
@@ -272,7 +263,6 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--step-delay",
         type=seconds_option(allow_zero=True),
-        default=None,
         help="seconds to sleep per step so the run is watchable (default 0.1 live, 0 headless)",
     )
     p.add_argument(
@@ -289,7 +279,7 @@ def checkpoint_parser() -> argparse.ArgumentParser:
     p = Parser(prog="rlhf-tui analyze-checkpoint", description="Health, weight statistics and drift of a checkpoint.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--reference", metavar="PATH", help="reference checkpoint for drift")
-    p.add_argument("--step", type=int_option(0), default=None, help="the training step to label the result with")
+    p.add_argument("--step", type=int_option(0), help="the training step to label the result with")
     p.add_argument("--format", choices=("text", "json"), default="text")
     return p
 
