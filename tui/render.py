@@ -571,6 +571,7 @@ SECTIONS = (
     ("GPU / system", system_table),
     ("checkpoints", checkpoints_table),
     ("rewards", rewards_section),
+    ("rollout", lambda report: __import__("rlhf_tui.tui.rollout", fromlist=["rollout_text"]).rollout_text(report)),
     ("reward samples", reward_samples_table),
     ("transport", transport_text),
 )
