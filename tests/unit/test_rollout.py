@@ -143,3 +143,29 @@ def test_report_block_only_with_what_is_known_and_json_safe():
     sft, _ = _run([(s, {"loss": 1.0, "num_tokens": 10.0 * s, "time/step_s": 0.5, "step_time": 0.4}) for s in (1, 2)])
     assert build_report(sft)["rollout"] == {}  # throughput and step time alone are no rollout
     assert not math.isnan(block["time"]["shares"]["other"])
+
+
+def test_the_documented_json_block_has_the_fields_of_a_real_one():
+    from conftest import REPO
+
+    doc = (REPO / "docs" / "monitor.md").read_text()
+    start = doc.index('"rollout": {', doc.index("### Rollout"))
+    documented = json.loads("{" + doc[start : doc.index("```", start)] + "}")["rollout"]
+    every = {
+        "sampling/sampling_logp_difference/mean": 0.15,
+        "sampling/sampling_logp_difference/max": 1.2,
+        "sampling/importance_sampling_ratio/mean": 0.97,
+        "sampling/importance_sampling_ratio/min": 0.5,
+        "sampling/importance_sampling_ratio/max": 1.6,
+        "completions/clipped_ratio": 0.95,
+        "perf/throughput": 250.0,
+        "timing_s/gen": 6.0,
+        "timing_s/update_actor": 3.0,
+        "timing_s/step": 10.0,
+    }
+    rows = [(s, {**every, "num_tokens": 1000.0 * s, "time/step_s": 1.0}) for s in (1, 2)]
+    _, run = _run(rows, {"args": {"max_completion_length": 256}})
+    real = rollout_section(run, Thresholds())
+    assert set(real) == set(documented)
+    for part, fields in documented.items():
+        assert set(real[part]) == set(fields), part
