@@ -12,6 +12,7 @@ import numpy as np
 
 from rlhf_tui.analysis.detectors.episodes import EPISODE_ORDER
 from rlhf_tui.analysis.reward_report import rewards_section, run_reward_episodes
+from rlhf_tui.analysis.rollout import rollout_section
 from rlhf_tui.analysis.severity import Severity
 from rlhf_tui.analysis.store import RunHistory, Store, run_status
 from rlhf_tui.analysis.workloads import RL, RL_ORDER, eval_pairs, workload_kind
@@ -181,6 +182,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
             "anomalies": [],
             "checkpoints": [],
             "rewards": {"reliability_metrics": {}},
+            "rollout": {},
             "eval_pairs": {},
             "summary": {},
             "actions": [],
@@ -216,6 +218,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         "anomalies": anomalies,
         "checkpoints": _checkpoints(run),
         "rewards": rewards_section(run, rewards),
+        "rollout": rollout_section(run, thresholds),
         "system": _system(run),
         "eval_pairs": eval_section(run, metrics),
         "summary": run_summary(run),

@@ -51,6 +51,14 @@ CANONICAL_SOURCES = {
     "learning_rate": ("lr", "ppo/learning_rate"),
     "loss": ("ppo/loss/total",),
     "completion_length": ("completions/mean_length",),
+    # verl's names of the rollout metrics (bridge/wire/metrics.py ROLLOUT_SOURCES): judged once, under ours
+    "completions/clipped_ratio": ("response_length/clip_ratio",),
+    "time/generation_s": ("timing_s/gen",),
+    "time/reward_s": ("timing_s/reward",),
+    "time/optimisation_s": ("timing_s/update_actor",),
+    "time/step_total_s": ("timing_s/step", "perf/time_per_step"),
+    "tokens/step": ("perf/total_num_tokens",),
+    "tokens/s/gpu": ("perf/throughput",),
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 # Canonical name -> keys that carry it, in priority order (first present wins). Covers GRPO/RLOO,
 # DPO, Reward, OnlineDPO, PPO of TRL 0.12-1.12, legacy PPO (<= 0.11) and the seed's own names.
-CANONICAL_SOURCES: dict[str, tuple[str, ...]] = {
+CONTRACT_SOURCES: dict[str, tuple[str, ...]] = {
     "kl": ("kl", "objective/kl", "kl_div"),
     "entropy": ("entropy", "policy/entropy_avg", "ppo/policy/entropy", "objective/entropy"),
     "reward": ("reward", "objective/scores", "ppo/mean_scores", "env/reward_mean", "rewards/margins", "mean_reward"),
@@ -25,7 +25,25 @@ CANONICAL_SOURCES: dict[str, tuple[str, ...]] = {
     "loss": ("loss", "ppo/loss/total"),
     "completion_length": ("completion_length", "completions/mean_length", "tokens/responses_len_mean"),
 }
-CANONICAL: tuple[str, ...] = tuple(CANONICAL_SOURCES)
+CANONICAL: tuple[str, ...] = tuple(CONTRACT_SOURCES)  # the names CONTRACT.md promises
+
+# Rollout names (docs/monitor.md, Rollout): what custom loops log in verl's names, under the names TRL and our own
+# profiler (bridge/training/integration/profiling.py) use, so one gauge reads every run. verl: timing_s/* are
+# seconds of one step's phases (metric_utils.compute_timing_metrics), perf/total_num_tokens the step's prompt +
+# response tokens, perf/throughput those per second *per GPU*, response_length/clip_ratio the share of responses
+# at the length limit. TRL 1.x logs `num_tokens` (cumulative) and `step_time` itself: kept under their names.
+# OpenRLHF's timing keys changed between versions: not mapped.
+ROLLOUT_SOURCES: dict[str, tuple[str, ...]] = {
+    "completions/clipped_ratio": ("completions/clipped_ratio", "response_length/clip_ratio"),
+    "time/generation_s": ("time/generation_s", "timing_s/gen"),
+    "time/reward_s": ("time/reward_s", "timing_s/reward"),
+    "time/optimisation_s": ("time/optimisation_s", "timing_s/update_actor"),
+    "time/step_total_s": ("time/step_total_s", "timing_s/step", "perf/time_per_step"),
+    "tokens/step": ("tokens/step", "perf/total_num_tokens"),
+    "tokens/s/gpu": ("tokens/s/gpu", "perf/throughput"),
+}
+# Every name `normalise` copies (the training side's fast path in recorder.py walks the same dict).
+CANONICAL_SOURCES: dict[str, tuple[str, ...]] = {**CONTRACT_SOURCES, **ROLLOUT_SOURCES}
 
 # Keys of the end-of-training summary that TRL/transformers logs last; such an entry is not a step. Not
 # `train_runtime` alone: with `include_num_input_tokens_seen` every step's log has `train_runtime` and

@@ -16,16 +16,16 @@ import numpy as np
 
 from rlhf_tui.analysis.detectors import band_metrics, zscore_band
 from rlhf_tui.analysis.report import build_report, run_units
+from rlhf_tui.analysis.rollout import TOKENS_PER_S, token_source, tokens_per_second
 from rlhf_tui.analysis.store import RunHistory, Store
 from rlhf_tui.analysis.trends import eval_gap_series, summarise
 from rlhf_tui.bridge.wire.metrics import metric_units
 from rlhf_tui.tui.view import bucket_means, spark_marker
 
-# Rows the monitor derives from logged metrics (not in the store, not judged by the detectors):
+# Rows the monitor derives from logged metrics (not in the store, not judged by the detectors; tokens/s:
+# analysis/rollout.py):
 GAP_SUFFIX = ": eval−train"  # "loss: eval−train", the overfitting signal (trends.eval_gap_series)
 GAP_METRICS = ("loss",)  # the pairs that get a row in the Metrics pane (every pair is in the report's eval_pairs)
-TOKENS_PER_S = "tokens/s"  # throughput from the cumulative token count and the training time per step
-TOKEN_COUNTS = ("num_tokens", "num_input_tokens_seen")
 
 
 def _row_of_step(run: RunHistory, step: int | None) -> int | None:
@@ -64,27 +64,6 @@ def run_metric_units(run: RunHistory) -> dict[str, str]:
     return metric_units(run.meta.get("trainer"), names, same=_same_values(run), recorded=run_units(run))
 
 
-def tokens_per_second(run: RunHistory) -> np.ndarray | None:
-    """Row-aligned training throughput: tokens since the previous row with a count, over the training time in
-    between (`time/step_s` × steps, which leaves out evaluation and saving; the rows' wall clocks without it).
-    None when the run logs no cumulative token count."""
-    source = next((n for n in TOKEN_COUNTS if n in run.columns), None)
-    if source is None or TOKENS_PER_S in run.columns:
-        return None
-    tokens, steps = run.values(source), run.steps.astype(np.float64)
-    rows = np.flatnonzero(np.isfinite(tokens))
-    out = np.full(run.rows, np.nan)
-    if rows.size < 2:
-        return out
-    cur, prev = rows[1:], rows[:-1]
-    step_s = run.values("time/step_s")[cur]
-    seconds = np.where(np.isfinite(step_s), step_s * (steps[cur] - steps[prev]), run.times[cur] - run.times[prev])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rate = (tokens[cur] - tokens[prev]) / seconds
-    out[cur] = np.where(np.isfinite(rate) & (seconds > 0) & (rate >= 0), rate, np.nan)
-    return out
-
-
 def derived_series(run: RunHistory, name: str) -> np.ndarray | None:
     """The row-aligned values of a derived row (`loss: eval−train`, `tokens/s`), None for any other name."""
     if name == TOKENS_PER_S:
@@ -105,9 +84,9 @@ def _derived_rows(run: RunHistory, report: dict) -> list[tuple[str, str, bool, n
         values = derived_series(run, name) if pair and name not in report["metrics"] else None
         if values is not None:
             out.append((name, pair["eval"], True, values))
-    rate = tokens_per_second(run)
-    if rate is not None and np.isfinite(rate).any():
-        source = next(n for n in TOKEN_COUNTS if n in run.columns)
+    rate = tokens_per_second(run)  # from the token counts (analysis/rollout.py)
+    source = token_source(run)
+    if rate is not None and source is not None and np.isfinite(rate).any():
         out.append((TOKENS_PER_S, source, False, rate))
     return out
 

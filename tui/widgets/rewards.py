@@ -1,8 +1,9 @@
-"""The Rewards pane: the combined reliability (stability, consistency, variance, mean), one row per reward
-function (mean, spread, stability, share of the total's variance, strongest correlation, its reward alarms), a
-score distribution (sparkline histogram), drift and the latest sample completions with their scores (escaped:
-no markup or control sequences). A run that is not RL (DPO/KTO, reward model, SFT / plain Trainer) and has no
-reward batches shows its own "reward" block instead (tui/workload.py)."""
+"""The Rewards pane: the rollout gauge when the run logs its keys (tui/rollout.py), the combined reliability
+(stability, consistency, variance, mean), one row per reward function (mean, spread, stability, share of the
+total's variance, strongest correlation, its reward alarms), a score distribution (sparkline histogram), drift
+and the latest sample completions with their scores (escaped: no markup or control sequences). A run that is
+not RL (DPO/KTO, reward model, SFT / plain Trainer) and has no reward batches shows its own "reward" block
+instead (tui/workload.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from rlhf_tui.tui.render import (
     histogram_spark,
     strongest_correlation,
 )
+from rlhf_tui.tui.rollout import LEVEL_STYLE, rollout_lines, worst_level
 from rlhf_tui.tui.widgets.common import Pane
 from rlhf_tui.tui.workload import pane_title, workload_lines
 
@@ -117,12 +119,18 @@ class RewardsPane(Pane):
             body = workload_lines(report, width=width - 2)
         else:
             body = Text("no reward batches yet (wrap reward functions with monitor_rewards)", style="dim")
+        rollout = report.get("rollout") or {}
+        gauge = rollout_lines(rollout, width - 2)  # the rollout gauge first: it says whether the rewards can be trusted
+        if gauge.plain:
+            body = gauge + Text("\n") + body
         if body.plain != self._last:
             self._last = body.plain
             self.query_one("#rewards-body", Static).update(body)
+        word = worst_level(rollout)
+        flag = Text(f" · rollout {word}", style=LEVEL_STYLE[word]) if word and word != "ok" else Text()
         if other is not None:
             trainer = (report.get("run") or {}).get("trainer")
-            self.border_title = Text(other, style="bold") + Text(f" · {clean(trainer, 30)}", style="dim")
+            self.border_title = Text(other, style="bold") + Text(f" · {clean(trainer, 30)}", style="dim") + flag
             return
         title = Text("Rewards", style="bold")
         mean = (rewards.get("reliability_metrics") or {}).get("mean_reward")
@@ -133,4 +141,4 @@ class RewardsPane(Pane):
             title.append(f" · {rewards.get('batches')} batches", style="dim")
         if mean is not None:
             title.append(f" · mean {mean:.3g}", style="dim")
-        self.border_title = title
+        self.border_title = title + flag
