@@ -186,15 +186,13 @@ class ForwardIntake:
                 payload["gpus"] = gpus[:MAX_FORWARD_GPUS]
             payload["rank"] = rank
         else:
+            payload = reward_batch(payload, rank)
             tokens, when = self._reward_bucket.get(rank, (REWARD_BURST, now))
             tokens = min(REWARD_BURST, tokens + (now - when) * REWARD_RATE)
-            if tokens < 1.0:
-                self._reward_bucket[rank] = (tokens, now)
+            self._reward_bucket[rank] = (tokens, now)
+            if payload is None or tokens < 1.0:
                 return self._reject()
             self._reward_bucket[rank] = (tokens - 1.0, now)
-            payload = reward_batch(payload, rank)
-            if payload is None:
-                return self._reject()
             self.stats["forwarded_rewards"] += 1
         self.stats["forwarded"] += 1
         return self.sink(kind, payload, rank) if self.sink is not None else [(kind, payload, rank)]
