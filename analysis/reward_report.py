@@ -67,11 +67,34 @@ def rewards_section(run: RunHistory, episodes: list[dict]) -> dict[str, Any]:
         "functions": functions,
         "combined": combined,
     }
-    if run.rewards:  # the newest batch with texts (only the first wrapped function's batches carry them)
-        newest = next((b for b in reversed(run.rewards) if b.get("samples")), run.rewards[-1])
-        out["samples"] = list(newest.get("samples") or [])
-        out["last_step"] = newest.get("step")
+    if run.rewards:
+        out["samples"], out["last_step"] = newest_samples(run.rewards)
     return out
+
+
+PANE_SAMPLES = 6  # samples the Rewards pane shows from several ranks in all (at least one a rank)
+
+
+def _rank(batch: dict) -> int | None:
+    rank = batch.get("rank")
+    return rank if type(rank) is int else None
+
+
+def newest_samples(rewards: Any) -> tuple[list[dict], Any]:
+    """(samples, step) of the newest batch with texts (only the first wrapped function's batches carry them).
+    A batch with a `rank` (a run of several processes) brings each other rank's newest batch with texts too,
+    its samples tagged with their `rank` (PANE_SAMPLES shared between the ranks)."""
+    newest = next((b for b in reversed(rewards) if b.get("samples")), rewards[-1])
+    if _rank(newest) is None:
+        return list(newest.get("samples") or []), newest.get("step")
+    per_rank: dict[int, dict] = {}
+    for batch in reversed(rewards):  # newest first (bounded: the store keeps the newest 256 batches)
+        rank = _rank(batch)
+        if rank is not None and rank not in per_rank and batch.get("samples"):
+            per_rank[rank] = batch
+    share = max(1, PANE_SAMPLES // max(1, len(per_rank)))
+    samples = [dict(s, rank=r) for r in sorted(per_rank) for s in per_rank[r]["samples"][:share]]
+    return samples, newest.get("step")
 
 
 def _hashable(weights: Any) -> tuple | None:

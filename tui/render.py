@@ -393,10 +393,12 @@ def reward_samples_table(report: dict) -> Table | None:
     table.add_column("sample", style="dim", no_wrap=True)
     table.add_column("score", justify="right", no_wrap=True)
     table.add_column("completion", overflow="fold")
-    for sample in samples[:3]:
-        table.add_row(
-            clean(sample.get("label"), 10), fmt(sample.get("score")), Text(clean(sample.get("completion"), 160))
-        )
+    ranked = any(type(s.get("rank")) is int for s in samples)  # several processes: r0, r1 ... say whose
+    for sample in samples[: 8 if ranked else 3]:
+        label = clean(sample.get("label"), 10)
+        if type(sample.get("rank")) is int:
+            label = f"r{sample['rank']} {label}"
+        table.add_row(label, fmt(sample.get("score")), Text(clean(sample.get("completion"), 160)))
     return table
 
 

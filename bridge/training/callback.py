@@ -80,7 +80,7 @@ def _versions() -> dict:
     return out
 
 
-_SYSTEM_CUE = events.SystemCue()
+_warned_all_ranks = False  # publish_all_ranks=True is warned about once per process
 AUTO_LOG_DIR = "auto"  # the default log_dir: OUTPUT_DIR/rlhf-tui when the trainer has an output_dir
 FALLBACK_LOG_DIR = "./logs/rlhf-tui"  # ... and this without one (a custom loop)
 EXIT_FLUSH_S = 3.0  # at interpreter exit, open runs get this long in all to send run_end
@@ -146,6 +146,21 @@ def _env_world_size() -> int | None:
     return world if world >= 1 else None
 
 
+def _warn_all_ranks() -> None:
+    global _warned_all_ranks
+    if _warned_all_ranks:
+        return
+    _warned_all_ranks = True
+    import warnings
+
+    warnings.warn(
+        "rlhf-tui: publish_all_ranks is ignored: every rank's system samples and reward batches reach the monitor "
+        "through the main process's one address (forward_ranks=True, the default).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 class RLHFMonitorCallback(_Base):
     """Publishes a TRL/transformers training run live (ZeroMQ) and to a JSONL log.
 
@@ -159,9 +174,11 @@ class RLHFMonitorCallback(_Base):
         enable_detailed_logging: accepted for the seed's API; the JSONL log always has every step.
         insecure: allow a non-loopback address without CURVE keys.
         analyze_checkpoints: analyse each saved checkpoint on a worker thread (health, drift).
-        publish_all_ranks: also publish from non-main processes (each binds its own address).
+        publish_all_ranks: accepted and ignored (warned once): every rank reaches the monitor through the main
+            process's one address (`forward_ranks`); non-main processes never bind an address or write a log.
         forward_ranks: non-main processes (torchrun/accelerate ranks) send their system samples (GPU memory
-            per device) to the main process, which publishes them on the run's one address (default True).
+            per device) and reward batches (`monitor_rewards`) to the main process, which publishes them on the
+            run's one address and writes them to its JSONL log with their rank (default True).
             The main process takes them only with the run token (env RLHF_TUI_RUN_TOKEN, which the launcher
             passes to every rank: needed across nodes; else derived from the CURVE keys, else a private file on
             the main node) and only for ranks 1 .. world_size-1; see docs/security.md, "Forwarded samples".
@@ -218,6 +235,8 @@ class RLHFMonitorCallback(_Base):
         self.insecure = insecure
         self.analyze_checkpoints = analyze_checkpoints
         self.publish_all_ranks = publish_all_ranks
+        if publish_all_ranks:
+            _warn_all_ranks()
         self.run_id_option = run_id
         self.run_id = run_id or new_run_id()
         self.runs = 0  # runs started by this callback (each train(), or a custom loop's log_step after close())
@@ -297,7 +316,7 @@ class RLHFMonitorCallback(_Base):
                             stacklevel=3,
                         )
                         curve, address = None, False
-                    forwarding = not self.is_main and not self.publish_all_ranks
+                    forwarding = not self.is_main
                     self._recorder = Recorder(self, forwarding=forwarding)
                     self._log_path = str(self._recorder.jsonl.path) if self._recorder.jsonl else None
                     if forwarding:
@@ -308,6 +327,7 @@ class RLHFMonitorCallback(_Base):
                             rank=self.rank,
                             curve=curve,
                             insecure=self.insecure,
+                            idle=self._recorder.tick,
                         )
                     else:
                         world_size = self.world_size or _env_world_size()
@@ -322,6 +342,7 @@ class RLHFMonitorCallback(_Base):
                             status=self._recorder.status,
                             forward_token=self._share_run_token(address, curve, world_size),
                             world_size=world_size,
+                            forwarded=self._recorder.forwarded,
                         )
                     pub.start()
                     self._publisher = pub
@@ -490,12 +511,11 @@ class RLHFMonitorCallback(_Base):
             }
             self._logging_first_step = bool(getattr(args, "logging_first_step", False))
             self._in_step = False
-            if not (self.is_main or self.publish_all_ranks or self.forward_ranks):
+            if not (self.is_main or self.forward_ranks):
                 self._active = False
                 return
             self._resolve_log_dir(args)
-            publishes = self.is_main or self.publish_all_ranks
-            self._begin_run(lambda: self._run_meta(args, state, kwargs) if publishes else {})
+            self._begin_run(lambda: self._run_meta(args, state, kwargs) if self.is_main else {})
             self._train_running = True  # until on_train_end: a train() that raises never gets there
         except Exception as exc:
             log.warning("rlhf-tui: on_train_begin failed: %s", exc)
@@ -506,7 +526,8 @@ class RLHFMonitorCallback(_Base):
             if self.is_main:
                 pub.put(events.LoggedStep(state.global_step, time.time(), dict(logs)))
             else:
-                pub.put(_SYSTEM_CUE)  # a non-main rank: a cue to sample (and forward) its system state
+                # A non-main rank: a cue to sample (and forward) its system state, at its own step.
+                pub.put(events.SystemCue(int(getattr(state, "global_step", 0) or 0)))
 
     def on_step_begin(self, args=None, state=None, control=None, **kwargs):
         self._in_step = True  # (the seed's manual `on_step_begin(step, {})` works too)

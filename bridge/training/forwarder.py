@@ -1,4 +1,5 @@
-"""A non-main rank's side of the run: its system samples (GPU memory per device) go to the main process.
+"""A non-main rank's side of the run: its system samples (GPU memory per device) and reward batches go to the
+main process, which publishes and logs them with the rank (forwards.py).
 
 `Forwarder` keeps the Publisher's queue and thread discipline but owns a DEALER connected to the main process,
 with no history and no port of its own; `forward_address` says where that is.
@@ -10,17 +11,21 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from rlhf_tui.bridge.training.forwards import MAX_FORWARD_BYTES, fit_reward
 from rlhf_tui.bridge.training.publisher import Publisher
-from rlhf_tui.bridge.training.run_token import TOKEN_ENV, TokenSource
+from rlhf_tui.bridge.training.run_token import MAX_TOKEN_CHARS, TOKEN_ENV, TokenSource
 from rlhf_tui.bridge.wire import protocol
 
 log = logging.getLogger("rlhf_tui.bridge")
 
 FORWARD_POLL_S = 0.2  # a non-main rank's thread looks for samples this often
 NO_TOKEN_WARN_S = 30.0  # a rank that has found no run token this long after its start says so, once
+RETRY_S = 10.0  # a reward batch the main process cannot take yet (not up, no token yet) is retried this long ...
+RETRY_MAX = 32  # ... and at most this many wait (~16 s of one reward function's messages, 2 a second)
 
 
 def forward_address(address: str) -> str:
@@ -42,8 +47,9 @@ def forward_address(address: str) -> str:
 class Forwarder(Publisher):
     """A non-main rank's side: the same queue and thread discipline as Publisher, but the thread owns a
     DEALER connected to the main process and sends each sample as a `forward` envelope (no history, no
-    port of its own). A sample that cannot be sent at once (main not up yet, pipe full) or before the run's token
-    is found (`run_token.TokenSource`: the main process may not have written it yet) is dropped, counted."""
+    port of its own). A system sample that cannot be sent at once (main not up yet, pipe full) or before the run's
+    token is found (`run_token.TokenSource`: the main process may not have written it yet) is dropped, counted; a
+    reward batch (cut to one forward's 16 KiB, `forwards.fit_reward`) waits up to RETRY_S in a bounded queue."""
 
     def __init__(
         self,
@@ -56,12 +62,16 @@ class Forwarder(Publisher):
         curve: Any = None,
         insecure: bool = False,
         token: TokenSource | None = None,
+        idle: Callable[[], Iterable[tuple]] | None = None,
     ):
-        super().__init__(address, run_id, handler, queue_size=queue_size, curve=curve, insecure=insecure)
+        super().__init__(address, run_id, handler, queue_size=queue_size, curve=curve, insecure=insecure, idle=idle)
         self.address = forward_address(self.address) if self.address else ""
         self.rank = rank
         self.stats["sent"] = 0
         self.stats["no_token"] = 0
+        self.stats["samples_cut"] = 0  # reward samples left out or clipped to fit a forward
+        self.stats["batches_cut"] = 0  # reward batches left out of a forward (too many scores for 16 KiB)
+        self._retry: deque[tuple[float, dict]] = deque()  # (when queued, reward data) not sent yet
         self._token = token if token is not None else TokenSource(self.address, curve)
         self._started_at = time.monotonic()
         self._warned_no_token = False
@@ -122,6 +132,9 @@ class Forwarder(Publisher):
                 except OSError:
                     pass
             self._drain_to(sock)
+            if self._idle is not None:  # the recorder's gathered reward batches, at most every 0.5 s
+                self._send_all(sock, self._idle())
+            self._send_rewards(sock)
             if stopping and not self._queue:
                 return
 
@@ -136,26 +149,75 @@ class Forwarder(Publisher):
                     self.stats["handler_errors"] += 1
                     self._note_error(exc)
                     continue
-                for kind, data, _rank in messages:
-                    self._send(sock, kind, data)
+                self._send_all(sock, messages)
         finally:
             self._busy = False
 
-    def _send(self, sock, kind: str, data: dict) -> None:
-        if sock is None or kind != protocol.SYSTEM:
-            return  # metrics come from the main process only
-        import zmq
+    def _send_all(self, sock, messages: Iterable[tuple] | None) -> None:
+        for kind, data, _rank in messages or []:
+            self._send(sock, kind, data)
 
+    def _send(self, sock, kind: str, data: dict) -> None:
+        if sock is None:
+            return
+        if kind == protocol.REWARD:
+            fitted, cut, left_out = fit_reward(protocol.to_json_safe(data), self._reward_budget())
+            self.stats["samples_cut"] += cut
+            self.stats["batches_cut"] += left_out
+            if fitted is None:
+                self.stats["dropped"] += 1
+                return
+            if len(self._retry) >= RETRY_MAX:
+                self._retry.popleft()
+                self.stats["dropped"] += 1
+            self._retry.append((time.monotonic(), fitted))
+            self._send_rewards(sock)
+            return
+        if kind != protocol.SYSTEM:
+            return  # metrics come from the main process only
         token = self._token.get()
         if token is None:
             self.stats["no_token"] += 1
             self._warn_no_token()
             return
-        try:
-            sock.send(protocol.forward(self.run_id, self.rank, kind, data, time.time(), token), zmq.NOBLOCK)
-            self.stats["sent"] += 1
-        except zmq.ZMQError:
+        if not self._try_send(sock, kind, data, token):
             self.stats["dropped"] += 1
+
+    def _reward_budget(self) -> int:
+        """Bytes a reward batch's data may take: one forward frame less the envelope around it (the longest token)."""
+        envelope = protocol.forward(self.run_id, self.rank, protocol.REWARD, {}, time.time(), "t" * MAX_TOKEN_CHARS)
+        return MAX_FORWARD_BYTES - len(envelope) - 64  # a later timestamp may be a few characters longer
+
+    def _try_send(self, sock, kind: str, data: dict, token: str) -> bool:
+        """Send one forward; False when it cannot go now (to be retried or dropped by the caller)."""
+        import zmq
+
+        frame = protocol.forward(self.run_id, self.rank, kind, data, time.time(), token)
+        if len(frame) > MAX_FORWARD_BYTES:  # the main process's socket would drop the connection: done with it
+            self.stats["dropped"] += 1
+            return True
+        try:
+            sock.send(frame, zmq.NOBLOCK)
+        except zmq.ZMQError:  # the main process is not up (IMMEDIATE) or its pipe is full
+            return False
+        self.stats["sent"] += 1
+        return True
+
+    def _send_rewards(self, sock) -> None:
+        """Send the waiting reward batches, oldest first, until one cannot go; those older than RETRY_S are
+        dropped (counted)."""
+        now = time.monotonic()
+        while self._retry and now - self._retry[0][0] > RETRY_S:
+            self._retry.popleft()
+            self.stats["dropped"] += 1
+        if not self._retry or sock is None:
+            return
+        token = self._token.get()
+        if token is None:
+            self._warn_no_token()
+            return
+        while self._retry and self._try_send(sock, protocol.REWARD, self._retry[0][1], token):
+            self._retry.popleft()
 
     def _warn_no_token(self) -> None:
         if self._warned_no_token or time.monotonic() - self._started_at < NO_TOKEN_WARN_S:
@@ -164,7 +226,8 @@ class Forwarder(Publisher):
         path = self._token.path
         where = self._token.error or (f"none in {path}" if path else "none found")
         log.warning(
-            "rlhf-tui: rank %d has no run token (%s): its system samples are not forwarded. On another node, or "
+            "rlhf-tui: rank %d has no run token (%s): its system samples and reward batches are not forwarded. On "
+            "another node, or "
             "with another address than the main process, give every rank the same %s.",
             self.rank,
             where,

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from rlhf_tui.bridge.training import run_token
 from rlhf_tui.bridge.training.connections import ZERO_COPY_MIN, ConnectionGuard, bound_router
+from rlhf_tui.bridge.training.forwards import ForwardIntake
 from rlhf_tui.bridge.training.history import History
 from rlhf_tui.bridge.wire import protocol
 
@@ -44,9 +44,6 @@ FULL_REPLIES_PER_S = 20  # "full" answers sent a second, whatever the number of 
 RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
 RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long (doubling while the flood goes on ...)
 RX_BACKOFF_MAX_S = 0.25  # ... up to this: a real hello or sample waits at most this long behind a flood
-FORWARD_MIN_S = 0.1  # at most 10 forwarded samples a second per rank
-DEFAULT_FORWARD_RANKS = 64  # ranks 1..63 may forward when the job's world size is not known
-MAX_FORWARD_GPUS = 16  # devices kept of a forwarded sample
 RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
 
 STOP_GRACE_S = 1.0  # on stop, connected monitors get at most this long to receive the rest of the history
@@ -127,11 +124,9 @@ class Publisher(History):
         status: Callable[[], dict] | None = None,
         forward_token: str | None = None,
         world_size: int | None = None,
+        forwarded: Callable[[str, dict, int], Iterable[tuple]] | None = None,
     ):
         super().__init__(run_id, history_bytes)
-        # Forwarded samples are taken only with this token (None: from nobody) and for ranks 1 .. world_size-1.
-        self._forward_token = forward_token
-        self._forward_ranks = world_size if type(world_size) is int and world_size >= 1 else DEFAULT_FORWARD_RANKS
         self.address = resolve_address(address) if address is not False else ""
         self._handler = handler
         self._idle = idle
@@ -150,7 +145,6 @@ class Publisher(History):
         self._rx_backoff_until = 0.0
         self._rx_backoff_s = RX_BACKOFF_S
         self._wake_send = self._wake_recv = None
-        self._forward_last: dict[int, float] = {}
         self._auth = None
         self._clients: dict[bytes, _Client] = {}
         self.bound = False
@@ -169,6 +163,13 @@ class Publisher(History):
             "cpu_s": 0.0,
         }
         self._last_error: str | None = None
+        # Other ranks' forwards: taken only with this token (None: from nobody), for ranks 1 .. world_size-1;
+        # `forwarded` (the recorder) logs each and gives the messages to publish (forwards.py).
+        self._forwards = ForwardIntake(forward_token, world_size, self.stats, forwarded)
+
+    @property
+    def _forward_token(self) -> str | None:
+        return self._forwards.token
 
     # -- training thread ------------------------------------------------------------------------
     def put(self, item: Any) -> bool:
@@ -547,28 +548,8 @@ class Publisher(History):
             if (run != self.run_id or data.get("resync") is True) and now - client.reset_at >= RESYNC_MIN_S:
                 client.cursor = min(since if run == self.run_id else 0, self._next_seq)
                 client.run, client.reset_at = run, now
-        elif kind == protocol.FORWARD:
-            # Another rank's sample (GPU memory etc.), re-published under this run's numbering. Any local process
-            # can connect, so only with the run's token, only for a rank of this job, at most 10 a second each.
-            rank = env.get("rank", 0)
-            sample = data.get("data")
-            if (
-                not run_token.matches(self._forward_token, data.get("token"))
-                or data.get("kind") != protocol.SYSTEM
-                or not isinstance(sample, dict)
-                or type(rank) is not int
-                or not 1 <= rank < self._forward_ranks
-            ):
-                self.stats["rejected"] += 1
-            elif now - self._forward_last.get(rank, -math.inf) < FORWARD_MIN_S:
-                self.stats["rejected"] += 1  # a rank may not flood the history
-            else:
-                self._forward_last[rank] = now
-                self.stats["forwarded"] += 1
-                gpus = sample.get("gpus")
-                if isinstance(gpus, list) and len(gpus) > MAX_FORWARD_GPUS:
-                    sample["gpus"] = gpus[:MAX_FORWARD_GPUS]
-                self.publish(protocol.SYSTEM, sample, rank)
+        elif kind == protocol.FORWARD:  # another rank's system sample or reward batch (forwards.py)
+            self._publish_all(self._forwards.take(env, now))
         else:
             self.stats["rejected"] += 1
 

@@ -31,7 +31,7 @@ class Recorder:
 
     def __init__(self, cb: RLHFMonitorCallback, forwarding: bool = False):
         self.cb = cb
-        self.forwarding = forwarding  # a non-main rank: only its system samples leave the process
+        self.forwarding = forwarding  # a non-main rank: only its system samples and reward batches leave it
         self.jsonl = (
             JsonlLog(cb.log_dir, cb.run_id, autoflush=False, mode=cb.log_mode)
             if cb.log_dir and not forwarding
@@ -64,9 +64,28 @@ class Recorder:
 
     def __call__(self, event: Any) -> list[events.Message]:
         if self.forwarding:
-            return self.sample_system(force=isinstance(event, (events.RunStarted, events.RunEnded)))
+            return self._on_rank_event(event)
         handler = self._handlers.get(type(event))
         return handler(event) if handler is not None else []
+
+    def _on_rank_event(self, event: Any) -> list[events.Message]:
+        """A non-main rank: reward batches are gathered (tick() sends them), anything else is a cue to sample."""
+        if isinstance(event, events.RewardBatch):
+            return self._on_rewards(event)
+        if isinstance(event, events.SystemCue) and type(event.step) is int:
+            self.last_log_step = event.step  # the rank's own global step, for its samples
+        ending = isinstance(event, events.RunEnded)
+        out = self.sample_system(force=ending or isinstance(event, events.RunStarted))
+        return out + (self._publish_rewards() if ending and self.reward_pending else [])
+
+    def forwarded(self, kind: str, data: dict, rank: int) -> list[events.Message]:
+        """The main process: another rank's system sample or reward batch, checked (forwards.py), into the JSONL
+        log and the stream with its rank. A sample without a step of its own gets this process's newest step."""
+        if kind == protocol.SYSTEM:
+            if type(data.get("step")) is not int:
+                data["step"] = self.last_log_step if self.last_log_step is not None else 0
+            return [events.Message(kind, self._logged("system", data), rank)]
+        return [events.Message(kind, self._logged("reward_batch", data), rank)]
 
     def status(self) -> dict:
         """What the heartbeats add to the publisher's counters: the JSONL log's failed writes, when any."""
@@ -213,7 +232,7 @@ class Recorder:
         if self.sampler is None:
             self.sampler = SystemSampler()
         sample = self.sampler.sample()
-        sample["step"] = self.last_log_step
+        sample["step"] = self.last_log_step if self.last_log_step is not None else 0  # before the first step: 0
         sample.update(self.cb.rank_info)
         self.memory = memory_metrics(sample)
         self.memory_json = protocol.dumps(self._seed_memory())  # encoded once per sample, not per step
@@ -250,6 +269,9 @@ class Recorder:
             setting = getattr(self.cb, "sample_setting", DEFAULT_SETTING)
             max_length = self.cb.meta.get("args", {}).get("max_completion_length")
             data["samples"] = protocol.to_json_safe(batch_samples(batches, setting, max_length))
+            world_size = getattr(self.cb, "world_size", None)
+            if type(world_size) is int and world_size > 1:  # one record per rank's batch: the monitor labels them
+                data["rank"] = self.cb.rank
             # Made JSON-safe piece by piece above: encoded once for the log and the wire.
             out.append(
                 events.Message(protocol.REWARD, self._logged("reward_batch", protocol.Clean(data)), self.cb.rank)

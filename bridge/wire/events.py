@@ -82,7 +82,9 @@ class RunEnded:
 
 @dataclass(frozen=True, slots=True)
 class SystemCue:
-    """A non-main rank's `on_log`: a cue to sample (and forward) its system state."""
+    """A non-main rank's `on_log`: a cue to sample (and forward) its system state, at its global step."""
+
+    step: int | None = None
 
 
 # -- what the publisher thread publishes -------------------------------------------------------------------

@@ -220,3 +220,131 @@ def test_a_bad_launcher_token_disables_forwarding_with_one_warning(tmp_path, tok
         assert cb.publisher is not None and cb.publisher._forward_token is None  # the run is still published
     finally:
         cb.close()
+
+
+def _reward_frame(rank: int, token=None, data: dict | None = None) -> bytes:
+    """A well-formed reward forward as any process could write it; its data claims rank 0."""
+    fake = {"label": "best", "index": 0, "score": 9.0, "completion": "FAKE COMPLETION", "step": 3}
+    body: dict = {
+        "kind": "reward",
+        "data": data or {"step": 3, "reward_func": "evil", "scores": [9.0] * 4, "samples": [fake], "rank": 0},
+    }
+    if token is not None:
+        body["token"] = token
+    return protocol.encode(protocol.FORWARD, "stranger", -1, 0.0, body, rank)
+
+
+def test_a_strangers_reward_forwards_never_reach_the_history(address):
+    import time
+
+    from rlhf_tui.bridge.training import forwards
+
+    pub = _publisher(address, forward_token="t0k3n", world_size=2)
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.linger = 0
+    peer.connect(address)
+    sub = Subscriber(address).start()
+    try:
+        refused = [_reward_frame(1, token) for token in (None, "wrong", 12345, "t0k3n-but-longer")]
+        refused += [_reward_frame(rank, "t0k3n") for rank in (0, 2, 5, 1023)]  # not a rank of this job
+        refused += [
+            _reward_frame(1, "t0k3n", bad)  # the token, but not a reward batch
+            for bad in (
+                {"step": 3, "scores": [1.0]},
+                {"step": -1, "reward_func": "r", "scores": []},
+                {"step": 3, "reward_func": "r", "scores": "1.0"},
+                {"step": 3, "reward_func": "r", "scores": [{}]},
+            )
+        ]
+        for frame in refused:
+            peer.send(frame)
+        wait_for(lambda: pub.stats["rejected"] >= len(refused), message="every stranger's forward refused")
+        assert pub.stats["forwarded"] == 0
+        real = {
+            "step": 4,
+            "reward_func": "real",
+            "scores": [0.5, 1.0],
+            "rank": 0,  # a claim the main process does not take: the envelope's checked rank is what counts
+            "analysis": {"injected": True},
+            "samples": [{"label": "best", "index": 1, "score": 1.0, "completion": "ok", "step": 4, "evil": "x" * 99}],
+        }
+        peer.send(_reward_frame(1, "t0k3n", real))
+        wait_for(lambda: sub.store.current_run is not None and len(sub.store.current_run.rewards) == 1)
+        (batch,) = sub.store.current_run.rewards
+        assert batch["rank"] == 1 and batch["reward_func"] == "real" and batch["scores"] == [0.5, 1.0]
+        assert "analysis" not in batch and "evil" not in repr(sub.store.current_run.samples.rows(4))
+        assert "FAKE" not in repr(list(sub.store.current_run.rewards))
+        # A rank with the token is bounded too: a burst of 100 gets REWARD_BURST through, then REWARD_RATE a second.
+        before, start = pub.stats["forwarded_rewards"], time.monotonic()
+        for _ in range(100):
+            peer.send(_reward_frame(1, "t0k3n", real))
+        wait_for(lambda: pub.stats["forwarded_rewards"] + pub.stats["rejected"] >= before + len(refused) + 100)
+        taken = pub.stats["forwarded_rewards"] - before
+        assert (
+            forwards.REWARD_BURST - 2
+            <= taken
+            <= forwards.REWARD_BURST + forwards.REWARD_RATE * (time.monotonic() - start)
+        ), taken
+    finally:
+        peer.close(0)
+        ctx.term()
+        sub.stop()
+        pub.stop()
+
+
+def test_a_ranks_reward_batch_waits_for_the_main_process_and_fits_one_forward(tmp_path, token_home, monkeypatch):
+    """A rank that starts first keeps its reward batch (retry queue) until the main process is up, and a batch too
+    big for one forward (16 KiB) arrives cut: the newest step's samples first, the cut counted."""
+    from rlhf_tui.bridge.training.forwarder import Forwarder
+    from rlhf_tui.bridge.training.forwards import MAX_FORWARD_BYTES
+
+    monkeypatch.setenv("RLHF_TUI_RUN_TOKEN", "launcher-given-token-0123456789")
+    address = free_address()
+    steps = list(range(1, 9))
+    samples = [
+        {
+            "label": "all",
+            "index": i,
+            "score": float(i),
+            "prompt": "p" * 500,
+            "completion": f"s{step} " + "y" * 1500,
+            "step": step,
+        }
+        for step in steps
+        for i in range(4)
+    ]
+    data = {
+        "step": 8,
+        "reward_func": "long",
+        "steps": steps,
+        "sizes": [4] * 8,
+        "scores": [1.0] * 32,
+        "num_scores": 32,
+        "num_invalid": 0,
+        "samples": samples,
+    }
+    assert len(protocol.dumps(data)) > 4 * MAX_FORWARD_BYTES
+    fwd = Forwarder(address, "real-run", lambda item: [item], rank=1)
+    fwd.start()
+    pub = sub = None
+    try:
+        fwd.put(("reward", data, 1))
+        wait_for(lambda: len(fwd._retry) == 1, message="the batch waits for the main process")
+        pub = _publisher(address, forward_token="launcher-given-token-0123456789", world_size=2)
+        sub = Subscriber(address).start()
+        wait_for(lambda: sub.store.current_run is not None and len(sub.store.current_run.rewards) == 8, timeout=20)
+        assert fwd.stats["sent"] == 1 and not fwd._retry
+        run = sub.store.current_run
+        assert [(b["rank"], b["step"]) for b in run.rewards] == [(1, s) for s in steps]  # each batch its own record
+        newest = run.samples.rows(8)
+        assert [r["index"] for r in newest] == [0, 1, 2, 3] and all(r["rank"] == 1 for r in newest)
+        kept = sum(len(run.samples.rows(s)) for s in steps)
+        # left out, and at most one clipped to the room that was left
+        assert 4 <= kept < 32 and 32 - kept <= fwd.stats["samples_cut"] <= 33 - kept, (kept, fwd.stats)
+    finally:
+        fwd.stop()
+        if sub is not None:
+            sub.stop()
+        if pub is not None:
+            pub.stop()
