@@ -12,7 +12,7 @@ Attacks (each for the whole run, from this process, loopback only):
   burn     the control: this process spins one core and touches no socket (on a small machine an attacker's own
            CPU slows training whatever we do; compare the socket attacks with this row)
 
-Run: .venv/bin/python benchmarks/hostile_peers.py [--steps 40] [--attacks idle,frames,resync,hellos]
+Run: .venv/bin/python benchmarks/hostile_peers.py [--steps 40] [--attacks idle,frames,resync,hellos] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -249,36 +249,50 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--attacks", default=",".join(ATTACKS[1:]))
+    parser.add_argument("--repeats", type=int, default=1, help="rounds, each with its own undisturbed run")
     args = parser.parse_args(argv)
     wanted = ["none"] + [a for a in args.attacks.split(",") if a in ATTACKS and a != "none"]
-    results = [run_one(attack, args.steps) for attack in wanted]
-    base = results[0]
+    # Rounds interleave the attacks with an undisturbed run of their own: on a shared machine the load moves
+    # between rounds, and each delta is taken against the same round's baseline, then the median over rounds.
+    rounds = [[run_one(attack, args.steps) for attack in wanted] for _ in range(max(1, args.repeats))]
     print(
         f"{'attack':8} {'finished':8} {'peak RSS MB':>12} {'ΔRSS':>7} {'median step ms':>15} {'Δstep':>7} "
-        f"{'CPU s':>6} {'ΔCPU':>6}  publisher"
+        f"{'CPU s':>6} {'ΔCPU':>6}  publisher (last round)"
     )
-    for r in results:
-        d_rss = r["rss_mb"] - base["rss_mb"] if r.get("rss_mb") and base.get("rss_mb") else None
-        step, base_step = r.get("median_step_ms"), base.get("median_step_ms")
-        d_step = 100 * (step / base_step - 1) if step and base_step else None
-        print(
-            f"{r['attack']:8} {str(r['finished']):8} {r.get('rss_mb', 0):12.0f} "
-            f"{'' if d_rss is None else f'{d_rss:+.0f}':>7} {step or 0:15.1f} "
-            f"{'' if d_step is None else f'{d_step:+.1f}%':>7} {r.get('cpu_s', 0):6.1f} "
-            f"{r.get('cpu_s', 0) - base.get('cpu_s', 0):+6.1f}  {r.get('error') or r.get('stats') or ''}"
-        )
-    # The goals (issue 16) hold for the socket attacks; `burn` is the control and has none.
     missed = 0
-    for r in results:
-        if r["attack"] == "burn":
-            continue
-        d_rss = r.get("rss_mb", 0) - base.get("rss_mb", 0)
-        d_step = 100 * (r.get("median_step_ms") or 0) / (base.get("median_step_ms") or 1) - 100
-        if not r["finished"] or d_rss > MAX_RSS_MB or d_step > MAX_STEP_PCT:
+    for k, attack in enumerate(wanted):
+        runs = [rnd[k] for rnd in rounds]
+        finished = all(r["finished"] for r in runs)
+        d_rss = _median_delta(rounds, k, "rss_mb", lambda a, b: a - b)
+        d_step = _median_delta(rounds, k, "median_step_ms", lambda a, b: 100 * (a / b - 1))
+        d_cpu = _median_delta(rounds, k, "cpu_s", lambda a, b: a - b)
+        last = runs[-1]
+        print(
+            f"{attack:8} {str(finished):8} {_median(runs, 'rss_mb'):12.0f} {_signed(d_rss, '.0f'):>7} "
+            f"{_median(runs, 'median_step_ms'):15.1f} {_signed(d_step, '.1f', '%'):>7} {_median(runs, 'cpu_s'):6.1f} "
+            f"{_signed(d_cpu, '.1f'):>6}  {last.get('error') or last.get('stats') or ''}"
+        )
+        # The goals (issue 16) hold for the socket attacks; `burn` is the control and has none.
+        if attack != "burn" and (not finished or (d_rss or 0) > MAX_RSS_MB or (d_step or 0) > MAX_STEP_PCT):
             missed += 1
-            what = "did not finish" if not r["finished"] else f"ΔRSS {d_rss:+.0f} MB, Δstep {d_step:+.1f} %"
-            print(f"goal missed (finishes, ΔRSS <= {MAX_RSS_MB} MB, Δstep <= {MAX_STEP_PCT} %): {r['attack']}: {what}")
+            what = "did not finish" if not finished else f"ΔRSS {d_rss:+.0f} MB, Δstep {d_step:+.1f} %"
+            print(f"goal missed (finishes, ΔRSS <= {MAX_RSS_MB} MB, Δstep <= {MAX_STEP_PCT} %): {attack}: {what}")
     return 1 if missed else 0
+
+
+def _median(runs: list[dict], key: str) -> float:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else 0.0
+
+
+def _median_delta(rounds: list[list[dict]], k: int, key: str, delta) -> float | None:
+    """The median over rounds of `delta(attack's value, that round's undisturbed value)`."""
+    values = [delta(rnd[k][key], rnd[0][key]) for rnd in rounds if rnd[k].get(key) and rnd[0].get(key)]
+    return statistics.median(values) if values else None
+
+
+def _signed(value: float | None, spec: str, unit: str = "") -> str:
+    return "" if value is None else f"{value:+{spec}}{unit}"
 
 
 if __name__ == "__main__":
