@@ -305,6 +305,13 @@ def learning_signal(c: Context) -> Flags:
         jump[~fz.ok] = np.nan
         lev = np.where(cur >= th.no_signal_frac, 3, np.where(jump >= th.no_signal_jump, 2, 0)).astype(np.int8)
         yield "no_learning_signal", "frac_reward_zero_std", lev, cur
+        # The other way: where a good share of groups used to tie (a rule-based reward scores alike
+        # completions alike), none tying for most of the last 2 x recent_steps logs means the rewards turned
+        # continuous: a reward model or function drifting to noise. (With a tie share L and g groups a log with
+        # no tie has chance (1 - L)^g; half of ten such logs in a row is far from chance.)
+        longer = fz.recent(2 * rn)
+        gone = (longer <= 0.0) & (fz.level - longer >= th.no_signal_jump) & fz.ok
+        yield "reward_noise", "frac_reward_zero_std", np.where(gone, 2, 0).astype(np.int8), fz.level
     rs = s("reward_std")
     if rs is not None and not plan.dpo:
         early, row = c.early("reward_std", rs.x)

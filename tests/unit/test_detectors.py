@@ -349,6 +349,21 @@ def test_no_learning_signal():
     assert eps and eps[0]["metric"] == "reward_std" and eps[0]["severity"] == "high"
 
 
+def test_tied_groups_vanishing_is_reward_noise():
+    rng = np.random.default_rng(21)
+    m = grpo_run(300, 21)
+    tied = rng.choice([0.25, 0.375, 0.5, 0.625], 300)  # a rule-based reward: many groups tie
+    noisy = np.where(np.arange(300) >= 200, 0.0, tied)  # from row 200 the reward is continuous: no group ties
+    eps = [e for e in run(dict(m, frac_reward_zero_std=noisy)) if e["detector"] == "reward_noise"]
+    assert len(eps) == 1 and eps[0]["severity"] == "medium" and 201 <= eps[0]["step"] <= 210
+    # always 0 (a reward model, or scale_rewards="batch"), or fewer ties but some left: nothing
+    for frac in (
+        np.zeros(300),
+        np.where(np.arange(300) >= 200, rng.choice([0.0, 0.125, 0.25], 300, p=[0.2, 0.4, 0.4]), tied),
+    ):
+        assert not [e for e in run(dict(m, frac_reward_zero_std=frac)) if e["detector"] == "reward_noise"]
+
+
 # -- losses, gradients, clip ratio, learning rate -----------------------------------------------------------------
 def test_grad_norm_spike_is_low_a_held_rise_is_medium():
     m = grpo_run(300, 13)
