@@ -296,6 +296,18 @@ _RECORDS = (
         _no_signal,
     ),
     Detector(
+        "reward_noise",
+        "prompt groups that often had identical rewards no longer ever do: the rewards turned noisy (medium)",
+        ("frac_reward_zero_std",),
+        ("no_signal_jump", "recent_steps"),
+        (MEDIUM,),
+        lambda metric, value, score: (
+            f"rewards turned noisy: no prompt group has identical rewards any more (before: {fmt(score)} did)",
+            "a reward model or function drifting to noise: check its scores on fixed completions, its inputs "
+            "and any randomness in it",
+        ),
+    ),
+    Detector(
         "policy_shift",
         "abrupt rise of entropy (medium)",
         ("entropy", "completion_length"),

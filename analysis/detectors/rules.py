@@ -206,9 +206,9 @@ def reward_level(c: Context) -> Flags:
     th, plan = c.th, c.plan
     for name in plan.reward_metrics:
         ser = c.series[name]
-        z = early_floored_z(c, name, ser)
-        up = c.cusum(f"{name}:up", z, th.rise_kref, 1.0)
-        down = c.cusum(f"{name}:down", z, th.shift_kref, -1.0)
+        z_up, z_down = early_floored_z(c, name, ser)
+        up = c.cusum(f"{name}:up", z_up, th.rise_kref, 1.0)
+        down = c.cusum(f"{name}:down", z_down, th.shift_kref, -1.0)
         # A climb is what training is for: it alarms with a tell (reward hacking, below) or when it is far
         # faster than learning goes (climb_h, several times the evidence a hacking climb needs).
         lev = np.where((down >= th.shift_h) | (up >= th.climb_h), 2, 0).astype(np.int8)
@@ -217,14 +217,27 @@ def reward_level(c: Context) -> Flags:
             c.shared["reward_up"] = up
 
 
-def early_floored_z(c: Context, name: str, ser: Series) -> np.ndarray:
-    """The z-score against a scale of at least EARLY_RANGE_FLOOR of the range of the run's first
-    `early_steps` values: a reward that saturates (a format reward at 1.0) has a tiny recent spread, and a
-    dip of one sample in a batch must not read as many spreads."""
+def early_floored_z(c: Context, name: str, ser: Series) -> tuple[np.ndarray, np.ndarray]:
+    """The z-scores (for rises, for drops) against a scale of at least EARLY_RANGE_FLOOR of the range of the
+    run's first `early_steps` values: a reward that saturates (a format reward at 1.0) has a tiny recent
+    spread, and a dip of one sample in a batch must not read as many spreads. For drops the scale is also at
+    least EFFECT_FLOOR of the early within-batch spread of the scores (`reward_std`, `rewards/<f>/std`): an
+    effect size, which a history seen from a run's middle (a resumed run, the training side's window), its
+    reward already saturated and no early learning phase to take a range from, still has."""
     values, _rows = c.p.first_values(f"early:{name}", ser.x, int(c.th.early_steps))
     if len(values) < int(c.th.early_steps):
-        return ser.z
+        return ser.z, ser.z
     floor = EARLY_RANGE_FLOOR * (max(values) - min(values))
+    drop_floor = floor
+    spread = c.series.get("reward_std" if name == "reward" else name[: -len("mean")] + "std")
+    if spread is not None:
+        early_spread, _row = c.early(f"spread:{name}", spread.x)
+        if early_spread > 0:
+            drop_floor = max(floor, EFFECT_FLOOR * early_spread)
+    return floored(ser, floor), floored(ser, drop_floor)
+
+
+def floored(ser: Series, floor: float) -> np.ndarray:
     if not floor > 0:
         return ser.z
     z = (ser.x - ser.center) / np.maximum(ser.scale, floor)
@@ -233,6 +246,7 @@ def early_floored_z(c: Context, name: str, ser: Series) -> np.ndarray:
 
 
 EARLY_RANGE_FLOOR = 0.1
+EFFECT_FLOOR = 0.25  # of a reward's early within-batch spread: the smallest drop of its batch mean that counts
 
 
 @rule
@@ -305,6 +319,13 @@ def learning_signal(c: Context) -> Flags:
         jump[~fz.ok] = np.nan
         lev = np.where(cur >= th.no_signal_frac, 3, np.where(jump >= th.no_signal_jump, 2, 0)).astype(np.int8)
         yield "no_learning_signal", "frac_reward_zero_std", lev, cur
+        # The other way: where a good share of groups used to tie (a rule-based reward scores alike
+        # completions alike), none tying for most of the last 2 x recent_steps logs means the rewards turned
+        # continuous: a reward model or function drifting to noise. (With a tie share L and g groups a log with
+        # no tie has chance (1 - L)^g; half of ten such logs in a row is far from chance.)
+        longer = fz.recent(2 * rn)
+        gone = (longer <= 0.0) & (fz.level - longer >= th.no_signal_jump) & fz.ok
+        yield "reward_noise", "frac_reward_zero_std", np.where(gone, 2, 0).astype(np.int8), fz.level
     rs = s("reward_std")
     if rs is not None and not plan.dpo:
         early, row = c.early("reward_std", rs.x)

@@ -349,6 +349,21 @@ def test_no_learning_signal():
     assert eps and eps[0]["metric"] == "reward_std" and eps[0]["severity"] == "high"
 
 
+def test_tied_groups_vanishing_is_reward_noise():
+    rng = np.random.default_rng(21)
+    m = grpo_run(300, 21)
+    tied = rng.choice([0.25, 0.375, 0.5, 0.625], 300)  # a rule-based reward: many groups tie
+    noisy = np.where(np.arange(300) >= 200, 0.0, tied)  # from row 200 the reward is continuous: no group ties
+    eps = [e for e in run(dict(m, frac_reward_zero_std=noisy)) if e["detector"] == "reward_noise"]
+    assert len(eps) == 1 and eps[0]["severity"] == "medium" and 201 <= eps[0]["step"] <= 210
+    # always 0 (a reward model, or scale_rewards="batch"), or fewer ties but some left: nothing
+    for frac in (
+        np.zeros(300),
+        np.where(np.arange(300) >= 200, rng.choice([0.0, 0.125, 0.25], 300, p=[0.2, 0.4, 0.4]), tied),
+    ):
+        assert not [e for e in run(dict(m, frac_reward_zero_std=frac)) if e["detector"] == "reward_noise"]
+
+
 # -- losses, gradients, clip ratio, learning rate -----------------------------------------------------------------
 def test_grad_norm_spike_is_low_a_held_rise_is_medium():
     m = grpo_run(300, 13)
@@ -660,6 +675,23 @@ def test_a_reward_that_saturates_is_not_dead_or_dropping_but_one_that_turns_cons
     found = [e for e in run(dead, GRPO) if e["detector"] == "reward_dead"]
     assert found and found[0]["metric"] == "rewards/correctness/std" and 251 <= found[0]["step"] <= 256
     assert found[0]["severity"] == "high"
+
+
+def test_a_saturated_reward_seen_from_the_middle_of_a_run_dips_without_alarm_but_a_drop_alarms():
+    # A resumed run (or the training side's window): the format reward is already at ~1.0 from the first row
+    # seen, so there is no learning phase to take a range from; one or two of 32 completions failing is no drop.
+    rng = np.random.default_rng(16)
+    n = 300
+    m = grpo_run(n, 16)
+    fmt = rng.binomial(32, 0.97 + 0.02 * rng.random(n)) / 32
+    m["rewards/format_ok/mean"] = fmt
+    m["rewards/format_ok/std"] = np.sqrt(fmt * (1 - fmt)) + 0.15 * (np.arange(n) < 20)  # a wider early spread
+    steps = np.arange(81, 81 + n)
+    quiet = run(m, GRPO, steps=steps)
+    assert not [e for e in alarms(quiet) if e["metric"].startswith("rewards/format_ok")], alarms(quiet)
+    m["rewards/format_ok/mean"] = np.where(np.arange(n) >= 200, fmt - 0.2, fmt)  # a fifth of the batch now fails
+    drop = [e for e in alarms(run(m, GRPO, steps=steps)) if e["metric"] == "rewards/format_ok/mean"]
+    assert drop and drop[0]["detector"] == "reward_shift" and 281 <= drop[0]["step"] <= 290
 
 
 def test_kl_growing_from_zero_as_the_policy_leaves_its_reference_is_not_a_runaway():
