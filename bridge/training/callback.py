@@ -8,25 +8,22 @@ monitor or a bug of ours can never slow down or break training.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import secrets
 import sys
 import threading
 import time
-import weakref
-from collections import deque
-from datetime import datetime
 from typing import Any
 
-from rlhf_tui.bridge.training import run_token
+from rlhf_tui.bridge.training import ranks, run_token
 from rlhf_tui.bridge.training.actions import AlarmActions, parse_policy
-from rlhf_tui.bridge.training.forwarder import Forwarder, forward_address
-from rlhf_tui.bridge.training.publisher import Publisher, resolve_address
+from rlhf_tui.bridge.training.checkpoints import CheckpointAnalyses
+from rlhf_tui.bridge.training.forwarder import Forwarder
+from rlhf_tui.bridge.training.open_runs import exception_text, open_runs
+from rlhf_tui.bridge.training.publisher import Publisher
 from rlhf_tui.bridge.training.recorder import Recorder
-from rlhf_tui.bridge.wire import events, protocol
-from rlhf_tui.bridge.wire.metrics import trainer_units
+from rlhf_tui.bridge.training.run_meta import custom_meta, new_run_id, trainer_meta
+from rlhf_tui.bridge.wire import events
 
 try:  # the callback works without transformers for custom loops (log_step)
     from transformers import TrainerCallback as _Base
@@ -35,130 +32,9 @@ except Exception:  # pragma: no cover - exercised only without transformers
 
 log = logging.getLogger("rlhf_tui.bridge")
 
-KEY_ARGS = (
-    "learning_rate",
-    "max_steps",
-    "num_train_epochs",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "num_generations",
-    "beta",
-    "num_iterations",
-    "epsilon",
-    "temperature",
-    "max_completion_length",
-    "max_prompt_length",
-    "max_length",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "seed",
-    "output_dir",
-    "logging_steps",
-    "save_steps",
-    "loss_type",
-    "bf16",
-    "fp16",
-    "gradient_checkpointing",
-    "use_vllm",
-    "scale_rewards",
-)
-
-
-def new_run_id() -> str:
-    return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for name in ("trl", "transformers", "torch", "rlhf-tui"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-_warned_all_ranks = False  # publish_all_ranks=True is warned about once per process
 AUTO_LOG_DIR = "auto"  # the default log_dir: OUTPUT_DIR/rlhf-tui when the trainer has an output_dir
 FALLBACK_LOG_DIR = "./logs/rlhf-tui"  # ... and this without one (a custom loop)
-EXIT_FLUSH_S = 3.0  # at interpreter exit, open runs get this long in all to send run_end
 CHECKPOINT_WAIT_S = 10.0  # close() / the next train() wait this long at most for checkpoint analyses running
-
-# Publishers whose run is open (run_start sent, no run_end yet). A publisher is kept alive by its thread, so
-# this holds even when the callback itself is gone (a custom loop in a function that returned).
-_open_runs: weakref.WeakSet[Publisher] = weakref.WeakSet()
-
-
-_crash: list[tuple[str, str]] = []  # (status, "Type: first line") of an exception that ended the interpreter
-
-
-def exception_text(exc: BaseException | None) -> str | None:
-    """`Type: first line of the message` (bounded), or None."""
-    if exc is None:
-        return None
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}"[:300] if first else type(exc).__name__
-
-
-def _record_crash(hook):
-    def excepthook(tp, value, tb):
-        if _open_runs:  # what ended the run goes into its run_end (the exit hook below sends it)
-            status = "interrupted" if issubclass(tp, KeyboardInterrupt) else "crashed"
-            _crash.append((status, exception_text(value) or tp.__name__))
-        hook(tp, value, tb)
-
-    return excepthook
-
-
-sys.excepthook = _record_crash(sys.excepthook)
-
-
-def _end_open_runs() -> None:
-    """At interpreter exit: run_end for every run still open (a custom loop without close(), or a training that
-    raised: then with status "crashed"), flushed (bounded). Registered after publisher.py's own exit hook
-    (imported above), so it runs first: atexit is LIFO."""
-    pubs = list(_open_runs)
-    status, error = _crash[-1] if _crash else ("finished", None)
-    for pub in pubs:
-        pub.put(events.RunEnded(None, status, error))
-    deadline = time.monotonic() + EXIT_FLUSH_S
-    for pub in pubs:
-        pub.flush(max(0.0, deadline - time.monotonic()))
-    _open_runs.clear()
-
-
-atexit.register(_end_open_runs)
-
-
-def _arg_world_size(args: Any) -> int | None:
-    world = getattr(args, "world_size", None)
-    return world if type(world) is int and world >= 1 else None
-
-
-def _env_world_size() -> int | None:
-    """WORLD_SIZE as torchrun/accelerate set it (a custom loop has no TrainingArguments), or None."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", ""))
-    except ValueError:
-        return None
-    return world if world >= 1 else None
-
-
-def _warn_all_ranks() -> None:
-    global _warned_all_ranks
-    if _warned_all_ranks:
-        return
-    _warned_all_ranks = True
-    import warnings
-
-    warnings.warn(
-        "rlhf-tui: publish_all_ranks is ignored: every rank's system samples and reward batches reach the monitor "
-        "through the main process's one address (forward_ranks=True, the default).",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 class RLHFMonitorCallback(_Base):
@@ -236,7 +112,7 @@ class RLHFMonitorCallback(_Base):
         self.analyze_checkpoints = analyze_checkpoints
         self.publish_all_ranks = publish_all_ranks
         if publish_all_ranks:
-            _warn_all_ranks()
+            ranks.warn_all_ranks()
         self.run_id_option = run_id
         self.run_id = run_id or new_run_id()
         self.runs = 0  # runs started by this callback (each train(), or a custom loop's log_step after close())
@@ -264,14 +140,7 @@ class RLHFMonitorCallback(_Base):
         self._recorder: Recorder | None = None
         self._log_path: str | None = None
         self._start_lock = threading.Lock()
-        self._ckpt_lock = threading.Lock()
-        self._last_checkpoint: str | None = None
-        self._ckpt_thread: threading.Thread | None = None
-        # Analyses in flight and the newest 256 results (a long run saves many); `wait_for_checkpoints` waits on
-        # the condition instead of polling.
-        self._ckpt_done = threading.Condition()
-        self._ckpt_pending = 0
-        self._ckpt_results: deque[dict] = deque(maxlen=256)
+        self.checkpoints = CheckpointAnalyses()
         if self.thresholds is None:
             self.thresholds = self._default_thresholds()
         self.actions = AlarmActions(self.on_alarm, int(getattr(self.thresholds, "grace_steps", 10)))
@@ -330,7 +199,8 @@ class RLHFMonitorCallback(_Base):
                             idle=self._recorder.tick,
                         )
                     else:
-                        world_size = self.world_size or _env_world_size()
+                        world_size = self.world_size or ranks.env_world_size()
+                        token, self._token_file = ranks.share_run_token(address, curve, world_size)
                         pub = Publisher(
                             address,
                             self.run_id,
@@ -340,7 +210,7 @@ class RLHFMonitorCallback(_Base):
                             curve=curve,
                             idle=self._recorder.tick,
                             status=self._recorder.status,
-                            forward_token=self._share_run_token(address, curve, world_size),
+                            forward_token=token,
                             world_size=world_size,
                             forwarded=self._recorder.forwarded,
                         )
@@ -358,29 +228,6 @@ class RLHFMonitorCallback(_Base):
                     )
         return self._publisher
 
-    def _share_run_token(self, address: Any, curve: Any, world_size: int | None) -> str | None:
-        """The token the other ranks of this job forward their samples with (run_token.py), written to a private
-        file for ranks on this node unless the environment or CURVE gives it to every rank. None: forwards are
-        refused (a single-process job, no socket, or a token that cannot be shared: warned)."""
-        if address is False or world_size == 1:
-            return None
-        try:
-            token = run_token.main_token(curve)
-            if not run_token.shared_without_file(curve):
-                path = run_token.write_token(forward_address(resolve_address(address)), token)
-                self._token_file = (path, token)
-            return token
-        except (OSError, run_token.TokenError) as exc:
-            import warnings
-
-            warnings.warn(
-                f"rlhf-tui: the run token cannot be shared with the other ranks ({exc}); their system samples are "
-                f"refused. Give every rank the same {run_token.TOKEN_ENV}.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return None
-
     def _begin_run(self, meta) -> Publisher | None:
         """Start this callback's next run: a previous one (open or ended) is finished first and this one gets a
         new run id; then the publisher and JSONL log start under it and run_start is queued. `meta()` gives
@@ -396,7 +243,7 @@ class RLHFMonitorCallback(_Base):
             self.actions.reset()
             pub.put(events.RunStarted(self.meta))
             self._run_open = pub.run_open = True
-            _open_runs.add(pub)
+            open_runs.add(pub)
         return pub
 
     def _end_run(self, global_step: int | None, status: str = "finished", error: str | None = None) -> None:
@@ -406,7 +253,7 @@ class RLHFMonitorCallback(_Base):
         pub = self._publisher
         if pub is not None and self._run_open:
             self._run_open = pub.run_open = False
-            _open_runs.discard(pub)
+            open_runs.discard(pub)
             pub.put(events.RunEnded(global_step, status, error))
             pub.flush(2.0)
 
@@ -418,12 +265,12 @@ class RLHFMonitorCallback(_Base):
         if aborted and self._run_open:
             self._end_run(None, "crashed", exception_text(getattr(sys, "last_value", None)) or "train() raised")
         self._end_run(None)
-        if self._ckpt_pending and self._publisher is not None:
+        if self.checkpoints.pending and self._publisher is not None:
             self.wait_for_checkpoints(CHECKPOINT_WAIT_S)
         pub, recorder = self._publisher, self._recorder
         self._publisher = self._recorder = None
         self.meta = {}
-        self._last_checkpoint = None
+        self.checkpoints.last = None
         token_file, self._token_file = self._token_file, None
         if pub is not None:
             try:
@@ -438,17 +285,8 @@ class RLHFMonitorCallback(_Base):
         """The open (or ended) run's publisher; without one, a custom loop's call starts a run (`start`)."""
         if self._publisher is None and self._active and start:
             self._resolve_log_dir(getattr(self.trainer, "args", None))
-            return self._begin_run(self._custom_meta)
+            return self._begin_run(lambda: custom_meta(self.run_id))
         return self._publisher
-
-    def _custom_meta(self) -> dict:
-        return {
-            "run_id": self.run_id,
-            "trainer": "custom",
-            "pid": os.getpid(),
-            "started": time.time(),
-            "versions": _versions(),
-        }
 
     def _resolve_log_dir(self, args: Any) -> None:
         option = self.log_dir_option
@@ -499,23 +337,17 @@ class RLHFMonitorCallback(_Base):
     # -- TrainerCallback hooks -----------------------------------------------------------------
     def on_train_begin(self, args=None, state=None, control=None, **kwargs):
         try:
-            self.is_main = bool(getattr(state, "is_world_process_zero", True))
-            self.rank = int(getattr(args, "process_index", 0) or 0)
-            if self.rank > 0:
-                self.is_main = False
-            self.world_size = _arg_world_size(args)
-            self.rank_info = {
-                "rank": self.rank,
-                "local_rank": int(getattr(args, "local_process_index", 0) or 0),
-                "hostname": os.uname().nodename if hasattr(os, "uname") else "",
-            }
+            self.is_main, self.rank, self.rank_info = ranks.process_rank(args, state)
+            self.world_size = ranks.arg_world_size(args)
             self._logging_first_step = bool(getattr(args, "logging_first_step", False))
             self._in_step = False
             if not (self.is_main or self.forward_ranks):
                 self._active = False
                 return
             self._resolve_log_dir(args)
-            self._begin_run(lambda: self._run_meta(args, state, kwargs) if self.is_main else {})
+            self._begin_run(
+                lambda: trainer_meta(self.run_id, self.trainer, args, state, kwargs) if self.is_main else {}
+            )
             self._train_running = True  # until on_train_end: a train() that raises never gets there
         except Exception as exc:
             log.warning("rlhf-tui: on_train_begin failed: %s", exc)
@@ -625,80 +457,15 @@ class RLHFMonitorCallback(_Base):
         self._finish_run(aborted=self._train_running)
 
     # -- helpers -------------------------------------------------------------------------------
-    def _run_meta(self, args, state, kwargs) -> dict:
-        meta: dict[str, Any] = {
-            "run_id": self.run_id,
-            "pid": os.getpid(),
-            "started": time.time(),
-            "versions": _versions(),
-        }
-        trainer = self.trainer
-        if trainer is not None:
-            meta["trainer"] = type(trainer).__name__
-        elif args is not None:
-            name = type(args).__name__
-            meta["trainer"] = name[:-6] + "Trainer" if name.endswith("Config") else "Trainer"
-        units = trainer_units(trainer if trainer is not None else meta.get("trainer", ""))
-        if units:  # per-token or per-sequence kl / entropy, from the trainer class (its MRO)
-            meta["units"] = units
-        model = kwargs.get("model")
-        cfg = getattr(model, "config", None)
-        meta["model"] = (
-            getattr(cfg, "_name_or_path", None)
-            or getattr(model, "name_or_path", None)
-            or (type(model).__name__ if model is not None else None)
-        )
-        if args is not None:
-            meta["args"] = {k: getattr(args, k) for k in KEY_ARGS if hasattr(args, k)}
-            meta["world_size"] = int(getattr(args, "world_size", 1) or 1)
-        if state is not None:
-            meta["max_steps"] = getattr(state, "max_steps", None)
-        meta["hostname"] = os.uname().nodename if hasattr(os, "uname") else ""
-        return protocol.to_json_safe(meta)
-
     def _analyze_checkpoint_async(self, step: int, path: str) -> None:
-        """Analyse on a worker thread with the previous checkpoint as reference; the result goes back through
-        the publisher queue and into a bounded in-memory list (newest last), then `wait_for_checkpoints` is
-        woken. One analysis at a time; never on the training thread."""
-        reference = self._last_checkpoint
-        self._last_checkpoint = path
-        pub = self._publisher  # the result belongs to this run, even if another one has started since
-        done, results = self._ckpt_done, self._ckpt_results
-        with done:
-            self._ckpt_pending += 1
-
-        def work():
-            with self._ckpt_lock:
-                result = {"step": step, "path": path, "status": "failed", "issues": [], "health_score": None}
-                try:
-                    from rlhf_tui.analysis.checkpoint import CheckpointAnalyzer
-
-                    ref = reference if reference and os.path.isdir(reference) else None
-                    result = CheckpointAnalyzer().analyze_checkpoint(path, step, reference_checkpoint=ref)
-                    result = {k: v for k, v in result.items() if k != "weight_stats"}
-                    result.update({"step": step, "path": path, "status": "analysed", "reference": ref})
-                except Exception as exc:
-                    result["issues"] = [str(exc)]
-                try:
-                    if pub is not None:
-                        pub.put(events.CheckpointAnalysed(result))
-                finally:
-                    with done:  # published (queued for the log and the wire) and kept: the waiter may go on
-                        results.append(result)
-                        self._ckpt_pending -= 1
-                        done.notify_all()
-
-        thread = threading.Thread(target=work, name="rlhf-tui-checkpoint", daemon=True)
-        self._ckpt_thread = thread
-        thread.start()
+        """Analyse a saved checkpoint on a worker thread (the recorder asks, on the publisher thread)."""
+        self.checkpoints.start(step, path, self._publisher)
 
     def wait_for_checkpoints(self, timeout: float = 30.0) -> list[dict]:
         """Block (at most `timeout` seconds) until the checkpoint analyses started so far are done and written;
         returns the analysed results kept in memory (the newest 256), oldest first."""
         deadline = time.monotonic() + timeout
-        with self._ckpt_done:
-            self._ckpt_done.wait_for(lambda: self._ckpt_pending == 0, timeout)
-            results = list(self._ckpt_results)
+        results = self.checkpoints.wait(timeout)
         if self._publisher is not None:
             self._publisher.flush(max(0.0, deadline - time.monotonic()))
         return results

@@ -89,18 +89,12 @@ class Forwarder(Publisher):
             self._thread.join(timeout)
 
     def _bind(self):
-        if not self.address:
+        ctx, sock = self._new_socket("DEALER", "forward to", "forwarding")
+        if sock is None:
             return None, None
-        refusal = self._refusal("forward to", "forwarding")
-        if refusal:
-            return self._refuse(refusal)
         import zmq
 
-        ctx = zmq.Context()
-        ctx.linger = 0
-        sock = ctx.socket(zmq.DEALER)
         try:
-            sock.linger = 0
             sock.setsockopt(zmq.SNDHWM, 100)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a main process that is not up
             sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_INBOUND_BYTES)

@@ -1,9 +1,9 @@
 """The training-side server: a background thread that owns the run's one ZeroMQ socket.
 
 The training thread only calls `put()` (a bounded deque append: never blocks, drops are counted). The thread
-turns queued items into envelopes (through a `handler`, see callback.py), keeps them as the run's history,
-and serves every connected monitor from that history with non-blocking sends: a monitor that joins late,
-falls behind or reconnects simply has an older cursor. See docs/protocol.md.
+turns queued items into envelopes (through a `handler`: the callback's recorder.py), keeps them as the run's
+history (history.py), and serves every connected monitor from that history with non-blocking sends (peers.py):
+a monitor that joins late, falls behind or reconnects simply has an older cursor. See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -19,19 +19,17 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from rlhf_tui.bridge.training.connections import ZERO_COPY_MIN, ConnectionGuard, bound_router
+from rlhf_tui.bridge.training.connections import ConnectionGuard, bound_router
 from rlhf_tui.bridge.training.forwards import ForwardIntake
 from rlhf_tui.bridge.training.history import History
-from rlhf_tui.bridge.wire import protocol
+from rlhf_tui.bridge.training.peers import Peers
 
 log = logging.getLogger("rlhf_tui.bridge")
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "RLHF_TUI_ADDRESS"
-CLIENT_TIMEOUT_S = 15.0  # a monitor silent this long is forgotten (killed without closing)
 HEARTBEAT_S = 1.0
 POLL_MS = 10  # retry interval while a monitor's pipe is full
 BATCH_S = 0.25  # the thread handles queued items at most this often, in one go. Every wake-up of a thread
@@ -39,12 +37,6 @@ BATCH_S = 0.25  # the thread handles queued items at most this often, in one go.
 # the thread wakes ~4 times a second: 0.1 s batches cost 1.0 ms per step of a tiny GRPO run, see performance.md
 IDLE_POLL_S = 0.25  # with nothing queued the thread looks this often (put() never wakes it) ...
 IDLE_POLL_MAX_S = 1.0  # ... backing off to this while it keeps finding nothing (slow steps: fewer wake-ups)
-MAX_CLIENTS = 64  # monitors served at once; more hellos are refused (counted, answered "full")
-FULL_REPLIES_PER_S = 20  # "full" answers sent a second, whatever the number of refused hellos
-RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
-RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long (doubling while the flood goes on ...)
-RX_BACKOFF_MAX_S = 0.25  # ... up to this: a real hello or sample waits at most this long behind a flood
-RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
 
 STOP_GRACE_S = 1.0  # on stop, connected monitors get at most this long to receive the rest of the history
 CLOSE_LINGER_MIN_S = 0.25  # ... and what ZeroMQ still holds at the close at least this long to leave
@@ -98,16 +90,7 @@ def is_loopback_address(address: str) -> bool:
         return False  # '*', interface names and host names may reach other machines
 
 
-@dataclass
-class _Client:
-    cursor: int  # next seq this monitor needs
-    run: str | None
-    last_seen: float
-    greeted: bool = False  # got a heartbeat (with thinned_upto) before any history
-    reset_at: float = 0.0  # last time a hello moved the cursor (resyncs are rate-limited)
-
-
-class Publisher(History):
+class Publisher(History, Peers):
     """Queue + thread + socket. `handler(item) -> iterable of (kind, data, rank)` runs on the thread."""
 
     def __init__(
@@ -142,11 +125,9 @@ class Publisher(History):
         self._released = threading.Event()  # ... and the socket is closed
         self.run_open = False  # set by the callback: run_start sent, run_end not yet
         self._thread: threading.Thread | None = None
-        self._rx_backoff_until = 0.0
-        self._rx_backoff_s = RX_BACKOFF_S
         self._wake_send = self._wake_recv = None
         self._auth = None
-        self._clients: dict[bytes, _Client] = {}
+        self._init_peers()
         self.bound = False
         self.bound_address: str | None = None
         self.stats = {
@@ -278,21 +259,31 @@ class Publisher(History):
         warnings.warn(f"rlhf-tui: {message}. Training continues unmonitored.", RuntimeWarning, stacklevel=3)
         return None, None
 
-    def _bind(self):
+    def _new_socket(self, kind: str, verb: str, activity: str):
+        """A context and a socket of `kind` (a zmq name, linger 0) for this address, or (None, None): no address,
+        or one that must not be opened (warned: `_refusal`)."""
         if not self.address:
             return None, None
         try:
             import zmq
         except ImportError:
-            return self._refuse("pyzmq is not installed; publishing disabled")
-        refusal = self._refusal("publish on", "publishing")
+            return self._refuse(f"pyzmq is not installed; {activity} disabled")
+        refusal = self._refusal(verb, activity)
         if refusal:
             return self._refuse(refusal)
         ctx = zmq.Context()
         ctx.linger = 0
-        sock = ctx.socket(zmq.ROUTER)
+        sock = ctx.socket(getattr(zmq, kind))
+        sock.linger = 0
+        return ctx, sock
+
+    def _bind(self):
+        ctx, sock = self._new_socket("ROUTER", "publish on", "publishing")
+        if sock is None:
+            return None, None
+        import zmq
+
         try:
-            sock.linger = 0
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown/full peer -> error instead of silent loss
             bound_router(sock, self.address)
             if self._curve is not None:
@@ -389,9 +380,7 @@ class Publisher(History):
                 # Items that come within BATCH_S of the last drain wait for the next one (no wake-up per
                 # step on a fast run; no syscall in put()) ...
                 timeout = max(0.0, BATCH_S - since_drain)
-            elif any(c.cursor < self._next_seq for c in self._clients.values()) or (
-                self._history_bytes > self._history_bytes_max and self._thinnable()
-            ):
+            elif self._clients_behind() or (self._history_bytes > self._history_bytes_max and self._thinnable()):
                 timeout = POLL_MS / 1000
             else:
                 # ... after that it looks every IDLE_POLL_S, doubling to IDLE_POLL_MAX_S while it finds nothing:
@@ -402,8 +391,9 @@ class Publisher(History):
                     timeout = min(timeout, max(0.0, last_heartbeat + HEARTBEAT_S - now))
             if sock is not None:  # what peers send is not read while throttled
                 poller.register(sock, zmq.POLLIN if now >= self._rx_backoff_until else 0)
-            if guard is not None and guard.unbound_until is not None:
-                timeout = min(timeout, guard.wait_s(now) or 0.0)  # bind again on time after shedding
+            rebind_s = guard.wait_s(now) if guard is not None else None
+            if rebind_s is not None:  # bind again on time after shedding
+                timeout = min(timeout, rebind_s)
             if sock is not None and now < self._rx_backoff_until:
                 # Throttled: look again when the back-off ends, not after a backed-off idle poll (up to 1 s,
                 # which read a flood at ~8 messages a second and left real hellos and samples behind it).
@@ -450,9 +440,6 @@ class Publisher(History):
 
     _stop_deadline = 0.0
 
-    def _clients_behind(self) -> bool:
-        return any(c.cursor < self._next_seq for c in self._clients.values())
-
     def _drain(self) -> None:
         self._busy = True
         try:
@@ -471,172 +458,6 @@ class Publisher(History):
             return
         for kind, data, rank in messages:
             self.publish(kind, data, rank)
-
-    def _receive(self, sock) -> None:
-        import zmq
-
-        deadline = time.monotonic() + RX_BUDGET_S
-        for _ in range(100):  # bounded per loop so hostile traffic cannot starve publishing or training
-            if time.monotonic() > deadline:
-                # A flood: each throttle doubles the pause (up to RX_BACKOFF_MAX_S), so it costs this process
-                # RX_BUDGET_S per pause however long it lasts; the pause is back to RX_BACKOFF_S once drained.
-                self.stats["rx_throttled"] += 1
-                self._rx_backoff_until = time.monotonic() + self._rx_backoff_s
-                self._rx_backoff_s = min(2 * self._rx_backoff_s, RX_BACKOFF_MAX_S)
-                return
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                self._rx_backoff_s = RX_BACKOFF_S
-                return
-            except zmq.ZMQError:
-                self.stats["rejected"] += 1
-                return
-            if len(parts) != 2:
-                self.stats["rejected"] += 1
-                continue
-            peer, frame = parts
-            try:
-                envelopes = protocol.decode_frame(frame)
-                for env in envelopes:
-                    self._on_peer_message(sock, peer, env)
-            except protocol.ProtocolError:
-                self.stats["rejected"] += 1
-            except Exception as exc:  # a message we did not foresee: counted, never raised
-                self.stats["rejected"] += 1
-                self._note_error(exc)
-        else:
-            self._rx_backoff_until = time.monotonic() + RX_BACKOFF_S / 10
-
-    def _say_full(self, sock, peer: bytes, now: float) -> None:
-        """Tell a refused monitor why (it would wait forever otherwise): at most FULL_REPLIES_PER_S answers a
-        second in all, so a flood of hellos costs no more than that in sends."""
-        import zmq
-
-        if now - self._full_window >= 1.0:
-            self._full_window, self._full_replies = now, 0
-        if self._full_replies >= FULL_REPLIES_PER_S:
-            return
-        self._full_replies += 1
-        frame = protocol.encode(protocol.FULL, self.run_id, 0, time.time(), {"slots": MAX_CLIENTS})
-        try:
-            sock.send_multipart([peer, frame], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # gone or not reading: nothing owed
-
-    _full_window = 0.0
-    _full_replies = 0
-
-    def _on_peer_message(self, sock, peer: bytes, env: dict) -> None:
-        now = time.monotonic()
-        kind, data = env["kind"], env["data"]
-        if kind == protocol.HELLO:
-            run = data.get("run") if isinstance(data.get("run"), str) else None
-            since = data.get("since")
-            since = since if type(since) is int and since >= 0 else 0
-            client = self._clients.get(peer)
-            if client is None:
-                if len(self._clients) >= MAX_CLIENTS:
-                    self.stats["refused_clients"] += 1
-                    self._say_full(sock, peer, now)
-                    return
-                cursor = since if run == self.run_id else 0
-                self._clients[peer] = _Client(cursor=min(cursor, self._next_seq), run=run, last_seen=now, reset_at=now)
-                self.stats["clients"] = len(self._clients)
-                return
-            client.last_seen = now
-            if (run != self.run_id or data.get("resync") is True) and now - client.reset_at >= RESYNC_MIN_S:
-                client.cursor = min(since if run == self.run_id else 0, self._next_seq)
-                client.run, client.reset_at = run, now
-        elif kind == protocol.FORWARD:  # another rank's system sample or reward batch (forwards.py)
-            self._publish_all(self._forwards.take(env, now))
-        else:
-            self.stats["rejected"] += 1
-
-    def _pump(self, sock) -> None:
-        """Send each client what it lacks (blocks, then row batches) until it is caught up or its pipe is full."""
-        import zmq
-
-        if not self._clients:
-            return
-        now = time.monotonic()
-        for peer, client in list(self._clients.items()):
-            if now - client.last_seen > CLIENT_TIMEOUT_S:
-                del self._clients[peer]
-                continue
-            if not client.greeted:
-                client.greeted = self._send_heartbeat(sock, peer)
-                if not client.greeted:
-                    continue
-            for _ in range(64):  # bounded work per client per loop
-                if client.cursor >= self._next_seq:
-                    break
-                payload, next_cursor = self._next_payload(client.cursor)
-                if payload is None:
-                    client.cursor = self._next_seq
-                    break
-                try:
-                    self._send_shared(sock, peer, payload)
-                except zmq.Again:
-                    self.stats["send_again"] += 1
-                    break
-                except zmq.ZMQError:  # peer gone (EHOSTUNREACH)
-                    self._clients.pop(peer, None)
-                    break
-                client.cursor = next_cursor
-        self.stats["clients"] = len(self._clients)
-
-    def _send_shared(self, sock, peer: bytes, payload: bytes) -> None:
-        """Zero-copy: every monitor's queue holds a reference to the history's own bytes (shared), not a copy;
-        SNDHWM frames per monitor at most, whether it reads or not. At interpreter exit pyzmq's zero-copy helper
-        thread is already down (its atexit runs before ours) and refuses: then the frame is copied."""
-        import zmq
-
-        if len(payload) >= ZERO_COPY_MIN and not self._stop.is_set():
-            try:
-                sock.send_multipart([peer, payload], zmq.NOBLOCK, copy=False)
-                return
-            except RuntimeError:  # "zmq gc socket requested during shutdown"
-                pass
-        sock.send_multipart([peer, payload], zmq.NOBLOCK)
-
-    def _heartbeat_frame(self) -> bytes:
-        data = {
-            "last_seq": self._next_seq - 1,
-            "dropped": self.stats["dropped"],
-            "thinned_upto": self._thinned_upto,
-            "queued": len(self._queue),
-            "pid": self._pid,
-            "rejected": self.stats["rejected"],
-            "clients": len(self._clients),
-            "cpu_s": round(self.stats["cpu_s"], 3),
-            "history_mb": round(self._history_bytes / (1 << 20), 2),
-        }
-        if self._status is not None:
-            try:
-                data.update(self._status())
-            except Exception as exc:  # never let a monitoring problem reach training
-                self._note_error(exc)
-        return protocol.encode(protocol.HEARTBEAT, self.run_id, self._next_seq - 1, time.time(), data)
-
-    def _send_heartbeat(self, sock, peer: bytes, frame: bytes | None = None) -> bool:
-        import zmq
-
-        try:
-            sock.send_multipart([peer, frame or self._heartbeat_frame()], zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
-        except zmq.ZMQError:
-            self._clients.pop(peer, None)
-            return False
-
-    def _heartbeat(self, sock, now: float) -> None:
-        if not self._clients:
-            return
-        frame = self._heartbeat_frame()
-        for peer in list(self._clients):
-            self._send_heartbeat(sock, peer, frame)
 
     def _note_error(self, exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}"

@@ -65,6 +65,7 @@ def _rank_callback(address: str, tmp_path, rank: int, world: int, run_id: str):
 def test_a_strangers_forwards_never_reach_the_history_and_a_real_rank_still_does(
     tmp_path, token_home, monkeypatch, shared
 ):
+    from rlhf_tui.bridge.training import peers as peers_module
     from rlhf_tui.bridge.training import publisher as publisher_module
 
     # The publisher's thread reads peers for 1 ms a turn and pauses longer while a flood goes on (up to 250 ms):
@@ -72,7 +73,7 @@ def test_a_strangers_forwards_never_reach_the_history_and_a_real_rank_still_does
     # lets the test see all 3 072 fakes handled in seconds, not minutes.
     monkeypatch.setattr(publisher_module, "IDLE_POLL_S", 0.005)
     monkeypatch.setattr(publisher_module, "IDLE_POLL_MAX_S", 0.005)
-    monkeypatch.setattr(publisher_module, "RX_BACKOFF_MAX_S", publisher_module.RX_BACKOFF_S)
+    monkeypatch.setattr(peers_module, "RX_BACKOFF_MAX_S", peers_module.RX_BACKOFF_S)
     if shared == "env":
         monkeypatch.setenv("RLHF_TUI_RUN_TOKEN", "launcher-given-token-0123456789")
     address = free_address()

@@ -266,9 +266,9 @@ def test_forwarded_samples_are_rate_limited_and_never_for_rank_0(address):
 
 
 def test_monitors_beyond_the_cap_are_refused_and_served_ones_unaffected(address, monkeypatch):
-    from rlhf_tui.bridge.training import publisher as publisher_module
+    from rlhf_tui.bridge.training import peers as peers_module
 
-    monkeypatch.setattr(publisher_module, "MAX_CLIENTS", 2)
+    monkeypatch.setattr(peers_module, "MAX_CLIENTS", 2)
     pub = _publisher(address)
     pub.put(("step", {"step": 1, "metrics": {"loss": 1.0}}, 0))
     subs = [Subscriber(address).start() for _ in range(4)]

@@ -63,20 +63,11 @@ class RunCollector(_CallbackBase):
         )
 
     def log_rewards(
-        self,
-        step: int,
-        scores: list,
-        samples: list | None = None,
-        name: str = "reward",
-        *,
-        prompts: Any = None,
-        completions: Any = None,
-        completion_ids: Any = None,
+        self, step: int, scores: list, samples: list | None = None, name: str = "reward", **batch: Any
     ) -> None:
-        """`RLHFMonitorCallback.log_rewards`'s signature: kept here, then forwarded to the monitor callback."""
-        self.monitor.log_rewards(
-            step, scores, samples, name=name, prompts=prompts, completions=completions, completion_ids=completion_ids
-        )
+        """`RLHFMonitorCallback.log_rewards`: kept here, then forwarded to the monitor callback (`batch`: its
+        keyword-only prompts, completions and completion_ids)."""
+        self.monitor.log_rewards(step, scores, samples, name=name, **batch)
         meta = getattr(self.monitor, "meta", None)
         if "args" not in self.run.meta and isinstance(meta, dict):  # num_generations, for the zero-spread check
             self.run.meta.update(meta)
