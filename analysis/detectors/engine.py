@@ -26,7 +26,16 @@ from rlhf_tui.analysis.detectors.buffers import Flags, Grow
 from rlhf_tui.analysis.detectors.carry import Carry, MissingCarry, Pass
 from rlhf_tui.analysis.detectors.episodes import EpisodeBook
 from rlhf_tui.analysis.detectors.kernels import baseline, block_stats, median_last, windows_last
-from rlhf_tui.analysis.detectors.plan import FRACTION_METRICS, Plan, generic, z_floor, zscore_scale, zscore_skips
+from rlhf_tui.analysis.detectors.plan import (
+    FRACTION_METRICS,
+    Plan,
+    generic,
+    is_off_policy,
+    max_completion_length,
+    z_floor,
+    zscore_scale,
+    zscore_skips,
+)
 from rlhf_tui.analysis.detectors.registry import series_wanted
 from rlhf_tui.analysis.detectors.rules import Context, Series, flags
 from rlhf_tui.analysis.thresholds import Thresholds
@@ -44,6 +53,12 @@ def _as_floats(values: Any) -> np.ndarray:
             except (TypeError, ValueError):
                 out.append(math.nan)
         return np.asarray(out, dtype=np.float64)
+
+
+def _rows_of(values: Any) -> tuple:
+    """`np.shape`, without its call overhead for arrays (once per metric per pass)."""
+    shape = getattr(values, "shape", None)
+    return shape if type(shape) is tuple else np.shape(values)
 
 
 def _unpack(run_or_arrays: Any, context: Mapping[str, Any] | None):
@@ -111,6 +126,8 @@ class DetectionCache:
         self.book: EpisodeBook | None = None
         self.reused_blocks = 0  # blocks of baselines reused by the last call (for tests and benchmarks)
         self.rows_read = 0  # rows the domain rules read in the last call (for tests and benchmarks)
+        self._plan_kept: tuple[tuple, Plan] | None = None
+        self._th_kept: tuple[Thresholds, Thresholds] | None = None  # a copy of the last settings, and their domain part
         self._reset(None, 0)
 
     def _reset(self, key: tuple | None, metrics: int) -> None:
@@ -126,6 +143,23 @@ class DetectionCache:
         self.family: dict[tuple[str, str], str] = {}  # "nonfinite", "zscore" or "domain"
         self.domain_key = self.z_key = self.book_key = None
         self.book = None
+
+    def _plan(self, names: tuple[str, ...], meta: dict, th: Thresholds) -> Plan:
+        """The run's plan, rebuilt only when the metric names or what it reads of the meta change."""
+        key = (names, str(meta.get("trainer") or ""), is_off_policy(meta), max_completion_length(meta))
+        if self._plan_kept is None or self._plan_kept[0] != key:
+            self._plan_kept = (key, Plan(names, meta, th))
+        return self._plan_kept[1]
+
+    def _domain_settings(self, th: Thresholds) -> Thresholds:
+        """The settings the domain rules read (all but the z-score threshold and the mute list), as a copy
+        made again only when a setting changed (a dataclass compare costs less than a replace)."""
+        if self._th_kept is None or self._th_kept[0] != th:
+            self._th_kept = (
+                dataclasses.replace(th, muted=list(th.muted)),
+                dataclasses.replace(th, anomaly_threshold=0.0, muted=[]),
+            )
+        return self._th_kept[1]
 
     def _stable(self, key: tuple, steps: np.ndarray, metrics: Mapping, revision: Any) -> int:
         """Rows at the start known unchanged since the last pass (0: nothing can be reused); records what the
@@ -201,7 +235,7 @@ def evaluate(
     th = thresholds or Thresholds()
     steps, metrics, logged, meta = _unpack(run_or_arrays, context)
     n = int(steps.shape[0])
-    names = tuple(k for k, v in metrics.items() if np.shape(v) == (n,)) if n else ()
+    names = tuple(k for k, v in metrics.items() if _rows_of(v) == (n,)) if n else ()
     if not names:
         return [], {}
     cache = cache if cache is not None else DetectionCache()
@@ -216,7 +250,7 @@ def _evaluate(cache, th, steps, metrics, logged, meta, names, keep_low, keep_oth
     n = int(steps.shape[0])
     B, m = max(2, int(th.block_steps)), max(1, int(th.baseline_blocks))
     L = grid_rows(B)
-    plan = Plan(names, meta, th)
+    plan = cache._plan(names, meta, th)
     grace_end = int(steps[0] if first_step is None else first_step) + int(th.grace_steps)
     key = (names, B, m, int(th.min_history), float(th.fraction_floor))
     stable = cache._stable(key, steps, metrics, revision)
@@ -243,13 +277,7 @@ def _evaluate(cache, th, steps, metrics, logged, meta, names, keep_low, keep_oth
     fresh["zscore"] = _zscore_flags(cache, metrics, names, n, B, th, z_from, steps, grace_end)
     cache.z_key = z_key
 
-    domain_key = (
-        dataclasses.replace(th, anomaly_threshold=0.0, muted=[]),
-        plan.dpo,
-        plan.off_policy,
-        plan.max_len,
-        grace_end,
-    )
+    domain_key = (cache._domain_settings(th), plan.dpo, plan.off_policy, plan.max_len, grace_end)
     dom_from = a if domain_key == cache.domain_key else 0
     try:
         fresh["domain"] = _domain_flags(cache, metrics, names, n, B, L, th, plan, dom_from, steps, grace_end)

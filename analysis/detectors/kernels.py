@@ -91,10 +91,13 @@ def med5(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray, e: np.ndarr
 
 def median_general(a: np.ndarray) -> np.ndarray:
     srt = np.sort(a, axis=-1)
-    k = (~np.isnan(srt)).sum(axis=-1)
-    lo = np.maximum((k - 1) // 2, 0)[..., None]
-    hi = np.minimum(k // 2, a.shape[-1] - 1)[..., None]
-    return ((np.take_along_axis(srt, lo, -1) + np.take_along_axis(srt, hi, -1)) / 2.0)[..., 0]
+    k = a.shape[-1] - np.isnan(srt).sum(axis=-1)
+    lo = np.maximum((k - 1) // 2, 0)
+    hi = np.minimum(k // 2, a.shape[-1] - 1)
+    if srt.ndim == 2:  # (indexing a row at a time: take_along_axis costs more than the work on short windows)
+        rows = np.arange(srt.shape[0])
+        return (srt[rows, lo] + srt[rows, hi]) / 2.0
+    return ((np.take_along_axis(srt, lo[..., None], -1) + np.take_along_axis(srt, hi[..., None], -1)) / 2.0)[..., 0]
 
 
 def median_last(a: np.ndarray) -> np.ndarray:
@@ -205,11 +208,20 @@ def count_last(flags: np.ndarray, n: int) -> np.ndarray:
 
 def recent_median(x: np.ndarray, n: int) -> np.ndarray:
     """Median of the finite values among the last n rows; NaN unless at least half of them are finite."""
-    pad = np.concatenate([np.full(n - 1, np.nan), x])
-    win = windows_last(pad, n)
-    med = median_last(win)
-    enough = (~np.isnan(win)).sum(axis=1) >= (n + 1) // 2
-    return np.where(enough, med, np.nan)
+    m = x.shape[0]
+    pad = np.empty(m + n - 1)
+    pad[: n - 1] = np.nan
+    pad[n - 1 :] = x
+    enough = count_last(~np.isnan(x), n) >= (n + 1) // 2
+    if n != 5:
+        med = median_general(windows_last(pad, n))
+    else:  # the selection network over shifted views; only windows with a missing value need sorting
+        med = med5(pad[:m], pad[1 : m + 1], pad[2 : m + 2], pad[3 : m + 3], pad[4 : m + 4])
+        bad = np.isnan(med) & enough
+        if bad.any():
+            med[bad] = median_general(windows_last(pad, n)[bad])
+    med[~enough] = np.nan
+    return med
 
 
 def early_level(values: list[float], rows: list[int], count: int) -> tuple[float, int]:

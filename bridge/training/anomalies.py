@@ -1,6 +1,12 @@
 """Anomaly detection on the training side: a bounded recent history of the run's metrics, judged by the same
 engine as the monitor (`evaluate` with a `DetectionCache`) at most once a period, on the publisher thread.
 
+A pass costs a few ms whatever the rows it adds (the engine resumes where it stopped; its fixed cost is the
+rules' numpy calls), so on a fast run it also waits for `every()` new rows: its recent cost over BUDGET_S per
+row (~2 ms / 0.05 ms = 40 rows, 2 s at 20 steps a second), and never longer than CEILING_S after the last one
+(a slow run is judged at the first step boundary after that). On a run of a step a second or slower, and while
+passes are cheap, it is one pass a second as before.
+
 A pass returns the episodes that are new or changed since the previous pass; the JSONL log's per-step
 `anomalies` holds the new ones, the wire gets one `anomaly` message per new or changed episode.
 """
@@ -8,6 +14,7 @@ A pass returns the episodes that are new or changed since the previous pass; the
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +26,9 @@ from rlhf_tui.analysis.thresholds import Thresholds
 
 ROWS = 2048  # the recent history kept (rows); older rows are dropped half a window at a time
 PERIOD_S = 1.0  # at most one pass per this many seconds
+BUDGET_S = 0.05e-3  # a pass waits for rows until its cost per row is at most this (issue 11: publisher CPU/step)
+CEILING_S = 5.0  # ... but never longer than this after the last pass (on_alarm's latency on mid-speed runs)
+COSTS_KEPT = 5  # the cost of a pass: the median of the last few (one cold pass after a drop is not the rule)
 _SAME = ("severity", "last_step", "count", "peak_step", "ongoing")  # what makes a known episode "changed"
 
 
@@ -45,10 +55,16 @@ class TrainingAnomalies:
         rows: int = ROWS,
         period_s: float = PERIOD_S,
         clock: Callable[[], float] = time.monotonic,
+        budget_s: float = BUDGET_S,
+        ceiling_s: float = CEILING_S,
     ):
         self.th = thresholds or Thresholds()
         self.meta = dict(meta or {})
         self.rows, self.period_s, self.clock = max(16, int(rows)), float(period_s), clock
+        self.budget_s, self.ceiling_s = float(budget_s), float(ceiling_s)
+        self.costs: list[float] = []  # the last passes' durations on `clock` (wall time: at least their CPU)
+        self.pending = 0  # rows added or merged into since the last pass
+        self.wait = 1  # `every()` as of the last pass
         self.steps = np.zeros(self.rows, dtype=np.int64)
         self.values: dict[str, np.ndarray] = {}
         self.logged: dict[str, np.ndarray] = {}
@@ -57,6 +73,7 @@ class TrainingAnomalies:
         self.first_step: int | None = None
         self.cache = DetectionCache()
         self.known: dict[tuple[str, str], list[dict]] = {}  # episodes of the last pass, by detector and metric
+        self.seen: dict[int, dict] = {}  # the last pass's episode dicts by id (held here, so no id is reused)
         self.last_pass = -math.inf
         self.dirty = False
 
@@ -84,6 +101,7 @@ class TrainingAnomalies:
             col[row] = _number(v)
             self.logged[name][row] = True
         self.dirty = True
+        self.pending += 1
 
     def _drop(self, k: int) -> None:
         keep = self.n - k
@@ -94,12 +112,24 @@ class TrainingAnomalies:
         self.n = keep
         self.drops += 1
 
+    def every(self) -> int:
+        """New rows a pass waits for: the median cost of the last passes over the budget per row (1 while
+        passes are cheap or none ran yet)."""
+        if not self.costs or self.budget_s <= 0:
+            return 1
+        return max(1, math.ceil(round(statistics.median(self.costs) / self.budget_s, 6)))  # (2e-3/5e-5: 40)
+
+    def due(self, now: float) -> bool:
+        """A pass is due: a period since the last one, and `every()` new rows or the ceiling reached."""
+        since = now - self.last_pass
+        return since >= self.period_s and (since >= self.ceiling_s or self.pending >= self.wait)
+
     def poll(self, force: bool = False) -> tuple[list[dict], list[dict]]:
         """Run a pass when one is due (or `force`): (new episodes, new or changed episodes)."""
         now = self.clock()
-        if not self.dirty or not self.n or (not force and now - self.last_pass < self.period_s):
+        if not self.dirty or not self.n or (not force and not self.due(now)):
             return [], []
-        self.last_pass, self.dirty = now, False
+        self.last_pass, self.dirty, self.pending = now, False, 0
         n = self.n
         # Views: nothing else writes these arrays while the pass runs (add and poll share the publisher thread).
         history = (
@@ -114,8 +144,14 @@ class TrainingAnomalies:
         new: list[dict] = []
         changed: list[dict] = []
         known: dict[tuple[str, str], list[dict]] = {}
+        seen = self.seen
         for ep in episodes:
             key = (ep["detector"], ep["metric"])
+            if seen.get(id(ep)) is ep:
+                # The engine kept this very dict (a closed episode is built once and never mutated; an update
+                # is a new dict): the episode it continues is itself, unchanged. Most episodes of a pass.
+                known.setdefault(key, []).append(ep)
+                continue
             before = self._match(key, ep)
             if before is None:
                 new.append(ep)
@@ -124,6 +160,9 @@ class TrainingAnomalies:
                 changed.append(ep)
             known.setdefault(key, []).append(ep)
         self.known = known
+        self.seen = {id(ep): ep for ep in episodes}
+        self.costs = [*self.costs[1 - COSTS_KEPT :], self.clock() - now]
+        self.wait = self.every()
         return new, changed
 
     def _match(self, key: tuple[str, str], ep: dict) -> dict | None:

@@ -118,3 +118,86 @@ def test_the_callbacks_recorder_sends_each_new_or_changed_episode_once(tmp_path)
     opened = [a for a in sent if a["detector"] == "nonfinite" and a["metric"] == "loss"]
     assert opened and opened[0]["step"] == 51 and opened[0]["severity"] == "critical"
     assert len(opened) <= 3  # new, then only when it changed (it ends after the cooldown)
+
+
+def costly(monkeypatch, clock: Clock, seconds: float) -> None:
+    """Every engine pass takes `seconds` on the fake clock (the adaptive period reads its cost there)."""
+    from rlhf_tui.bridge.training import anomalies as module
+
+    real = module.evaluate
+
+    def slow(*args, **kwargs):
+        out = real(*args, **kwargs)
+        clock.t += seconds
+        return out
+
+    monkeypatch.setattr(module, "evaluate", slow)
+
+
+def pass_rows(ta: TrainingAnomalies, m: dict, clock: Clock, dt: float) -> tuple[list[int], list]:
+    """Feed `m` a row every `dt` seconds, polling after each: the rows at which a pass ran, and what it found."""
+    n = len(next(iter(m.values())))
+    rows, new = [], []
+    for i in range(n):
+        ta.add(i + 1, {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in m.items()})
+        clock.t += dt
+        before = ta.last_pass
+        found, _changed = ta.poll()
+        new += found
+        if ta.last_pass != before:
+            rows.append(i + 1)
+    return rows, new + ta.poll(force=True)[0]
+
+
+def test_a_costly_pass_waits_for_rows_on_a_fast_run(monkeypatch):
+    clock = Clock()
+    # (binary fractions of a second, so that the fake clock adds up exactly)
+    costly(monkeypatch, clock, 2**-9)  # ~2 ms a pass / ~0.06 ms a row: a pass every 32 rows
+    ta = TrainingAnomalies(Thresholds(), {"trainer": "GRPOTrainer"}, clock=clock, budget_s=2**-14)
+    rows, _ = pass_rows(ta, faulty(400), clock, 2**-4)  # 16 steps a second
+    assert ta.every() == 32 and rows[0] == 1
+    assert set(np.diff(rows).tolist()) == {32}  # (2 s apart: at most once a second holds too)
+
+
+def test_a_slow_run_is_judged_once_the_ceiling_is_reached(monkeypatch):
+    clock = Clock()
+    costly(monkeypatch, clock, 2**-9)
+    ta = TrainingAnomalies(Thresholds(), {"trainer": "GRPOTrainer"}, clock=clock, budget_s=2**-14, ceiling_s=5.0)
+    rows, _ = pass_rows(ta, faulty(100), clock, 1.0)  # a step a second: 32 rows would take 32 s
+    gaps = set(np.diff(rows).tolist())
+    assert gaps == {5}  # the first step boundary 5 s after the last pass
+
+
+def test_cheap_passes_run_once_a_second_and_rarer_passes_find_the_same_episodes(monkeypatch):
+    m = faulty(400)
+    clock = Clock()
+    ta = TrainingAnomalies(Thresholds(), {"trainer": "GRPOTrainer"}, clock=clock)
+    rows, every_second = pass_rows(ta, m, clock, 2**-4)
+    assert ta.every() == 1 and set(np.diff(rows).tolist()) == {16}  # free passes (fake clock): as before
+    costly(monkeypatch, clock, 2**-8)
+    ta = TrainingAnomalies(Thresholds(), {"trainer": "GRPOTrainer"}, clock=clock, budget_s=2**-14)
+    rows, rarer = pass_rows(ta, m, clock, 2**-4)
+    assert set(np.diff(rows).tolist()) == {64}
+    key = lambda e: (e["detector"], e["metric"], e["step"])  # noqa: E731
+    assert sorted(map(key, rarer)) == sorted(map(key, every_second))
+    assert any(e["detector"] == "kl_runaway" for e in rarer)
+
+
+def test_on_alarm_is_decided_by_the_pass_that_finds_the_episode(monkeypatch, tmp_path):
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.training.recorder import Recorder
+
+    cb = RLHFMonitorCallback(address=False, log_dir=str(tmp_path), on_alarm={"critical": "stop"})
+    rec, clock = Recorder(cb), Clock()
+    costly(monkeypatch, clock, 0.002)
+    rec.detector = TrainingAnomalies(cb.thresholds, cb.meta, clock=clock)
+    found_at = decided_at = None
+    for step in range(1, 201):
+        clock.t += 0.05
+        out = rec(events.LoggedStep(step, float(step), {"loss": float("nan") if step == 51 else 0.1, "kl": 0.01}))
+        if found_at is None and any(kind == protocol.ANOMALY and d["detector"] == "nonfinite" for kind, d, _ in out):
+            found_at = step
+        if decided_at is None and cb.actions.take() is not None:
+            decided_at = step  # the training thread takes it at this step's boundary
+    assert found_at is not None and 51 <= found_at <= 51 + 40  # the first pass after the NaN, up to 40 rows on
+    assert decided_at == found_at
