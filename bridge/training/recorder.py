@@ -128,9 +128,14 @@ class Recorder:
             return [], []
         try:
             if self.detector is None:
-                from rlhf_tui.bridge.training.anomalies import TrainingAnomalies
+                from rlhf_tui.bridge.training.anomalies import CEILING_S, PERIOD_S, TrainingAnomalies
 
-                self.detector = TrainingAnomalies(self.cb.thresholds, meta=self.cb.meta)
+                # With on_alarm the user asked the engine to act: judge every second (the pass's CPU is worth a
+                # saved run), not only once enough rows have come to make a pass cheap per row.
+                acting = bool(getattr(getattr(self.cb, "actions", None), "policy", None))
+                self.detector = TrainingAnomalies(
+                    self.cb.thresholds, meta=self.cb.meta, ceiling_s=PERIOD_S if acting else CEILING_S
+                )
             self.detector.add(step, metrics)
             new, changed = self.detector.poll()
             actions = getattr(self.cb, "actions", None)  # on_alarm: decided here, taken on the training thread

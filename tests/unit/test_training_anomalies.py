@@ -201,3 +201,17 @@ def test_on_alarm_is_decided_by_the_pass_that_finds_the_episode(monkeypatch, tmp
             decided_at = step  # the training thread takes it at this step's boundary
     assert found_at is not None and 51 <= found_at <= 51 + 40  # the first pass after the NaN, up to 40 rows on
     assert decided_at == found_at
+
+
+def test_with_on_alarm_the_run_is_judged_every_second_whatever_a_pass_costs(tmp_path):
+    from rlhf_tui.bridge.training.anomalies import CEILING_S, PERIOD_S
+    from rlhf_tui.bridge.training.callback import RLHFMonitorCallback
+    from rlhf_tui.bridge.training.recorder import Recorder
+
+    ceilings = {}
+    for name, policy in (("acting", {"high": "stop"}), ("watching", None)):
+        cb = RLHFMonitorCallback(address=False, log_dir=str(tmp_path / name), on_alarm=policy)
+        rec = Recorder(cb)
+        rec(events.LoggedStep(1, 1.0, {"loss": 0.1}))
+        ceilings[name] = rec.detector.ceiling_s
+    assert ceilings == {"acting": PERIOD_S, "watching": CEILING_S} and PERIOD_S < CEILING_S
