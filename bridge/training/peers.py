@@ -21,6 +21,8 @@ RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is thrott
 RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long (doubling while the flood goes on ...)
 RX_BACKOFF_MAX_S = 0.25  # ... up to this: a real hello or sample waits at most this long behind a flood
 RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
+PUMP_RETRY_S = 0.01  # a monitor whose pipe was full is tried again after this (doubling while it stays full ...)
+PUMP_RETRY_MAX_S = 0.16  # ... up to this: 64 monitors that never read cost a few pump turns a second, not 100
 
 
 @dataclass
@@ -30,6 +32,8 @@ class _Client:
     last_seen: float
     greeted: bool = False  # got a heartbeat (with thinned_upto) before any history
     reset_at: float = 0.0  # last time a hello moved the cursor (resyncs are rate-limited)
+    retry_at: float = 0.0  # its pipe was full: not tried again before this
+    retry_s: float = 0.0  # the current retry pause (0 while its sends go through)
 
 
 class Peers:
@@ -43,17 +47,18 @@ class Peers:
     def _clients_behind(self) -> bool:
         return any(c.cursor < self._next_seq for c in self._clients.values())
 
+    def _next_pump_s(self, now: float) -> float | None:
+        """How long until a monitor that lacks history may be tried again (None: every monitor is caught up)."""
+        due = [c.retry_at for c in self._clients.values() if c.cursor < self._next_seq]
+        return max(0.0, min(due) - now) if due else None
+
     def _receive(self, sock) -> None:
         import zmq
 
         deadline = time.monotonic() + RX_BUDGET_S
         for _ in range(100):  # bounded per loop so hostile traffic cannot starve publishing or training
             if time.monotonic() > deadline:
-                # A flood: each throttle doubles the pause (up to RX_BACKOFF_MAX_S), so it costs this process
-                # RX_BUDGET_S per pause however long it lasts; the pause is back to RX_BACKOFF_S once drained.
-                self.stats["rx_throttled"] += 1
-                self._rx_backoff_until = time.monotonic() + self._rx_backoff_s
-                self._rx_backoff_s = min(2 * self._rx_backoff_s, RX_BACKOFF_MAX_S)
+                self._throttle()
                 return
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK)
@@ -76,8 +81,16 @@ class Peers:
             except Exception as exc:  # a message we did not foresee: counted, never raised
                 self.stats["rejected"] += 1
                 self._note_error(exc)
-        else:
-            self._rx_backoff_until = time.monotonic() + RX_BACKOFF_S / 10
+        else:  # 100 frames and more still queued: a flood of cheap frames is a flood too (it once read on at 1 ms)
+            self._throttle()
+
+    def _throttle(self) -> None:
+        """A flood: each throttle doubles the pause (up to RX_BACKOFF_MAX_S), so it costs this process at most
+        one read turn (RX_BUDGET_S or 100 frames) per pause however long it lasts; the pause is back to
+        RX_BACKOFF_S once the socket is drained."""
+        self.stats["rx_throttled"] += 1
+        self._rx_backoff_until = time.monotonic() + self._rx_backoff_s
+        self._rx_backoff_s = min(2 * self._rx_backoff_s, RX_BACKOFF_MAX_S)
 
     def _say_full(self, sock, peer: bytes, now: float) -> None:
         """Tell a refused monitor why (it would wait forever otherwise): at most FULL_REPLIES_PER_S answers a
@@ -139,6 +152,8 @@ class Peers:
                 client.greeted = self._send_heartbeat(sock, peer)
                 if not client.greeted:
                     continue
+            if now < client.retry_at:
+                continue
             for _ in range(64):  # bounded work per client per loop
                 if client.cursor >= self._next_seq:
                     break
@@ -148,13 +163,16 @@ class Peers:
                     break
                 try:
                     self._send_shared(sock, peer, payload)
-                except zmq.Again:
+                except zmq.Again:  # its pipe is full: tried again later, each time later while it stays full
                     self.stats["send_again"] += 1
+                    client.retry_s = min(max(2 * client.retry_s, PUMP_RETRY_S), PUMP_RETRY_MAX_S)
+                    client.retry_at = now + client.retry_s
                     break
                 except zmq.ZMQError:  # peer gone (EHOSTUNREACH)
                     self._clients.pop(peer, None)
                     break
                 client.cursor = next_cursor
+                client.retry_s = 0.0
         self.stats["clients"] = len(self._clients)
 
     def _send_shared(self, sock, peer: bytes, payload: bytes) -> None:

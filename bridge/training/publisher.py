@@ -31,7 +31,7 @@ log = logging.getLogger("rlhf_tui.bridge")
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "RLHF_TUI_ADDRESS"
 HEARTBEAT_S = 1.0
-POLL_MS = 10  # retry interval while a monitor's pipe is full
+POLL_MS = 10  # loop turn while a monitor lacks history (a full pipe backs off per monitor: peers.PUMP_RETRY_S)
 BATCH_S = 0.25  # the thread handles queued items at most this often, in one go. Every wake-up of a thread
 # costs ~0.1-0.2 ms of CPU on this VM whatever it does (measured: a bare 50 ms sleep loop, 0.1 ms a turn), so
 # the thread wakes ~4 times a second: 0.1 s batches cost 1.0 ms per step of a tiny GRPO run, see performance.md
@@ -380,8 +380,10 @@ class Publisher(History, Peers):
                 # Items that come within BATCH_S of the last drain wait for the next one (no wake-up per
                 # step on a fast run; no syscall in put()) ...
                 timeout = max(0.0, BATCH_S - since_drain)
-            elif self._clients_behind() or (self._history_bytes > self._history_bytes_max and self._thinnable()):
+            elif self._history_bytes > self._history_bytes_max and self._thinnable():
                 timeout = POLL_MS / 1000
+            elif (pump_s := self._next_pump_s(now)) is not None:  # a monitor lacks history: its retry is due then
+                timeout = max(POLL_MS / 1000, pump_s)
             else:
                 # ... after that it looks every IDLE_POLL_S, doubling to IDLE_POLL_MAX_S while it finds nothing:
                 # put() never makes a system call or wakes a thread (which cost a step ~45 µs when measured),

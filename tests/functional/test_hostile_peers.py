@@ -162,3 +162,59 @@ def test_the_run_socket_shares_frames_with_monitor_queues(address, monkeypatch):
         assert sock.copy_threshold <= 1024 and sock.getsockopt(zmq.SNDHWM) <= 256
     finally:
         pub.stop()
+
+
+def test_a_monitor_whose_pipe_stays_full_is_tried_ever_less_often(monkeypatch):
+    # 64 monitors that never read were tried every 10 ms loop turn each (the resync and hello floods' cost):
+    # a full pipe is now tried again after 10 ms, doubling to 160 ms while it stays full.
+    import zmq
+
+    from rlhf_tui.bridge.training import peers
+    from rlhf_tui.bridge.training.publisher import Publisher
+
+    clock = [1000.0]
+    monkeypatch.setattr(peers.time, "monotonic", lambda: clock[0])
+    pub = Publisher(False, "full-pipe-run", handler=lambda item: [item])
+    for step in range(20):
+        pub.publish(protocol.STEP, {"step": step, "metrics": {"loss": 1.0}})
+
+    class FullPipe:
+        sends = 0
+
+        def send_multipart(self, parts, flags=0, copy=True):
+            FullPipe.sends += 1
+            raise zmq.Again()
+
+    pub._clients[b"slow"] = peers._Client(cursor=0, run="full-pipe-run", last_seen=clock[0], greeted=True)
+    for _turn in range(200):  # two seconds of 10 ms loop turns
+        pub._clients[b"slow"].last_seen = clock[0]  # it keeps saying hello
+        pub._pump(FullPipe())
+        clock[0] += 0.01
+    assert 10 <= FullPipe.sends <= 20  # 10, 20, 40, 80, then every 160 ms (every turn: 200)
+    assert pub._next_pump_s(clock[0]) <= peers.PUMP_RETRY_MAX_S
+    client = pub._clients[b"slow"]
+    client.retry_at, client.retry_s = 0.0, 0.0
+    pub._pump(type("Reads", (), {"send_multipart": lambda self, parts, flags=0, copy=True: None})())
+    assert client.cursor == pub._next_seq and client.retry_s == 0.0  # a monitor that reads again is caught up
+
+
+def test_a_flood_of_cheap_frames_is_throttled_like_a_slow_one(monkeypatch):
+    # 100 garbage frames read well within the 1 ms budget used to pause reading for only 1 ms, never doubling:
+    # a flood of cheap frames was read almost continuously (the hello flood's step time: +66 %).
+    from rlhf_tui.bridge.training import peers
+    from rlhf_tui.bridge.training.publisher import Publisher
+
+    clock = [500.0]
+    monkeypatch.setattr(peers.time, "monotonic", lambda: clock[0])
+    pub = Publisher(False, "cheap-flood-run", handler=lambda item: [item])
+
+    class Flood:
+        def recv_multipart(self, flags=0):
+            return [b"peer", b"{"]  # never runs dry
+
+    pauses = []
+    for _ in range(5):
+        pub._receive(Flood())
+        pauses.append(round(pub._rx_backoff_until - clock[0], 6))
+        clock[0] = pub._rx_backoff_until
+    assert pauses == [0.01, 0.02, 0.04, 0.08, 0.16] and pub.stats["rejected"] == 500
