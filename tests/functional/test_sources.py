@@ -310,6 +310,22 @@ def test_a_trackio_project_reads_and_follows_and_survives_a_writer_lock(tmp_path
     assert follower.ended and follower.store.connection == "ended"  # the config's max_steps reached
 
 
+def test_a_trackio_project_whose_database_has_no_table_yet_is_followed(tmp_path, monkeypatch):
+    """trackio creates its database file before its tables: a source named `trackio:PROJECT` is that project
+    from its first look (it was once taken for some other file, refused, and never followed)."""
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    (tmp_path / "trackio").mkdir()
+    db = tmp_path / "trackio" / "proj.db"
+    sqlite3.connect(db).execute("PRAGMA user_version = 1").connection.close()  # a SQLite file, no table yet
+    follower = follow_file_source("trackio:proj")
+    assert follower is not None and type(follower.readers[0]).__name__ == "TrackioReader"
+    assert follower.poll() == 0 and follower.readers[0].retries == 1 and not follower.ended
+    conn = _trackio_db(db)
+    for step in range(1, 21):
+        _log(conn, step, {"train/loss": 0.5, "train/reward": 1.0})
+    assert follower.poll() == 20 and follower.ended and follower.store.current_run.run_id == "trackio:proj/run-a"
+
+
 # -- TRL's completions parquet ----------------------------------------------------------------------------
 def test_completions_parquet_land_as_reward_batches_and_a_cut_file_waits(tmp_path):
     pd = pytest.importorskip("pandas")
