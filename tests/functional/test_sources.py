@@ -245,6 +245,23 @@ def test_a_rewritten_trainer_state_is_followed_by_whole_entries(tmp_path, write)
     assert reader.ended and run.summary["train_runtime"] == 9.0 and run.meta["max_steps"] == 60
 
 
+def test_a_checkpoint_state_at_max_steps_ends_the_run_without_a_summary(tmp_path):
+    """transformers saves the last checkpoint before it logs the end-of-training summary: a state whose
+    global_step reached max_steps is the run's end (a follower waited for it forever), read once or followed."""
+    out = tmp_path / "out"
+    (out / "checkpoint-59").mkdir(parents=True)
+    (out / "checkpoint-59" / "trainer_state.json").write_text(json.dumps(_state(59)))
+    store = Store()
+    reader = TrainerStateReader(out)
+    assert reader.poll(store) == 59 and not reader.ended and store.current_run.ended is None
+    (out / "checkpoint-60").mkdir()
+    (out / "checkpoint-60" / "trainer_state.json").write_text(json.dumps(_state(60)))
+    assert reader.poll(store) == 1 and reader.ended and store.current_run.ended == {"global_step": 60}
+    state_file = out / "checkpoint-60" / "trainer_state.json"
+    assert load_file_source(str(state_file)).current_run.ended == {"global_step": 60}  # the file itself, read once
+    assert load_file_source(str(out / "checkpoint-59" / "trainer_state.json")).current_run.ended is None
+
+
 def test_a_trainer_state_caught_mid_rewrite_is_retried_never_a_crash(tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-5").mkdir(parents=True)

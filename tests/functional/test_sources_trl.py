@@ -226,7 +226,7 @@ async def test_a_tensorboard_run_without_callback_is_followed_live_by_report_and
     capsys.readouterr()  # what the training printed
     assert main(["report", str(out), "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    # The event files, not a checkpoint's trainer_state.json (which has no end of run): the report ends the run.
+    # The event files (their end-of-training summary), not a checkpoint's trainer_state.json, end the run.
     assert report["steps"] == STEPS and report["run"]["run_id"].startswith("tb:runs/") and report["run"]["ended"]
     assert report["summary"].get("train_runtime") is not None
     _assert_fault_found(report)
@@ -255,6 +255,11 @@ async def test_a_trackio_run_is_followed_live_and_it_and_its_trainer_state_are_e
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == STEPS and report["run"]["run_id"] == "file:out"
     _assert_fault_found(report)
+    # Followed, the last checkpoint's state (global_step == max_steps: it holds no end-of-training entry) ends it.
+    assert main(["report", str(out), "--follow", "--timeout", "30", "--fail-on", "critical"]) == 1
+    captured = capsys.readouterr()
+    assert f"rlhf-tui: run file:out ended at step {STEPS}: " in captured.err, captured.err
+    assert f"step {FAULT + 1}  CRITICAL  nonfinite  reward: " in captured.out, captured.out
 
 
 def test_a_tensorboard_run_without_callback_in_a_real_terminal(tiny_model, tmp_path, monkeypatch, tmux):
