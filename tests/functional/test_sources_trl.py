@@ -160,10 +160,10 @@ def _rows(store: Store) -> int:
         return run.rows if run is not None else 0
 
 
-async def _watch_live(trainer, source: str, run_prefix: str) -> tuple[_ReportFollow, Store]:
+async def _watch_live(trainer, source: str, run_prefix: str) -> Store:
     """Train with holds at step 1 and at step HOLD; follow SOURCE from the first hold to the run's end with
     `report --follow` (a child process) and the monitor app (Pilot). Both show the fault while the training is
-    held at HOLD, and both see the run end. Returns the child (exited) and the app's store."""
+    held at HOLD, and both see the run end. Returns the app's store."""
     holds = _Holds()
     trainer.add_callback(holds)
     training = _Training(trainer)
@@ -203,7 +203,7 @@ async def _watch_live(trainer, source: str, run_prefix: str) -> tuple[_ReportFol
             assert app.store.current_run.run_id.startswith(run_prefix)
         assert child.proc.returncode == 0, child.err
         assert any(f"ended at step {STEPS}: " in line for line in child.err), child.err
-        return child, app.store
+        return app.store
     finally:
         holds.release()
         training.thread.join(60)
@@ -219,7 +219,7 @@ async def test_a_tensorboard_run_without_callback_is_followed_live_by_report_and
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     out = tmp_path / "out"
     trainer = grpo_without_callback(tiny_model, str(out), "tensorboard")
-    child, store = await _watch_live(trainer, str(out), "tb:runs/")
+    store = await _watch_live(trainer, str(out), "tb:runs/")
     run = store.current_run
     assert run.steps.tolist() == list(range(1, STEPS + 1))
     assert [b["step"] for b in run.rewards][:3] == [1, 2, 3] and run.rewards[0]["samples"]  # completions parquet
@@ -279,19 +279,21 @@ def test_a_tensorboard_run_without_callback_in_a_real_terminal(tiny_model, tmp_p
         wait_for(lambda: f"step 1/{STEPS}" in tmux.screen(), timeout=60, interval=0.2, message="step 1 on screen")
         holds.release("first")
         wait_for(lambda: holds.reached["fault"].is_set() or not training.alive(), timeout=120, message="the hold")
+        alarm = re.compile(rf"^ +{FAULT + 1} +CRIT +reward +reward is NaN/Inf/None", re.M)  # the feed's row
         screen = wait_for(
-            lambda: (lambda s: s if "NaN/Inf/None" in s else "")(tmux.screen()),
+            lambda: (lambda s: s if alarm.search(s) else "")(tmux.screen()),
             timeout=30,
             interval=0.2,
             message="the fault's alarm on screen",
         )
         assert training.alive() and "● live" in screen and "tb:runs/" in screen, screen
         assert re.search(rf"step ({FAULT + 1}|{HOLD})/{STEPS} ", screen), screen
-        assert re.search(rf"^ +{FAULT + 1} +CRIT +reward +reward is NaN/Inf/None", screen, re.M), screen  # the feed
         for name in ("reward", "kl", "entropy", "loss", "grad_norm", "learning_rate"):  # the metrics pane's rows
             assert re.search(rf"^ (● )?{name} ", screen, re.M), (name, screen)
         assert "train/" not in screen, screen
         holds.release()
+        # No tmux call while torch trains: a fork next to busy torch threads can fail (EFAULT).
+        wait_for(lambda: not training.alive(), timeout=120, interval=0.05, message="the training's end")
         screen = wait_for(
             lambda: (lambda s: s if "run ended" in s else "")(tmux.screen()), 60, 0.2, "the run's end on screen"
         )
