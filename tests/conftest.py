@@ -1,5 +1,5 @@
 """Shared test helpers: free loopback ports, bounded waits, the tiny local model, the labelled traces
-(tests/data/traces), a synthetic GRPO history. tests/unit needs none of the real parts; tests/functional does."""
+(tests/data/traces), a synthetic GRPO history, a real terminal (`tmux`). tests/unit needs none of the real parts; tests/functional does."""
 
 from __future__ import annotations
 
@@ -324,3 +324,54 @@ def injection() -> str:
 @pytest.fixture
 def install_fake_ssh():
     return install_fake_ssh_script
+
+
+# ======================================================================================================
+# A real terminal: tmux (120x40) on its own server socket, read with capture-pane, driven with send-keys.
+# ======================================================================================================
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import uuid  # noqa: E402
+
+
+class Tmux:
+    """One tmux server on a socket of its own, one 120x40 session: start a command, read the screen, send keys."""
+
+    def __init__(self, tmp_path: Path):
+        self.socket = f"rlhf-tui-test-{uuid.uuid4().hex[:8]}"
+        self.session = "monitor"
+        self.tmp = tmp_path
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=20, check=check
+        )
+
+    def start(self, command: str) -> None:
+        self.run("new-session", "-d", "-s", self.session, "-x", "120", "-y", "40", command)
+
+    def screen(self) -> str:
+        result = self.run("capture-pane", "-p", "-t", self.session, check=False)
+        return result.stdout if result.returncode == 0 else ""
+
+    def alive(self) -> bool:
+        return self.run("has-session", "-t", self.session, check=False).returncode == 0
+
+    def pane_pid(self) -> int:
+        return int(self.run("display-message", "-p", "-t", self.session, "#{pane_pid}").stdout.strip())
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", self.session, *keys)
+
+    def close(self) -> None:
+        self.run("kill-server", check=False)
+
+
+@pytest.fixture
+def tmux(tmp_path):
+    """A Tmux on a server of its own, killed after the test; the test is skipped without tmux."""
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    t = Tmux(tmp_path)
+    yield t
+    t.close()

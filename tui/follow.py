@@ -1,10 +1,12 @@
 """`rlhf-tui report SOURCE --follow`: follow a live source until its run ends, printing each new alarm as a line.
 
 The source is followed as it grows: a live address through the `Subscriber`, a JSONL log by reading the lines
-appended since the last look (a line still being written waits for its newline), any other file source by
-reading it again when it changes (a file caught mid-rewrite is retried at the next look). The detectors run as
-in the monitor: one `RunModel` (its `DetectionCache`, `revision=run.revision`: each pass recomputes only what
-grew) at most once a second while data arrives. Every wait is bounded; nothing here spins.
+appended since the last look (a line still being written waits for its newline), a source that needs no
+callback (TensorBoard, trackio, an output_dir) through its readers (`followed_source`: only what is new, whole
+rows), a trainer_state.json file by reading it again when it changes (caught mid-rewrite: retried at the next
+look). The detectors run as in the monitor: one `RunModel` (its `DetectionCache`, `revision=run.revision`: each
+pass recomputes only what grew) at most once a second while data arrives. Every wait is bounded; nothing here
+spins. The first note names the run followed, once its first data is read.
 """
 
 from __future__ import annotations
@@ -102,8 +104,33 @@ class JsonlTail:
             self._fh = None
 
 
+class FollowedReaders:
+    """A source that needs no callback, through its readers (`followed_source.FileFollower`, polled here rather
+    than on a thread of its own): each look lands only the rows written since the last. Reading such a source
+    again whole when its path changed missed every append below a directory (an event file's growth changes
+    neither `output_dir`'s nor the log directory's modification time)."""
+
+    def __init__(self, follower):
+        self.follower = follower
+        self.store = follower.store
+
+    @property
+    def error(self) -> str | None:
+        return self.follower.error
+
+    def poll(self) -> bool:
+        self.follower.poll()
+        return False  # a reader reads at most its bound per look; the rest waits FILE_POLL_S
+
+    def wait_s(self) -> float:
+        return FILE_POLL_S
+
+    def stop(self) -> None:
+        pass
+
+
 class ReloadedFile:
-    """A file source without an append-only format (trainer_state.json, an output_dir): read again whole when
+    """A file source without an append-only format (a trainer_state.json file): read again whole when
     its size or modification time changes; a read that fails (caught mid-rewrite) keeps the last good store."""
 
     def __init__(self, source: str):
@@ -161,11 +188,16 @@ class LiveAddress:
 
 
 def open_source(source: str, wake: threading.Event, curve=None):
-    """The follower for a source: LiveAddress, JsonlTail or ReloadedFile. Raises SourceError (one line)."""
+    """The follower for a source: LiveAddress, FollowedReaders, JsonlTail or ReloadedFile. Raises SourceError
+    (one line)."""
+    from rlhf_tui.bridge.monitor.followed_source import follow_file_source
     from rlhf_tui.bridge.monitor.sources import is_live, resolve_file_source
 
     if is_live(source):
         return LiveAddress(source, wake, curve)
+    follower = follow_file_source(source)  # SourceUnavailable (a SourceError) where an optional reader is missing
+    if follower is not None:
+        return FollowedReaders(follower)
     path = resolve_file_source(source)
     return JsonlTail(path) if path.suffix == ".jsonl" else ReloadedFile(source)
 
@@ -213,6 +245,7 @@ class Follower:
         self._ended_at: int | None = None  # the store version at which its current run was seen ended
         self._covered = -1  # the store version the last finished pass saw
         self._error: str | None = None
+        self._following: str | None = None  # the run the last note named
 
     def stop(self) -> None:
         """Stop following (any thread, a signal handler too): `run()` returns within a wait."""
@@ -226,6 +259,7 @@ class Follower:
             while True:
                 more = self.feed.poll()
                 self._report_error()
+                self._report_run()
                 if self.feed.store is not self.model.store:  # a file read again whole: a new history
                     self.model = RunModel(self.feed.store, self.source, self.thresholds)
                 ended = self._check_ended()
@@ -288,6 +322,15 @@ class Follower:
                         self.dispatcher.submit(alert)
                 self.out.flush()
         return self._ended_at is not None and self._covered >= self._ended_at
+
+    def _report_run(self) -> None:
+        """One note when a run is first seen (or another one becomes current): what is followed, at which step."""
+        with self.feed.store.lock:
+            run = self.feed.store.current_run
+            run_id, step = (run.run_id, run.last_step) if run is not None else (None, None)
+        if run_id is not None and run_id != self._following:
+            self._following = run_id
+            self.note(f"following run {run_id}" + (f", at step {step}" if step is not None else ""))
 
     def _report_error(self) -> None:
         error = self.feed.error
@@ -382,6 +425,7 @@ def _restore_sigterm(previous) -> None:
 
 __all__ = [
     "Follower",
+    "FollowedReaders",
     "follow_source",
     "FollowResult",
     "JsonlTail",

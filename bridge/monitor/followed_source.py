@@ -50,7 +50,8 @@ def readers_for(source: str) -> list[Reader] | None:
     if path.is_file():
         if tensorboard_source.is_event_file(path):
             return [_tensorboard(path)]
-        if trackio_source.is_trackio_db(path):
+        # `trackio:PROJECT` names its database: trackio makes the file before its tables (retried until then).
+        if trackio_source.resolve(source) is not None or trackio_source.is_trackio_db(path):
             return [trackio_source.TrackioReader(path)]
         return None
     if not path.is_dir() or any(next(iter(path.glob(p)), None) for p in RLHF_LOGS):

@@ -14,7 +14,9 @@ from typing import Any
 from rlhf_tui.analysis.safe_text import safe_text
 from rlhf_tui.analysis.store import RunHistory, Store
 from rlhf_tui.bridge.monitor import schema
-from rlhf_tui.bridge.monitor.ingest import _metrics, apply_jsonl_event, safe_run_id
+from rlhf_tui.bridge.monitor.ingest import _metrics, apply_jsonl_event, apply_message, safe_run_id
+from rlhf_tui.bridge.monitor.trainer_state_source import finished_step
+from rlhf_tui.bridge.wire import events, protocol
 from rlhf_tui.bridge.wire.metrics import is_summary, normalise, summary_values
 
 LIVE_PREFIXES = ("tcp://", "ipc://")
@@ -147,6 +149,9 @@ def load_trainer_state(path: Path | str, store: Store | None = None) -> Store:
         _ingest_log_history(run, state["log_history"])
         if numbers.get("global_step") is not None:
             run.meta["global_step"] = numbers["global_step"]
+        end = finished_step(numbers)  # a checkpoint's state at max_steps: no end-of-training entry, yet ended
+        if run.ended is None and end is not None:
+            apply_message(run, events.Message(protocol.RUN_END, {"global_step": end}))
         store.transport["received"] += run.rows
         store.touch()
     return store

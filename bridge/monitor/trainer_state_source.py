@@ -5,6 +5,8 @@ changes; its `log_history` entries from the newest step already landed on are ap
 older ones were landed before), so the run grows by whole entries. A file caught mid-rewrite (a writer that
 truncates and writes in place, or a checkpoint removed by `save_total_limit` while being read) is not valid
 JSON, or changes while it is read: it is counted as a retry and read again at the next poll, never half-applied.
+A checkpoint's state holds no end-of-training entry: a state whose `global_step` reached its `max_steps` ends
+the run (`finished_step`), or a follower of a finished run would wait for an end that is never written.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ def state_files(path: Path) -> list[Path]:
     except OSError:
         pass
     return found
+
+
+def finished_step(state: dict) -> int | None:
+    """The step at which a trainer state says training is over (`global_step` >= `max_steps` > 0), else None."""
+    step, planned = state.get("global_step"), state.get("max_steps")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (step, planned)):
+        return None
+    return step if 0 < planned <= step else None
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -76,6 +86,9 @@ class TrainerStateReader:
             if not run.meta:
                 apply_message(run, events.Message(protocol.RUN_START, self._meta(state, path)))
             self._apply(run, state)
+            end = finished_step(state)
+            if run.ended is None and end is not None:
+                apply_message(run, events.Message(protocol.RUN_END, {"global_step": end}))
             store.transport["received"] += run.rows - before
             store.touch()
             self.ended = run.ended is not None

@@ -98,7 +98,9 @@ def test_follow_prints_the_nan_alarm_while_the_log_grows_and_exits_at_run_end(tm
     assert worst == "critical"
     with store.lock:
         assert store.current_run.rows == 60 and store.current_run.ended is not None
-    assert "run follow-1 ended at step 60: 1 alarm at medium or above" in err.getvalue()
+    notes = err.getvalue().splitlines()  # the run followed, said once its first data is read; the end
+    assert notes[0].startswith("rlhf-tui: following run follow-1, at step "), notes
+    assert notes[-1] == "rlhf-tui: run follow-1 ended at step 60: 1 alarm at medium or above", notes
 
 
 def test_follow_exit_code_timeout_and_report(tmp_path, capsys):
@@ -371,6 +373,52 @@ async def test_the_monitor_header_says_once_that_the_alert_command_failed(make_s
         assert failures == [
             f"--on-alert {sys.executable[:60]}: exited with 3: no route to pager (further failures are counted)"
         ]
+
+
+def test_follow_a_tensorboard_log_directory_while_its_event_file_grows(tmp_path):
+    """An event file's appends change neither its directory's size nor its modification time: the follow reads
+    the new records (reading the directory again whole only when it changed, it saw no step past the first look
+    and never the run's end)."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from rlhf_tui.tui.alerts import AlertTracker
+    from rlhf_tui.tui.follow import Follower
+
+    log_dir = tmp_path / "runs" / "Jan01_12-00-00_host"
+    writer = SummaryWriter(log_dir=str(log_dir))
+    writer.add_text("args", json.dumps({"max_steps": 60, "logging_steps": 1}))
+
+    def write(first: int, last: int) -> None:  # as transformers' TensorBoardCallback: `train/<key>`, a flush a log
+        for s in range(first, last + 1):
+            for key, value in _step(s).items():
+                writer.add_scalar(f"train/{key}", value, s)
+            writer.flush()
+
+    write(1, 20)
+    out = _Lines(ALARM)
+    follower = Follower(str(log_dir), Thresholds(), AlertTracker("medium"), out=out)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(follower.run(timeout=30)))
+    thread.start()
+    try:
+        rows = lambda: (lambda run: run.rows if run is not None else 0)(follower.model.store.current_run)  # noqa: E731
+        wait_for(lambda: rows() == 20, timeout=30, message="the first 20 steps followed")
+        directory = log_dir.stat()
+        write(21, 60)
+        writer.add_scalar("train/train_runtime", 9.0, 60)  # the end-of-training summary: the run's end
+        writer.close()
+        assert (log_dir.stat().st_size, log_dir.stat().st_mtime_ns) == (directory.st_size, directory.st_mtime_ns)
+        thread.join(60)
+    finally:
+        follower.stop()
+        thread.join(10)
+    (result,) = results
+    assert result.reason == "ended" and result.alarms == 1
+    (line,) = out.getvalue().splitlines()
+    assert line.endswith(ALARM) and "  tb:Jan01_12-00-00_host  " in line
+    with result.store.lock:
+        assert result.store.current_run.rows == 60 and result.store.current_run.summary["train_runtime"] == 9.0
 
 
 def test_follow_a_trainer_state_rewritten_at_each_checkpoint(tmp_path):

@@ -245,6 +245,23 @@ def test_a_rewritten_trainer_state_is_followed_by_whole_entries(tmp_path, write)
     assert reader.ended and run.summary["train_runtime"] == 9.0 and run.meta["max_steps"] == 60
 
 
+def test_a_checkpoint_state_at_max_steps_ends_the_run_without_a_summary(tmp_path):
+    """transformers saves the last checkpoint before it logs the end-of-training summary: a state whose
+    global_step reached max_steps is the run's end (a follower waited for it forever), read once or followed."""
+    out = tmp_path / "out"
+    (out / "checkpoint-59").mkdir(parents=True)
+    (out / "checkpoint-59" / "trainer_state.json").write_text(json.dumps(_state(59)))
+    store = Store()
+    reader = TrainerStateReader(out)
+    assert reader.poll(store) == 59 and not reader.ended and store.current_run.ended is None
+    (out / "checkpoint-60").mkdir()
+    (out / "checkpoint-60" / "trainer_state.json").write_text(json.dumps(_state(60)))
+    assert reader.poll(store) == 1 and reader.ended and store.current_run.ended == {"global_step": 60}
+    state_file = out / "checkpoint-60" / "trainer_state.json"
+    assert load_file_source(str(state_file)).current_run.ended == {"global_step": 60}  # the file itself, read once
+    assert load_file_source(str(out / "checkpoint-59" / "trainer_state.json")).current_run.ended is None
+
+
 def test_a_trainer_state_caught_mid_rewrite_is_retried_never_a_crash(tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-5").mkdir(parents=True)
@@ -308,6 +325,22 @@ def test_a_trackio_project_reads_and_follows_and_survives_a_writer_lock(tmp_path
         _log(conn, step, {"train/loss": 0.5, "train/reward": 1.0})
     assert follower.poll() == 10 and follower.store.current_run.last_step == 20
     assert follower.ended and follower.store.connection == "ended"  # the config's max_steps reached
+
+
+def test_a_trackio_project_whose_database_has_no_table_yet_is_followed(tmp_path, monkeypatch):
+    """trackio creates its database file before its tables: a source named `trackio:PROJECT` is that project
+    from its first look (it was once taken for some other file, refused, and never followed)."""
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    (tmp_path / "trackio").mkdir()
+    db = tmp_path / "trackio" / "proj.db"
+    sqlite3.connect(db).execute("PRAGMA user_version = 1").connection.close()  # a SQLite file, no table yet
+    follower = follow_file_source("trackio:proj")
+    assert follower is not None and type(follower.readers[0]).__name__ == "TrackioReader"
+    assert follower.poll() == 0 and follower.readers[0].retries == 1 and not follower.ended
+    conn = _trackio_db(db)
+    for step in range(1, 21):
+        _log(conn, step, {"train/loss": 0.5, "train/reward": 1.0})
+    assert follower.poll() == 20 and follower.ended and follower.store.current_run.run_id == "trackio:proj/run-a"
 
 
 # -- TRL's completions parquet ----------------------------------------------------------------------------

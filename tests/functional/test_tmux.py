@@ -4,10 +4,8 @@ press keys, quit; and kill the terminal under it (what an SSH drop does) and che
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -40,44 +38,6 @@ def recorded_run(tmp_path_factory) -> str:
     cb.log_checkpoint(last, str(log_dir / f"checkpoint-{last}"))
     cb.close()
     return cb.log_path
-
-
-class Tmux:
-    def __init__(self, tmp_path: Path):
-        self.socket = f"rlhf-tui-test-{uuid.uuid4().hex[:8]}"
-        self.session = "monitor"
-        self.tmp = tmp_path
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=20, check=check
-        )
-
-    def start(self, command: str) -> None:
-        self.run("new-session", "-d", "-s", self.session, "-x", "120", "-y", "40", command)
-
-    def screen(self) -> str:
-        result = self.run("capture-pane", "-p", "-t", self.session, check=False)
-        return result.stdout if result.returncode == 0 else ""
-
-    def alive(self) -> bool:
-        return self.run("has-session", "-t", self.session, check=False).returncode == 0
-
-    def pane_pid(self) -> int:
-        return int(self.run("display-message", "-p", "-t", self.session, "#{pane_pid}").stdout.strip())
-
-    def keys(self, *keys: str) -> None:
-        self.run("send-keys", "-t", self.session, *keys)
-
-    def close(self) -> None:
-        self.run("kill-server", check=False)
-
-
-@pytest.fixture
-def tmux(tmp_path):
-    t = Tmux(tmp_path)
-    yield t
-    t.close()
 
 
 def _command(tmp_path: Path, *args: str, env: str = "") -> str:
