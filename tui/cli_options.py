@@ -220,8 +220,9 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--follow",
         action="store_true",
-        help="keep following a live address or growing log until its run ends (or --timeout, Ctrl-C, SIGTERM), "
-        "printing each new alarm as a line; the report only with --format or -o",
+        help="keep following a live address, a growing log, an output_dir, a TensorBoard log or a trackio project "
+        "until its run ends (or --timeout, Ctrl-C, SIGTERM), printing each new alarm as a line; the report only "
+        "with --format or -o",
     )
     p.add_argument("--format", choices=("text", "markdown", "json"), help="default text")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
