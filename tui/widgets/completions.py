@@ -166,22 +166,33 @@ class CompletionsScreen(Screen):
                 head.append(clean(self.pattern.pattern, 60), style="magenta")
         self.query_one("#completions-head", Static).update(head)
         table = self.query_one(DataTable)
+        labels = ["#", "label", "total", *[clean(n, 14) for n in names], "adv", "len", "flags", "completion"]
+        cells = [self._cells(row, names) for row in self.shown]
         table.clear(columns=True)
-        table.add_columns("#", "label", "total", *[clean(n, 14) for n in names], "adv", "len", "flags", "completion")
-        for row in self.shown:
-            flags = ("T" if row.get("truncated") else "") + ("!" if row.get("nonfinite") else "")
-            length = row.get("length") if row.get("length") is not None else row.get("chars")
-            scores = row.get("scores") or {}
-            table.add_row(
-                Text(str(row.get("index"))),
-                Text(row.get("label", ""), style="dim"),
-                Text(short(row.get("total")), style="bold"),
-                *[Text(short(scores.get(n))) for n in names],
-                Text(short(row.get("advantage"))),
-                Text(str(length)),
-                Text(flags, style="bold yellow" if flags else ""),
-                Text(clean(row.get("completion"), 200)),
-            )
+        # Widths set here, not measured by the table on its next idle: a busy terminal (a burst of keys, a loaded
+        # machine) then never draws a frame of label-wide columns, and a key costs no re-measure of every cell.
+        widths = [max([len(label), *(c[i].cell_len for c in cells)]) for i, label in enumerate(labels[:-1])]
+        room = (self.size.width or self.app.size.width or 120) - sum(w + 2 for w in widths) - 4
+        for label, width in zip(labels, [*widths, max(20, room)]):
+            table.add_column(label, width=width)
+        for row in cells:
+            table.add_row(*row)
+
+    @staticmethod
+    def _cells(row: dict, names: list[str]) -> list[Text]:
+        flags = ("T" if row.get("truncated") else "") + ("!" if row.get("nonfinite") else "")
+        length = row.get("length") if row.get("length") is not None else row.get("chars")
+        scores = row.get("scores") or {}
+        return [
+            Text(str(row.get("index"))),
+            Text(row.get("label", ""), style="dim"),
+            Text(short(row.get("total")), style="bold"),
+            *[Text(short(scores.get(n))) for n in names],
+            Text(short(row.get("advantage"))),
+            Text(str(length)),
+            Text(flags, style="bold yellow" if flags else ""),
+            Text(clean(row.get("completion"), 200)),
+        ]
 
     # -- keys ------------------------------------------------------------------------------------------
     def action_scrub(self, direction: int) -> None:
