@@ -194,6 +194,7 @@ class CompletionsScreen(Screen):
         for label, width in zip(labels, [*widths, max(20, room)]):
             table.add_column(label, width=width)
         for row in cells:
+            row[-1].truncate(max(20, room))  # the table draws no more of it: less text to lay out per frame
             table.add_row(*row)
 
     @staticmethod
