@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_tui.analysis.detectors.episodes import EPISODE_ORDER
+from rlhf_tui.analysis.reward_components import completions_section, groups_section, reward_components
 from rlhf_tui.analysis.reward_report import rewards_section, run_reward_episodes
 from rlhf_tui.analysis.rollout import rollout_section
 from rlhf_tui.analysis.severity import Severity
@@ -182,6 +183,9 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
             "anomalies": [],
             "checkpoints": [],
             "rewards": {"reliability_metrics": {}},
+            "reward_components": {},
+            "groups": {"word": None, "steps": 0},
+            "completions": [],
             "rollout": {},
             "eval_pairs": {},
             "summary": {},
@@ -198,6 +202,7 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
     meta = run.meta
     kind = run_kind(run)
     metrics = metric_table(run, kind)
+    reward_block = rewards_section(run, rewards)
     return {
         "run": {
             "run_id": run.run_id,
@@ -217,7 +222,10 @@ def build_report(store: Store, thresholds=None, run_id: str | None = None, anoma
         "metrics": metrics,
         "anomalies": anomalies,
         "checkpoints": _checkpoints(run),
-        "rewards": rewards_section(run, rewards),
+        "rewards": reward_block,
+        "reward_components": reward_components(run.reward_streams, reward_block.get("functions") or {}),
+        "groups": groups_section(run),
+        "completions": completions_section(run),
         "rollout": rollout_section(run, thresholds),
         "system": _system(run),
         "eval_pairs": eval_section(run, metrics),

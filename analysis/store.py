@@ -165,7 +165,7 @@ class RunHistory:
     def add_reward(self, batch: dict, samples: list | None = None) -> None:
         """Keep one reward batch (newest last), take it into its function's reliability stream and its
         `samples` (default: the batch's) into the completions buffer; the prompt groups' split of a step
-        it completes becomes that step's `groups/*` metrics (unless older steps arrived since)."""
+        it completes becomes that step's `groups/*` metrics (in its row when later steps arrived first)."""
         self.rewards.append(batch)
         args = self.meta.get("args")
         args = args if isinstance(args, dict) else {}
@@ -174,6 +174,18 @@ class RunHistory:
         for step, metrics in self.samples.add(full, args.get("num_generations"), args.get("reward_weights")).items():
             if not self.rows or step >= self._steps[self.rows - 1]:
                 self.add_step(step, metrics)
+            else:  # reward messages trail the step rows (gathered, at most every 0.5 s): fill the step's own row
+                self._fill_row(step, metrics)
+
+    def _fill_row(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Set `metrics` in the existing row of an older `step` (none there: nothing)."""
+        row = int(np.searchsorted(self._steps[: self.rows], step))
+        if row < self.rows and self._steps[row] == step:
+            for name, value in metrics.items():
+                col = self.columns.get(name) or self.column(name)
+                if col is not None:
+                    col.values[row] = value
+                    col.logged[row] = True
 
     def _thin(self) -> None:
         """Halve the resolution of the older half so memory stays bounded on very long runs."""

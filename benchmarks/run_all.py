@@ -5,7 +5,8 @@
 3. Monitor ingest throughput (decode + validate + store + analyse), late join of 10^5 steps, end-to-end
    latency on loopback.
 4. The other scripts, each in its own process: the publisher thread's CPU per step, detection quality on the shared traces, re-evaluation after a
-   threshold change, checkpoint read throughput, the monitor app's ingest, memory and idle CPU.
+   threshold change, checkpoint read throughput, the monitor app's ingest, memory and idle CPU, the completions
+   browser on 64 completions x 10^4 steps.
    (`gpu_check.py` needs an NVIDIA GPU and is run by hand there.)
 
 Exits 1 when any table misses its goal (each script's own exit code for part 4), after printing them all.
@@ -78,6 +79,7 @@ def main() -> int:
         "tui_ingest.py",
         "tui_memory.py",
         "tui_idle_cpu.py",
+        "completions_browser.py",
     ):
         if ns.quick and script in ("detection.py", "checkpoint_throughput.py"):
             continue

@@ -474,13 +474,16 @@ class MonitorApp(App):
 
     def action_completions(self) -> None:
         store = self.view.store
+        name = f"completions-{id(store)}"
+        if not self.is_screen_installed(name):  # made once per tab, then shown again: a reopen costs no compose
 
-        def source():
-            run = store.current_run
-            args = run.meta.get("args") if run is not None else None
-            return (run.samples if run is not None else None), (args if isinstance(args, dict) else {})
+            def source():
+                run = store.current_run
+                args = run.meta.get("args") if run is not None else None
+                return (run.samples if run is not None else None), (args if isinstance(args, dict) else {})
 
-        self.push_screen(CompletionsScreen(source, store.lock))
+            self.install_screen(CompletionsScreen(source, store.lock), name)
+        self.push_screen(name)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.config.keymap, str(self.config.path)))

@@ -23,6 +23,7 @@ from rich.text import Text
 
 from rlhf_tui.analysis.severity import Severity
 from rlhf_tui.tui.cells import PlainTable, band_text, clean, compact, fit, fmt, gauge, percent, range_text, short, when
+from rlhf_tui.tui.components import components_text
 from rlhf_tui.tui.rollout import rollout_text
 from rlhf_tui.tui.view import SPARK_CHARS, newest_first, severity_counts, spark_lines, unit_suffix
 
@@ -470,6 +471,7 @@ SECTIONS = (
     ("GPU / system", system_table),
     ("checkpoints", checkpoints_table),
     ("rewards", rewards_section),
+    ("reward components", components_text),
     ("rollout", rollout_text),
     ("reward samples", reward_samples_table),
     ("transport", transport_text),

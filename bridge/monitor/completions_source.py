@@ -1,9 +1,10 @@
 """TRL's `output_dir/completions/completions_<step>.parquet` (`log_completions=True`) as reward batches.
 
 Each file holds the completions TRL logged at a step: `step`, `prompt`, `completion`, one column of scores per
-reward function and `advantage`. Each reward column lands as one reward batch of the run (scores plus the best,
-the worst and the first completion as samples), so the reward panes and their detectors see runs that had no
-`monitor_rewards` wrapper. Read with pyarrow (the optional extra `rlhf-tui[completions]`); without it, one note.
+reward function and `advantage`. Each reward column lands as one reward batch of the run, so the reward panes
+and their detectors see runs that had no `monitor_rewards` wrapper, and the completions browser shows them: the
+first column's batch carries up to 16 of the completions with their row `index` (every column's score is joined
+to them on it). Read with pyarrow (the optional extra `rlhf-tui[completions]`); without it, one note.
 A file still being written (no parquet footer yet) is retried at the next poll; one that stays unreadable is
 counted and left out.
 """
@@ -24,7 +25,8 @@ INSTALL_HINT = "completions/*.parquet not read: it needs pyarrow: pip install 'r
 NOT_REWARDS = frozenset({"step", "advantage", "prompt", "completion", "image"})
 MAX_FILES = 512  # files read at the first poll (the newest); later polls read each new one
 MAX_ROWS = 4096  # completions taken from one file
-SAMPLE_CHARS = 400
+SAMPLE_CHARS = 2000  # as the reward wrapper clips them
+BROWSER_SAMPLES = 16  # completions of one file kept for the browser (the reward wrapper's default setting)
 SETTLE_S = 5.0  # a file unreadable this long after its last change is corrupt, not being written
 
 
@@ -38,19 +40,29 @@ def _text(value: Any) -> str:
 
 
 def _samples(scores: list[float | None], prompts: list, completions: list) -> list[dict]:
-    scored = [(s, i) for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
-    picks = [("best", max(scored)[1]), ("worst", min(scored)[1])] if scored else []
-    picks.append(("first", 0))
+    """The completions the browser keeps of one file, each with its `index` (its row: every reward column's
+    score is joined to it): all of them up to BROWSER_SAMPLES, else the best, the worst, the median and evenly
+    spaced others by this column's score. Labels as the reward wrapper's ("all", "best", ...)."""
+    n = min(len(completions), len(scores))
+    order = sorted((i for i in range(n) if scores[i] is not None and math.isfinite(scores[i])), key=lambda i: scores[i])
+    picks = [("best", order[-1]), ("worst", order[0]), ("median", order[len(order) // 2])] if order else []
+    if n <= BROWSER_SAMPLES:
+        picks += [("all", i) for i in range(n)]
+    else:
+        picks += [("nonfinite", i) for i in range(n) if i not in set(order)][:2]
+        picks += [("spread", order[k * (len(order) - 1) // (BROWSER_SAMPLES - 1)]) for k in range(BROWSER_SAMPLES)]
+        picks += [("first", 0)]
     out, seen = [], set()
     for label, i in picks:
-        if i in seen or i >= len(completions):
+        if i in seen or len(out) >= BROWSER_SAMPLES:
             continue
         seen.add(i)
         prompt = _text(prompts[i]) if i < len(prompts) else ""
         out.append(
             {
                 "label": label,
-                "score": scores[i] if i < len(scores) else None,
+                "index": i,
+                "score": scores[i],
                 "prompt": prompt[-SAMPLE_CHARS:],
                 "completion": _text(completions[i])[:SAMPLE_CHARS],
             }
@@ -141,7 +153,8 @@ def land_table(run: Any, table: dict) -> int:
         if not scores:
             continue
         batch = {"step": max(steps), "reward_func": name, "scores": scores}
-        batch["samples"] = _samples(scores, prompts, completions)
+        # the first reward column carries the texts (picked by its scores); the browser joins the others' on index
+        batch["samples"] = _samples(scores, prompts, completions) if not landed else []
         apply_message(run, events.Message(protocol.REWARD, batch))
         landed += 1
     return landed

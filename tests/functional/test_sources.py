@@ -371,10 +371,16 @@ def test_completions_parquet_land_as_reward_batches_and_a_cut_file_waits(tmp_pat
     assert [b["step"] for b in run.rewards] == [1, 2, 3, 4, 5]
     assert run.rewards[0]["samples"][0] == {
         "label": "best",
+        "index": 3,
         "score": pytest.approx(1.3),
         "prompt": "prompt 3",
         "completion": "completion 3",
     }
+    # the completions browser holds every row of a file, each with its score (a small file is kept whole)
+    rows = sorted(run.samples.rows(1), key=lambda r: r["index"])
+    assert [(r["completion"], r["scores"]["length_reward"]) for r in rows] == [
+        (f"completion {i}", pytest.approx(0.1 * i + 1)) for i in range(4)
+    ]
     reader = follower.readers[-1]
     assert reader.corrupt == 0 and "completions_00006.parquet" not in reader.done  # being written: retried
     report_run = load_file_source(str(tmp_path)).current_run

@@ -89,13 +89,13 @@ async def test_browser_scrubs_sorts_searches_and_opens_one_sample_literally(make
 
         screen.query_one("#completions-table").move_cursor(row=1)  # #0 under sort by fmt
         await pilot.press("enter")
-        assert screen.has_class("-open")
+        assert screen.opened and screen.query_one("#completions-detail").display
         body = str(screen.query_one("#completions-body").render())
         assert "What is 2+2?" in body and "The answer is [bold red]4[/bold red]\\x1b[2J done" in body
         assert "\x1b" not in body
         assert "total 1.5" in body and "acc 1" in body and "fmt 0.5" in body
         await pilot.press("escape")
-        assert not screen.has_class("-open")
+        assert not screen.opened and screen.query_one("#completions-table").display
         newer = _add_steps(store)  # a live run: the browser follows the newest step
         await pilot_wait_for(pilot, lambda: f"step {newer[-1]} (newest)" in _head(screen), message="followed")
         await pilot.press("left")
@@ -112,3 +112,23 @@ async def test_browser_says_where_samples_come_from_when_there_are_none(make_sto
         await pilot_wait_for(pilot, lambda: isinstance(app.screen, CompletionsScreen), message="browser open")
         assert "no sample completions yet" in _head(app.screen)
         assert _table_rows(app.screen) == []
+
+
+async def _browser_open(pilot, app, settle) -> None:
+    await settle(pilot, app)
+    await pilot.press("c")
+    await pilot_wait_for(pilot, lambda: isinstance(app.screen, CompletionsScreen), message="browser open")
+    await pilot.press("left")  # the step with a non-finite reward: both flags drawn
+
+
+def test_browser_snapshot_with_flags_and_literal_markup(snap_compare, make_store, settle):
+    """The browser's look: its head, one column per reward function, T and ! flags, markup and an escape
+    sequence from the model shown as text, and the line of its keys."""
+    store = make_store()
+    _add_steps(store)
+    app = MonitorApp([], stores=[store], labels=["demo"])
+
+    async def run_before(pilot) -> None:
+        await _browser_open(pilot, app, settle)
+
+    assert snap_compare(app, terminal_size=(120, 16), run_before=run_before)

@@ -15,7 +15,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input, Static
+from textual.widgets import DataTable, Input, Static
 
 from rlhf_tui.tui import keys
 from rlhf_tui.tui.cells import clean, short
@@ -60,6 +60,16 @@ def sample_text(row: dict, step: int | None) -> Text:
     return out
 
 
+def key_line(keymap: dict | None = None) -> Text:
+    """The browser's keys in force (the user's keymap applied), as the footer would show them, then help."""
+    out = Text()
+    shown = [k for k in keys.keys_for("completions") if k.show]
+    for k in [*shown, *(k for k in keys.KEYS if k.id == "help")]:
+        out.append(keys.display_key(keys.effective_key(k, keymap)), style="bold")
+        out.append(f" {k.description}  ", style="dim")
+    return out
+
+
 class SampleTable(DataTable):
     """The samples table: ← / → scrub steps and End follows the newest (a row cursor has no columns to move
     through)."""
@@ -80,10 +90,8 @@ class CompletionsScreen(Screen):
     CompletionsScreen #completions-head { height: auto; padding: 0 1; }
     CompletionsScreen DataTable { height: 1fr; }
     CompletionsScreen #completions-detail { display: none; height: 1fr; border: round $accent; padding: 0 1; }
-    CompletionsScreen.-open #completions-detail { display: block; }
-    CompletionsScreen.-open DataTable { display: none; }
     CompletionsScreen Input { display: none; }
-    CompletionsScreen Input.-shown { display: block; }
+    CompletionsScreen #completions-keys { dock: bottom; height: 1; background: $panel; padding: 0 1; }
     """
 
     def __init__(self, source: Source, lock: Any = None) -> None:
@@ -97,6 +105,7 @@ class CompletionsScreen(Screen):
         self.pattern: re.Pattern | None = None
         self.asking: str | None = None  # "search" | "step" while the input is shown
         self.shown: list[dict] = []
+        self.opened = False  # one sample shown whole instead of the table
 
     def compose(self) -> ComposeResult:
         yield Static(id="completions-head")
@@ -104,18 +113,27 @@ class CompletionsScreen(Screen):
         yield SampleTable(id="completions-table", cursor_type="row", zebra_stripes=True)
         with VerticalScroll(id="completions-detail"):
             yield Static(id="completions-body")
-        yield Footer(compact=True)
+        # A fixed line of this screen's keys, not a Footer: a Footer recomposes its keys at every focus change
+        # (the search and step inputs), ~80 ms a key on a loaded 2-core machine (benchmarks/completions_browser.py).
+        yield Static(id="completions-keys")
 
     def on_mount(self) -> None:
-        self.refresh_rows()
-        self.query_one(DataTable).focus()
         self.set_interval(0.5, self._poll)
+        self.query_one("#completions-keys", Static).update(
+            key_line(getattr(getattr(self.app, "config", None), "keymap", None))
+        )
+
+    def on_screen_resume(self) -> None:
+        """Shown (first or again: the app keeps one browser a tab): the newest rows, the table focused."""
+        if not self.opened and self.asking is None:
+            self.refresh_rows()
+            self.query_one(DataTable).focus()
 
     def _poll(self) -> None:
         """Redraw when new samples arrived (a live run), keeping the cursor."""
         buffer, _ = self.source()
         version = getattr(buffer, "version", None)
-        if version != self._seen and self.asking is None and not self.has_class("-open"):
+        if self.is_current and version != self._seen and self.asking is None and not self.opened:
             table = self.query_one(DataTable)
             row = table.cursor_row
             self.refresh_rows()
@@ -166,22 +184,34 @@ class CompletionsScreen(Screen):
                 head.append(clean(self.pattern.pattern, 60), style="magenta")
         self.query_one("#completions-head", Static).update(head)
         table = self.query_one(DataTable)
+        labels = ["#", "label", "total", *[clean(n, 14) for n in names], "adv", "len", "flags", "completion"]
+        cells = [self._cells(row, names) for row in self.shown]
         table.clear(columns=True)
-        table.add_columns("#", "label", "total", *[clean(n, 14) for n in names], "adv", "len", "flags", "completion")
-        for row in self.shown:
-            flags = ("T" if row.get("truncated") else "") + ("!" if row.get("nonfinite") else "")
-            length = row.get("length") if row.get("length") is not None else row.get("chars")
-            scores = row.get("scores") or {}
-            table.add_row(
-                Text(str(row.get("index"))),
-                Text(row.get("label", ""), style="dim"),
-                Text(short(row.get("total")), style="bold"),
-                *[Text(short(scores.get(n))) for n in names],
-                Text(short(row.get("advantage"))),
-                Text(str(length)),
-                Text(flags, style="bold yellow" if flags else ""),
-                Text(clean(row.get("completion"), 200)),
-            )
+        # Widths set here, not measured by the table on its next idle: a busy terminal (a burst of keys, a loaded
+        # machine) then never draws a frame of label-wide columns, and a key costs no re-measure of every cell.
+        widths = [max([len(label), *(c[i].cell_len for c in cells)]) for i, label in enumerate(labels[:-1])]
+        room = (self.size.width or self.app.size.width or 120) - sum(w + 2 for w in widths) - 4
+        for label, width in zip(labels, [*widths, max(20, room)]):
+            table.add_column(label, width=width)
+        for row in cells:
+            row[-1].truncate(max(20, room))  # the table draws no more of it: less text to lay out per frame
+            table.add_row(*row)
+
+    @staticmethod
+    def _cells(row: dict, names: list[str]) -> list[Text]:
+        flags = ("T" if row.get("truncated") else "") + ("!" if row.get("nonfinite") else "")
+        length = row.get("length") if row.get("length") is not None else row.get("chars")
+        scores = row.get("scores") or {}
+        return [
+            Text(str(row.get("index"))),
+            Text(row.get("label", ""), style="dim"),
+            Text(short(row.get("total")), style="bold"),
+            *[Text(short(scores.get(n))) for n in names],
+            Text(short(row.get("advantage"))),
+            Text(str(length)),
+            Text(flags, style="bold yellow" if flags else ""),
+            Text(clean(row.get("completion"), 200)),
+        ]
 
     # -- keys ------------------------------------------------------------------------------------------
     def action_scrub(self, direction: int) -> None:
@@ -207,7 +237,7 @@ class CompletionsScreen(Screen):
         box = self.query_one(Input)
         box.placeholder = placeholder
         box.value = ""
-        box.add_class("-shown")
+        box.display = True  # the widget's own style, not a class: a class change restyles the whole screen
         box.focus()
 
     def action_search(self) -> None:
@@ -238,7 +268,7 @@ class CompletionsScreen(Screen):
 
     def _close_input(self) -> None:
         self.asking = None
-        self.query_one(Input).remove_class("-shown")
+        self.query_one(Input).display = False
         self.query_one(DataTable).focus()
 
     def action_open(self) -> None:
@@ -246,7 +276,12 @@ class CompletionsScreen(Screen):
         if not self.shown or table.cursor_row is None or table.cursor_row >= len(self.shown):
             return
         self.query_one("#completions-body", Static).update(sample_text(self.shown[table.cursor_row], self.step))
-        self.add_class("-open")
+        self._show_detail(True)
+
+    def _show_detail(self, opened: bool) -> None:
+        self.opened = opened
+        self.query_one("#completions-detail").display = opened
+        self.query_one(DataTable).display = not opened
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
@@ -255,8 +290,8 @@ class CompletionsScreen(Screen):
     def action_close(self) -> None:
         if self.asking is not None:
             self._close_input()
-        elif self.has_class("-open"):
-            self.remove_class("-open")
+        elif self.opened:
+            self._show_detail(False)
             self.query_one(DataTable).focus()
         else:
             self.dismiss()

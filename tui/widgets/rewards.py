@@ -3,7 +3,8 @@
 total's variance, strongest correlation, its reward alarms), a score distribution (sparkline histogram), drift
 and the latest sample completions with their scores (escaped: no markup or control sequences). A run that is
 not RL (DPO/KTO, reward model, SFT / plain Trainer) and has no reward batches shows its own "reward" block
-instead (tui/workload.py)."""
+instead (tui/workload.py). Under the functions: "dead" / "dominating" components and the prompt groups' split
+("too easy", "too hard"; analysis/reward_components.py)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,32 @@ def _reliability_line(out: Text, rel: dict, width: int) -> None:
         out.append(compact(rel.get(key)))
 
 
-def function_rows(functions: dict, width: int) -> Text:
+COMPONENT_STYLE = {"dead": "bold yellow", "dominating": "bold magenta"}
+GROUP_STYLE = {"ok": "green", "too easy": "bold yellow", "too hard": "bold red", "no signal": "bold yellow"}
+
+
+def component_tags(component: dict | None) -> list[str]:
+    """ "dead" (no spread in its newest batches) and "dominating" (most of the total's variance)."""
+    return [tag for tag in ("dead", "dominating") if (component or {}).get(tag)]
+
+
+def groups_line(groups: dict | None) -> Text:
+    """The prompt groups' zero-spread split over the newest steps, with its word ("too easy", "too hard")."""
+    out = Text()
+    groups = groups or {}
+    if not groups.get("word"):
+        return out
+    out.append("groups ", style="dim")
+    out.append(groups["word"], style=GROUP_STYLE.get(groups["word"], ""))
+    for label, key in (("easy", "too_easy"), ("hard", "too_hard"), ("other", "zero_std_other")):
+        out.append(f"  {label} ", style="dim")
+        out.append(percent((groups.get(key) or {}).get("recent")))
+    return out
+
+
+def function_rows(functions: dict, width: int, components: dict | None = None) -> Text:
     """One row per reward function: name, mean, std (not in narrow panes), stability, share of the total's
-    variance, strongest correlation (wide panes only) and its reward alarms."""
+    variance, strongest correlation (wide panes only), its reward alarms, then "dead" / "dominating"."""
     wide, narrow = width >= 70, width < 50
     name_w = max(8, min(24, width - (58 if wide else 28 if narrow else 35)))
     out = Text()
@@ -54,6 +78,8 @@ def function_rows(functions: dict, width: int) -> Text:
         alarms = alarm_text(counts)
         worst = next((s for s in WORST_FIRST if counts.get(s)), None)
         out.append(" " + (alarms or "—"), style=SEVERITY_STYLE.get(worst, "dim") if alarms else "dim")
+        for tag in component_tags((components or {}).get(name)):
+            out.append(f" {tag}", style=COMPONENT_STYLE[tag])
     return out
 
 
@@ -67,7 +93,11 @@ def rewards_lines(report: dict, width: int = 100, samples: int = 3) -> Text:
     _reliability_line(out, rewards.get("reliability_metrics") or {}, width)
     if functions:
         out.append("\n")
-        out.append_text(function_rows(functions, width))
+        out.append_text(function_rows(functions, width, report.get("reward_components")))
+    groups = groups_line(report.get("groups"))
+    if groups.plain:
+        out.append("\n")
+        out.append_text(groups)
     hist = rewards.get("histogram")
     spark = histogram_spark(hist)
     out.append("\ndist ", style="dim")
