@@ -209,7 +209,8 @@ def test_the_browser_in_tmux_shows_the_recorded_runs_completions(scored, tmp_pat
 
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
-    from test_tmux import Tmux, _command
+    from conftest import Tmux
+    from test_tmux import _command
 
     tmux = Tmux(tmp_path)
     try:
