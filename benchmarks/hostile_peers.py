@@ -80,7 +80,11 @@ def child(address: str, steps: int, workdir: str, keys: str = "") -> None:
     out["cpu_s"] = usage.ru_utime + usage.ru_stime  # all of training's threads, libzmq's included
     pub = cb._publisher
     if pub is not None:
-        out["stats"] = {k: pub.stats.get(k) for k in ("shed", "connections", "refused_clients", "rejected", "clients")}
+        out["stats"] = {
+            k: pub.stats.get(k)
+            for k in ("shed", "connections", "refused_clients", "rejected", "clients", "rx_throttled", "send_again")
+        }
+        out["stats"]["thread_cpu_s"] = round(pub.stats.get("cpu_s") or 0.0, 2)  # the publisher thread alone
     print("RESULT " + json.dumps(out), flush=True)
     cb.close()
 

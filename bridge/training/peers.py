@@ -20,7 +20,9 @@ FULL_REPLIES_PER_S = 20  # "full" answers sent a second, whatever the number of 
 RX_BUDGET_S = 0.001  # time per loop spent on what peers send; a flood is throttled, never served first
 RX_BACKOFF_S = 0.01  # ... and then the socket is not read for this long (doubling while the flood goes on ...)
 RX_BACKOFF_MAX_S = 0.25  # ... up to this: a real hello or sample waits at most this long behind a flood
-RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often
+RESYNC_MIN_S = 0.5  # a monitor may move its cursor back at most this often ...
+RESYNC_MAX_S = 30.0  # ... doubling up to this while it keeps asking (each resync sends it the whole history again:
+# 8 peers asking twice a second cost training's libzmq thread +4.5 s of CPU over a 600-step run)
 PUMP_RETRY_S = 0.01  # a monitor whose pipe was full is tried again after this (doubling while it stays full ...)
 PUMP_RETRY_MAX_S = 0.16  # ... up to this: 64 monitors that never read cost a few pump turns a second, not 100
 
@@ -32,6 +34,7 @@ class _Client:
     last_seen: float
     greeted: bool = False  # got a heartbeat (with thinned_upto) before any history
     reset_at: float = 0.0  # last time a hello moved the cursor (resyncs are rate-limited)
+    resync_s: float = RESYNC_MIN_S  # the pause before its next resync is honoured
     retry_at: float = 0.0  # its pipe was full: not tried again before this
     retry_s: float = 0.0  # the current retry pause (0 while its sends go through)
 
@@ -129,8 +132,12 @@ class Peers:
                 self.stats["clients"] = len(self._clients)
                 return
             client.last_seen = now
-            if (run != self.run_id or data.get("resync") is True) and now - client.reset_at >= RESYNC_MIN_S:
+            if (run != self.run_id or data.get("resync") is True) and now - client.reset_at >= client.resync_s:
                 client.cursor = min(since if run == self.run_id else 0, self._next_seq)
+                # Asked again soon after the last one: the pause doubles; a monitor that resyncs now and then
+                # (a restarted run, a gap) keeps the shortest pause.
+                soon = now - client.reset_at < 2 * client.resync_s
+                client.resync_s = min(2 * client.resync_s, RESYNC_MAX_S) if soon else RESYNC_MIN_S
                 client.run, client.reset_at = run, now
         elif kind == protocol.FORWARD:  # another rank's system sample or reward batch (forwards.py)
             self._publish_all(self._forwards.take(env, now))

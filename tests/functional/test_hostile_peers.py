@@ -218,3 +218,32 @@ def test_a_flood_of_cheap_frames_is_throttled_like_a_slow_one(monkeypatch):
         pauses.append(round(pub._rx_backoff_until - clock[0], 6))
         clock[0] = pub._rx_backoff_until
     assert pauses == [0.01, 0.02, 0.04, 0.08, 0.16] and pub.stats["rejected"] == 500
+
+
+def test_a_peer_that_keeps_asking_for_the_whole_history_gets_it_ever_less_often(monkeypatch):
+    # Each resync sends the whole history again; 8 peers asking twice a second made training's libzmq thread
+    # send ~10 MB/s (+4.5 s of CPU over a 600-step run). The pause doubles while a monitor keeps asking.
+    from rlhf_tui.bridge.training import peers
+    from rlhf_tui.bridge.training.publisher import Publisher
+
+    clock = [100.0]
+    monkeypatch.setattr(peers.time, "monotonic", lambda: clock[0])
+    pub = Publisher(False, "resync-run", handler=lambda item: [item])
+    for step in range(50):
+        pub.publish(protocol.STEP, {"step": step, "metrics": {"loss": 1.0}})
+    hello = {"kind": protocol.HELLO, "data": {"run": "other", "since": 0, "resync": True}}
+    pub._on_peer_message(None, b"peer", hello)  # its first hello: served from 0
+    client = pub._clients[b"peer"]
+    resyncs = []
+    for _tick in range(1200):  # 60 s of hellos every 50 ms, each asking to start over
+        clock[0] += 0.05
+        client.cursor = pub._next_seq  # it read everything it was sent
+        pub._on_peer_message(None, b"peer", hello)
+        if client.cursor == 0:
+            resyncs.append(round(clock[0] - 100.0, 2))
+    assert 6 <= len(resyncs) <= 9, resyncs  # 0.5, 1, 2, 4, 8, 16, 30 s apart (was every 0.5 s: 120)
+    assert client.resync_s == peers.RESYNC_MAX_S
+    clock[0] += 100.0  # quiet for a while, then one resync (a restarted run): honoured, the pause short again
+    client.cursor = pub._next_seq
+    pub._on_peer_message(None, b"peer", hello)
+    assert client.cursor == 0 and client.resync_s == peers.RESYNC_MIN_S
