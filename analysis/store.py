@@ -54,6 +54,7 @@ class RunHistory:
         self.rejected_fields = 0  # fields dropped at ingest: wrong type or range, names past the cap (schema.py)
         self.field_rejections: deque[str] = deque(maxlen=20)  # which, most recent last
         self.thinned = 0  # rows removed by thinning (older history at half resolution)
+        self.backfilled = 0  # values changed in rows older than the newest (trailing reward batches)
         self.out_of_order = 0  # step records older than the newest step, ignored
         self.checkpoints: list[dict] = []
         self.rewards: deque[dict] = deque(maxlen=256)  # reward batches (stats + samples), newest last
@@ -184,6 +185,9 @@ class RunHistory:
             for name, value in metrics.items():
                 col = self.columns.get(name) or self.column(name)
                 if col is not None:
+                    old = col.values[row]
+                    if row < self.rows - 1 and not (old == value or (old != old and value != value)):
+                        self.backfilled += 1  # a row a detection pass may have judged changed: see `revision`
                     col.values[row] = value
                     col.logged[row] = True
 
@@ -203,9 +207,11 @@ class RunHistory:
         self.rows = n
 
     @property
-    def revision(self) -> tuple[int, int]:
-        """Changes whenever rows other than the newest may have changed (thinning): the detector cache's token."""
-        return (id(self), self.thinned)
+    def revision(self) -> tuple[int, int, int]:
+        """Changes whenever rows other than the newest may have changed (thinning, a trailing reward batch's
+        `groups/*` filled into an older row): the detector cache's token, so its next pass starts over instead
+        of leaving the filled row judged as it was."""
+        return (id(self), self.thinned, self.backfilled)
 
     @property
     def trainer(self) -> str:

@@ -68,6 +68,7 @@ class Thresholds:
     reward_mismatch_tol: float = 1e-3  # |reward - sum(rewards/<f>/mean)| relative to the reward scale
     no_signal_frac: float = 0.9  # frac_reward_zero_std at or above this: no learning signal (high)
     no_signal_jump: float = 0.35  # frac_reward_zero_std this far above its baseline level: a jump (medium)
+    groups_flat_frac: float = 0.75  # groups/too_easy (too_hard) recent median at or above: most solved (hopeless)
     fraction_floor: float = 0.2  # smallest scale used for 0..1 fraction metrics (they move in coarse steps)
     reward_std_collapse: float = 0.05  # reward_std below this fraction of its early level: no signal (high)
     hack_window: int = 50  # reward climb this recent + a hacking sign = reward hacking
@@ -204,6 +205,7 @@ _FIELD_SPECS: list[dict[str, Any]] = [
     _h("reward_mismatch_tol", "relative reward vs sum of reward functions mismatch", 1e-3, min=0.0),
     _h("no_signal_frac", "frac_reward_zero_std for no learning signal", 0.05, min=0.0, max=1.0),
     _h("no_signal_jump", "frac_reward_zero_std jump above its level for no learning signal", 0.05, min=0.0, max=1.0),
+    _h("groups_flat_frac", "groups/too_easy or too_hard recent median: most solved/hopeless", 0.05, min=0.5, max=1.0),
     _h("fraction_floor", "smallest scale for 0..1 fraction metrics", 0.05, min=0.0, max=1.0),
     _h("reward_std_collapse", "reward_std / early level for no learning signal", 0.01, min=0.0, max=1.0),
     _h("hack_window", "steps a reward climb stays relevant for reward hacking", 10, min=1),

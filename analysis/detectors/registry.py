@@ -289,11 +289,39 @@ _RECORDS = (
     ),
     Detector(
         "no_learning_signal",
-        "frac_reward_zero_std jumping or near 1 / reward_std collapsing (medium/high)",
-        ("frac_reward_zero_std", "reward_std"),
+        "frac_reward_zero_std jumping or near 1 / reward_std collapsing (medium/high); defers to groups_too_easy / "
+        "groups_too_hard where most groups are solved or hopeless",
+        ("frac_reward_zero_std", "reward_std", "groups/too_easy", "groups/too_hard"),
         ("no_signal_frac", "no_signal_jump", "reward_std_collapse", "recent_steps"),
         (MEDIUM, HIGH),
         _no_signal,
+    ),
+    # From the prompt-group split of the reward batches (analysis/groups.py); where it explains a
+    # no_learning_signal alarm it takes it over, at its severity (rules.learning_signal).
+    Detector(
+        "groups_too_easy",
+        "most prompt groups all at the run's best reward: solved, no gradient from them (medium; high where "
+        "no_learning_signal would be)",
+        ("groups/too_easy",),
+        ("groups_flat_frac", "recent_steps"),
+        (MEDIUM, HIGH),
+        lambda metric, value, score: (
+            f"{100 * score:.0f}% of prompt groups are all-correct: the task is solved at this difficulty, GRPO gets "
+            "no gradient from them",
+            "raise the difficulty or filter out solved prompts (or grade the reward more finely)",
+        ),
+    ),
+    Detector(
+        "groups_too_hard",
+        "most prompt groups all at the run's worst reward: hopeless, no gradient from them (medium; high where "
+        "no_learning_signal would be)",
+        ("groups/too_hard",),
+        ("groups_flat_frac", "recent_steps"),
+        (MEDIUM, HIGH),
+        lambda metric, value, score: (
+            f"{100 * score:.0f}% of prompt groups are all-wrong: too hard, GRPO gets no gradient from them",
+            "use a curriculum or easier prompts, or a denser (partial-credit) reward",
+        ),
     ),
     Detector(
         "reward_noise",

@@ -306,10 +306,31 @@ def reward_identity(c: Context) -> Flags:
             yield "reward_mismatch", "reward", lev, resid
 
 
+def group_split_held(c: Context) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Rows where the median of the last `recent_steps` logs of `groups/too_easy` / `groups/too_hard`
+    (analysis/groups.py, from the reward batches' scores) is at or above `groups_flat_frac` (None: the run has
+    no such series). The same window as no_learning_signal's, so where its zero-spread fraction holds near 1
+    because of one kind of group, the split holds on the same rows and can take the alarm over."""
+    out = []
+    for name in ("groups/too_easy", "groups/too_hard"):
+        ser = c.s(name)
+        out.append(None if ser is None else ser.recent(c.rn) >= c.th.groups_flat_frac)
+    return out[0], out[1]
+
+
 @rule
 def learning_signal(c: Context) -> Flags:
-    """No learning signal: groups with identical rewards, reward spread collapsing."""
-    th, s, rn, plan = c.th, c.s, c.rn, c.plan
+    """No learning signal: groups with identical rewards, reward spread collapsing; and the prompt-group split
+    saying why (most groups solved, or most hopeless). Where the split explains it, no_learning_signal defers
+    to it: the split's detector takes the alarm (at no_learning_signal's severity when that was higher), so one
+    cause raises one alarm and its advice (harder prompts / easier prompts) is not "raise the temperature"."""
+    th, s, rn, plan, n = c.th, c.s, c.rn, c.plan, c.n
+    easy, hard = group_split_held(c)
+    explained = np.zeros(n, dtype=bool)
+    for held in (easy, hard):
+        if held is not None:
+            explained |= held
+    deferred = np.zeros(n, dtype=np.int8)  # the level no_learning_signal gave up where the split explains it
     fz = s("frac_reward_zero_std")
     if fz is not None:
         # Identical rewards within a group are normal when prompts are too easy or too hard: only a fraction
@@ -318,7 +339,8 @@ def learning_signal(c: Context) -> Flags:
         jump = fz.recent(2 * rn) - fz.level  # a longer median: a few groups make the fraction coarse
         jump[~fz.ok] = np.nan
         lev = np.where(cur >= th.no_signal_frac, 3, np.where(jump >= th.no_signal_jump, 2, 0)).astype(np.int8)
-        yield "no_learning_signal", "frac_reward_zero_std", lev, cur
+        deferred = np.maximum(deferred, np.where(explained, lev, 0))
+        yield "no_learning_signal", "frac_reward_zero_std", np.where(explained, 0, lev).astype(np.int8), cur
         # The other way: where a good share of groups used to tie (a rule-based reward scores alike
         # completions alike), none tying for most of the last 2 x recent_steps logs means the rewards turned
         # continuous: a reward model or function drifting to noise. (With a tie share L and g groups a log with
@@ -333,7 +355,14 @@ def learning_signal(c: Context) -> Flags:
             cur = rs.recent(rn)
             collapsed = cur <= th.reward_std_collapse * early
             collapsed[: row + 1] = False
-            yield "no_learning_signal", "reward_std", np.where(collapsed, 3, 0).astype(np.int8), cur
+            deferred = np.maximum(deferred, np.where(collapsed & explained, 3, 0))
+            yield "no_learning_signal", "reward_std", np.where(collapsed & ~explained, 3, 0).astype(np.int8), cur
+    if easy is not None:
+        x = c.series["groups/too_easy"].recent(rn)
+        yield "groups_too_easy", "groups/too_easy", np.where(easy, np.maximum(deferred, 2), 0).astype(np.int8), x
+    if hard is not None:
+        x = c.series["groups/too_hard"].recent(rn)
+        yield "groups_too_hard", "groups/too_hard", np.where(hard, np.maximum(deferred, 2), 0).astype(np.int8), x
 
 
 @rule

@@ -246,3 +246,48 @@ def test_a_new_revision_token_or_a_thinned_store_starts_over():
     assert hist.thinned > 0
     assert evaluate(hist, cache=cache, revision=hist.revision) == evaluate(hist)
     assert cache.reused_blocks == 0 and cache.rows_read == hist.rows
+
+
+def _reward(step: int, scores: list[float]) -> dict:
+    return {"reward_func": "acc", "step": step, "scores": scores, "samples": [], "rank": 0}
+
+
+def test_a_trailing_reward_batch_filled_into_an_older_row_is_judged_by_the_next_cached_pass():
+    """Reward messages trail their step rows: the prompt-group split of a step can land in its row after a
+    pass judged that row without it. The store's revision changes then, so the cache starts over."""
+    m = grpo_run(220, 6)  # long enough that the late rows lie before the chunk a cached pass redoes
+    solved = [1.0] * 8  # 4 groups of 2, every completion right
+    mixed = [0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # one group of four solved, none hopeless
+    hist = RunHistory("r")
+    hist.meta.update({"trainer": "GRPOTrainer", "args": {"num_generations": 2}})
+    late = range(100, 110)  # these steps' reward batches arrive only after step 220
+    for i in range(220):
+        step = i + 1
+        hist.add_step(
+            step, {k: float(v[i]) for k, v in m.items()} | {"frac_reward_zero_std": 1.0 if step >= 100 else 0.25}
+        )
+        if step not in late:
+            hist.add_reward(_reward(step, solved if step >= 100 else mixed))
+    assert np.isnan(hist.values("groups/too_easy")[99:109]).all() and hist.latest("groups/too_easy") == 1.0
+    cache, stale = DetectionCache(), DetectionCache()
+    before = hist.revision
+    first = evaluate(hist, cache=cache, revision=hist.revision)[0]
+    evaluate(hist, cache=stale, revision=before)
+    easy = [e for e in first if e["detector"] == "groups_too_easy"]
+    assert [e["step"] for e in easy] == [112]  # rows 100..109 had no split yet: no_learning_signal there
+    assert [e["step"] for e in first if e["detector"] == "no_learning_signal"] == [102]
+    for step in late:  # now they arrive, into rows older than the newest
+        hist.add_reward(_reward(step, solved))
+    assert (hist.values("groups/too_easy")[99:109] == 1.0).all()
+    assert hist.revision != before and hist.rows == 220
+    got = evaluate(hist, cache=cache, revision=hist.revision)[0]
+    assert got == detect(hist)
+    assert [e["step"] for e in got if e["detector"] == "groups_too_easy"] == [102]
+    assert not [e for e in got if e["detector"] == "no_learning_signal"]  # the split explains it from the start
+    # a cache that kept trusting the old token would keep the stale answer (why the store bumps it)
+    assert evaluate(hist, cache=stale, revision=before)[0] != got
+    # filling the newest row, or a value already there, changes nothing a pass relied on
+    now = hist.revision
+    hist.add_reward(_reward(220, solved))
+    hist.add_reward(_reward(105, solved))
+    assert hist.revision == now

@@ -749,3 +749,79 @@ def test_truncation_is_a_note_when_most_completions_hit_the_limit():
     assert not [
         e for e in run(dict(base, **{"completions/clipped_ratio": np.full(300, 0.5)})) if e["detector"] == "truncation"
     ]
+
+
+def _groups(n: int, easy: np.ndarray, hard: np.ndarray, seed: int = 15) -> dict[str, np.ndarray]:
+    """A healthy GRPO history with the prompt-group split and a frac_reward_zero_std that agrees with it."""
+    rng = np.random.default_rng(seed)
+    other = rng.choice([0.0, 0.125], n, p=[0.8, 0.2])
+    m = grpo_run(n, seed)
+    m.update({"groups/too_easy": easy, "groups/too_hard": hard, "groups/zero_std_other": other})
+    m["frac_reward_zero_std"] = np.minimum(1.0, easy + hard + other)
+    return m
+
+
+def _by(episodes: list[dict], detector: str) -> list[dict]:
+    return [e for e in episodes if e["detector"] == detector]
+
+
+def test_most_groups_solved_is_groups_too_easy_and_no_learning_signal_defers_to_it():
+    n, t = 300, np.arange(300)
+    rng = np.random.default_rng(3)
+    base = rng.choice([0.0, 0.125, 0.25], n)
+    hard = rng.choice([0.0, 0.125], n, p=[0.9, 0.1])
+    # held at 0.95 from row 200: frac_reward_zero_std near 1 (no_learning_signal's high) explained by the split
+    m = _groups(n, np.where(t >= 200, 0.95, base), np.where(t >= 200, 0.0, hard))
+    eps = run(m, GRPO)
+    easy = _by(eps, "groups_too_easy")
+    assert len(easy) == 1 and easy[0]["severity"] == "high" and 201 <= easy[0]["step"] <= 204
+    assert easy[0]["metric"] == "groups/too_easy" and "all-correct" in easy[0]["message"]
+    assert "difficulty" in easy[0]["recommendation"] and "95%" in easy[0]["message"]
+    assert not _by(eps, "no_learning_signal") and not _by(eps, "groups_too_hard")
+    # the same run without the split (a trainer_state.json): no_learning_signal, as before
+    plain = run({k: v for k, v in m.items() if not k.startswith("groups/")}, GRPO)
+    nls = _by(plain, "no_learning_signal")
+    assert nls and nls[0]["severity"] == "high" and not _by(plain, "groups_too_easy")
+    assert [e["step"] for e in nls] == [e["step"] for e in easy]  # the same alarm, taken over on the same rows
+    # 0.76 solved: a jump of the zero-spread fraction (medium, below no_signal_frac), taken over at medium
+    m = _groups(n, np.where(t >= 200, 0.76, base), np.where(t >= 200, 0.0, hard))
+    eps = run(m, GRPO)
+    assert [e["severity"] for e in _by(eps, "groups_too_easy")] == ["medium"] and not _by(eps, "no_learning_signal")
+    assert grown(m, GRPO, chunk=37) == eps  # incremental passes agree with a cold one
+
+
+def test_a_brief_run_of_solved_groups_is_no_alarm_but_a_held_one_with_a_dip_is_one():
+    n, t = 300, np.arange(300)
+    rng = np.random.default_rng(4)
+    base = rng.choice([0.0, 0.125, 0.25], n)
+    hard = np.zeros(n)
+    brief = base.copy()
+    brief[200:202] = 1.0  # two logs of every group solved, then back
+    brief[250:253:2] = 1.0  # and two more, apart
+    eps = run(_groups(n, brief, hard), GRPO)
+    assert not _by(eps, "groups_too_easy") and not _by(eps, "no_learning_signal")
+    held = np.where(t >= 200, 0.9, base)
+    held[230] = 0.3  # one batch of harder prompts
+    eps = _by(run(_groups(n, held, hard), GRPO), "groups_too_easy")
+    assert len(eps) == 1 and 201 <= eps[0]["step"] <= 204 and eps[0]["last_step"] == n
+    # the threshold: 0.7 solved stays below groups_flat_frac = 0.75
+    assert not _by(run(_groups(n, np.where(t >= 200, 0.7, base), hard), GRPO), "groups_too_easy")
+    lower = TH.replace(groups_flat_frac=0.6)
+    assert _by(run(_groups(n, np.where(t >= 200, 0.7, base), hard), GRPO, lower), "groups_too_easy")
+
+
+def test_most_groups_hopeless_is_groups_too_hard_and_a_mix_stays_no_learning_signal():
+    n, t = 300, np.arange(300)
+    rng = np.random.default_rng(5)
+    easy = rng.choice([0.0, 0.125, 0.25], n)
+    hard = np.where(t >= 150, 0.875, rng.choice([0.0, 0.125], n))
+    eps = run(_groups(n, np.where(t >= 150, 0.0, easy), hard), GRPO)
+    too_hard = _by(eps, "groups_too_hard")
+    assert len(too_hard) == 1 and too_hard[0]["metric"] == "groups/too_hard" and 151 <= too_hard[0]["step"] <= 154
+    assert "all-wrong" in too_hard[0]["message"] and "easier prompts" in too_hard[0]["recommendation"]
+    assert not _by(eps, "no_learning_signal") and not _by(eps, "groups_too_easy")
+    # half solved and half hopeless: no one kind explains it, so the zero-spread alarm stays no_learning_signal's
+    mix = _groups(n, np.where(t >= 150, 0.5, easy), np.where(t >= 150, 0.45, 0.0))
+    eps = run(mix, GRPO)
+    assert _by(eps, "no_learning_signal")[0]["severity"] == "high"
+    assert not _by(eps, "groups_too_easy") and not _by(eps, "groups_too_hard")
