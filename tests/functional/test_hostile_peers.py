@@ -164,19 +164,28 @@ def test_the_run_socket_shares_frames_with_monitor_queues(address, monkeypatch):
         pub.stop()
 
 
+def _publisher_on_a_fake_clock(monkeypatch, run: str, steps: int):
+    """A Publisher (no socket, no thread) whose peer handling reads `clock[0]` as its time, with `steps` steps of
+    history: what the peer tests below drive by hand, one loop turn at a time."""
+    from rlhf_tui.bridge.training import peers
+    from rlhf_tui.bridge.training.publisher import Publisher
+
+    clock = [1000.0]
+    monkeypatch.setattr(peers.time, "monotonic", lambda: clock[0])
+    pub = Publisher(False, run, handler=lambda item: [item])
+    for step in range(steps):
+        pub.publish(protocol.STEP, {"step": step, "metrics": {"loss": 1.0}})
+    return pub, clock
+
+
 def test_a_monitor_whose_pipe_stays_full_is_tried_ever_less_often(monkeypatch):
     # 64 monitors that never read were tried every 10 ms loop turn each (the resync and hello floods' cost):
     # a full pipe is now tried again after 10 ms, doubling to 160 ms while it stays full.
     import zmq
 
     from rlhf_tui.bridge.training import peers
-    from rlhf_tui.bridge.training.publisher import Publisher
 
-    clock = [1000.0]
-    monkeypatch.setattr(peers.time, "monotonic", lambda: clock[0])
-    pub = Publisher(False, "full-pipe-run", handler=lambda item: [item])
-    for step in range(20):
-        pub.publish(protocol.STEP, {"step": step, "metrics": {"loss": 1.0}})
+    pub, clock = _publisher_on_a_fake_clock(monkeypatch, "full-pipe-run", 20)
 
     class FullPipe:
         sends = 0
@@ -201,12 +210,7 @@ def test_a_monitor_whose_pipe_stays_full_is_tried_ever_less_often(monkeypatch):
 def test_a_flood_of_cheap_frames_is_throttled_like_a_slow_one(monkeypatch):
     # 100 garbage frames read well within the 1 ms budget used to pause reading for only 1 ms, never doubling:
     # a flood of cheap frames was read almost continuously (the hello flood's step time: +66 %).
-    from rlhf_tui.bridge.training import peers
-    from rlhf_tui.bridge.training.publisher import Publisher
-
-    clock = [500.0]
-    monkeypatch.setattr(peers.time, "monotonic", lambda: clock[0])
-    pub = Publisher(False, "cheap-flood-run", handler=lambda item: [item])
+    pub, clock = _publisher_on_a_fake_clock(monkeypatch, "cheap-flood-run", 0)
 
     class Flood:
         def recv_multipart(self, flags=0):
@@ -224,13 +228,8 @@ def test_a_peer_that_keeps_asking_for_the_whole_history_gets_it_ever_less_often(
     # Each resync sends the whole history again; 8 peers asking twice a second made training's libzmq thread
     # send ~10 MB/s (+4.5 s of CPU over a 600-step run). The pause doubles while a monitor keeps asking.
     from rlhf_tui.bridge.training import peers
-    from rlhf_tui.bridge.training.publisher import Publisher
 
-    clock = [100.0]
-    monkeypatch.setattr(peers.time, "monotonic", lambda: clock[0])
-    pub = Publisher(False, "resync-run", handler=lambda item: [item])
-    for step in range(50):
-        pub.publish(protocol.STEP, {"step": step, "metrics": {"loss": 1.0}})
+    pub, clock = _publisher_on_a_fake_clock(monkeypatch, "resync-run", 50)
     hello = {"kind": protocol.HELLO, "data": {"run": "other", "since": 0, "resync": True}}
     pub._on_peer_message(None, b"peer", hello)  # its first hello: served from 0
     client = pub._clients[b"peer"]
@@ -240,7 +239,7 @@ def test_a_peer_that_keeps_asking_for_the_whole_history_gets_it_ever_less_often(
         client.cursor = pub._next_seq  # it read everything it was sent
         pub._on_peer_message(None, b"peer", hello)
         if client.cursor == 0:
-            resyncs.append(round(clock[0] - 100.0, 2))
+            resyncs.append(round(clock[0] - 1000.0, 2))
     assert 6 <= len(resyncs) <= 9, resyncs  # 0.5, 1, 2, 4, 8, 16, 30 s apart (was every 0.5 s: 120)
     assert client.resync_s == peers.RESYNC_MAX_S
     clock[0] += 100.0  # quiet for a while, then one resync (a restarted run): honoured, the pause short again
