@@ -10,6 +10,22 @@ import math
 from typing import Any
 
 
+def finite(value: Any) -> float | None:
+    """`value` as a finite float (anything float() takes: numpy scalars, numeric strings), else None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def finite_number(value: Any) -> float | None:
+    """`value` as a float when it already is a finite int or float (not a bool, not a string), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 def json_safe(value: Any) -> Any:
     """A copy of `value` as plain JSON data: non-finite floats become None, tuples lists, dict keys strings,
     numpy scalars Python numbers, anything else its str()."""

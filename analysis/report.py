@@ -4,13 +4,13 @@ snapshot key and the TUI panes. Pure numpy + stdlib.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import numpy as np
 
 from rlhf_tui.analysis.detectors.episodes import EPISODE_ORDER
+from rlhf_tui.analysis.plain_json import finite
 from rlhf_tui.analysis.reward_components import completions_section, groups_section, reward_components
 from rlhf_tui.analysis.reward_report import rewards_section, run_reward_episodes
 from rlhf_tui.analysis.rollout import rollout_section
@@ -35,14 +35,6 @@ def ordered_metrics(names, kind: str = RL) -> list[str]:
 
 
 severity_at_least = Severity.at_least
-
-
-def finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def run_anomalies(run: RunHistory, thresholds=None) -> list[dict]:

@@ -11,12 +11,12 @@ function. Pure numpy + stdlib.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from rlhf_tui.analysis.groups import METRICS as GROUP_METRICS
+from rlhf_tui.analysis.plain_json import finite_number
 from rlhf_tui.analysis.reward_streams import RewardStream
 
 DEAD_BATCHES = 4  # newest batches of a function that must all be flat for it to count as dead
@@ -25,12 +25,6 @@ GROUP_STEPS = 5  # newest steps the groups' word is judged on
 GROUP_WORD_SHARE = 0.5  # mean share of groups over those steps that makes the word
 COMPLETION_STEPS = 3  # newest steps with samples the report lists
 COMPLETION_CHARS = 2000  # characters of a prompt or completion the report keeps
-
-
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def is_dead(stream: RewardStream, batches: int = DEAD_BATCHES) -> bool:
@@ -51,13 +45,13 @@ def reward_components(streams: Any, functions: dict[str, dict]) -> dict[str, dic
     dead = {name: is_dead(streams.streams[name]) for name in functions if name in streams.streams}
     out: dict[str, dict] = {}
     for name, f in functions.items():
-        share = _finite(f.get("share"))
+        share = finite_number(f.get("share"))
         others_vary = any(not d for other, d in dead.items() if other != name)
         out[name] = {
-            "mean": _finite(f.get("mean")),
-            "std": _finite(f.get("std")),
+            "mean": finite_number(f.get("mean")),
+            "std": finite_number(f.get("std")),
             "share": share,
-            "correlation": {k: _finite(v) for k, v in (f.get("correlation") or {}).items()},
+            "correlation": {k: finite_number(v) for k, v in (f.get("correlation") or {}).items()},
             "dead": dead.get(name, False),
             "dominating": len(functions) >= 2
             and not dead.get(name, False)
@@ -114,9 +108,9 @@ def completions_section(run: Any, steps: int = COMPLETION_STEPS) -> list[dict]:
                 "rank": r.get("rank"),
                 "prompt": str(r.get("prompt") or "")[-COMPLETION_CHARS:],
                 "completion": str(r.get("completion") or "")[:COMPLETION_CHARS],
-                "scores": {k: _finite(v) for k, v in (r.get("scores") or {}).items()},
-                "total": _finite(r.get("total")),
-                "advantage": _finite(r.get("advantage")),
+                "scores": {k: finite_number(v) for k, v in (r.get("scores") or {}).items()},
+                "total": finite_number(r.get("total")),
+                "advantage": finite_number(r.get("advantage")),
                 "truncated": bool(r.get("truncated")),
                 "length": r.get("length"),
                 "nonfinite": bool(r.get("nonfinite")),

@@ -6,19 +6,13 @@ monitor judges the scores itself: the training side's `analysis` of a reward mes
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from rlhf_tui.analysis.plain_json import finite_number
 from rlhf_tui.analysis.reward_episodes import reward_episodes, severity_counts
 from rlhf_tui.analysis.store import RunHistory
 
 RELIABILITY_KEYS = ("stability", "consistency", "variance", "mean_reward")
-
-
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def run_reward_episodes(run: RunHistory, thresholds=None) -> list[dict]:
@@ -58,7 +52,7 @@ def rewards_section(run: RunHistory, episodes: list[dict]) -> dict[str, Any]:
     for entry in functions.values():
         recommendations.extend(entry.get("recommendations") or [])
     out: dict[str, Any] = {
-        "reliability_metrics": {k: _finite(rel.get(k)) for k in RELIABILITY_KEYS},
+        "reliability_metrics": {k: finite_number(rel.get(k)) for k in RELIABILITY_KEYS},
         "batches": streams.batches(),
         **extra,
         "anomalies": episodes,

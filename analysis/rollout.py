@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_tui.analysis.detectors.rules import SAMPLING_DIFFERENCE, SAMPLING_IS_RATIO
+from rlhf_tui.analysis.plain_json import finite
 from rlhf_tui.analysis.store import RunHistory
 
 OK, ELEVATED, HIGH = "ok", "elevated", "high"
@@ -42,14 +43,6 @@ PHASES = (
     ("scoring", "time/scoring_s"),
     ("update", "time/optimisation_s"),
 )
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _recent(run: RunHistory, name: str) -> np.ndarray:
@@ -99,7 +92,7 @@ def truncation(run: RunHistory, limit: float = 0.9, elevated: float = 0.5) -> di
     if level == HIGH:
         out["note"] = "the length limit shapes the reward"
     args = run.meta.get("args")
-    max_len = _finite(args.get("max_completion_length")) if isinstance(args, dict) else None
+    max_len = finite(args.get("max_completion_length")) if isinstance(args, dict) else None
     if max_len is not None and max_len > 0:
         out["max_completion_length"] = int(max_len) if max_len.is_integer() else max_len
     return out
@@ -193,12 +186,12 @@ def time_split(run: RunHistory) -> dict | None:
     row = int(rows[-1])
     phases = {}
     for phase, name in present:
-        v = _finite(run.values(name)[row])
+        v = finite(run.values(name)[row])
         if v is not None and v >= 0:
             phases[phase] = v
     total = sum(phases.values())
     step_metric = next((n for n in STEP_TOTALS if n in run.columns and np.isfinite(run.values(n)[row])), None)
-    step_s = _finite(run.values(step_metric)[row]) if step_metric else None
+    step_s = finite(run.values(step_metric)[row]) if step_metric else None
     of_step = step_s is not None and step_s > 0 and step_s >= total * (1 - 1e-6)
     base = step_s if of_step else total
     out: dict[str, Any] = {"step": int(run.steps[row]), "of": "step" if of_step else "phases"}
