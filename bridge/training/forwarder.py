@@ -72,6 +72,10 @@ class Forwarder(Publisher):
         self.stats["samples_cut"] = 0  # reward samples left out or clipped to fit a forward
         self.stats["batches_cut"] = 0  # reward batches left out of a forward (too many scores for 16 KiB)
         self._retry: deque[tuple[float, dict]] = deque()  # (when queued, reward data) not sent yet
+        # Bytes a reward batch's data may take: one forward frame less the envelope around it (with the longest
+        # token; a later timestamp may be a few characters longer). The same for every batch of this rank.
+        envelope = protocol.forward(run_id, rank, protocol.REWARD, {}, time.time(), "t" * MAX_TOKEN_CHARS)
+        self._reward_budget = MAX_FORWARD_BYTES - len(envelope) - 64
         self._token = token if token is not None else TokenSource(self.address, curve)
         self._started_at = time.monotonic()
         self._warned_no_token = False
@@ -155,7 +159,7 @@ class Forwarder(Publisher):
         if sock is None:
             return
         if kind == protocol.REWARD:
-            fitted, cut, left_out = fit_reward(protocol.to_json_safe(data), self._reward_budget())
+            fitted, cut, left_out = fit_reward(protocol.to_json_safe(data), self._reward_budget)
             self.stats["samples_cut"] += cut
             self.stats["batches_cut"] += left_out
             if fitted is None:
@@ -176,11 +180,6 @@ class Forwarder(Publisher):
             return
         if not self._try_send(sock, kind, data, token):
             self.stats["dropped"] += 1
-
-    def _reward_budget(self) -> int:
-        """Bytes a reward batch's data may take: one forward frame less the envelope around it (the longest token)."""
-        envelope = protocol.forward(self.run_id, self.rank, protocol.REWARD, {}, time.time(), "t" * MAX_TOKEN_CHARS)
-        return MAX_FORWARD_BYTES - len(envelope) - 64  # a later timestamp may be a few characters longer
 
     def _try_send(self, sock, kind: str, data: dict, token: str) -> bool:
         """Send one forward; False when it cannot go now (to be retried or dropped by the caller)."""

@@ -83,9 +83,13 @@ class Recorder:
         log and the stream with its rank. A sample without a step of its own gets this process's newest step."""
         if kind == protocol.SYSTEM:
             if type(data.get("step")) is not int:
-                data["step"] = self.last_log_step if self.last_log_step is not None else 0
+                data["step"] = self._step_now()
             return [events.Message(kind, self._logged("system", data), rank)]
         return [events.Message(kind, self._logged("reward_batch", data), rank)]
+
+    def _step_now(self) -> int:
+        """The step a system sample is logged under: the newest logged step (0 before the first)."""
+        return self.last_log_step if self.last_log_step is not None else 0
 
     def status(self) -> dict:
         """What the heartbeats add to the publisher's counters: the JSONL log's failed writes, when any."""
@@ -126,19 +130,19 @@ class Recorder:
         """(episodes new since the last pass, for the JSONL log; one ANOMALY message per new or changed one)."""
         if self._detector_failed or not self.cb.detect_anomalies:
             return [], []
+        actions = getattr(self.cb, "actions", None)  # on_alarm: decided here, taken on the training thread
         try:
             if self.detector is None:
                 from rlhf_tui.bridge.training.anomalies import CEILING_S, PERIOD_S, TrainingAnomalies
 
                 # With on_alarm the user asked the engine to act: judge every second (the pass's CPU is worth a
                 # saved run), not only once enough rows have come to make a pass cheap per row.
-                acting = bool(getattr(getattr(self.cb, "actions", None), "policy", None))
+                acting = bool(getattr(actions, "policy", None))
                 self.detector = TrainingAnomalies(
                     self.cb.thresholds, meta=self.cb.meta, ceiling_s=PERIOD_S if acting else CEILING_S
                 )
             self.detector.add(step, metrics)
             new, changed = self.detector.poll()
-            actions = getattr(self.cb, "actions", None)  # on_alarm: decided here, taken on the training thread
             if actions is not None:
                 actions.consider(changed, self.detector.first_step)
             return new, [events.Message(protocol.ANOMALY, protocol.to_json_safe(ep), self.cb.rank) for ep in changed]
@@ -237,7 +241,7 @@ class Recorder:
         if self.sampler is None:
             self.sampler = SystemSampler()
         sample = self.sampler.sample()
-        sample["step"] = self.last_log_step if self.last_log_step is not None else 0  # before the first step: 0
+        sample["step"] = self._step_now()
         sample.update(self.cb.rank_info)
         self.memory = memory_metrics(sample)
         self.memory_json = protocol.dumps(self._seed_memory())  # encoded once per sample, not per step
