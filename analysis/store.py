@@ -187,7 +187,7 @@ class RunHistory:
         row = int(np.searchsorted(self._steps[: self.rows], step))
         if row < self.rows and self._steps[row] == step:
             for name, value in metrics.items():
-                col = self.columns.get(name) or self.column(name)
+                col = self.column(name)
                 if col is not None:
                     old = col.values[row]
                     if row < self.rows - 1 and not (old == value or (old != old and value != value)):
