@@ -6,9 +6,9 @@ A pass over a history that grew since the last one recomputes only from the chun
 holds the last row seen before: block baselines from the blocks after those known, z-scores and flags of those
 rows, the rules over those rows plus their lookback (what the rules carry across chunk boundaries is in
 `carry.py`), and the episodes that may still change (`episodes.EpisodeBook`). The result is bit-identical to a
-pass over the whole history. Settings that change the baselines, the domain rules, the z-score or the episodes
-recompute that part over the whole history (the +/- keys on the z-score recompute its flags and the episodes
-only). Every pass checks that the earlier rows are unchanged — a caller's `revision` token, or the steps and a
+pass over the whole history. Settings that change the baselines, the z-score or the episodes recompute that
+part over the whole history (the +/- keys on the z-score recompute its flags and the episodes only); a domain
+setting reruns over the whole history only the rules that read it (the engine notes what each rule reads). Every pass checks that the earlier rows are unchanged — a caller's `revision` token, or the steps and a
 checksum of every metric — so a wrong reuse costs time, never correctness.
 """
 
@@ -37,7 +37,7 @@ from rlhf_tui.analysis.detectors.plan import (
     zscore_skips,
 )
 from rlhf_tui.analysis.detectors.registry import series_wanted
-from rlhf_tui.analysis.detectors.rules import Context, Series, flags
+from rlhf_tui.analysis.detectors.rules import Context, Series, Shared, rule_names, run_rules
 from rlhf_tui.analysis.thresholds import Thresholds
 
 
@@ -126,6 +126,7 @@ class DetectionCache:
         self.book: EpisodeBook | None = None
         self.reused_blocks = 0  # blocks of baselines reused by the last call (for tests and benchmarks)
         self.rows_read = 0  # rows the domain rules read in the last call (for tests and benchmarks)
+        self.rerun: tuple[str, ...] = ()  # the rules the last call ran over every row (for tests and benchmarks)
         self._plan_kept: tuple[tuple, Plan] | None = None
         self._th_kept: tuple[Thresholds, Thresholds] | None = None  # a copy of the last settings, and their domain part
         self._reset(None, 0)
@@ -138,7 +139,11 @@ class DetectionCache:
         self.level = Grow(metrics, np.float64, np.nan)  # median of block means (fractions only)
         self.med = Grow(metrics, np.float64, np.nan)  # block medians
         self.zabs = Grow(metrics, np.float32, np.nan)  # |z| per metric and row, NaN where not judged
-        self.carry = Carry()
+        self.carry: dict[str, Carry] = {}  # what each rule carries between passes, by rule name
+        self.reads: dict[str, set[str]] = {}  # the settings each rule read since it last ran over every row
+        self.uses: dict[str, set[str]] = {}  # ... and the values it read from earlier rules (Context.shared)
+        self.writers: dict[str, set[str]] = {}  # the rules that wrote each shared value
+        self.owner: dict[tuple[str, str], str] = {}  # the rule that flags each (detector, metric)
         self.flags: dict[tuple[str, str], Flags] = {}
         self.family: dict[tuple[str, str], str] = {}  # "nonfinite", "zscore" or "domain"
         self.domain_key = self.z_key = self.book_key = None
@@ -278,30 +283,30 @@ def _evaluate(cache, th, steps, metrics, logged, meta, names, keep_low, keep_oth
     cache.z_key = z_key
 
     domain_key = (cache._domain_settings(th), plan.dpo, plan.off_policy, plan.max_len, grace_end)
-    dom_from = a if domain_key == cache.domain_key else 0
+    whole = _rules_to_rerun(cache, domain_key, a)
     try:
-        fresh["domain"] = _domain_flags(cache, metrics, names, n, B, L, th, plan, dom_from, steps, grace_end)
+        fresh["domain"], rule_from = _domain_flags(cache, metrics, names, n, B, L, th, plan, a, whole, steps, grace_end)
     except MissingCarry:  # a carried value is not kept (cannot happen in an append-only history): start over
-        dom_from = 0
-        fresh["domain"] = _domain_flags(cache, metrics, names, n, B, L, th, plan, 0, steps, grace_end)
+        whole = set(rule_names())
+        fresh["domain"], rule_from = _domain_flags(cache, metrics, names, n, B, L, th, plan, 0, whole, steps, grace_end)
     cache.domain_key = domain_key
 
-    froms = {"nonfinite": a, "zscore": z_from, "domain": dom_from}
+    froms = {"nonfinite": a, "zscore": z_from}
     empty = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int8), np.empty(0), np.empty(0))
     for family, new in fresh.items():
-        row = froms[family]
         keys = set(new) | {k for k, f in cache.family.items() if f == family}
         for k in keys:
             fl = cache.flags.get(k)
             if fl is None:
                 fl = cache.flags[k] = Flags()
                 cache.family[k] = family
+            row = froms[family] if family != "domain" else rule_from[cache.owner[k]]
             if fl.replace_from(row, *new.get(k, empty)):
                 redo.add(k)
 
     muted = set(th.muted)
     book_key = (int(th.cooldown_steps), keep_low, keep_other, tuple(sorted(muted)))
-    if cache.book is None or book_key != cache.book_key or not stable or not z_from or not dom_from:
+    if cache.book is None or book_key != cache.book_key or not stable or not z_from or whole:
         cache.book, cache.book_key = EpisodeBook(int(th.cooldown_steps), keep_low, keep_other), book_key
         redo = set(cache.flags)
     live = {k: f for k, f in cache.flags.items() if k[0] not in muted}
@@ -398,16 +403,32 @@ def _zscore_flags(cache, metrics, names, n, B, th, z_from, steps, grace_end) -> 
     return out
 
 
-def _domain_flags(cache, metrics, names, n, B, L, th, plan, dom_from, steps, grace_end) -> dict:
-    """Every rule over rows w .. n-1 (w: `dom_from` less the rules' lookback, on the grid); flags from
-    `dom_from` on."""
-    if not dom_from:
-        cache.carry = Carry()
-    w = max(0, dom_from - L * -(-lookback(th) // L))
+def _rules_to_rerun(cache: DetectionCache, domain_key: tuple, a: int) -> set[str]:
+    """The rules whose flags must be made again over every row: all of them when nothing is kept (or the plan's
+    part of the key changed); else those that read a setting that changed, and (in turn) every rule that reads
+    what one of those passes on. The others resume at row `a`."""
+    every = rule_names()
+    if not a or cache.domain_key is None or cache.domain_key[1:] != domain_key[1:]:
+        return set(every)
+    old, new = cache.domain_key[0], domain_key[0]
+    if old is new or old == new:
+        return set()
+    changed = {f.name for f in dataclasses.fields(new) if getattr(old, f.name) != getattr(new, f.name)}
+    whole = {r for r in every if r not in cache.reads or cache.reads[r] & changed}
+    grown = True
+    while grown:
+        grown = False
+        for r in every:
+            if r not in whole and any(cache.writers.get(k, set()) & whole for k in cache.uses.get(r, ())):
+                whole.add(r)
+                grown = True
+    return whole
+
+
+def _series(metrics, names, n, B, w, leak, cache) -> tuple[dict[str, Series], int]:
+    """The row-level series the rules read, over rows w .. n-1 (padded to whole blocks)."""
     nb, wb = -(-n // B), w // B
     wn = n - w
-    leak = int(th.memory_leak_blocks)
-    series: dict[str, Series] = {}
     wanted = [(i, name) for i, name in enumerate(names) if name in _wanted(names)]
     xs = np.full((len(wanted), (nb - wb) * B), np.nan)  # the rows padded to whole blocks, NaN = missing
     for j, (_i, name) in enumerate(wanted):
@@ -416,27 +437,77 @@ def _domain_flags(cache, metrics, names, n, B, L, th, plan, dom_from, steps, gra
     before = min(leak, wb)
     center, scale = cache.center.data[:, wb:nb], cache.scale.data[:, wb:nb]
     level, ok, med = cache.level.data[:, wb:nb], cache.ok.data[:, wb:nb], cache.med.data[:, wb - before : nb]
-    for j, (i, name) in enumerate(wanted):
-        series[name] = Series(xs[j], center[i], scale[i], level[i], ok[i], B, wn, med[i], before)
-    cache.rows_read = wn
-    shared: dict[str, np.ndarray] = {}
-    if plan.eval_metrics:  # rows where the trainer also logged an evaluation
-        shared["eval_rows"] = np.logical_or.reduce(
-            [np.isfinite(_as_floats(metrics[e])[w:n]) for e in plan.eval_metrics]
-        )
-    ctx = Context(series, plan, th, wn, Pass(cache.carry, w, wn, n - 1, L), shared)
+    series = {
+        name: Series(xs[j], center[i], scale[i], level[i], ok[i], B, wn, med[i], before)
+        for j, (i, name) in enumerate(wanted)
+    }
+    return series, wn
+
+
+def _domain_flags(cache, metrics, names, n, B, L, th, plan, a, whole, steps, grace_end) -> tuple[dict, dict]:
+    """The rules' flags: those in `whole` over every row (their carried state made again), the others over rows
+    w .. n-1 (w: `a` less the rules' lookback, on the grid), flags from `a` on. Returns (flags by (detector,
+    metric), the row each rule's flags were made from)."""
+    every = rule_names()
+    rest = [r for r in every if r not in whole]
+    rule_from = {r: (0 if r in whole else a) for r in every}
+    # A rule rerun over every row needs the values it reads from earlier rules over every row too: those run
+    # with it on a scratch state (their own flags and state are kept from the incremental pass).
+    need = set(whole)
+    grown = True
+    while grown:
+        grown = False
+        for r in list(need):
+            for k in cache.uses.get(r, ()):
+                for w_rule in cache.writers.get(k, ()):
+                    if w_rule and w_rule not in need:
+                        need.add(w_rule)
+                        grown = True
+    for r in whole:
+        cache.carry[r] = Carry()
+        cache.reads[r] = set()
+        cache.uses[r] = set()
     out: dict[tuple[str, str], tuple] = {}
-    grace = steps[dom_from:] < grace_end
-    grace = grace if grace.any() else None
-    with np.errstate(invalid="ignore", divide="ignore"):  # NaN = missing, everywhere in the rules
-        produced = list(flags(ctx))
-    for det, metric, lev, score in produced:
-        lev = lev[dom_from - w :]
-        if grace is not None and det != "nonfinite":
-            lev = np.where(grace, 0, lev)
-        hit = lev.nonzero()[0]
-        if hit.size:
-            value = series[metric].x[dom_from - w :] if metric in series else np.full(lev.size, np.nan)
-            out[(det, metric)] = (hit + dom_from, lev[hit], score[dom_from - w :][hit], value[hit])
-    cache.carry.prune(L * ((n - 1) // L) - L * -(-lookback(th) // L))
-    return out
+    graces: dict[int, np.ndarray | None] = {}  # rows in the grace period, by the row flags start from
+    cache.rows_read = 0
+    runs = [(0, need, whole)] if whole else []
+    if rest:
+        runs.append((max(0, a - L * -(-lookback(th) // L)), set(rest), set(rest)))
+    for w, run, keep in runs:
+        series, wn = _series(metrics, names, n, B, w, int(th.memory_leak_blocks), cache)
+        cache.rows_read = max(cache.rows_read, wn)
+        shared = Shared()
+        if plan.eval_metrics:  # rows where the trainer also logged an evaluation
+            shared["eval_rows"] = np.logical_or.reduce(
+                [np.isfinite(_as_floats(metrics[e])[w:n]) for e in plan.eval_metrics]
+            )
+        passes = {r: Pass(cache.carry.setdefault(r, Carry()) if r in keep else Carry(), w, wn, n - 1, L) for r in run}
+        reads = {r: cache.reads.setdefault(r, set()) if r in keep else set() for r in run}
+        ctx = Context(series, plan, th, wn, Pass(Carry(), w, wn, n - 1, L), shared)
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN = missing, everywhere in the rules
+            produced = run_rules(ctx, passes, run, reads)
+        for k, rules in shared.writers.items():
+            cache.writers.setdefault(k, set()).update(rules)
+        for r in keep:
+            cache.uses.setdefault(r, set()).update(shared.readers.get(r, ()))
+        for r, det, metric, lev, score in produced:
+            if r not in keep:
+                continue
+            start = rule_from[r]
+            lev = lev[start - w :]
+            if start not in graces:
+                grace = steps[start:] < grace_end
+                graces[start] = grace if grace.any() else None
+            grace = graces[start]
+            if det != "nonfinite" and grace is not None:
+                lev = np.where(grace, 0, lev)
+            cache.owner[(det, metric)] = r
+            hit = lev.nonzero()[0]
+            if hit.size:
+                value = series[metric].x[start - w :] if metric in series else np.full(lev.size, np.nan)
+                out[(det, metric)] = (hit + start, lev[hit], score[start - w :][hit], value[hit])
+    oldest = L * ((n - 1) // L) - L * -(-lookback(th) // L)
+    for carry in cache.carry.values():
+        carry.prune(oldest)
+    cache.rerun = tuple(r for r in every if r in whole)
+    return out, rule_from

@@ -6,8 +6,10 @@ later rule may read what an earlier one left in `Context.shared` (reward hacking
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 
@@ -142,10 +144,64 @@ def rule(fn: Callable[[Context], Flags]) -> Callable[[Context], Flags]:
     return fn
 
 
-def flags(c: Context) -> Flags:
-    """Every registered rule's flags for one history."""
+class Reads:
+    """The thresholds as one rule sees them, noting every setting it reads: the engine reruns a rule over the
+    whole history only when a setting it read changes (the record is exact, whatever path the data took)."""
+
+    __slots__ = ("_th", "_read")
+
+    def __init__(self, th: Thresholds, read: set[str]):
+        self._th, self._read = th, read
+
+    def __getattr__(self, name: str) -> Any:
+        self._read.add(name)
+        return getattr(self._th, name)
+
+
+class Shared(dict):
+    """`Context.shared`, noting which rule wrote and which read each value (a rule rerun over the whole
+    history needs its writers' values over it too, and its readers must be rerun with it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rule = ""  # the rule running now ("" for the engine)
+        self.writers: dict[str, set[str]] = {}
+        self.readers: dict[str, set[str]] = {}
+
+    def __setitem__(self, key: str, value: np.ndarray) -> None:
+        self.writers.setdefault(key, set()).add(self.rule)
+        super().__setitem__(key, value)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        self.readers.setdefault(self.rule, set()).add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.readers.setdefault(self.rule, set()).add(key)
+        return super().get(key, default)
+
+
+def run_rules(c: Context, passes: dict[str, Pass], only: set[str] | None, reads: dict[str, set[str]]) -> list[tuple]:
+    """The flags of the registered rules (those in `only`, or all), in order: (rule, detector, metric, level,
+    score). Each rule runs with its own carried state (`passes`, by rule name) and has the settings it reads
+    added to `reads[rule]`; `c.shared` (a `Shared`) records what it passes on."""
+    out: list[tuple] = []
+    shared = c.shared
     for fn in RULES:
-        yield from fn(c)
+        name = fn.__name__
+        if only is not None and name not in only:
+            continue
+        if isinstance(shared, Shared):
+            shared.rule = name
+        mine = dataclasses.replace(c, th=cast(Thresholds, Reads(c.th, reads.setdefault(name, set()))), p=passes[name])
+        out.extend((name, *flag) for flag in fn(mine))
+    if isinstance(shared, Shared):
+        shared.rule = ""
+    return out
+
+
+def rule_names() -> list[str]:
+    return [fn.__name__ for fn in RULES]
 
 
 def armed_row(c: Context, rel: np.ndarray) -> int | None:

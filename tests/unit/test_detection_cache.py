@@ -235,6 +235,67 @@ def test_a_history_grown_in_random_chunks_with_merged_rows_equals_a_pass_over_al
     assert caches["revision"].rows_read < 400  # the last passes read the newest rows, not the history
 
 
+def test_a_detector_setting_reruns_over_the_history_only_the_rules_that_read_it():
+    """The kl runaway's factor: the KL rule and reward hacking (which reads the KL rule's held runaway) run over
+    every row; every other rule resumes at the newest rows and keeps its flags."""
+    m, meta = mixed_run(600, 4)
+    steps = np.arange(1, 601)
+    cache, th = DetectionCache(), Thresholds()
+    evaluate((steps, m, None, meta), th, cache=cache, revision=REV)
+    assert set(cache.rerun) == set(rules.rule_names())  # the first pass: every rule, every row
+    th2 = th.replace(kl_runaway_factor=40.0)
+    assert evaluate((steps, m, None, meta), th2, cache=cache, revision=REV) == evaluate((steps, m, None, meta), th2)
+    assert cache.rerun == ("kl", "reward_hacking")
+    th3 = th2.replace(memory_leak_frac=0.5)
+    assert evaluate((steps, m, None, meta), th3, cache=cache, revision=REV) == evaluate((steps, m, None, meta), th3)
+    assert cache.rerun == ("system",)
+    assert evaluate((steps, m, None, meta), th3, cache=cache, revision=REV)[0] and cache.rerun == ()
+
+
+REV = ("run", 0)
+
+
+def test_a_setting_a_rule_read_only_on_the_newest_rows_still_reruns_it():
+    """Reward hacking reads its clipped-ratio sign only where the reward climbed: a climb that came after the
+    first pass, judged by passes over the newest rows, makes the setting matter, and moving it must rerun it."""
+    from rlhf_tui.tui.config import step_setting
+
+    n = 900
+    m = {k: v.copy() for k, v in grpo_run(n, 3).items()}
+    m["reward"][630:] += np.linspace(0, 40, n - 630)
+    m["completions/clipped_ratio"][630:] = 0.52  # the only sign: hacking at the default 0.5, not at 0.55
+    steps, th = np.arange(1, n + 1), Thresholds()
+    cache = DetectionCache()
+    for end in (600, 650, 700, 800, 900):
+        evaluate((steps[:end], {k: v[:end] for k, v in m.items()}, None, META), th, cache=cache)
+    moved = step_setting(th, "hack_clipped_ratio", +1)
+    want = evaluate((steps, m, None, META), moved)
+    assert want != evaluate((steps, m, None, META), th)  # the setting decides this run's reward hacking
+    assert evaluate((steps, m, None, META), moved, cache=cache) == want
+    assert cache.rerun == ("reward_hacking",)
+
+
+def test_every_setting_moved_by_its_key_while_the_history_grows_equals_a_fresh_pass():
+    """Which rules a setting reruns is learnt from what each rule read; a rule may read a setting only on some
+    rows (reward hacking reads its entropy drop only where the reward climbed), so the record must cover the
+    passes over the newest rows too. Every field of the editor, moved up and down, between growing passes."""
+    from rlhf_tui.analysis.thresholds import THRESHOLD_FIELDS
+    from rlhf_tui.tui.config import step_setting
+
+    n = 900
+    m, meta = mixed_run(n, 5)
+    steps = np.arange(1, n + 1)
+    cache, th = DetectionCache(), Thresholds()
+    names = [spec["name"] for spec in THRESHOLD_FIELDS if spec["name"] != "muted"]
+    ends = np.linspace(300, n, len(names) + 1).astype(int)
+    evaluate((steps[: ends[0]], {k: v[: ends[0]] for k, v in m.items()}, None, meta), th, cache=cache)
+    for name, end in zip(names, ends[1:]):
+        part = (steps[:end], {k: v[:end] for k, v in m.items()}, None, meta)
+        evaluate(part, th, cache=cache)  # grown: a pass over the newest rows
+        for moved in (step_setting(th, name, +1), step_setting(th, name, -1), th):
+            assert evaluate(part, moved, cache=cache) == evaluate(part, moved), f"{name} at {end} rows"
+
+
 def test_a_new_revision_token_or_a_thinned_store_starts_over():
     m = faulty_run(600, seed=9)
     hist = RunHistory("r", capacity=512)
