@@ -102,6 +102,16 @@ def test_severities_and_registry():
         assert message and recommendation
 
 
+def test_the_series_wanted_are_those_some_record_reads():
+    """series_wanted matches every record's patterns at once; it must agree with the records one by one."""
+    from rlhf_tui.analysis.detectors.registry import series_wanted
+
+    names = [p.replace("*", "x") for r in REGISTRY.values() for p in r.series]
+    names += ["rewards/acc/mean", "rewards/acc/std", "reward", "Reward", "kl_extra", "x/kl", "memory/gpu_mb2", ""]
+    assert series_wanted(names) == {n for n in names if any(r.reads(n) for r in REGISTRY.values())}
+    assert "rewards/acc/mean" in series_wanted(names) and "Reward" not in series_wanted(names)
+
+
 def test_every_detector_a_rule_raises_has_a_record():
     src = inspect.getsource(rules)
     raised = set(re.findall(r'yield "([a-z_]+)"', src))
