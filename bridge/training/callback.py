@@ -213,6 +213,7 @@ class RLHFMonitorCallback(_Base):
                             forward_token=token,
                             world_size=world_size,
                             forwarded=self._recorder.forwarded,
+                            warm=self._recorder.warm,
                         )
                     pub.start()
                     self._publisher = pub

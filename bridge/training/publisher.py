@@ -108,8 +108,10 @@ class Publisher(History, Peers):
         forward_token: str | None = None,
         world_size: int | None = None,
         forwarded: Callable[[str, dict, int], Iterable[tuple]] | None = None,
+        warm: Callable[[], None] | None = None,
     ):
         super().__init__(run_id, history_bytes)
+        self._warm = warm  # run once on the thread after the bind (the handler's imports, while training starts)
         self.address = resolve_address(address) if address is not False else ""
         self._handler = handler
         self._idle = idle
@@ -315,6 +317,11 @@ class Publisher(History, Peers):
             self._note_error(exc)
             ctx = sock = None
         self._bound_event.set()
+        if self._warm is not None:
+            try:
+                self._warm()
+            except Exception as exc:  # a failed warm-up only costs the first step its imports
+                self._note_error(exc)
         try:
             self._loop(sock)
         except Exception as exc:

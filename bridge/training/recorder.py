@@ -91,6 +91,12 @@ class Recorder:
         """The step a system sample is logged under: the newest logged step (0 before the first)."""
         return self.last_log_step if self.last_log_step is not None else 0
 
+    def warm(self) -> None:
+        """On the publisher thread as it starts: import the detector engine (~25 ms, numpy and the rules) while
+        the trainer sets up, so the first logged step's pass does not pay for it."""
+        if self.cb.detect_anomalies and not self.forwarding:
+            import rlhf_tui.bridge.training.anomalies  # noqa: F401
+
     def status(self) -> dict:
         """What the heartbeats add to the publisher's counters: the JSONL log's failed writes, when any."""
         if self.jsonl is None or not self.jsonl.errors:
@@ -277,7 +283,7 @@ class Recorder:
             data = events.coalesced_rewards(name, batches)
             setting = getattr(self.cb, "sample_setting", DEFAULT_SETTING)
             max_length = self.cb.meta.get("args", {}).get("max_completion_length")
-            data["samples"] = protocol.to_json_safe(batch_samples(batches, setting, max_length))
+            data["samples"] = batch_samples(batches, setting, max_length)  # JSON-safe as it is built
             world_size = getattr(self.cb, "world_size", None)
             if type(world_size) is int and world_size > 1:  # one record per rank's batch: the monitor labels them
                 data["rank"] = self.cb.rank

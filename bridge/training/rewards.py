@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_tui.bridge.wire.protocol import to_json_safe
+
 SAMPLE_CHARS = 300  # prompt / completion characters the Rewards pane's few samples keep
 MAX_SAMPLES = 3  # samples the Rewards pane shows per reward message (the browser keeps `SampleSetting.per_step`)
 
@@ -53,14 +55,20 @@ def stratified_indices(
     the others (label "all") when n <= per_step, else the truncated ones, two non-finite ones and random ones,
     `per_step` in all."""
     per_step = max(1, int(per_step))
-    order = sorted((i for i in range(min(n, len(scores))) if _finite(scores[i])), key=lambda i: scores[i])
+    m = min(n, len(scores))
+    order = sorted((i for i in range(m) if _finite(scores[i])), key=lambda i: scores[i])
     picks: list[tuple[str, int]] = []
     if order:
         picks += [("best", order[-1]), ("worst", order[0]), ("median", order[len(order) // 2])]
-    if n <= per_step:
-        picks += [("all", i) for i in range(n)]
+    if n <= per_step:  # every completion is kept: the best, worst and median first, then the others in order
+        out, seen = [], set()
+        for label, i in picks:
+            if i not in seen:
+                seen.add(i)
+                out.append((label, i))
+        return out + [("all", i) for i in range(n) if i not in seen]
     picks += [("truncated", i) for i, t in enumerate(truncated[:n]) if t]
-    picks += [("nonfinite", i) for i in range(min(n, len(scores))) if not _finite(scores[i])][:2]
+    picks += [("nonfinite", i) for i in range(m) if not _finite(scores[i])][:2]
     rest = list(range(n))
     random.shuffle(rest)
     picks += [("random", i) for i in rest]
@@ -86,28 +94,37 @@ def _samples(
     """The kept samples of one batch (see `SampleSetting`), on the publisher thread: `index` is the
     completion's place in the batch (the monitor joins every reward function's score on it), `truncated`
     whether it reached `max_length` tokens. The whole list stays within `setting.max_bytes`."""
+    return _picked(prompts, completions, scores, setting, lengths, max_length, step)[0]
+
+
+def _picked(prompts, completions, scores, setting, lengths, max_length, step) -> tuple[list[dict], list[int]]:
+    """`_samples`, JSON-safe, and each sample's `_size` (measured once: the message's bounds read them again)."""
     if not completions:
-        return []
+        return [], []
     n = len(completions)
     lengths = list(lengths or [])[:n]
     truncated = [bool(max_length) and lengths[i] >= max_length if i < len(lengths) else False for i in range(n)]
-    out, budget = [], max(0, int(setting.max_bytes))
+    step = to_json_safe(step)
+    out: list[dict] = []
+    sizes: list[int] = []
+    budget, chars = max(0, int(setting.max_bytes)), setting.chars
     for label, i in stratified_indices(scores, n, setting.per_step, truncated):
         prompt = _text(prompts[i]) if prompts is not None and i < len(prompts) else ""
+        score = scores[i] if i < len(scores) else None
         sample = {
             "label": label,
             "index": i,
-            "score": scores[i] if i < len(scores) else None,
-            "prompt": prompt[-setting.chars :],
-            "completion": _text(completions[i])[: setting.chars],
+            "score": score if type(score) is float and math.isfinite(score) else to_json_safe(score),
+            "prompt": prompt[-chars:],
+            "completion": _text(completions[i])[:chars],
             "truncated": truncated[i],
         }
         if i < len(lengths):
             sample["length"] = lengths[i]
         if step is not None:
             sample["step"] = step
-        size = _size(sample) - 64
-        if size + 64 > budget:  # clip this one to what is left, then stop
+        size = _size(sample)
+        if size > budget:  # clip this one to what is left, then stop
             room = max(0, budget - 64)
             sample["completion"] = sample["completion"].encode("utf-8", "replace")[:room].decode("utf-8", "ignore")
             room -= len(sample["completion"].encode("utf-8"))
@@ -117,10 +134,12 @@ def _samples(
             sample["clipped"] = True
             if sample["completion"] or sample["prompt"]:
                 out.append(sample)
+                sizes.append(_size(sample))
             break
-        budget -= size + 64
+        budget -= size
         out.append(sample)
-    return out
+        sizes.append(size)
+    return out, sizes
 
 
 MESSAGE_BYTES = 1 << 20  # samples' text in one reward message (the newest steps' kept when more)
@@ -133,20 +152,24 @@ def _size(sample: dict) -> int:
 def batch_samples(batches: Sequence, setting: SampleSetting = DEFAULT_SETTING, max_length: Any = None) -> list[dict]:
     """The samples of every gathered batch (`RewardBatch`es of one function, oldest first), each tagged with
     its step; a step's batches (gradient accumulation) share the step's `setting.max_bytes`, and the message's
-    samples stay within MESSAGE_BYTES (the oldest steps' left out)."""
+    samples stay within MESSAGE_BYTES (the oldest steps' left out). JSON-safe (`protocol.to_json_safe`): the
+    samples picked here are made so as they are built (their only value that may need it is the score)."""
     out: list[dict] = []
+    sizes: list[int] = []
     used: dict[int, int] = {}
     limit = max_length if isinstance(max_length, int) and max_length > 0 else None
     for batch in batches:
         if batch.samples is not None:
-            out.extend(dict(s, step=s.get("step", batch.step)) for s in batch.samples if isinstance(s, dict))
+            given = [dict(s, step=s.get("step", batch.step)) for s in batch.samples if isinstance(s, dict)]
+            sizes.extend(_size_of(s) for s in given)
+            out.extend(to_json_safe(given))
             continue
         left = setting.max_bytes - used.get(batch.step, 0)
         if left <= 64 or not batch.completions:
             continue
         ids = batch.completion_ids
         lengths = [len(x) for x in ids] if isinstance(ids, (list, tuple)) else None
-        part = _samples(
+        part, part_sizes = _picked(
             batch.prompts,
             batch.completions,
             batch.scores,
@@ -155,11 +178,12 @@ def batch_samples(batches: Sequence, setting: SampleSetting = DEFAULT_SETTING, m
             limit,
             batch.step,
         )
-        used[batch.step] = used.get(batch.step, 0) + sum(_size(s) for s in part)
+        used[batch.step] = used.get(batch.step, 0) + sum(part_sizes)
         out.extend(part)
+        sizes.extend(part_sizes)
     total, keep = 0, len(out)
-    while keep and total + _size_of(out[keep - 1]) <= MESSAGE_BYTES:
-        total += _size_of(out[keep - 1])
+    while keep and total + sizes[keep - 1] <= MESSAGE_BYTES:
+        total += sizes[keep - 1]
         keep -= 1
     return out[keep:]
 
