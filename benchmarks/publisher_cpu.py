@@ -10,7 +10,11 @@ second, wake-ups and system samples, is spread over fewer steps on a slow or loa
 of ours (checkpoint analysis) are listed when they ran. Runs of the four variants are interleaved, so a change
 of load hits them alike; each figure is the median over the runs.
 
-Run: .venv/bin/python benchmarks/publisher_cpu.py [--steps 60] [--repeats 3]
+200 steps by default: the thread's work comes per second as well as per step (an engine pass at most once a
+second and at least every 5 s, a system sample a second, ~4 drains a second), so a 50-step window (~1.3 s at 40
+steps a second) measures whether one pass fell into it rather than a cost per step.
+
+Run: .venv/bin/python benchmarks/publisher_cpu.py [--steps 200] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -152,7 +156,7 @@ def main() -> int:
     from rlhf_tui.bridge.demo.tiny import build_tiny_model
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3, help="runs per row (interleaved); the median is shown")
     ns = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -3,7 +3,7 @@ engine as the monitor (`evaluate` with a `DetectionCache`) at most once a period
 
 A pass costs a few ms whatever the rows it adds (the engine resumes where it stopped; its fixed cost is the
 rules' numpy calls), so on a fast run it also waits for `every()` new rows: its recent cost over BUDGET_S per
-row (~2 ms / 0.05 ms = 40 rows, 2 s at 20 steps a second), and never longer than CEILING_S after the last one
+row (~2 ms / 0.02 ms = 100 rows, 2.5 s at 40 steps a second), and never longer than CEILING_S after the last one
 (a slow run is judged at the first step boundary after that). On a run of a step a second or slower, and while
 passes are cheap, it is one pass a second as before.
 
@@ -26,7 +26,9 @@ from rlhf_tui.analysis.thresholds import Thresholds
 
 ROWS = 2048  # the recent history kept (rows); older rows are dropped half a window at a time
 PERIOD_S = 1.0  # at most one pass per this many seconds
-BUDGET_S = 0.05e-3  # a pass waits for rows until its cost per row is at most this (issue 11: publisher CPU/step)
+# A pass waits for rows until its cost per row is at most this (issue 11: the publisher thread's whole budget is
+# 0.15 ms a step; at 0.05 ms the passes took a third of it).
+BUDGET_S = 0.02e-3
 CEILING_S = 5.0  # ... but never longer than this after the last pass (on_alarm's latency on mid-speed runs)
 COSTS_KEPT = 5  # the cost of a pass: the median of the last few (one cold pass after a drop is not the rule)
 _SAME = ("severity", "last_step", "count", "peak_step", "ongoing")  # what makes a known episode "changed"
@@ -37,6 +39,17 @@ def _number(v: Any) -> float:
         return math.nan if v is None else float(v)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _numbers(values: list[Any]) -> np.ndarray:
+    """`_number` of each value, in one conversion when numpy can make them all floats (None is NaN)."""
+    try:
+        out = np.array(values, dtype=float)
+        if out.shape == (len(values),):
+            return out
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return np.array([_number(v) for v in values], dtype=float)
 
 
 class TrainingAnomalies:
@@ -68,7 +81,10 @@ class TrainingAnomalies:
         self.steps = np.zeros(self.rows, dtype=np.int64)
         self.values: dict[str, np.ndarray] = {}
         self.logged: dict[str, np.ndarray] = {}
-        self.n = 0
+        self.n = 0  # rows, those added since the last flush included
+        self._flushed = 0  # rows written into the arrays
+        self._pending: list[tuple[int, int, Mapping[str, Any]]] = []  # (row, step, metrics) not written yet
+        self._last_step: int | None = None
         self.drops = 0  # times the oldest rows were dropped (the engine's cache starts over then)
         self.first_step: int | None = None
         self.cache = DetectionCache()
@@ -78,30 +94,79 @@ class TrainingAnomalies:
         self.dirty = False
 
     def add(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """One logged step; the same step again merges into its row, an older step is ignored."""
+        """One logged step; the same step again merges into its row, an older step is ignored. Kept as it came
+        until the next pass (`flush`): one numpy write per column for all the rows since, not one per value."""
         step = int(step)
-        if self.n and step < self.steps[self.n - 1]:
+        last = self._last_step
+        if last is not None and step < last:
             return
-        if not self.n or step != self.steps[self.n - 1]:
+        if last is None or step != last:
             if self.n == self.rows:
+                self.flush()
                 self._drop(self.rows // 2)
-            self.steps[self.n] = step
-            for col in self.values.values():
-                col[self.n] = math.nan
-            for mask in self.logged.values():
-                mask[self.n] = False
             self.n += 1
-            self.first_step = step if self.first_step is None else self.first_step
-        row = self.n - 1
-        for name, v in metrics.items():
-            col = self.values.get(name)
-            if col is None:
-                col = self.values[name] = np.full(self.rows, math.nan)
-                self.logged[name] = np.zeros(self.rows, dtype=bool)
-            col[row] = _number(v)
-            self.logged[name][row] = True
+            self._last_step = step
+            if self.first_step is None:
+                self.first_step = step
+        self._pending.append((self.n - 1, step, metrics))
+        if len(self._pending) >= self.rows:  # bounded whatever the passes' rate (a step merged again and again)
+            self.flush()
         self.dirty = True
         self.pending += 1
+
+    def flush(self) -> None:
+        """Write the rows added since the last flush into the arrays (each pass does it first)."""
+        pend, lo, hi = self._pending, self._flushed, self.n
+        if not pend:
+            return
+        self._pending = []
+        for col in self.values.values():
+            col[lo:hi] = math.nan
+        for mask in self.logged.values():
+            mask[lo:hi] = False
+        if self._flush_rows(pend, lo, hi):
+            self._flushed = hi
+            return
+        columns: dict[str, tuple[list[int], list[Any]]] = {}
+        for row, step, metrics in pend:
+            self.steps[row] = step
+            for name, v in metrics.items():
+                got = columns.get(name)
+                if got is None:
+                    got = columns[name] = ([], [])
+                got[0].append(row)
+                got[1].append(v)
+        for name, (rows, values) in columns.items():
+            self._column(name)[rows] = _numbers(
+                values
+            )  # a row merged twice keeps its newest value (numpy assigns in order)
+            self.logged[name][rows] = True
+        self._flushed = hi
+
+    def _column(self, name: str) -> np.ndarray:
+        col = self.values.get(name)
+        if col is None:
+            col = self.values[name] = np.full(self.rows, math.nan)
+            self.logged[name] = np.zeros(self.rows, dtype=bool)
+        return col
+
+    def _flush_rows(self, pend: list, lo: int, hi: int) -> bool:
+        """The common case in one conversion: one new row each, all with the same keys (a trainer logs the same
+        keys every step). False (nothing written) otherwise."""
+        keys = tuple(pend[0][2])
+        if len(pend) != hi - lo or pend[0][0] != lo or any(tuple(m) != keys for _r, _s, m in pend):
+            return False
+        try:
+            table = np.array([list(m.values()) for _r, _s, m in pend], dtype=float)
+        except (TypeError, ValueError, OverflowError):
+            return False
+        if table.shape != (hi - lo, len(keys)):
+            return False
+        self.steps[lo:hi] = [step for _r, step, _m in pend]
+        for j, name in enumerate(keys):
+            self._column(name)[lo:hi] = table[:, j]
+            self.logged[name][lo:hi] = True
+        return True
 
     def _drop(self, k: int) -> None:
         keep = self.n - k
@@ -109,7 +174,7 @@ class TrainingAnomalies:
         for arrays in (self.values, self.logged):
             for col in arrays.values():
                 col[:keep] = col[k : self.n]
-        self.n = keep
+        self.n = self._flushed = keep
         self.drops += 1
 
     def every(self) -> int:
@@ -117,7 +182,7 @@ class TrainingAnomalies:
         passes are cheap or none ran yet)."""
         if not self.costs or self.budget_s <= 0:
             return 1
-        return max(1, math.ceil(round(statistics.median(self.costs) / self.budget_s, 6)))  # (2e-3/5e-5: 40)
+        return max(1, math.ceil(round(statistics.median(self.costs) / self.budget_s, 6)))  # (2e-3/2e-5: 100)
 
     def due(self, now: float) -> bool:
         """A pass is due: a period since the last one, and `every()` new rows or the ceiling reached."""
@@ -129,6 +194,7 @@ class TrainingAnomalies:
         now = self.clock()
         if not self.dirty or not self.n or (not force and not self.due(now)):
             return [], []
+        self.flush()
         self.last_pass, self.dirty, self.pending = now, False, 0
         n = self.n
         # Views: nothing else writes these arrays while the pass runs (add and poll share the publisher thread).
