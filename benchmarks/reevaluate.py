@@ -157,24 +157,24 @@ def main(argv: list[str] | None = None) -> int:
         lambda: evaluate((steps, metrics, None, meta), th2, keep_low=1000, keep_other=2000, revision=REV), args.repeat
     )
     rows.append(("monitor: first pass (no cache)", f"{args.steps} x {len(metrics)}", t_cold, len(kept)))
-    grown = {k: v[: args.steps - 100] for k, v in metrics.items()}
-    t_grow = []
-    for _ in range(args.repeat):  # 100 new steps since the last pass (a live run)
-        c = DetectionCache()
+
+    def after_growth(new_rows: int, revision=REV) -> float:
+        """Seconds of a cached pass over the whole history after one over all but its `new_rows` newest rows."""
+        c, k = DetectionCache(), args.steps - new_rows
         evaluate(
-            (steps[: args.steps - 100], grown, None, meta), th, cache=c, keep_low=1000, keep_other=2000, revision=REV
+            (steps[:k], {n: v[:k] for n, v in metrics.items()}, None, meta),
+            th,
+            cache=c,
+            keep_low=1000,
+            keep_other=2000,
+            revision=revision,
         )
         t0 = time.perf_counter()
-        evaluate((steps, metrics, None, meta), th, cache=c, keep_low=1000, keep_other=2000, revision=REV)
-        t_grow.append(time.perf_counter() - t0)
-    rows.append(
-        (
-            "monitor: 100 new steps (cached)",
-            f"{args.steps} x {len(metrics)}",
-            (statistics.median(t_grow), min(t_grow)),
-            None,
-        )
-    )
+        evaluate((steps, metrics, None, meta), th, cache=c, keep_low=1000, keep_other=2000, revision=revision)
+        return time.perf_counter() - t0
+
+    t_grow = [after_growth(100) for _ in range(args.repeat)]  # 100 new steps since the last pass (a live run)
+    rows.append(("monitor: 100 new steps (cached)", size, (statistics.median(t_grow), min(t_grow)), None))
 
     # One new step at a time, as a live run grows (the monitor's common case): 50 consecutive appends after a
     # pass over the rest; the first append after that pass is reported apart (it may meet a garbage collection
@@ -199,27 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         ("monitor: 1 new step (cached)", f"{args.steps} x {len(metrics)}", (statistics.median(t_one), min(t_one)), None)
     )
     rows.append(("  the first one after a whole pass", f"{args.steps} x {len(metrics)}", (t_one[0], t_one[0]), None))
-    t_sum = []
-    for _ in range(args.repeat):  # the same without a revision token: the cache checksums the history
-        c = DetectionCache()
-        evaluate(
-            (steps[:-1], {k: v[:-1] for k, v in metrics.items()}, None, meta),
-            th,
-            cache=c,
-            keep_low=1000,
-            keep_other=2000,
-        )
-        t0 = time.perf_counter()
-        evaluate((steps, metrics, None, meta), th, cache=c, keep_low=1000, keep_other=2000)
-        t_sum.append(time.perf_counter() - t0)
-    rows.append(
-        (
-            "  the same, no token (checksums)",
-            f"{args.steps} x {len(metrics)}",
-            (statistics.median(t_sum), min(t_sum)),
-            None,
-        )
-    )
+    t_sum = [after_growth(1, revision=None) for _ in range(args.repeat)]  # no token: the cache checksums the rows
+    rows.append(("  the same, no token (checksums)", size, (statistics.median(t_sum), min(t_sum)), None))
 
     # The training side: every step added, a pass forced every step (its real rate is one a second).
     ns = min(args.train_steps, args.steps)
