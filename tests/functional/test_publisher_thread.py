@@ -85,3 +85,45 @@ def test_stop_gives_what_zeromq_still_holds_time_to_leave(monkeypatch):
     assert pub.bound
     pub.stop()
     assert lingers and 250 <= lingers[-1] <= 1000, lingers
+
+
+def test_the_handlers_warm_up_runs_once_on_the_thread_before_its_first_drain_and_a_failing_one_is_harmless():
+    """`warm` (the recorder imports the detector engine there): on the publisher thread as it starts, not on
+    the training thread and not at the first step; if it raises, the thread still publishes."""
+    import threading
+
+    for fails in (False, True):
+        seen: list = []
+        box: dict = {}
+
+        def warm(fails=fails, seen=seen, box=box):
+            seen.append((threading.current_thread().name, box["pub"].stats["published"]))
+            if fails:
+                raise RuntimeError("no engine here")
+
+        pub = box["pub"] = Publisher(False, "warm-run", handler=lambda item: [item], warm=warm)
+        pub.start()
+        try:
+            pub.put(events.Message(protocol.STEP, {"step": 1, "metrics": {"loss": 0.5}}))
+            wait_for(lambda pub=pub: pub.stats["published"] == 1, timeout=10, message="the step published")
+        finally:
+            pub.stop()
+        assert seen == [("rlhf-tui-publisher", 0)]
+
+
+def test_the_recorders_warm_up_imports_the_engine_only_where_it_will_judge(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from rlhf_tui.bridge.training.callback import RLHFMonitorCallback\n"
+        "from rlhf_tui.bridge.training.recorder import Recorder\n"
+        "for detect in (False, True):\n"
+        f"    cb = RLHFMonitorCallback(address=False, log_dir={str(tmp_path)!r}, detect_anomalies=detect)\n"
+        "    Recorder(cb).warm()\n"
+        "    print(detect, 'rlhf_tui.bridge.training.anomalies' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False", "True", "True"]
