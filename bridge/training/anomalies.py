@@ -37,7 +37,7 @@ _SAME = ("severity", "last_step", "count", "peak_step", "ongoing")  # what makes
 def _number(v: Any) -> float:
     try:
         return math.nan if v is None else float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (an int past float's range: missing, as normalise drops it)
         return math.nan
 
 

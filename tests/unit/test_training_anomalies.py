@@ -91,10 +91,11 @@ def test_same_step_merges_older_is_ignored():
     ta.add(1, {"loss": 0.1})
     ta.add(1, {"kl": 0.2})
     ta.add(0, {"loss": 5.0})
-    ta.add(1, {"kl": 0.3, "entropy": "1.5", "bad": "x", "none": None})
+    ta.add(1, {"kl": 0.3, "entropy": "1.5", "bad": "x", "none": None, "huge": 10**400})
     ta.flush()
     assert ta.n == 1 and ta.values["loss"][0] == 0.1 and ta.values["kl"][0] == 0.3  # the newest merge wins
     assert ta.values["entropy"][0] == 1.5 and np.isnan(ta.values["bad"][0]) and np.isnan(ta.values["none"][0])
+    assert np.isnan(ta.values["huge"][0]) and ta.logged["huge"][0]
     ta.add(2, {"loss": 0.2})
     ta.add(2, {"kl": 0.4})
     ta.flush()
