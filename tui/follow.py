@@ -187,6 +187,42 @@ class LiveAddress:
         self.sub.stop(0.5)
 
 
+class NotYet:
+    """A path source that is not there yet (`report --follow` started before the training wrote its log):
+    looked for again every NOT_YET_POLL_S; once it is there, the follow goes on through its real follower."""
+
+    def __init__(self, source: str, wake: threading.Event, curve=None):
+        self.source, self.wake, self.curve = source, wake, curve
+        self.inner = None
+        self.store = Store()
+        self.store.source = source
+
+    @property
+    def error(self) -> str | None:
+        return self.inner.error if self.inner is not None else None
+
+    def poll(self) -> bool:
+        from rlhf_tui.bridge.monitor.sources import SourceNotYet
+
+        if self.inner is None:
+            try:
+                self.inner = open_source(self.source, self.wake, self.curve)
+            except SourceNotYet:
+                return False
+            self.store = self.inner.store
+        return self.inner.poll()
+
+    def wait_s(self) -> float:
+        return self.inner.wait_s() if self.inner is not None else NOT_YET_POLL_S
+
+    def stop(self) -> None:
+        if self.inner is not None:
+            self.inner.stop()
+
+
+NOT_YET_POLL_S = 0.5  # how often a follow that waits for its source looks for it
+
+
 def open_source(source: str, wake: threading.Event, curve=None):
     """The follower for a source: LiveAddress, FollowedReaders, JsonlTail or ReloadedFile. Raises SourceError
     (one line)."""
@@ -240,7 +276,13 @@ class Follower:
         self.dispatcher = dispatcher
         self.out = out or sys.stdout
         self.note = note or (lambda text: None)
-        self.feed = open_source(source, self.wake, curve)
+        from rlhf_tui.bridge.monitor.sources import SourceNotYet
+
+        try:
+            self.feed = open_source(source, self.wake, curve)
+        except SourceNotYet as exc:  # started before the training wrote it: wait (like `tail -F`)
+            self.feed = NotYet(source, self.wake, curve)
+            self.note(f"{exc}; waiting for it to appear (--timeout S gives up after S seconds)")
         self.model = RunModel(self.feed.store, source, thresholds)
         self._ended_at: int | None = None  # the store version at which its current run was seen ended
         self._covered = -1  # the store version the last finished pass saw

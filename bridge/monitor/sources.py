@@ -28,6 +28,11 @@ class SourceError(Exception):
     """A source that cannot be read; the message is one line meant for the user."""
 
 
+class SourceNotYet(SourceError):
+    """A path source that is not there yet: no such path, or a folder with nothing to read inside (a training
+    that has not written its log; `report --follow` waits for it)."""
+
+
 def is_live(source: str) -> bool:
     return source.startswith(LIVE_PREFIXES)
 
@@ -50,7 +55,7 @@ def resolve_file_source(source: str) -> Path:
         return source_path(source)
     path = Path(source).expanduser()
     if not path.exists():
-        raise SourceError(f"no such file or directory: {source}")
+        raise SourceNotYet(f"no such file or directory: {source}")
     if path.is_file():
         return path
     if not path.is_dir():
@@ -68,7 +73,7 @@ def resolve_file_source(source: str) -> Path:
         newest = max(ckpts, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
         candidates.append(newest / "trainer_state.json")
     if not candidates:
-        raise SourceError(
+        raise SourceNotYet(
             f"{source}: no trainer_state.json, checkpoint-*/, TensorBoard event file, trackio project or rlhf-tui JSONL log inside"
         )
     return candidates[0]
@@ -235,6 +240,7 @@ def load_jsonl(path: Path | str, store: Store | None = None) -> Store:
 
 __all__ = [
     "SourceError",
+    "SourceNotYet",
     "apply_jsonl_line",
     "is_live",
     "load_file_source",

@@ -103,6 +103,47 @@ def test_follow_prints_the_nan_alarm_while_the_log_grows_and_exits_at_run_end(tm
     assert notes[-1] == "rlhf-tui: run follow-1 ended at step 60: 1 alarm at medium or above", notes
 
 
+def test_follow_started_before_the_training_waits_for_its_log_to_appear(tmp_path):
+    """`report logs/ --follow` started before the training (a Slurm script, a cron line): the folder does not
+    exist yet; the follow says once that it waits, then follows the log the run creates, to its end."""
+    log_dir = tmp_path / "logs" / "rlhf-tui"
+    out, err = _Lines(ALARM), _Lines("waiting for it to appear")
+
+    def training():
+        assert err.seen.wait(30)  # the follow is waiting: now the run starts and writes its log
+        log = JsonlLog(log_dir, "follow-1")
+        try:
+            _write_run(log, 1, 60, start=True, end=True)
+        finally:
+            log.close()
+
+    thread = threading.Thread(target=training)
+    thread.start()
+    try:
+        store, worst = follow_source(str(log_dir), Thresholds(), None, timeout=60, out=out, err=err)
+    finally:
+        thread.join(30)
+    assert out.getvalue().strip().endswith(ALARM) and worst == "critical"
+    with store.lock:
+        assert store.current_run.rows == 60 and store.current_run.ended is not None
+    notes = err.getvalue().splitlines()
+    assert (
+        notes[0]
+        == f"rlhf-tui: no such file or directory: {log_dir}; waiting for it to appear (--timeout S gives up after S seconds)"
+    )
+    assert notes[-1] == "rlhf-tui: run follow-1 ended at step 60: 1 alarm at medium or above"
+
+
+def test_a_follow_whose_source_never_appears_gives_up_at_its_timeout(tmp_path, capsys):
+    started = time.monotonic()
+    assert main(["report", str(tmp_path / "never"), "--follow", "--timeout", "1"]) == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert "waiting for it to appear" in err and f"no data from {tmp_path / 'never'} within 1 s" in err
+    assert main(["report", str(tmp_path / "never")]) == 2  # without --follow: at once, as before
+    assert "no such file or directory" in capsys.readouterr().err
+
+
 def test_follow_exit_code_timeout_and_report(tmp_path, capsys):
     path = _finished_log(tmp_path)
     report = tmp_path / "report.json"
