@@ -221,8 +221,8 @@ def report_parser() -> argparse.ArgumentParser:
         "--follow",
         action="store_true",
         help="keep following a live address, a growing log, an output_dir, a TensorBoard log or a trackio project "
-        "until its run ends (or --timeout, Ctrl-C, SIGTERM), printing each new alarm as a line; the report only "
-        "with --format or -o",
+        "until its run ends (or --timeout, Ctrl-C, SIGTERM), printing each new alarm as a line (a path not there "
+        "yet is waited for); the report only with --format or -o",
     )
     p.add_argument("--format", choices=("text", "markdown", "json"), help="default text")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
