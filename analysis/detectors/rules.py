@@ -179,6 +179,10 @@ class Shared(dict):
         self.readers.setdefault(self.rule, set()).add(key)
         return super().get(key, default)
 
+    def __contains__(self, key: object) -> bool:  # asking whether a value is there is reading it too
+        self.readers.setdefault(self.rule, set()).add(str(key))
+        return super().__contains__(key)
+
 
 def run_rules(c: Context, passes: dict[str, Pass], only: set[str] | None, reads: dict[str, set[str]]) -> list[tuple]:
     """The flags of the registered rules (those in `only`, or all), in order: (rule, detector, metric, level,

@@ -373,3 +373,20 @@ def test_older_rows_filled_again_and_again_move_the_revision_at_most_every_rejud
     assert len(revisions) == 4  # the first fill at once, then at 10, 20 and 30 s (was 39: one per fill)
     clock[0] += store_module.REJUDGE_S
     assert hist.revision not in revisions  # the last fills are judged within REJUDGE_S
+
+
+def test_the_rules_records_note_every_setting_read_and_who_passed_which_value_to_whom():
+    seen: set[str] = set()
+    th = rules.Reads(Thresholds(kl_floor=0.02), seen)
+    assert th.kl_floor == 0.02 and th.kl_floor == 0.02 and th.persist_n == Thresholds().persist_n
+    assert seen == {"kl_floor", "persist_n"}
+    shared = rules.Shared()
+    shared.rule = "kl"
+    shared["kl_held"] = np.zeros(3, dtype=bool)
+    for reader, read in (("hacking", lambda: shared["kl_held"]), ("a", lambda: shared.get("kl_held"))):
+        shared.rule = reader
+        read()
+    shared.rule = "b"
+    assert "kl_held" in shared and "other" not in shared
+    assert shared.writers == {"kl_held": {"kl"}}
+    assert shared.readers == {"hacking": {"kl_held"}, "a": {"kl_held"}, "b": {"kl_held", "other"}}
