@@ -8,7 +8,8 @@ rows, the rules over those rows plus their lookback (what the rules carry across
 `carry.py`), and the episodes that may still change (`episodes.EpisodeBook`). The result is bit-identical to a
 pass over the whole history. Settings that change the baselines, the z-score or the episodes recompute that
 part over the whole history (the +/- keys on the z-score recompute its flags and the episodes only); a domain
-setting reruns over the whole history only the rules that read it (the engine notes what each rule reads). Every pass checks that the earlier rows are unchanged — a caller's `revision` token, or the steps and a
+setting reruns over the whole history only the rules that read it (the engine notes what each rule reads).
+Every pass checks that the earlier rows are unchanged — a caller's `revision` token, or the steps and a
 checksum of every metric — so a wrong reuse costs time, never correctness.
 """
 
@@ -36,8 +37,9 @@ from rlhf_tui.analysis.detectors.plan import (
     zscore_scale,
     zscore_skips,
 )
+from rlhf_tui.analysis.detectors.records import MissingShared, Shared
 from rlhf_tui.analysis.detectors.registry import series_wanted
-from rlhf_tui.analysis.detectors.rules import Context, Series, Shared, rule_names, run_rules
+from rlhf_tui.analysis.detectors.rules import Context, Series, rule_names, run_rules
 from rlhf_tui.analysis.thresholds import Thresholds
 
 
@@ -286,7 +288,7 @@ def _evaluate(cache, th, steps, metrics, logged, meta, names, keep_low, keep_oth
     whole = _rules_to_rerun(cache, domain_key, a)
     try:
         fresh["domain"], rule_from = _domain_flags(cache, metrics, names, n, B, L, th, plan, a, whole, steps, grace_end)
-    except MissingCarry:  # a carried value is not kept (cannot happen in an append-only history): start over
+    except (MissingCarry, MissingShared):  # a carried value not kept, a rule reading a new value: start over
         whole = set(rule_names())
         fresh["domain"], rule_from = _domain_flags(cache, metrics, names, n, B, L, th, plan, 0, whole, steps, grace_end)
     cache.domain_key = domain_key
@@ -415,14 +417,19 @@ def _rules_to_rerun(cache: DetectionCache, domain_key: tuple, a: int) -> set[str
         return set()
     changed = {f.name for f in dataclasses.fields(new) if getattr(old, f.name) != getattr(new, f.name)}
     whole = {r for r in every if r not in cache.reads or cache.reads[r] & changed}
-    grown = True
-    while grown:
-        grown = False
-        for r in every:
-            if r not in whole and any(cache.writers.get(k, set()) & whole for k in cache.uses.get(r, ())):
-                whole.add(r)
-                grown = True
-    return whole
+    readers = {r: {w for k in cache.uses.get(r, ()) for w in cache.writers.get(k, ())} for r in every}
+    return _closure(whole, lambda r: [x for x in every if r in readers[x]])
+
+
+def _closure(start: set[str], more) -> set[str]:
+    """`start` and every rule `more(rule)` gives for a rule in it, in turn."""
+    out, todo = set(start), list(start)
+    while todo:
+        for r in more(todo.pop()):
+            if r not in out:
+                out.add(r)
+                todo.append(r)
+    return out
 
 
 def _series(metrics, names, n, B, w, leak, cache) -> tuple[dict[str, Series], int]:
@@ -452,17 +459,11 @@ def _domain_flags(cache, metrics, names, n, B, L, th, plan, a, whole, steps, gra
     rest = [r for r in every if r not in whole]
     rule_from = {r: (0 if r in whole else a) for r in every}
     # A rule rerun over every row needs the values it reads from earlier rules over every row too: those run
-    # with it on a scratch state (their own flags and state are kept from the incremental pass).
-    need = set(whole)
-    grown = True
-    while grown:
-        grown = False
-        for r in list(need):
-            for k in cache.uses.get(r, ()):
-                for w_rule in cache.writers.get(k, ()):
-                    if w_rule and w_rule not in need:
-                        need.add(w_rule)
-                        grown = True
+    # with it on a scratch state (their own flags and state are kept from the incremental pass). While only some
+    # rules run, each may read only what it read before (a new read: MissingShared, and every rule runs).
+    need = _closure(whole, lambda r: [w for k in cache.uses.get(r, ()) for w in cache.writers.get(k, ()) if w])
+    partial = len(whole) < len(every)
+    allowed = {r: set(cache.uses.get(r, ())) for r in every} if partial else None
     for r in whole:
         cache.carry[r] = Carry()
         cache.reads[r] = set()
@@ -476,7 +477,7 @@ def _domain_flags(cache, metrics, names, n, B, L, th, plan, a, whole, steps, gra
     for w, run, keep in runs:
         series, wn = _series(metrics, names, n, B, w, int(th.memory_leak_blocks), cache)
         cache.rows_read = max(cache.rows_read, wn)
-        shared = Shared()
+        shared = Shared(allowed)
         if plan.eval_metrics:  # rows where the trainer also logged an evaluation
             shared["eval_rows"] = np.logical_or.reduce(
                 [np.isfinite(_as_floats(metrics[e])[w:n]) for e in plan.eval_metrics]

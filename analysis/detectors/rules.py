@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from rlhf_tui.analysis.detectors.kernels import (
     reward_residual,
 )
 from rlhf_tui.analysis.detectors.plan import Plan
+from rlhf_tui.analysis.detectors.records import Reads, Shared
 from rlhf_tui.analysis.thresholds import Thresholds
 
 LN2 = float(np.log(2.0))
@@ -141,47 +142,6 @@ def rule(fn: Callable[[Context], Flags]) -> Callable[[Context], Flags]:
     """Register a rule (run in registration order)."""
     RULES.append(fn)
     return fn
-
-
-class Reads:
-    """The thresholds as one rule sees them, noting every setting it reads: the engine reruns a rule over the
-    whole history only when a setting it read changes (the record is exact, whatever path the data took)."""
-
-    def __init__(self, th: Thresholds, read: set[str]):
-        self._th, self._read = th, read
-
-    def __getattr__(self, name: str) -> Any:  # only for a setting not read yet in this pass
-        value = getattr(self._th, name)
-        self._read.add(name)
-        self.__dict__[name] = value  # the rule's next reads of it are plain attribute reads
-        return value
-
-
-class Shared(dict):
-    """`Context.shared`, noting which rule wrote and which read each value (a rule rerun over the whole
-    history needs its writers' values over it too, and its readers must be rerun with it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rule = ""  # the rule running now ("" for the engine)
-        self.writers: dict[str, set[str]] = {}
-        self.readers: dict[str, set[str]] = {}
-
-    def __setitem__(self, key: str, value: np.ndarray) -> None:
-        self.writers.setdefault(key, set()).add(self.rule)
-        super().__setitem__(key, value)
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        self.readers.setdefault(self.rule, set()).add(key)
-        return super().__getitem__(key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.readers.setdefault(self.rule, set()).add(key)
-        return super().get(key, default)
-
-    def __contains__(self, key: object) -> bool:  # asking whether a value is there is reading it too
-        self.readers.setdefault(self.rule, set()).add(str(key))
-        return super().__contains__(key)
 
 
 def run_rules(c: Context, passes: dict[str, Pass], only: set[str] | None, reads: dict[str, set[str]]) -> list[tuple]:

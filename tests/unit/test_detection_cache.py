@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import grpo_run
 
-from rlhf_tui.analysis.detectors import DetectionCache, detect, engine, evaluate, rules
+from rlhf_tui.analysis.detectors import DetectionCache, detect, engine, evaluate, records, rules
 from rlhf_tui.analysis.detectors.registry import series_wanted
 from rlhf_tui.analysis.store import RunHistory
 from rlhf_tui.analysis.thresholds import Thresholds
@@ -252,6 +252,23 @@ def test_a_detector_setting_reruns_over_the_history_only_the_rules_that_read_it(
     assert evaluate((steps, m, None, meta), th3, cache=cache, revision=REV)[0] and cache.rerun == ()
 
 
+def test_a_rule_reading_a_new_value_in_a_pass_that_runs_only_some_rules_makes_every_rule_run():
+    """A key press while the run grows: the KL rule reruns over the history, the others resume at the newest
+    rows, where the reward now climbs, so reward hacking reads the KL rule's held runaway for the first time —
+    a value no rule of that pass writes. It must not raise (KeyError) or read nothing: every rule runs."""
+    n = 900
+    m = {k: v.copy() for k, v in grpo_run(n, 3).items()}
+    m["reward"][630:] += np.linspace(0, 40, n - 630)
+    steps, th = np.arange(1, n + 1), Thresholds()
+    cache = DetectionCache()
+    evaluate((steps[:600], {k: v[:600] for k, v in m.items()}, None, META), th, cache=cache)
+    assert cache.uses["reward_hacking"] == {"reward_up"}  # no climb yet: the signs were never read
+    moved = th.replace(kl_runaway_factor=40.0)
+    assert evaluate((steps, m, None, META), moved, cache=cache) == evaluate((steps, m, None, META), moved)
+    assert set(cache.rerun) == set(rules.rule_names())
+    assert {"kl_held", "entropy_drop"} <= cache.uses["reward_hacking"]
+
+
 REV = ("run", 0)
 
 
@@ -377,10 +394,10 @@ def test_older_rows_filled_again_and_again_move_the_revision_at_most_every_rejud
 
 def test_the_rules_records_note_every_setting_read_and_who_passed_which_value_to_whom():
     seen: set[str] = set()
-    th = rules.Reads(Thresholds(kl_floor=0.02), seen)
+    th = records.Reads(Thresholds(kl_floor=0.02), seen)
     assert th.kl_floor == 0.02 and th.kl_floor == 0.02 and th.persist_n == Thresholds().persist_n
     assert seen == {"kl_floor", "persist_n"}
-    shared = rules.Shared()
+    shared = records.Shared()
     shared.rule = "kl"
     shared["kl_held"] = np.zeros(3, dtype=bool)
     for reader, read in (("hacking", lambda: shared["kl_held"]), ("a", lambda: shared.get("kl_held"))):
