@@ -407,3 +407,25 @@ def test_the_rules_records_note_every_setting_read_and_who_passed_which_value_to
     assert "kl_held" in shared and "other" not in shared
     assert shared.writers == {"kl_held": {"kl"}}
     assert shared.readers == {"hacking": {"kl_held"}, "a": {"kl_held"}, "b": {"kl_held", "other"}}
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3])  # 2 and 3 met a rule reading a new shared value (a KeyError once)
+def test_settings_moved_while_the_history_grows_in_the_same_pass_equal_fresh_passes(seed):
+    """Key presses on a live run: each pass both adds rows and moves a random setting (or two), so the rules
+    rerun over the history and those resuming at the newest rows meet data their records have not seen."""
+    from rlhf_tui.analysis.thresholds import THRESHOLD_FIELDS
+    from rlhf_tui.tui.config import step_setting
+
+    rng = np.random.default_rng(200 + seed)
+    n = 900
+    m, meta = mixed_run(n, seed + 7)
+    steps = np.arange(1, n + 1)
+    names = [spec["name"] for spec in THRESHOLD_FIELDS if spec["name"] != "muted"]
+    cache, th, end = DetectionCache(), Thresholds(), 200
+    evaluate((steps[:end], {k: v[:end] for k, v in m.items()}, None, meta), th, cache=cache)
+    while end < n:
+        end = min(n, end + int(rng.choice([1, 3, 17, 40, 90])))
+        for name in rng.choice(names, size=int(rng.integers(1, 3)), replace=False):
+            th = step_setting(th, str(name), int(rng.choice([-1, 1])))
+        part = (steps[:end], {k: v[:end] for k, v in m.items()}, None, meta)
+        assert evaluate(part, th, cache=cache) == evaluate(part, th), f"at {end} rows"
