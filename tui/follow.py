@@ -29,6 +29,7 @@ from rlhf_tui.tui.run_model import RunModel
 
 FILE_POLL_S = 0.25  # how often a followed file is looked at
 RELOAD_POLL_S = 1.0  # how often a file read whole (trainer_state.json) is looked at
+NOT_YET_POLL_S = 0.5  # how often a follow that waits for its source (not there yet) looks for it
 MAX_READ = 64 << 20  # bytes of a JSONL log read per look (a long backlog is read over several)
 MAX_LINE = 16 << 20  # a longer JSONL line is not ours: dropped (and counted), never buffered whole
 
@@ -218,9 +219,6 @@ class NotYet:
     def stop(self) -> None:
         if self.inner is not None:
             self.inner.stop()
-
-
-NOT_YET_POLL_S = 0.5  # how often a follow that waits for its source looks for it
 
 
 def open_source(source: str, wake: threading.Event, curve=None):

@@ -417,8 +417,13 @@ def _rules_to_rerun(cache: DetectionCache, domain_key: tuple, a: int) -> set[str
         return set()
     changed = {f.name for f in dataclasses.fields(new) if getattr(old, f.name) != getattr(new, f.name)}
     whole = {r for r in every if r not in cache.reads or cache.reads[r] & changed}
-    readers = {r: {w for k in cache.uses.get(r, ()) for w in cache.writers.get(k, ())} for r in every}
-    return _closure(whole, lambda r: [x for x in every if r in readers[x]])
+    sources = {r: _sources(cache, r) for r in every}
+    return _closure(whole, lambda r: [x for x in every if r in sources[x]])
+
+
+def _sources(cache: DetectionCache, rule: str) -> set[str]:
+    """The rules that wrote the values `rule` read from earlier rules (Context.shared; the engine's own not)."""
+    return {w for k in cache.uses.get(rule, ()) for w in cache.writers.get(k, ()) if w}
 
 
 def _closure(start: set[str], more) -> set[str]:
@@ -461,7 +466,7 @@ def _domain_flags(cache, metrics, names, n, B, L, th, plan, a, whole, steps, gra
     # A rule rerun over every row needs the values it reads from earlier rules over every row too: those run
     # with it on a scratch state (their own flags and state are kept from the incremental pass). While only some
     # rules run, each may read only what it read before (a new read: MissingShared, and every rule runs).
-    need = _closure(whole, lambda r: [w for k in cache.uses.get(r, ()) for w in cache.writers.get(k, ()) if w])
+    need = _closure(whole, lambda r: _sources(cache, r))
     partial = len(whole) < len(every)
     allowed = {r: set(cache.uses.get(r, ())) for r in every} if partial else None
     for r in whole:

@@ -144,15 +144,15 @@ def rule(fn: Callable[[Context], Flags]) -> Callable[[Context], Flags]:
     return fn
 
 
-def run_rules(c: Context, passes: dict[str, Pass], only: set[str] | None, reads: dict[str, set[str]]) -> list[tuple]:
-    """The flags of the registered rules (those in `only`, or all), in order: (rule, detector, metric, level,
-    score). Each rule runs with its own carried state (`passes`, by rule name) and has the settings it reads
-    added to `reads[rule]`; `c.shared` (a `Shared`) records what it passes on."""
+def run_rules(c: Context, passes: dict[str, Pass], only: set[str], reads: dict[str, set[str]]) -> list[tuple]:
+    """The flags of the registered rules in `only`, in order: (rule, detector, metric, level, score). Each rule
+    runs with its own carried state (`passes`, by rule name) and has the settings it reads added to
+    `reads[rule]`; `c.shared` (a `Shared`) records what it passes on."""
     out: list[tuple] = []
     shared = c.shared
     for fn in RULES:
         name = fn.__name__
-        if only is not None and name not in only:
+        if name not in only:
             continue
         if isinstance(shared, Shared):
             shared.rule = name

@@ -137,9 +137,8 @@ class TrainingAnomalies:
                 got[0].append(row)
                 got[1].append(v)
         for name, (rows, values) in columns.items():
-            self._column(name)[rows] = _numbers(
-                values
-            )  # a row merged twice keeps its newest value (numpy assigns in order)
+            # (a row merged twice keeps its newest value: numpy assigns repeated indices in order)
+            self._column(name)[rows] = _numbers(values)
             self.logged[name][rows] = True
         self._flushed = hi
 
